@@ -1,0 +1,414 @@
+"""Typed run configuration, loaded from TOML, overridable with ``--set section.key=value``.
+
+Every section is a dataclass whose fields carry a docstring; validation lives next to the field it checks and raises
+``ConfigError`` (a ``ValueError``) naming the field as the user writes it in TOML and what would be valid. All
+validation runs in the launcher, before any worker process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.toml"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or impossible; the message names the field and the fix."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    """Hidden size of the decoder (hidden_size in Hugging Face Llama terms)."""
+    n_layers: int = 4
+    """Number of decoder blocks."""
+    n_heads: int = 4
+    """Attention heads; dim must be divisible by n_heads."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_heads (plain multi-head attention)."""
+    ffn_dim: int = 0
+    """SwiGLU inner size; 0 picks the Llama rule 8/3*dim rounded up to a multiple of 64."""
+    vocab_size: int = 256
+    """Vocabulary size; 256 for the byte-level tokenizer of the embedded corpus."""
+    seq_len: int = 128
+    """Tokens per training sequence (context length)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding and output projection weights."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "seq_len"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.dim % self.n_heads == 0,
+                 f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        _require((self.dim // self.n_heads) % 2 == 0,
+                 f"model.dim / model.n_heads must be even for rotary embeddings, got {self.dim // self.n_heads}")
+        kv = self.kv_heads
+        _require(kv >= 1 and self.n_heads % kv == 0,
+                 f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads}); 0 means n_heads")
+        _require(self.ffn_dim >= 0, f"model.ffn_dim must be >= 0 (0 = automatic), got {self.ffn_dim}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        return 64 * -(-(8 * self.dim // 3) // 64)
+
+
+@dataclass
+class PhaseConfig:
+    name: str = ""
+    """Label used in logs, metrics and evaluation tables."""
+    tokens: int = 0
+    """Token budget of the phase; it becomes ceil(tokens / (global_batch * seq_len)) optimizer steps."""
+    mixture: dict[str, float] = field(default_factory=dict)
+    """Domain name -> sampling weight. Replay of earlier domains is just a small weight on them."""
+
+    def validate(self, where: str, domains: list[str]) -> None:
+        _require(bool(self.name), f"{where}.name must be set")
+        _require(self.tokens > 0, f"{where}.tokens must be > 0, got {self.tokens}")
+        _require(bool(self.mixture), f"{where}.mixture must name at least one domain from {domains}")
+        for domain, weight in self.mixture.items():
+            _require(domain in domains,
+                     f"{where}.mixture names unknown domain {domain!r}; known domains: {domains} "
+                     f"(add it to data.sources)")
+            _require(weight >= 0, f"{where}.mixture.{domain} must be >= 0, got {weight}")
+        _require(sum(self.mixture.values()) > 0, f"{where}.mixture weights must not all be 0")
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, list[str]] = field(default_factory=lambda: {
+        "prose": ["builtin:prose"], "python": ["builtin:python"], "c": ["builtin:c"]})
+    """Domain name -> list of sources: 'builtin:prose|python|c' (the embedded corpus), text files or globs, or
+    pre-tokenized token arrays (.npy of uint16/uint32, or a zarr array directory ending in .zarr)."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Data phases in training order (domain shifts)."""
+    cache_dir: str = "~/.cache/ecpt"
+    """Where the tokenized corpus is cached as flat token arrays."""
+    val_fraction: float = 0.05
+    """Fraction of each domain's documents held out for validation (chosen by a hash of the document name)."""
+    seed: int = 1234
+    """Seed of the data order; sample i of phase p depends only on (seed, p, i)."""
+
+    def validate(self) -> None:
+        _require(bool(self.sources), "data.sources must name at least one domain")
+        for domain, items in self.sources.items():
+            _require(isinstance(items, list) and bool(items) and all(isinstance(s, str) for s in items),
+                     f"data.sources.{domain} must be a non-empty list of paths, globs or 'builtin:NAME'")
+        _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(bool(self.phases), "data.phases must list at least one phase ([[data.phases]] in TOML)")
+        for i, phase in enumerate(self.phases):
+            phase.validate(f"data.phases[{i}]", list(self.sources))
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not norms)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+
+    def validate(self) -> None:
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+SCHEDULE_KINDS = ("constant", "cosine", "wsd", "infinite")
+DECAY_SHAPES = ("cosine", "linear", "inverse_sqrt")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "infinite"
+    """One of constant, cosine (re-warmed at every phase start), wsd (warmup-stable-decay), infinite."""
+    lr_max: float = 3e-3
+    """Peak learning rate reached at the end of warmup."""
+    lr_min: float = 3e-4
+    """Floor: end of every cosine cycle, end of the WSD decay and of the infinite schedule's anneal."""
+    warmup_steps: int = 10
+    """Linear warmup length. For cosine it is repeated at every phase start (re-warming from lr_min)."""
+    lr_const: float = 1.65e-3
+    """infinite: the constant level reached after the cooldown and kept across data phases."""
+    cooldown_steps: int = 50
+    """infinite: steps after warmup spent cooling from lr_max down to lr_const."""
+    cooldown_shape: str = "cosine"
+    """infinite: cooldown shape g(u): cosine, linear or inverse_sqrt."""
+    anneal_steps: int = 0
+    """infinite: final exponential anneal lr_const -> lr_min over the last N steps of the run (0 = none)."""
+    decay_steps: int = 0
+    """wsd: length of the final decay lr_max -> lr_min; 0 means 10% of the run."""
+    decay_shape: str = "linear"
+    """wsd: decay shape: linear, cosine or inverse_sqrt."""
+
+    def validate(self) -> None:
+        _require(self.kind in SCHEDULE_KINDS, f"schedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        _require(self.lr_max > 0, f"schedule.lr_max must be > 0, got {self.lr_max}")
+        _require(0 <= self.lr_min <= self.lr_max, f"schedule.lr_min must be in [0, lr_max], got {self.lr_min}")
+        _require(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("cooldown_steps", "anneal_steps", "decay_steps"):
+            _require(getattr(self, name) >= 0, f"schedule.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.cooldown_shape in DECAY_SHAPES,
+                 f"schedule.cooldown_shape must be one of {DECAY_SHAPES}, got {self.cooldown_shape!r}")
+        _require(self.decay_shape in DECAY_SHAPES,
+                 f"schedule.decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}")
+        if self.kind == "infinite":
+            _require(self.lr_min <= self.lr_const <= self.lr_max,
+                     f"schedule.lr_const ({self.lr_const}) must lie in [lr_min, lr_max]")
+            _require(self.lr_min > 0 or self.anneal_steps == 0,
+                     "schedule.lr_min must be > 0 for the infinite schedule's exponential anneal")
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 16
+    """Sequences per optimizer step, identical for every world size (the global-batch invariant)."""
+    micro_batch: int = 8
+    """Largest number of sequences one rank runs through forward/backward at once (gradient accumulation above)."""
+    seed: int = 0
+    """Seed of the model initialisation and of every training-time random draw."""
+    eval_interval: int = 50
+    """Steps between per-domain validation evaluations (also run at every phase end); 0 = phase ends only."""
+    eval_batches: int = 4
+    """Validation sequences per domain = eval_batches * micro_batch."""
+    log_interval: int = 1
+    """Steps between metric log lines in metrics.jsonl."""
+    run_dir: str = "runs/tiny-cpu"
+    """Where metrics.jsonl, the resolved config and local checkpoints go."""
+    max_steps: int = 0
+    """Stop after this many steps (0 = run all phases). Useful for smoke tests."""
+    threads_per_worker: int = 0
+    """torch intra-op threads per worker; 0 = cores / local workers (at least 1)."""
+    engine: str = "ddp"
+    """Training engine: ddp (plain torch DDP)."""
+    deterministic: bool = True
+    """Use deterministic kernels so same-seed runs are bit-identical on CPU."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    log_samples: bool = False
+    """Each rank appends the global sample ids it trained on to <run_dir>/samples/rank-<r>.jsonl (cursor audits)."""
+
+    def validate(self) -> None:
+        _require(self.global_batch >= 1, f"train.global_batch must be >= 1, got {self.global_batch}")
+        _require(self.micro_batch >= 1, f"train.micro_batch must be >= 1, got {self.micro_batch}")
+        _require(self.eval_interval >= 0, f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        _require(self.eval_batches >= 1, f"train.eval_batches must be >= 1, got {self.eval_batches}")
+        _require(self.log_interval >= 1, f"train.log_interval must be >= 1, got {self.log_interval}")
+        _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _require(self.engine in ("ddp",), f"train.engine must be 'ddp', got {self.engine!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    """Root of L1 (local disk). Relative paths resolve against train.run_dir."""
+    interval: int = 0
+    """Steps between L1 checkpoints; 0 disables checkpointing entirely."""
+    keep_last: int = 3
+    """Committed checkpoints kept per level; older ones are deleted only after a newer one commits."""
+    l0_interval: int = 0
+    """Steps between in-memory (L0, /dev/shm) snapshots; 0 disables L0."""
+    l0_dir: str = "/dev/shm/ecpt"
+    """Root of L0 (node memory); a per-run, per-node subdirectory is used."""
+    l0_keep_last: int = 2
+    """Committed L0 checkpoints kept."""
+    l2_dir: str = ""
+    """Root of L2 (shared or persistent storage); empty disables L2."""
+    l2_interval: int = 0
+    """Steps between L2 checkpoints."""
+    l2_keep_last: int = 2
+    """Committed L2 checkpoints kept."""
+    on_busy: str = "wait"
+    """When a save is due while the previous one still persists: wait (block) or skip (counted)."""
+    resume: bool = True
+    """Resume from the newest valid checkpoint at start if one exists."""
+
+    def validate(self) -> None:
+        for name in ("interval", "l0_interval", "l2_interval"):
+            _require(getattr(self, name) >= 0, f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("keep_last", "l0_keep_last", "l2_keep_last"):
+            _require(getattr(self, name) >= 1, f"checkpoint.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.on_busy in ("wait", "skip"), f"checkpoint.on_busy must be 'wait' or 'skip', got {self.on_busy!r}")
+        _require(not (self.l2_interval and not self.l2_dir),
+                 "checkpoint.l2_interval is set but checkpoint.l2_dir is empty; set l2_dir or l2_interval = 0")
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 0
+    """Base port of each rank's Prometheus endpoint on metrics.host; rank port = port + local_rank; 0 = any free port."""
+    host: str = "127.0.0.1"
+    """Address the metrics endpoints bind to (0.0.0.0 on a cluster so Prometheus can scrape)."""
+    enabled: bool = True
+    """Serve Prometheus metrics from every rank."""
+
+    def validate(self) -> None:
+        _require(0 <= self.port <= 65535, f"metrics.port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 2
+    """Worker processes per node (local `ecpt train` starts them through torchrun's elastic agent)."""
+    nnodes: str = "1"
+    """Node count, or MIN:MAX for an elastic job."""
+    rdzv_endpoint: str = "127.0.0.1:0"
+    """c10d rendezvous host:port; port 0 picks a free port for a single-node run."""
+    max_restarts: int = 3
+    """Worker-group restarts torchrun allows before the job fails."""
+    monitor_interval: float = 0.5
+    """Seconds between the agent's worker-health checks."""
+
+    def validate(self) -> None:
+        _require(self.nproc_per_node >= 1, f"launch.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        parts = self.nnodes.split(":")
+        _require(len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts),
+                 f"launch.nnodes must be N or MIN:MAX with positive integers, got {self.nnodes!r}")
+        _require(int(parts[0]) <= int(parts[-1]), f"launch.nnodes MIN must be <= MAX, got {self.nnodes!r}")
+        _require(":" in self.rdzv_endpoint, f"launch.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        _require(self.max_restarts >= 0, f"launch.max_restarts must be >= 0, got {self.max_restarts}")
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self.nnodes.split(":")[-1])
+
+    @property
+    def min_nodes(self) -> int:
+        return int(self.nnodes.split(":")[0])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> "Config":
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        max_world = self.launch.max_nodes * self.launch.nproc_per_node
+        _require(self.train.global_batch >= max_world,
+                 f"train.global_batch ({self.train.global_batch}) cannot be covered by up to {max_world} ranks "
+                 f"(launch.nnodes max {self.launch.max_nodes} x launch.nproc_per_node {self.launch.nproc_per_node}): "
+                 f"every rank needs at least one sequence; raise train.global_batch or lower the world size")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: TOML -> dict -> typed dataclasses, refusing unknown keys and wrong types with the field's name.
+
+
+def _coerce(value, annotation, where: str):
+    """Check ``value`` against a field's type annotation and convert where TOML is looser (int for float)."""
+    origin = typing.get_origin(annotation)
+    if annotation is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation in (int, str, bool):
+        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+        _require(ok, f"{where} must be of type {annotation.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        _require(isinstance(value, list), f"{where} must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item_type = typing.get_args(annotation)
+        _require(isinstance(value, dict), f"{where} must be a table, got {type(value).__name__}")
+        return {k: _coerce(v, item_type, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        _require(isinstance(value, dict), f"{where} must be a table, got {type(value).__name__}")
+        return _build(annotation, value, where)
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"unknown key(s) {[f'{where}.{k}' if where else k for k in unknown]}; "
+                          f"valid keys{' of ' + where if where else ''}: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.max_steps=5' -> (['train', 'max_steps'], 5). The value is parsed as TOML, falling back to a string."""
+    key, sep, raw = text.partition("=")
+    _require(bool(sep) and "." in key, f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"--set {text!r}: {part} is not a table")
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    return _build(Config, raw, "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (the embedded default if ``path`` is None), apply overrides and validate everything."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with an existing TOML file "
+                          f"(the default is {DEFAULT_CONFIG})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def config_from_json(path: str | Path) -> Config:
+    return config_from_dict(json.loads(Path(path).read_text()))

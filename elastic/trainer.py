@@ -1,0 +1,299 @@
+"""The training loop: global-batch invariant, sample-exact cursor, phases, evaluation, metrics, checkpoints.
+
+One optimizer step:
+    for each micro-batch of this rank's share:      loss = sum(per-sequence losses) / global_batch; backward
+    gradients are SUM-reduced across ranks          -> the mean gradient over the global batch, for any world size
+    clip, set lr(step), wait for the previous checkpoint's snapshot, optimizer.step(), then save(step) lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from elastic.batch import rank_batch
+from elastic.config import Config
+from elastic.data import Corpus
+from elastic.metrics import JsonlLog, WorkerMetrics
+from elastic.model import LlamaLM, count_parameters
+from elastic.schedule import lr_at
+from elastic.world import ProcessGroups, WorldInfo
+
+
+class RankLogger(logging.LoggerAdapter):
+    """Prefixes every line with ``[rank r step s]`` so interleaved logs of many ranks stay readable."""
+
+    def __init__(self, logger: logging.Logger, rank: int):
+        super().__init__(logger, {})
+        self.rank, self.step = rank, 0
+
+    def process(self, msg, kwargs):
+        return f"[rank {self.rank} step {self.step}] {msg}", kwargs
+
+
+def sum_allreduce_hook(process_group, bucket):
+    """DDP comm hook: SUM gradients instead of DDP's default mean, because each rank already divided its loss by
+    the global batch (not by its local share), so the sum is exactly the global-batch mean gradient."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains and other vectors are not decayed)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.schedule.lr_max, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                             eps=cfg.optim.eps, foreach=False)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    seconds: float
+    phase: int
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries besides tensors."""
+
+    step: int = 0
+    """Next optimizer step to run (= completed steps)."""
+    tokens: int = 0
+    """Global tokens consumed so far."""
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: WorldInfo, groups: ProcessGroups, device: torch.device,
+                 metrics: WorkerMetrics | None = None, log: logging.Logger | None = None):
+        self.cfg, self.world, self.groups, self.device = cfg, world, groups, device
+        self.log = RankLogger(log or logging.getLogger("ecpt"), world.rank)
+        self.metrics = metrics
+        self.run_dir = Path(cfg.train.run_dir)
+        self.is_main = world.rank == 0
+        self.corpus = Corpus(cfg)
+        self.plan = self.corpus.plan
+        self.total_steps = min(self.plan.total_steps, cfg.train.max_steps or self.plan.total_steps)
+        torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank, whatever the world size
+        self.model = LlamaLM(cfg.model).to(device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.ddp = self._wrap(self.model)
+        self.state = TrainState()
+        self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
+        self.samples_log = (open(self.run_dir / "samples" / f"rank-{world.rank}.jsonl", "a", buffering=1)
+                            if cfg.train.log_samples else None)
+        self.stop_signal: int | None = None
+        self.checkpoints = None  # set by attach_checkpoints()
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world.world_size == 1:
+            return model
+        ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                      forward_sync_buffers=False)  # rotary tables are derived, identical
+        ddp.register_comm_hook(state=None, hook=sum_allreduce_hook)
+        return ddp
+
+    # ----------------------------------------------------------------------------------------------------------
+    # One optimizer step.
+
+    def _forward_backward(self, step: int) -> float:
+        """Run this rank's micro-batches of ``step``; returns this rank's summed per-sequence loss."""
+        g = self.cfg.train.global_batch
+        share = rank_batch(step, g, self.cfg.train.micro_batch, self.world.rank, self.world.world_size)
+        if self.samples_log:
+            self.samples_log.write(f'{{"step": {step}, "start": {share.start}, "count": {share.count}, '
+                                   f'"world_size": {self.world.world_size}}}\n')
+        loss_sum = 0.0
+        for i, (first, size) in enumerate(share.micro_batches):
+            tokens, _domains = self.corpus.batch(first, size)
+            batch = torch.from_numpy(tokens).to(self.device)
+            last = i == len(share.micro_batches) - 1
+            # Only the last micro-batch triggers DDP's gradient all-reduce.
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            with sync:
+                losses = self.ddp.sequence_losses(batch) if self.ddp is self.model else self._ddp_losses(batch)
+                loss = losses.sum() / g  # this rank's share of the global-batch mean
+                loss.backward()
+            loss_sum += float(losses.detach().sum())
+        return loss_sum
+
+    def _ddp_losses(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per-sequence losses computed through the DDP wrapper's forward, so DDP sees the autograd graph."""
+        logits = self.ddp(batch[:, :-1])
+        targets = batch[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                   reduction="none")
+        return losses.view(targets.shape).mean(dim=1)
+
+    def _global_mean(self, local_sum: float) -> float:
+        if self.world.world_size == 1:
+            return local_sum / self.cfg.train.global_batch
+        # The training (default) group, never the checkpoint group: the checkpoint thread uses that one concurrently.
+        t = torch.tensor([local_sum], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.cfg.train.global_batch
+
+    def lr_for(self, step: int) -> float:
+        return lr_at(step, self.cfg.schedule, self.plan.starts, self.plan.total_steps)
+
+    def train_step(self, step: int) -> StepResult:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        local_loss = self._forward_backward(step)
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=False)
+        lr = self.lr_for(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.checkpoints:
+            self.checkpoints.before_optimizer_step()  # the previous snapshot must be copied before params change
+        self.optimizer.step()
+        loss = self._global_mean(local_loss)
+        self.state.step = step + 1
+        self.state.tokens += self.cfg.train.global_batch * self.cfg.model.seq_len
+        if self.checkpoints:
+            self.checkpoints.after_optimizer_step(step + 1)
+        return StepResult(step=step, loss=loss, lr=lr, seconds=time.perf_counter() - start,
+                          phase=self.plan.phase_of(step))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Evaluation.
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss per domain on fixed windows, split across ranks and summed, so it is world-size free."""
+        self.model.eval()
+        count = self.cfg.train.eval_batches * self.cfg.train.micro_batch
+        share = rank_batch(0, count, self.cfg.train.micro_batch, self.world.rank, self.world.world_size)
+        sums = []
+        for domain in self.corpus.domains:
+            windows = self.corpus.validation_windows(domain, count)
+            total = 0.0
+            for first, size in share.micro_batches:
+                batch = torch.from_numpy(windows[first: first + size]).to(self.device)
+                total += float(self.model.sequence_losses(batch).sum())
+            sums.append(total)
+        t = torch.tensor(sums, dtype=torch.float64, device=self.device)
+        if self.world.world_size > 1:
+            dist.all_reduce(t)
+        self.model.train()
+        return {d: float(v) / count for d, v in zip(self.corpus.domains, t.tolist())}
+
+    def _should_eval(self, completed: int) -> bool:
+        interval = self.cfg.train.eval_interval
+        phase_end = completed in self.plan.starts[1:] or completed == self.total_steps
+        return phase_end or (interval > 0 and completed % interval == 0)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The loop.
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGUSR1 (preemption, torchrun shutdown) stop the loop at the next step boundary."""
+        def handler(signum, _frame):
+            self.stop_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _progress(self):
+        if not (self.is_main and self.cfg.train.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                    mininterval=1.0, desc="train")
+
+    def _log_step(self, r: StepResult) -> None:
+        tokens_step = self.cfg.train.global_batch * self.cfg.model.seq_len
+        if self.metrics:
+            local_tokens = rank_batch(r.step, self.cfg.train.global_batch, 1, self.world.rank,
+                                      self.world.world_size).count * self.cfg.model.seq_len
+            self.metrics.on_step(r.step + 1, r.loss, r.lr, local_tokens, tokens_step, r.seconds, r.phase,
+                                 self.world.world_size)
+        if (r.step + 1) % self.cfg.train.log_interval == 0 or r.step + 1 == self.total_steps:
+            self.jsonl.write("step", step=r.step + 1, phase=r.phase, phase_name=self.plan.names[r.phase],
+                             loss=r.loss, lr=r.lr, seconds=round(r.seconds, 4),
+                             tokens=self.state.tokens, tokens_per_second=round(tokens_step / r.seconds, 1),
+                             world_size=self.world.world_size, cursor=self.state.step * self.cfg.train.global_batch)
+
+    def _log_eval(self, completed: int, losses: dict[str, float]) -> None:
+        phase = self.plan.phase_of(completed - 1)
+        phase_end = completed == self.plan.end_of(phase) or completed == self.total_steps
+        if self.metrics:
+            self.metrics.on_eval(losses)
+        self.jsonl.write("eval", step=completed, phase=phase, phase_name=self.plan.names[phase],
+                         phase_end=phase_end, losses=losses)
+        if self.is_main and phase_end:
+            text = "  ".join(f"{d} {v:.4f}" for d, v in losses.items())
+            self.log.info(f"end of phase {phase} ({self.plan.names[phase]}): validation loss per domain: {text}")
+
+    def resume(self, process_started: float) -> None:
+        """Restore the newest valid checkpoint, if checkpointing is on and one exists; record the recovery."""
+        if self.checkpoints is None:
+            return
+        restored = self.checkpoints.restore()
+        if restored is not None and self.metrics:
+            self.metrics.on_recovered(time.perf_counter() - process_started, restored.steps_lost)
+
+    def run(self) -> TrainState:
+        self.log.step = self.state.step
+        if self.is_main:
+            self.log.info(f"model {count_parameters(self.model) / 1e6:.2f} M parameters, world size "
+                          f"{self.world.world_size}, {self.total_steps} steps in {len(self.plan.starts)} phases "
+                          f"{list(self.plan.names)}, global batch {self.cfg.train.global_batch} x "
+                          f"{self.cfg.model.seq_len} tokens")
+            self.jsonl.write("start", step=self.state.step, world_size=self.world.world_size,
+                             restarts=self.world.restart_count, parameters=count_parameters(self.model))
+        bar = self._progress()
+        try:
+            for step in range(self.state.step, self.total_steps):
+                if self.stop_signal is not None:
+                    break
+                self.log.step = step
+                r = self.train_step(step)
+                self.state.history.append(r.loss)
+                if not math.isfinite(r.loss):
+                    raise FloatingPointError(f"loss became {r.loss} at step {step}; lower schedule.lr_max")
+                self._log_step(r)
+                if bar:
+                    bar.set_postfix_str(f"phase {self.plan.names[r.phase]} loss {r.loss:.3f} lr {r.lr:.2e} "
+                                        f"tok/s {self.cfg.train.global_batch * self.cfg.model.seq_len / r.seconds:,.0f}",
+                                        refresh=False)
+                    bar.update(1)
+                if self._should_eval(step + 1):
+                    self._log_eval(step + 1, self.evaluate())
+        finally:
+            if bar:
+                bar.close()
+        return self.state
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.samples_log:
+            self.samples_log.close()
+
+
+def parameters_digest(model: torch.nn.Module) -> str:
+    """A short hash of all parameters, for bit-exactness checks across runs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+

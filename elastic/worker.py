@@ -1,0 +1,86 @@
+"""Entry point of every rank: ``python -m elastic.worker --config-json RUN_DIR/config.json``.
+
+Started by torchrun's elastic agent, srun or mpiexec; finds its rank in the environment (``elastic.world``), joins
+the process group, serves metrics and runs the trainer. It never imports ``launch/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from elastic.config import config_from_json
+from elastic.metrics import WorkerMetrics
+from elastic.trainer import Trainer
+from elastic.world import detect_world, device_for, init_distributed, shutdown_distributed
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent (the torchrun agent) dies, even by SIGKILL.
+
+    torchrun starts workers in their own sessions and kills them itself on a clean shutdown; without this, a
+    killed agent leaves orphans that keep training and hold ports.
+    """
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    parent = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def configure_threads(requested: int, local_world_size: int) -> int:
+    threads = requested or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description="ecpt worker (one per rank)")
+    parser.add_argument("--config-json", required=True, help="resolved config written by the launcher")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    world = detect_world()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    log = logging.getLogger("ecpt")
+    cfg = config_from_json(args.config_json)
+    configure_threads(cfg.train.threads_per_worker, world.local_world_size)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    groups = init_distributed(world)
+    device = device_for(world)
+    run_dir = Path(cfg.train.run_dir)
+    metrics = None
+    if cfg.metrics.enabled:
+        metrics = WorkerMetrics(world.rank)
+        port = metrics.serve(cfg.metrics.host, cfg.metrics.port + world.local_rank if cfg.metrics.port else 0)
+        metrics.write_target_file(run_dir, cfg.metrics.host, os.uname().nodename)
+        metrics.on_start(world.world_size, world.restart_count)
+        log.info(f"[rank {world.rank} step -] metrics on http://{cfg.metrics.host}:{port}/metrics")
+    trainer = Trainer(cfg, world, groups, device, metrics=metrics, log=log)
+    trainer.install_signal_handlers()
+    try:
+        trainer.resume(started)
+        trainer.run()
+    finally:
+        trainer.close()
+    if trainer.stop_signal is not None:
+        log.info(f"[rank {world.rank} step {trainer.state.step}] stopped by signal {trainer.stop_signal}")
+    shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

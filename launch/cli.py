@@ -1,0 +1,101 @@
+"""The ``ecpt`` command: ``ecpt train`` and the other subcommands.
+
+``ecpt train`` validates the whole config before any process starts, builds the corpus once (workers then only
+memory-map it), writes the resolved config into the run directory and starts the torchrun elastic agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from elastic.config import DEFAULT_CONFIG, Config, ConfigError, load_config, save_config
+from elastic.data import build_corpus
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help=f"TOML config (default: the embedded {DEFAULT_CONFIG.name})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable, e.g. --set train.max_steps=20")
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """Command-line flags are shorthands for --set; they are applied last."""
+    extra = list(args.overrides)
+    if args.nnodes:
+        extra.append(f'launch.nnodes="{args.nnodes}"')
+    if args.nproc_per_node:
+        extra.append(f"launch.nproc_per_node={args.nproc_per_node}")
+    if args.run_dir:
+        extra.append(f'train.run_dir="{args.run_dir}"')
+    if args.rdzv_endpoint:
+        extra.append(f'launch.rdzv_endpoint="{args.rdzv_endpoint}"')
+    return extra
+
+
+def prepare_run(cfg: Config) -> Path:
+    """Create the run directory, build the corpus and write the resolved config the workers read."""
+    run_dir = Path(cfg.train.run_dir).resolve()
+    cfg.train.run_dir = str(run_dir)
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    build_corpus(cfg, log=lambda msg: print(msg, flush=True))
+    print(f"corpus ready in {time.perf_counter() - start:.1f} s", flush=True)
+    config_json = run_dir / "config.json"
+    save_config(cfg, config_json)
+    return config_json
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.local import resolve_endpoint, run_agent, torchrun_command
+
+    cfg = load_config(args.config, _train_overrides(args))
+    config_json = prepare_run(cfg)
+    endpoint = resolve_endpoint(cfg)
+    print(f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
+          f"workers per node, rendezvous c10d at {endpoint}", flush=True)
+    threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
+    code = run_agent(torchrun_command(cfg, config_json, endpoint, node_rank=args.node_rank),
+                     threads_per_worker=threads)
+    print(f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
+          f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}", flush=True)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecpt", description="Elastic Continual Pre-Training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train on this machine through torchrun's elastic agent")
+    _add_config_args(train)
+    train.add_argument("--nnodes", help="N or MIN:MAX (elastic); shorthand for --set launch.nnodes=...")
+    train.add_argument("--nproc-per-node", type=int, help="workers on this node")
+    train.add_argument("--run-dir", help="where logs, metrics and local checkpoints go")
+    train.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous")
+    train.add_argument("--node-rank", type=int, default=None, help="fixed node rank (default: assigned by rendezvous)")
+    train.set_defaults(func=cmd_train)
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Subcommands that live in their own modules (checkpoint tools, launches, experiments)."""
+    from launch.ckpt_commands import add_ckpt_parser
+
+    add_ckpt_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"ecpt: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

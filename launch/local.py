@@ -1,0 +1,67 @@
+"""Start workers on this machine through torchrun's elastic agent (c10d rendezvous).
+
+The agent runs as a child process in its own session, so the launcher decides how signals reach it: Ctrl-C or
+SIGTERM to ``ecpt`` is forwarded once to the agent, which terminates its workers (and workers die with a killed
+agent through PR_SET_PDEATHSIG, see ``elastic.worker``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from elastic.config import Config
+from elastic.world import free_port
+
+# Localhost elastic settings measured in shared/NOTES.md: without them a rejoining agent waits for MASTER_ADDR
+# (pytorch issue 135712), and keep_alive_max_attempt=2 led to split brain.
+RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def resolve_endpoint(cfg: Config) -> str:
+    host, _, port = cfg.launch.rdzv_endpoint.rpartition(":")
+    if port == "0":
+        if cfg.launch.max_nodes > 1:
+            raise ValueError("launch.rdzv_endpoint needs an explicit port for a multi-node job "
+                             "(every node must reach the same host:port)")
+        port = str(free_port(host or "127.0.0.1"))
+    return f"{host or '127.0.0.1'}:{port}"
+
+
+def torchrun_command(cfg: Config, config_json: Path, endpoint: str, node_rank: int | None = None,
+                     run_id: str = "ecpt") -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           f"--nnodes={cfg.launch.nnodes}", f"--nproc-per-node={cfg.launch.nproc_per_node}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
+           f"--rdzv-conf={RDZV_CONF}", f"--max-restarts={cfg.launch.max_restarts}",
+           f"--monitor-interval={cfg.launch.monitor_interval}"]
+    if node_rank is not None:
+        cmd.append(f"--node-rank={node_rank}")
+    return cmd + ["-m", "elastic.worker", "--config-json", str(config_json)]
+
+
+def run_agent(cmd: list[str], extra_env: dict[str, str] | None = None, threads_per_worker: int = 1) -> int:
+    """Run a torchrun agent to completion; forward SIGINT/SIGTERM to it once; return its exit code."""
+    # Setting OMP_NUM_THREADS ourselves stops torchrun's oversubscription banner; workers still call
+    # torch.set_num_threads from the config.
+    env = {"OMP_NUM_THREADS": str(threads_per_worker), **os.environ, **AGENT_ENV, **(extra_env or {})}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        if agent.poll() is None:
+            os.killpg(agent.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return agent.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if agent.poll() is None:  # the launcher itself is going away: take the agent's session with it
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
