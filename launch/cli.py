@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Subcommands that live in their own modules (checkpoint tools, launches, experiments)."""
+    """Subcommands that live in their own modules (checkpoint tools, cluster launches, experiments).
+
+    Each module exposes add_<name>_parser(subparsers) and sets ``func`` on its parsers; add one import line each.
+    """
     from launch.ckpt_commands import add_ckpt_parser
 
     add_ckpt_parser(sub)
