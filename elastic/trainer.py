@@ -85,6 +85,7 @@ class Trainer:
         self.log = RankLogger(log or logging.getLogger("ecpt"), world.rank)
         self.metrics = metrics
         self.run_dir = Path(cfg.train.run_dir)
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.is_main = world.rank == 0
         self.corpus = Corpus(cfg)
         self.plan = self.corpus.plan

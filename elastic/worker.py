@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,18 @@ def configure_threads(requested: int, local_world_size: int) -> int:
     return threads
 
 
+def write_rank_file(run_dir: Path, world, metrics_port: int | None) -> Path:
+    """``<run_dir>/ranks/rank-<r>.json``: pid, host and metrics port of this rank, for tools and fault injection."""
+    path = run_dir / "ranks" / f"rank-{world.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"rank": world.rank, "pid": os.getpid(), "host": os.uname().nodename,
+                               "local_rank": world.local_rank, "world_size": world.world_size,
+                               "restart_count": world.restart_count, "metrics_port": metrics_port}))
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(description="ecpt worker (one per rank)")
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.write_target_file(run_dir, cfg.metrics.host, os.uname().nodename)
         metrics.on_start(world.world_size, world.restart_count)
         log.info(f"[rank {world.rank} step -] metrics on http://{cfg.metrics.host}:{port}/metrics")
+    write_rank_file(run_dir, world, metrics.port if metrics else None)
     trainer = Trainer(cfg, world, groups, device, metrics=metrics, log=log)
     trainer.install_signal_handlers()
     try:

@@ -1,0 +1,44 @@
+"""One rank of a real gloo job used by the distributed tests (run as a script by helpers.spawn_ranks).
+
+Modes:
+  grads  -- one forward/backward of step STEP; rank 0 writes the reduced gradients to OUT (npz, no pickle)
+  train  -- run all steps; rank 0 writes the loss sequence and a parameter digest to OUT (JSON)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elastic.config import config_from_json
+from elastic.trainer import Trainer, parameters_digest
+from elastic.world import detect_world, init_distributed, shutdown_distributed
+
+
+def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cfg = config_from_json(config_json)
+    world = detect_world()
+    groups = init_distributed(world)
+    trainer = Trainer(cfg, world, groups, torch.device("cpu"))
+    if mode == "grads":
+        trainer.optimizer.zero_grad(set_to_none=True)
+        local = trainer._forward_backward(step)
+        loss = trainer._global_mean(local)
+        if world.rank == 0:
+            grads = {n: p.grad.detach().numpy() for n, p in trainer.model.named_parameters()}
+            np.savez(out, __loss__=np.array(loss), **grads)
+    else:
+        state = trainer.run()
+        if world.rank == 0:
+            Path(out).write_text(json.dumps({"losses": state.history,
+                                             "digest": parameters_digest(trainer.model)}))
+    trainer.close()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(a) for a in sys.argv[4:]))

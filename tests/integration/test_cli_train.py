@@ -1,0 +1,92 @@
+"""`ecpt train` end to end: real torchrun agent, 2 gloo workers, the real CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from elastic.metrics import read_jsonl
+from helpers import REPO, wait_for, write_toml
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _ecpt(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "launch.cli", *args]
+
+
+def test_train_runs_all_phases_on_two_workers(tiny_raw, tmp_path):
+    cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
+    run = tmp_path / "run"
+    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = read_jsonl(run / "metrics.jsonl", "step")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert {r["world_size"] for r in steps} == {2}
+    assert steps[-1]["cursor"] == 12 * 6
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    phase_ends = [r for r in read_jsonl(run / "metrics.jsonl", "eval") if r["phase_end"]]
+    assert [r["step"] for r in phase_ends] == [4, 8, 12]
+    assert set(phase_ends[-1]["losses"]) == {"prose", "python", "c"}
+    assert result.stderr.count("validation loss per domain") == 3
+    targets = sorted((run / "prometheus").glob("rank-*.json"))
+    assert [t.name for t in targets] == ["rank-0.json", "rank-1.json"]
+
+
+def test_bad_config_fails_before_any_process_starts(tiny_raw, tmp_path):
+    cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
+    run = tmp_path / "run"
+    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run),
+                                   "--set", "train.micro_batch=0"]), cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "train.micro_batch must be >= 1" in result.stderr
+    assert not (run / "ranks").exists()
+
+
+def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[int]]:
+    raw = copy.deepcopy(tiny_raw)
+    for phase in raw["data"]["phases"]:
+        phase["tokens"] *= 500  # long enough that the test, not the schedule, ends it
+    cfg = write_toml(raw, tmp_path / "long.toml")
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and read_jsonl(run / "metrics.jsonl", "step"), 120,
+              "the first training step", proc)
+    pids = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
+    assert all(_alive(p) for p in pids)
+    return proc, run, pids
+
+
+def test_ctrl_c_stops_every_worker(tiny_raw, tmp_path):
+    proc, run, pids = _start_long_run(tiny_raw, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
+    proc.wait(timeout=60)
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, "workers to exit")
+
+
+def test_killing_the_agent_leaves_no_orphans(tiny_raw, tmp_path):
+    proc, run, pids = _start_long_run(tiny_raw, tmp_path)
+    agent = int(Path(f"/proc/{pids[0]}/stat").read_text().split()[3])  # the workers' parent: torchrun's agent
+    assert agent != proc.pid
+    os.kill(agent, signal.SIGKILL)
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, "workers to die with their agent")
+    proc.wait(timeout=30)

@@ -1,0 +1,58 @@
+import copy
+
+import pytest
+
+from elastic.config import ConfigError, apply_overrides, config_from_dict, load_config, parse_override
+
+
+def test_default_config_loads_and_describes_three_phases():
+    cfg = load_config()
+    assert [p.name for p in cfg.data.phases] == ["prose", "python", "c"]
+    assert cfg.launch.nproc_per_node == 2
+    # replay: later phases keep a small weight on earlier domains
+    assert cfg.data.phases[2].mixture["prose"] > 0
+
+
+def test_set_override_parses_toml_values():
+    assert parse_override("train.max_steps=5") == (["train", "max_steps"], 5)
+    assert parse_override('schedule.kind="wsd"') == (["schedule", "kind"], "wsd")
+    assert parse_override("schedule.kind=wsd") == (["schedule", "kind"], "wsd")  # bare strings are accepted
+    cfg = load_config(None, ["train.max_steps=7", "schedule.lr_max=0.01"])
+    assert cfg.train.max_steps == 7 and cfg.schedule.lr_max == 0.01
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda r: r["train"].update(bogus=1), "train.bogus"),
+    (lambda r: r.update(trian={}), "trian"),
+    (lambda r: r["train"].update(global_batch="16"), "train.global_batch"),
+    (lambda r: r["train"].update(global_batch=1), "train.global_batch"),
+    (lambda r: r["model"].update(n_heads=3), "model.n_heads"),
+    (lambda r: r["schedule"].update(kind="linear"), "schedule.kind"),
+    (lambda r: r["data"]["phases"][0].update(mixture={"klingon": 1.0}), "data.phases[0].mixture"),
+    (lambda r: r["data"]["phases"][1].update(tokens=0), "data.phases[1].tokens"),
+    (lambda r: r["checkpoint"].update(keep_last=0), "checkpoint.keep_last"),
+    (lambda r: r["launch"].update(nnodes="3:1"), "launch.nnodes"),
+])
+def test_bad_values_name_the_field(tiny_raw, mutate, field):
+    raw = copy.deepcopy(tiny_raw)
+    mutate(raw)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert field in str(err.value)
+
+
+def test_global_batch_must_cover_the_largest_world(tiny_raw):
+    raw = copy.deepcopy(tiny_raw)
+    raw["launch"].update(nnodes="1:4", nproc_per_node=2)  # up to 8 ranks, global batch 6
+    with pytest.raises(ConfigError, match="train.global_batch .*8 ranks"):
+        config_from_dict(raw)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_override_into_non_table_is_rejected():
+    with pytest.raises(ConfigError, match="not a table"):
+        apply_overrides({"train": 3}, ["train.max_steps=1"])
