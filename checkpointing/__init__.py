@@ -1,0 +1,22 @@
+"""ecpt checkpointing: lazy, asynchronous, multi-level checkpoints in zarr v3, loadable into any layout.
+
+Usable from any PyTorch training loop:
+
+    mgr = CheckpointManager([LevelSpec("L1", "ckpt", interval=10, keep_last=3, node_local=True)])
+    mgr.save(step, {"model/w": w, "optim/w/exp_avg": m}, {"lr": 1e-3})   # returns at once
+    mgr.wait_staged()                                                     # right before optimizer.step()
+    ...
+    res = mgr.load({"model/w": w, "optim/w/exp_avg": m})                  # fills in place
+"""
+from checkpointing.errors import CheckpointCorruptError, CheckpointError
+from checkpointing.manager import CheckpointInfo, CheckpointManager, LoadResult, SaveHandle
+from checkpointing.manifest import Manifest
+from checkpointing.offline import export_safetensors, inspect, list_checkpoints, read_tensor, verify
+from checkpointing.staging import Shard
+from checkpointing.tiers import LevelSpec
+
+__all__ = [
+    "CheckpointManager", "LevelSpec", "Shard", "SaveHandle", "LoadResult", "CheckpointInfo", "Manifest",
+    "CheckpointError", "CheckpointCorruptError",
+    "list_checkpoints", "verify", "inspect", "read_tensor", "export_safetensors",
+]

@@ -1,0 +1,528 @@
+"""CheckpointManager: lazy, asynchronous, multi-level checkpoints in zarr, loadable into any layout.
+
+Threads and why:
+  caller     save() records references and returns; wait_staged() right before optimizer.step().
+  stager     copies the tensors into reusable host buffers while the caller runs forward/backward.
+  persister  writes, checksums, fsyncs and commits level after level, then promotes the checkpoint to the slower
+             levels by copying the committed files (so the staging buffer is free as soon as the fastest level
+             committed). It is the only thread that talks on the checkpoint process group, so collectives on every
+             rank happen in the same order.
+
+save(), wait_durable(), load(), emergency_save() and close() are collective over the checkpoint group: call them on
+every rank with the same steps. If ranks disagree on a step (one skipped it because it was busy), the persister
+drops that step everywhere instead of deadlocking.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from prometheus_client import CollectorRegistry
+
+from checkpointing.comm import Comm
+from checkpointing.errors import CheckpointCorruptError, CheckpointError
+from checkpointing.manifest import Manifest, read_manifest
+from checkpointing.metrics import CheckpointStats, Metrics
+from checkpointing.persist import ChunkWriter, SaveContext, persist_level
+from checkpointing.plan import global_layouts
+from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
+from checkpointing.staging import BufferPool, BufferSet, Shard, StagedTensor, describe, stage_into
+from checkpointing.tiers import LevelSpec, committed_steps
+from checkpointing.zarr_store import check_tensor_name, dtype_name
+
+
+@dataclass
+class SaveHandle:
+    """One save in flight. `staged` resolves when the caller may mutate its tensors again, `durable` with the list
+    of level names committed (an empty list if the save was dropped), or a CheckpointError."""
+
+    step: int
+    levels: list[str]
+    staged: Future = field(default_factory=Future)
+    durable: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint copy as seen from this rank."""
+
+    step: int
+    level: str
+    path: str
+    nbytes: int = 0
+    complete: bool = True
+    node_id: str = ""
+    created_unix: float = 0.0
+
+
+@dataclass
+class LoadResult:
+    """What load() restored. `extra` is rank 0's extra at save time; `rank_extra` the extra saved by this rank
+    number (None if the saving world had no such rank); `fallbacks` the newer checkpoints skipped and why."""
+
+    step: int
+    extra: dict
+    level: str
+    path: str
+    seconds: float
+    bytes_read: int
+    fallbacks: list[str]
+    rank_extra: dict | None = None
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _WriteJob:
+    step: int
+    levels: list[LevelSpec]
+    handle: SaveHandle
+    bufset: BufferSet
+    staged: list[StagedTensor]
+    extra: dict
+    t_save: float
+
+
+@dataclass
+class _ControlJob:
+    kind: str          # "flush" | "emergency" | "stop"
+    seq: int
+    done: Future = field(default_factory=Future)
+
+
+class CheckpointManager:
+    """See the module docstring; the public surface is save/wait_staged/wait_durable/load/latest/list/
+    emergency_save/close."""
+
+    def __init__(self, levels: list[LevelSpec], rank: int = 0, world_size: int = 1,
+                 group: dist.ProcessGroup | None = None, local_rank: int | None = None,
+                 local_world_size: int | None = None, local_group: dist.ProcessGroup | None = None,
+                 node_id: str = "node-0", chunk_bytes: int = 16 << 20, on_busy: str = "wait",
+                 registry: CollectorRegistry | None = None, logger: logging.Logger | None = None,
+                 *, staging_buffers: int = 2) -> None:
+        if not levels:
+            raise ValueError("CheckpointManager needs at least one LevelSpec")
+        if len({lv.name for lv in levels}) != len(levels):
+            raise ValueError(f"LevelSpec names must be unique, got {[lv.name for lv in levels]}")
+        if on_busy not in ("wait", "skip"):
+            raise ValueError(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if group is None and world_size != 1:
+            raise ValueError(f"world_size={world_size} needs a gloo process group (group=None means one process)")
+        self.levels = list(levels)
+        self.rank, self.world_size, self.node_id = rank, world_size, node_id
+        self.chunk_bytes, self.on_busy = chunk_bytes, on_busy
+        self.log = logger or logging.getLogger("checkpointing")
+        self._world = Comm(group, rank, world_size)
+        self._local = self._local_comm(local_group, local_rank, local_world_size)
+        self._metrics = Metrics(registry)
+        self._pool = BufferPool(staging_buffers)
+        self._pin = torch.cuda.is_available()
+        self._writer = ChunkWriter()
+        self._scratch = Scratch()
+        self._manifests: dict[Path, tuple[int, Manifest]] = {}
+        self._handles: list[SaveHandle] = []
+        self._unstaged: list[SaveHandle] = []
+        self._blocked: dict[int, float] = {}
+        self._seq = 0
+        self._closed = False
+        self._staged_meta: dict[int, tuple[list[StagedTensor], dict]] = {}
+        self._stage_q: queue.Queue = queue.Queue()
+        self._persist_q: queue.Queue = queue.Queue()
+        self._stager = threading.Thread(target=self._stage_loop, name="ckpt-stager", daemon=True)
+        self._persister = threading.Thread(target=self._persist_loop, name="ckpt-persister", daemon=True)
+        self._stager.start()
+        self._persister.start()
+
+    def _local_comm(self, local_group, local_rank, local_world_size) -> Comm:
+        lws = self.world_size if local_world_size is None else local_world_size
+        lr = self.rank if local_rank is None else local_rank
+        if local_group is not None:
+            return Comm(local_group, lr, lws)
+        if lws == 1:
+            return Comm(None, 0, 1)
+        if lws == self.world_size:
+            return self._world
+        raise ValueError(f"local_world_size={lws} < world_size={self.world_size} needs local_group (a gloo group "
+                         f"of this node's ranks)")
+
+    @property
+    def stats(self) -> CheckpointStats:
+        return self._metrics.stats
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    def save(self, step: int, tensors: dict[str, "torch.Tensor | Shard"], extra: dict | None = None
+             ) -> SaveHandle | None:
+        """Record references and return at once; None if no level is due at this step (or skipped when busy)."""
+        t0 = time.perf_counter()
+        if self._closed:
+            raise CheckpointError("save() after close()")
+        levels = [lv for lv in self.levels if lv.due(step)]
+        if not levels:
+            return None
+        staged = self._validate(tensors)
+        extra = dict(extra or {})
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"save(step={step}): extra is not JSON-serialisable ({e}); store RNG states as "
+                                  f"lists or base64 strings") from e
+        bufset = self._pool.acquire(block=False)
+        if bufset is None:
+            if self.on_busy == "skip":
+                self._metrics.skip([lv.name for lv in levels])
+                self.log.info("checkpoint step %d skipped: the previous save is still persisting", step)
+                return None
+            self.stats.waits += 1
+            bufset = self._pool.acquire(block=True)
+        handle = SaveHandle(step, [lv.name for lv in levels])
+        job = _WriteJob(step, levels, handle, bufset, staged, extra, t0)
+        self._handles.append(handle)
+        self._unstaged.append(handle)
+        self.stats.saves += 1
+        self._stage_q.put((job, dict(tensors)))
+        self._blocked[step] = time.perf_counter() - t0
+        return handle
+
+    def _validate(self, tensors: dict) -> list[StagedTensor]:
+        out = []
+        for name, value in tensors.items():
+            check_tensor_name(name)
+            local = value.local if isinstance(value, Shard) else value
+            if not isinstance(local, torch.Tensor):
+                raise CheckpointError(f"tensor {name}: expected torch.Tensor or Shard, got {type(value).__name__}")
+            st = describe(name, value, dtype_name(local.dtype))
+            if isinstance(value, Shard):
+                numel = math.prod(st.shape)
+                if not (0 <= st.start <= st.stop <= numel) or local.numel() != st.stop - st.start:
+                    raise CheckpointError(
+                        f"Shard {name}: flat_range {value.flat_range} must satisfy 0 <= start <= stop <= {numel} "
+                        f"(numel of global_shape {list(st.shape)}) and local.numel()={local.numel()} == stop - start")
+            out.append(st)
+        for a in tensors:
+            for b in tensors:
+                if b.startswith(a + "/"):
+                    raise CheckpointError(f"tensor names {a!r} and {b!r} collide: {a!r} would be both array and group")
+        return out
+
+    def wait_staged(self) -> float:
+        """Block until every save's tensors are copied; return seconds blocked here. Call before mutating them."""
+        t0 = time.perf_counter()
+        unstaged, self._unstaged = self._unstaged, []
+        for h in unstaged:
+            h.staged.exception()
+        waited = time.perf_counter() - t0
+        for h in unstaged:
+            self._metrics.observe_blocked(h.levels[0], self._blocked.pop(h.step, 0.0) + waited)
+        return waited
+
+    def wait_durable(self) -> list[str]:
+        """Block until every save so far is committed on all its levels; raise one CheckpointError naming every
+        failing rank, level and file. Returns the names of levels committed by those saves."""
+        self._control("flush")
+        handles, self._handles = self._handles, []
+        errors, committed = [], []
+        for h in handles:
+            exc = h.durable.exception()
+            if exc is not None:
+                errors.append(f"step {h.step}: {exc}")
+            else:
+                committed += h.durable.result()
+        if errors:
+            raise CheckpointError("; ".join(errors))
+        return committed
+
+    def _control(self, kind: str) -> None:
+        self._seq += 1
+        job = _ControlJob(kind, self._seq)
+        self._persist_q.put(job)
+        job.done.result()
+
+    def emergency_save(self) -> list[str]:
+        """On SIGTERM/SIGUSR1: make the newest staged snapshot durable on the most durable level, now.
+
+        Waits for pending work, then writes the newest staged buffers to the last level unless that step is
+        already committed there. Returns the levels written (empty if nothing was needed)."""
+        t0 = time.perf_counter()
+        self.wait_staged()
+        self._seq += 1
+        job = _ControlJob("emergency", self._seq)
+        self._persist_q.put(job)
+        written = job.done.result()
+        self.log.warning("emergency checkpoint: wrote %s in %.2f s", written or "nothing (already durable)",
+                         time.perf_counter() - t0)
+        return written
+
+    def close(self) -> None:
+        """Finish in-flight saves, stop the threads. Errors of unwaited saves are logged, not raised."""
+        if self._closed:
+            return
+        try:
+            self.wait_durable()
+        except CheckpointError as e:
+            self.log.error("checkpoint saves failed before close: %s", e)
+        self._control("stop")
+        self._stage_q.put(None)
+        self._closed = True
+        self._stager.join()
+        self._persister.join()
+
+    # ------------------------------------------------------------------------------------------- threads
+
+    def _stage_loop(self) -> None:
+        while (item := self._stage_q.get()) is not None:
+            job, tensors = item
+            try:
+                nbytes = stage_into(job.bufset, tensors, job.step, self._pin)
+            except RuntimeError as e:
+                self._pool.release(job.bufset)
+                err = CheckpointError(f"staging step {job.step} on rank {self.rank} failed: {e}")
+                job.handle.staged.set_exception(err)
+                job.handle.durable.set_exception(err)
+                continue
+            self._staged_meta[job.bufset.index] = (job.staged, job.extra)
+            job.handle.staged.set_result(nbytes)
+            self._persist_q.put(job)
+
+    def _persist_loop(self) -> None:
+        job = None
+        while True:
+            job = job or self._persist_q.get()
+            infos = self._world.all_gather_json(self._job_info(job))
+            target = max(tuple(i["key"]) for i in infos)
+            if tuple(infos[self._world.rank]["key"]) < target:
+                self._drop(job, infos)
+                job = None
+                continue
+            if any(tuple(i["key"]) != target for i in infos):
+                continue        # others are dropping older jobs; agree again with the same job
+            if isinstance(job, _WriteJob):
+                self._run_write(job, infos)
+            elif job.kind == "emergency":
+                job.done.set_result(self._run_emergency(infos))
+            else:
+                job.done.set_result(None)
+                if job.kind == "stop":
+                    return
+            job = None
+
+    def _job_info(self, job) -> dict:
+        if isinstance(job, _ControlJob):
+            newest = self._pool.newest() if job.kind == "emergency" else None
+            return {"key": [1, job.seq], "kind": job.kind, "node": self.node_id,
+                    "newest": None if newest is None else newest.step}
+        return {"key": [0, job.step], "kind": "write", "node": self.node_id, "nonce": secrets.token_hex(6),
+                "tensors": {t.name: t.describe() for t in job.staged}, "extra": job.extra,
+                "levels": [lv.name for lv in job.levels]}
+
+    def _drop(self, job, infos: list[dict]) -> None:
+        """Another rank is already past this job: resolve it without writing (counted as a skip)."""
+        behind = [r for r, i in enumerate(infos) if tuple(i["key"]) > tuple(infos[self._world.rank]["key"])]
+        if isinstance(job, _WriteJob):
+            self._pool.release(job.bufset)
+            self._metrics.skip([lv.name for lv in job.levels])
+            self.log.warning("checkpoint step %d dropped: ranks %s did not stage it (busy)", job.step, behind)
+            job.handle.durable.set_result([])
+        else:
+            job.done.set_exception(CheckpointError(
+                f"checkpoint control call {job.kind} #{job.seq} is out of step with ranks {behind}: "
+                f"call wait_durable/emergency_save/close the same number of times on every rank"))
+
+    def _context(self, step: int, infos: list[dict]) -> SaveContext:
+        layouts = global_layouts(infos, self.chunk_bytes)
+        return SaveContext(step=step, nonce=infos[0]["nonce"], layouts=layouts, extras=[i["extra"] for i in infos],
+                           nodes=[i["node"] for i in infos], world=self._world, local=self._local,
+                           node_id=self.node_id, chunk_bytes=self.chunk_bytes)
+
+    def _run_write(self, job: _WriteJob, infos: list[dict]) -> None:
+        try:
+            ctx = self._context(job.step, infos)
+        except ValueError as e:
+            self._pool.release(job.bufset)
+            job.handle.durable.set_exception(CheckpointError(f"checkpoint step {job.step}: {e}"))
+            return
+        committed, errors = self._write_levels(ctx, job.levels, job.bufset, job.t_save)
+        if errors:
+            job.handle.durable.set_exception(CheckpointError(
+                f"checkpoint step {job.step} failed ({'; '.join(errors)}). Committed on: {committed or 'no level'}; "
+                f"older checkpoints are intact and training can continue"))
+        else:
+            job.handle.durable.set_result(committed)
+
+    def _write_levels(self, ctx: SaveContext, levels: list[LevelSpec], bufset: BufferSet | None,
+                      t_save: float) -> tuple[list[str], list[str]]:
+        """Write the first level from the buffers, release them, promote to the others by copying files.
+
+        If a level fails, the next one is written from the still-held buffers instead of from a copy."""
+        committed, errors, source = [], [], None
+        for level in levels:
+            t0 = time.perf_counter()
+            res = persist_level(level, ctx, self._writer, None if source else bufset, source)
+            if res.errors:
+                errors += res.errors
+                self._metrics.failure(level.name)
+                self.log.error("checkpoint step %d on %s failed: %s", ctx.step, level.name, "; ".join(res.errors))
+                continue
+            committed.append(level.name)
+            self._metrics.observe_durable(level.name, time.perf_counter() - t_save)
+            self._metrics.add_bytes(level.name, res.my_nbytes)
+            self.log.info("checkpoint step %d committed on %s (%s): %.1f MB in %.2f s", ctx.step, level.name,
+                          res.path, res.total_nbytes / 1e6, time.perf_counter() - t0)
+            if source is None and bufset is not None:
+                self._pool.release(bufset)
+            source = source or res.path
+        if source is None and bufset is not None:
+            self._pool.release(bufset)
+        return committed, errors
+
+    def _run_emergency(self, infos: list[dict]) -> list[str]:
+        """Write the newest staged buffers to the most durable level unless every rank already has it there."""
+        steps = {i["newest"] for i in infos}
+        if len(steps) != 1 or None in steps:
+            self.log.error("emergency checkpoint impossible: ranks hold staged steps %s", sorted(map(str, steps)))
+            return []
+        step = steps.pop()
+        last = self.levels[-1]
+        have = self._world.all_gather_json(any(s == step for s, _ in committed_steps(Path(last.root))))
+        if all(have):
+            return []
+        bufset = self._pool.newest()
+        staged, extra = self._staged_meta[bufset.index]
+        ctx_infos = self._world.all_gather_json({
+            "key": [0, step], "node": self.node_id, "nonce": secrets.token_hex(6), "extra": extra,
+            "tensors": {t.name: t.describe() for t in staged}})
+        ctx = self._context(step, ctx_infos)
+        held = self._pool.acquire_specific(bufset)
+        committed, errors = self._write_levels(ctx, [last], held, time.perf_counter())
+        if errors:
+            self.log.error("emergency checkpoint step %d failed: %s", step, "; ".join(errors))
+        return committed
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def _manifest(self, path: Path) -> Manifest:
+        """Manifests are immutable once committed; cache by modification time."""
+        mtime = (path / "manifest.json").stat().st_mtime_ns
+        cached = self._manifests.get(path)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        manifest = read_manifest(path)
+        self._manifests[path] = (mtime, manifest)
+        return manifest
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint copy this rank can see, oldest first, fastest level first within a step."""
+        out = []
+        for order, level in enumerate(self.levels):
+            for step, path in committed_steps(Path(level.root)):
+                try:
+                    m = self._manifest(path)
+                except (CheckpointCorruptError, OSError):
+                    out.append((step, order, CheckpointInfo(step, level.name, str(path), complete=False)))
+                    continue
+                out.append((step, order, CheckpointInfo(step, level.name, str(path), m.nbytes, m.complete,
+                                                        m.node_id, m.created_unix)))
+        return [info for _, _, info in sorted(out, key=lambda x: (x[0], x[1]))]
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint over all levels (this rank's view; load() agrees across ranks)."""
+        infos = self.list()
+        return max(infos, key=lambda i: i.step) if infos else None
+
+    def _candidates(self, targets: list[Target], strict: bool, excluded: set, reasons: dict) -> dict[int, list]:
+        """step -> [(level, path, manifest)] this rank can serve (all needed chunks present, shapes match)."""
+        found: dict[int, list] = {}
+        for level in self.levels:
+            for step, path in committed_steps(Path(level.root)):
+                if (step, level.name) in excluded:
+                    continue
+                try:
+                    manifest = self._manifest(path)
+                except (CheckpointCorruptError, OSError) as e:
+                    reasons[step] = f"step {step} on {level.name}: {e}"
+                    continue
+                why = self._cannot_serve(manifest, targets, strict)
+                if why:
+                    reasons[step] = f"step {step} on {level.name} ({path}): {why}"
+                    continue
+                found.setdefault(step, []).append((level, path, manifest))
+        return found
+
+    @staticmethod
+    def _cannot_serve(manifest: Manifest, targets: list[Target], strict: bool) -> str | None:
+        for t in targets:
+            entry = manifest.tensors.get(t.name)
+            if entry is None and not strict:
+                continue
+            problem = mismatch(entry, t)
+            if problem:
+                return problem
+            holes = missing_chunks(entry, t.start, t.stop)
+            if holes:
+                return f"this copy lacks chunks {holes[:4]} of {t.name} needed by this rank"
+        return None
+
+    def load(self, tensors: dict[str, "torch.Tensor | Shard"], step: int | None = None,
+             strict: bool = True) -> LoadResult:
+        """Fill `tensors` in place from the newest checkpoint every rank can serve (or `step`); fall back to older
+        valid checkpoints on a missing or corrupt chunk. Collective over the checkpoint group."""
+        t0 = time.perf_counter()
+        if self._handles:
+            try:
+                self.wait_durable()
+            except CheckpointError as e:
+                self.log.error("pending checkpoint saves failed before load: %s", e)
+        targets = [Target.of(name, value) for name, value in tensors.items()]
+        excluded, fallbacks, reasons = set(), [], {}
+        while True:
+            mine = self._candidates(targets, strict, excluded, reasons)
+            if step is not None:
+                mine = {s: v for s, v in mine.items() if s == step}
+            views = self._world.all_gather_json(sorted(mine))
+            common = set(views[0]).intersection(*map(set, views[1:]))
+            if not common:
+                fallbacks += [reasons[s] for s in sorted(reasons, reverse=True)]
+                raise CheckpointError(
+                    f"rank {self.rank}: no checkpoint{'' if step is None else f' at step {step}'} that every rank can "
+                    f"load in {[lv.root for lv in self.levels]}. Skipped: {fallbacks or 'none found'}")
+            chosen = max(common)
+            level, path, manifest = mine[chosen][0]
+            error, nread = self._read_all(path, manifest, targets)
+            statuses = self._world.all_gather_json(error)
+            failed = [(r, e) for r, e in enumerate(statuses) if e]
+            if not failed:
+                break
+            for r, e in failed:
+                fallbacks.append(f"rank {r}: step {chosen}: {e}")
+                self.log.warning("checkpoint step %d unusable on rank %d, falling back: %s", chosen, r, e)
+            if error:
+                excluded.add((chosen, level.name))
+        fallbacks = [reasons[s] for s in sorted(reasons, reverse=True) if s > chosen] + fallbacks
+        missing = [t.name for t in targets if t.name not in manifest.tensors]
+        rank_extra = manifest.rank_extra.get(self.rank, manifest.extra) if self.rank < manifest.world_size else None
+        seconds = time.perf_counter() - t0
+        self.log.info("restored step %d from %s (%s) in %.2f s, %.1f MB read%s", chosen, level.name, path, seconds,
+                      nread / 1e6, f", {len(fallbacks)} newer skipped" if fallbacks else "")
+        return LoadResult(chosen, manifest.extra, level.name, str(path), seconds, nread, fallbacks, rank_extra,
+                          missing)
+
+    def _read_all(self, path: Path, manifest: Manifest, targets: list[Target]) -> tuple[str | None, int]:
+        nread = 0
+        try:
+            for t in targets:
+                if t.name in manifest.tensors:
+                    nread += read_range(path, manifest, t, self._scratch)
+        except (CheckpointCorruptError, OSError) as e:
+            return str(e), nread
+        return None, nread

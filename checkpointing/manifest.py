@@ -1,0 +1,129 @@
+"""The manifest: the single file that makes a checkpoint exist.
+
+A checkpoint directory is visible to readers only once `manifest.json` is committed in it (temp name, fsync,
+rename, fsync dir) and the directory carries its final name `step-XXXXXXXX`. The manifest lists every chunk file
+with its size and crc32c, so readers detect missing chunks (which zarr would silently read as fill values) and
+corrupt bytes, and it carries the non-tensor state (`extra`) as JSON: nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from checkpointing.errors import CheckpointCorruptError
+from checkpointing.zarr_store import Grid, torch_dtype, write_json_atomic
+
+FORMAT = "ecpt-checkpoint"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk file: path relative to the checkpoint directory, size, crc32c of its bytes."""
+
+    file: str
+    nbytes: int
+    crc32c: int
+
+
+@dataclass
+class TensorEntry:
+    """One logical (global) tensor: real shape, torch dtype, chunking, and which chunks this copy holds."""
+
+    shape: list[int]
+    dtype: str
+    layout: str                     # "replica" (plain tensors) or "shard" (saved from Shard partitions)
+    chunk_rows: int
+    n_chunks: int
+    chunks: dict[int, ChunkRecord] = field(default_factory=dict)
+
+    def grid(self) -> Grid:
+        itemsize = torch_dtype(self.dtype).itemsize
+        return Grid(tuple(self.shape), itemsize, self.chunk_rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks.values())
+
+    @property
+    def complete(self) -> bool:
+        return len(self.chunks) == self.n_chunks
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to trust and read one checkpoint copy on one level."""
+
+    step: int
+    level: str
+    node_id: str
+    node_local: bool
+    world_size: int
+    chunk_bytes: int
+    tensors: dict[str, TensorEntry]
+    extra: dict
+    rank_extra: dict[int, dict] = field(default_factory=dict)   # per-rank extras that differ from rank 0's
+    files: dict[str, ChunkRecord] = field(default_factory=dict)  # zarr.json metadata files
+    created_unix: float = field(default_factory=time.time)
+
+    @property
+    def complete(self) -> bool:
+        return all(t.complete for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["format"], doc["version"], doc["complete"] = FORMAT, VERSION, self.complete
+        doc["tensors"] = {n: {**asdict(t), "chunks": {str(c): asdict(r) for c, r in t.chunks.items()}}
+                          for n, t in self.tensors.items()}
+        doc["rank_extra"] = {str(r): e for r, e in self.rank_extra.items()}
+        return doc
+
+    @staticmethod
+    def from_json(doc: dict, where: str) -> "Manifest":
+        """Parse and validate; errors name the manifest path and the bad field."""
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise CheckpointCorruptError(
+                f"{where}: not an {FORMAT} v{VERSION} manifest (format={doc.get('format')!r}, "
+                f"version={doc.get('version')!r})")
+        try:
+            tensors = {
+                name: TensorEntry(
+                    shape=[int(s) for s in t["shape"]], dtype=str(t["dtype"]), layout=str(t["layout"]),
+                    chunk_rows=int(t["chunk_rows"]), n_chunks=int(t["n_chunks"]),
+                    chunks={int(c): ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
+                            for c, r in t["chunks"].items()})
+                for name, t in doc["tensors"].items()}
+            return Manifest(
+                step=int(doc["step"]), level=str(doc["level"]), node_id=str(doc["node_id"]),
+                node_local=bool(doc["node_local"]), world_size=int(doc["world_size"]),
+                chunk_bytes=int(doc["chunk_bytes"]), tensors=tensors, extra=dict(doc["extra"]),
+                rank_extra={int(r): dict(e) for r, e in doc.get("rank_extra", {}).items()},
+                files={p: ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
+                       for p, r in doc.get("files", {}).items()},
+                created_unix=float(doc["created_unix"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointCorruptError(f"{where}: malformed manifest field ({type(e).__name__}: {e})") from e
+
+
+def read_manifest(ckpt_dir: Path) -> Manifest:
+    """Load `<ckpt_dir>/manifest.json`; CheckpointCorruptError if absent, unreadable or malformed."""
+    path = Path(ckpt_dir) / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError as e:
+        raise CheckpointCorruptError(f"{path}: no committed manifest (an interrupted save)") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointCorruptError(f"{path}: unreadable manifest ({e})") from e
+    return Manifest.from_json(doc, str(path))
+
+
+def write_manifest(ckpt_dir: Path, manifest: Manifest, fsync: bool) -> None:
+    """The commit point of a checkpoint copy: temp file, fsync, rename, fsync the directory."""
+    write_json_atomic(Path(ckpt_dir) / MANIFEST_NAME, manifest.to_json(), fsync)

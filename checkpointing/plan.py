@@ -1,0 +1,119 @@
+"""Who writes which chunk: computed identically on every rank from the all-gathered layout, so no negotiation.
+
+Replicated tensors (every rank holds the whole tensor): chunks are spread over the writing ranks, balanced by bytes
+(node-local level: the ranks of this node, so every node writes a complete copy; shared level: all ranks).
+Shard tensors: a chunk lying inside one rank's flat range is written by that rank; a chunk straddling a partition
+boundary is written once, by the rank holding most of it, after the other holders send it their few pieces
+point-to-point (never the whole tensor to one rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from checkpointing.zarr_store import Grid, torch_dtype
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """The global picture of one tensor at save time."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    grid: Grid
+    ranges: tuple[tuple[int, int, int], ...]    # (rank, start, stop) of every rank's flat range (shard layout)
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """A chunk this rank writes: pieces (source rank, start, stop) that together cover the chunk's real data."""
+
+    name: str
+    chunk: int
+    pieces: tuple[tuple[int, int, int, int], ...]     # (src rank, start, stop, tag)
+
+
+@dataclass
+class RankPlan:
+    """This rank's work on one level: chunks to write and boundary pieces to send to their chunk's writer."""
+
+    writes: list[ChunkTask] = field(default_factory=list)
+    sends: list[tuple[str, int, int, int, int]] = field(default_factory=list)   # (name, dst, start, stop, tag)
+
+
+def global_layouts(infos: list[dict], chunk_bytes: int) -> dict[str, TensorLayout]:
+    """Merge every rank's view into one layout per tensor; ValueError names the tensor and ranks that disagree."""
+    first = infos[0]["tensors"]
+    layouts = {}
+    for rank, info in enumerate(infos):
+        if set(info["tensors"]) != set(first):
+            diff = sorted(set(info["tensors"]) ^ set(first))
+            raise ValueError(f"rank {rank} saves a different set of tensors than rank 0 (differing: {diff[:5]})")
+    for name in sorted(first):
+        shape, dtype, layout = tuple(first[name][0]), first[name][1], first[name][2]
+        ranges = []
+        for rank, info in enumerate(infos):
+            r_shape, r_dtype, r_layout, start, stop = info["tensors"][name]
+            if (tuple(r_shape), r_dtype, r_layout) != (shape, dtype, layout):
+                raise ValueError(
+                    f"tensor {name}: rank {rank} has {r_layout} {r_dtype}{list(r_shape)} but rank 0 has "
+                    f"{layout} {dtype}{list(shape)}")
+            ranges.append((rank, int(start), int(stop)))
+        grid = Grid.for_shape(shape, torch_dtype(dtype).itemsize, chunk_bytes)
+        layouts[name] = TensorLayout(name, shape, dtype, layout, grid, tuple(ranges))
+    return layouts
+
+
+def _shard_chunk_pieces(t: TensorLayout, chunk: int, load: dict[int, int]) -> tuple[int, list[tuple[int, int, int]]]:
+    """(writer rank, pieces) for one chunk of a Shard tensor."""
+    cs, ce = t.grid.chunk_range(chunk)
+    holders = [(r, max(a, cs), min(b, ce)) for r, a, b in t.ranges if min(b, ce) > max(a, cs)]
+    full = [r for r, a, b in holders if a == cs and b == ce]
+    if full:
+        writer = min(full, key=lambda r: (load[r], r))
+        return writer, [(writer, cs, ce)]
+    if not holders:
+        raise ValueError(f"tensor {t.name}: elements [{cs}, {ce}) are held by no rank (Shard flat ranges leave a gap)")
+    writer = max(holders, key=lambda h: (h[2] - h[1], -h[0]))[0]
+    pieces, pos = [], cs
+    while pos < ce:
+        covering = [(r, a, b) for r, a, b in holders if a <= pos < b]
+        if not covering:
+            raise ValueError(f"tensor {t.name}: element {pos} is held by no rank (Shard flat ranges leave a gap)")
+        own = [h for h in covering if h[0] == writer]
+        r, _, b = own[0] if own else max(covering, key=lambda h: (h[2], -h[0]))
+        pieces.append((r, pos, b))
+        pos = b
+    return writer, pieces
+
+
+def plan_for_rank(layouts: dict[str, TensorLayout], rank: int, writers: list[int]) -> RankPlan:
+    """This rank's chunk writes and piece sends for a level whose replicated chunks are split over `writers`."""
+    load = {r: 0 for r in range(max([rank, *writers, *(x[0] for t in layouts.values() for x in t.ranges)]) + 1)}
+    plan, tag = RankPlan(), 0
+    for t in layouts.values():
+        if t.layout != "shard":
+            continue
+        for c in range(t.grid.n_chunks):
+            writer, pieces = _shard_chunk_pieces(t, c, load)
+            load[writer] += t.grid.chunk_nbytes
+            tagged = []
+            for src, a, b in pieces:
+                piece_tag = -1 if src == writer else tag
+                tag += src != writer
+                tagged.append((src, a, b, piece_tag))
+                if src == rank and writer != rank:
+                    plan.sends.append((t.name, writer, a, b, piece_tag))
+            if writer == rank:
+                plan.writes.append(ChunkTask(t.name, c, tuple(tagged)))
+    for t in layouts.values():
+        if t.layout == "shard":
+            continue
+        for c in range(t.grid.n_chunks):
+            writer = min(writers, key=lambda r: (load[r], r))
+            load[writer] += t.grid.chunk_nbytes
+            if writer == rank:
+                a, b = t.grid.chunk_range(c)
+                plan.writes.append(ChunkTask(t.name, c, ((rank, a, b, -1),)))
+    return plan

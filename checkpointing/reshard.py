@@ -1,0 +1,123 @@
+"""Load any saved layout into any current layout, reading only the chunks each rank needs, verifying each one.
+
+A target is a flat element range [start, stop) of a logical tensor: the whole tensor for a replica, Shard.flat_range
+for a partition. The chunks overlapping that range are read (no others), each checked against the manifest's size
+and crc32c before it counts. Chunks lying wholly inside the range are read straight into the destination tensor's
+memory (no intermediate copy); boundary chunks go through one reused scratch buffer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpointing.errors import CheckpointCorruptError
+from checkpointing.manifest import ChunkRecord, Manifest, TensorEntry
+from checkpointing.staging import Shard
+from checkpointing.zarr_store import read_into, write_file
+
+
+@dataclass(frozen=True)
+class Target:
+    """One tensor the caller wants filled: its global description and the flat range this rank needs."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    start: int
+    stop: int
+    dest: torch.Tensor
+
+    @staticmethod
+    def of(name: str, value: "torch.Tensor | Shard") -> "Target":
+        if isinstance(value, Shard):
+            return Target(name, tuple(value.global_shape), str(value.local.dtype).removeprefix("torch."),
+                          int(value.flat_range[0]), int(value.flat_range[1]), value.local)
+        return Target(name, tuple(value.shape), str(value.dtype).removeprefix("torch."), 0,
+                      math.prod(value.shape), value)
+
+
+class Scratch:
+    """One growable byte buffer reused for boundary chunks and copies (no allocation per chunk)."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.uint8)
+
+    def view(self, nbytes: int) -> memoryview:
+        if self._buf.nbytes < nbytes:
+            self._buf = np.empty(nbytes, dtype=np.uint8)
+        return memoryview(self._buf)[:nbytes]
+
+
+def mismatch(entry: TensorEntry | None, t: Target) -> str | None:
+    """Why a saved tensor cannot fill this target (shape/dtype), or None if it can."""
+    if entry is None:
+        return f"tensor {t.name} is not in the checkpoint"
+    if tuple(entry.shape) != t.shape:
+        return f"tensor {t.name}: checkpoint has shape {entry.shape}, the model expects {list(t.shape)}"
+    if entry.dtype != t.dtype:
+        return f"tensor {t.name}: checkpoint has dtype {entry.dtype}, the model expects {t.dtype}"
+    return None
+
+
+def missing_chunks(entry: TensorEntry, start: int, stop: int) -> list[int]:
+    """Chunks this range needs that this copy does not hold (a node-local copy may cover only some ranks)."""
+    return [c for c in entry.grid().chunks_overlapping(start, stop) if c not in entry.chunks]
+
+
+def verify_record(path: Path, record: ChunkRecord, crc: int, size: int) -> None:
+    if size != record.nbytes:
+        raise CheckpointCorruptError(f"chunk {path}: {size} bytes on disk, manifest says {record.nbytes} (truncated)")
+    if crc != record.crc32c:
+        raise CheckpointCorruptError(
+            f"chunk {path}: crc32c {crc:#010x} does not match the manifest's {record.crc32c:#010x} (corrupt bytes)")
+
+
+def read_chunk_checked(path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
+    try:
+        crc, size = read_into(path, views)
+    except FileNotFoundError as e:
+        raise CheckpointCorruptError(f"chunk {path}: missing (listed in the manifest)") from e
+    verify_record(path, record, crc, size)
+
+
+def read_range(ckpt_dir: Path, manifest: Manifest, t: Target, scratch: Scratch) -> int:
+    """Fill t.dest with elements [t.start, t.stop) of the saved tensor; return bytes read."""
+    entry = manifest.tensors[t.name]
+    grid = entry.grid()
+    direct = t.dest.device.type == "cpu" and t.dest.is_contiguous()
+    flat = t.dest.view(-1) if direct else torch.empty(t.stop - t.start, dtype=t.dest.dtype)
+    if flat.numel() == 0:
+        return 0
+    out = memoryview(flat.view(torch.uint8).numpy())
+    isz, nread = grid.itemsize, 0
+    for c in grid.chunks_overlapping(t.start, t.stop):
+        record = entry.chunks.get(c)
+        path = ckpt_dir / t.name / grid.chunk_key(c)
+        if record is None:
+            raise CheckpointCorruptError(f"chunk {path}: not in this copy's manifest")
+        cs, ce = grid.chunk_range(c)
+        a, b = max(cs, t.start), min(ce, t.stop)
+        if (a, b) == (cs, ce):
+            read_chunk_checked(path, record, [out[(a - t.start) * isz:(b - t.start) * isz]])
+        else:
+            buf = scratch.view(record.nbytes)
+            read_chunk_checked(path, record, [buf])
+            out[(a - t.start) * isz:(b - t.start) * isz] = buf[(a - cs) * isz:(b - cs) * isz]
+        nread += record.nbytes
+    if not direct:
+        t.dest.copy_(flat.view(t.dest.shape))
+    return nread
+
+
+def copy_chunk(src_dir: Path, dst_dir: Path, record: ChunkRecord, scratch: Scratch, fsync: bool) -> ChunkRecord:
+    """Promotion: copy one committed chunk to another level, verifying it on the way (corruption never spreads)."""
+    buf = scratch.view(record.nbytes)
+    read_chunk_checked(src_dir / record.file, record, [buf])
+    dst = dst_dir / record.file
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    crc = write_file(dst, [buf], fsync)
+    return ChunkRecord(record.file, record.nbytes, crc)

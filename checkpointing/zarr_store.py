@@ -1,0 +1,223 @@
+"""On-disk layout: one zarr v3 group per checkpoint, one array per logical tensor, raw chunk files.
+
+We write the zarr v3 metadata (`zarr.json`) and the chunk files ourselves instead of going through zarr-python:
+we need to control fsync, compute checksums of exactly the bytes written, write each chunk from whichever rank owns
+it without a create-then-barrier round, and avoid zarr's silent fill values. The result is a plain zarr v3
+hierarchy (`compressors=None`, regular grid chunked along dim 0, `bytes` codec little endian) that `zarr.open`
+reads; tests check that.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import torch
+
+from checkpointing.errors import CheckpointError
+
+# torch dtype name -> zarr data_type. bfloat16 has no zarr/numpy dtype: stored as uint16 plus `torch_dtype`.
+_ZARR_DTYPE: dict[str, str] = {
+    "float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "uint16",
+    "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+_PAUSE_ENV = "ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'torch.float32' -> 'float32', refusing dtypes the format cannot hold."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _ZARR_DTYPE:
+        raise CheckpointError(f"dtype {name} cannot be checkpointed; supported: {sorted(_ZARR_DTYPE)}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def check_tensor_name(name: str) -> None:
+    """Tensor names become zarr paths: 'model/layers.0.w' is array 'layers.0.w' in group 'model'."""
+    if not _NAME_RE.match(name) or any(part in (".", "..") or part.startswith(".") for part in name.split("/")):
+        raise CheckpointError(
+            f"tensor name {name!r} is not a valid checkpoint path: use letters, digits, '_', '-', '.', "
+            f"separated by '/', no empty parts and no part starting with '.'")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Chunk geometry of one logical tensor: regular chunks of `chunk_rows` rows along dim 0."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+    chunk_rows: int
+
+    @staticmethod
+    def for_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> "Grid":
+        if len(shape) == 0:
+            return Grid(shape, itemsize, 1)
+        row_bytes = max(1, math.prod(shape[1:]) * itemsize)
+        rows = max(1, chunk_bytes // row_bytes)
+        return Grid(shape, itemsize, max(1, min(rows, shape[0])))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def chunk_elems(self) -> int:
+        return self.chunk_rows * self.row_elems
+
+    @property
+    def n_chunks(self) -> int:
+        if self.numel == 0:
+            return 0
+        return 1 if not self.shape else math.ceil(self.shape[0] / self.chunk_rows)
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        """Flat element range [start, stop) of the real (unpadded) data of chunk c."""
+        start = c * self.chunk_elems
+        return start, min(self.numel, start + self.chunk_elems)
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of every chunk file: zarr v3 stores edge chunks padded to the full chunk shape."""
+        return self.chunk_elems * self.itemsize
+
+    def chunk_key(self, c: int) -> str:
+        if not self.shape:
+            return "c"
+        return "c/" + "/".join([str(c)] + ["0"] * (len(self.shape) - 1))
+
+    def chunks_overlapping(self, start: int, stop: int) -> range:
+        if stop <= start or self.chunk_elems == 0:
+            return range(0)
+        return range(start // self.chunk_elems, (stop - 1) // self.chunk_elems + 1)
+
+    def chunk_shape(self) -> list[int]:
+        return [] if not self.shape else [self.chunk_rows, *self.shape[1:]]
+
+
+def array_metadata(shape: tuple[int, ...], dtype: str, grid: Grid) -> dict:
+    """The zarr v3 `zarr.json` of one array."""
+    zdtype = _ZARR_DTYPE[dtype]
+    bytes_codec: dict = {"name": "bytes"}
+    if grid.itemsize > 1:
+        bytes_codec["configuration"] = {"endian": "little"}
+    return {
+        "zarr_format": 3, "node_type": "array", "shape": list(shape), "data_type": zdtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid.chunk_shape()}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": False if zdtype == "bool" else (0.0 if zdtype.startswith("float") else 0),
+        "codecs": [bytes_codec], "attributes": {"torch_dtype": dtype}, "storage_transformers": [],
+    }
+
+
+def group_metadata(attributes: dict | None = None) -> dict:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
+
+
+def group_paths(names: list[str]) -> list[str]:
+    """Every intermediate group path ('' is the root) implied by the tensor names."""
+    groups = {""}
+    for name in names:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            groups.add("/".join(parts[:i]))
+    return sorted(groups)
+
+
+# ----------------------------------------------------------------------------------------------- raw file I/O
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or file creation inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, parts: list[memoryview], fsync: bool) -> int:
+    """Write the byte views to `path` (created/truncated), return crc32c of everything written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    crc = 0
+    try:
+        for part in parts:
+            crc = crc32c.crc32c(part, crc)
+            view = part
+            while len(view):
+                written = os.write(fd, view)
+                view = view[written:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return crc
+
+
+def write_json_atomic(path: Path, obj: dict, fsync: bool = True) -> int:
+    """Write JSON to a temp name, fsync, rename over `path`, fsync the directory; return its crc32c."""
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    crc = write_file(tmp, [memoryview(data)], fsync)
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+    return crc
+
+
+def read_into(path: Path, views: list[memoryview]) -> tuple[int, int]:
+    """Fill the views from the file in order; return (crc32c of the whole file, file size).
+
+    Reads the file to its end (past the views) so the checksum covers padding too."""
+    crc = 0
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        for view in views:
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    return crc32c.crc32c(view[:got], crc), total + got
+                got += n
+            crc = crc32c.crc32c(view, crc)
+            total += got
+        while tail := f.read(1 << 20):
+            crc = crc32c.crc32c(tail, crc)
+            total += len(tail)
+    return crc, total
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding `path` (one call instead of one fsync per small file)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def fault_pause_hook(chunks_written: int) -> None:
+    """Fault-test hook: with ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK=<marker file>, block forever after the first chunk.
+
+    The test waits for the marker file, then kills this process with SIGKILL: a deterministic 'killed mid-write'."""
+    marker = os.environ.get(_PAUSE_ENV)
+    if marker and chunks_written == 1:
+        Path(marker).write_text(str(os.getpid()))
+        threading.Event().wait()
