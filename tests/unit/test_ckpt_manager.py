@@ -1,0 +1,284 @@
+"""Single-process behaviour of CheckpointManager: round trip, lazy staging, buffers, levels, commit, corruption."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from prometheus_client import CollectorRegistry
+
+from checkpointing import (CheckpointCorruptError, CheckpointError, CheckpointManager, LevelSpec, Shard,
+                           export_safetensors, inspect, list_checkpoints, read_tensor, verify)
+from ckpt_helpers import SPECS, full_tensor, make_state, matches
+
+
+def levels(tmp: Path, *specs: tuple) -> list[LevelSpec]:
+    """specs: (name, interval, keep_last) -> node-local levels under tmp."""
+    return [LevelSpec(name, str(tmp / name), interval, keep, node_local=True) for name, interval, keep in specs]
+
+
+def save_steps(mgr: CheckpointManager, steps, layout="replica") -> None:
+    for step in steps:
+        mgr.save(step, make_state(0, layout, step), {"step": step})
+        mgr.wait_staged()
+    mgr.wait_durable()
+
+
+@pytest.fixture
+def mgr(tmp_path):
+    m = CheckpointManager(levels(tmp_path, ("L1", 1, 3)), chunk_bytes=256)
+    yield m
+    m.close()
+
+
+def test_round_trip_dtypes_and_extra(mgr):
+    extra = {"lr": 3e-4, "cursor": 12800, "rng": [1, 2, 3], "nested": {"phase": "b"}}
+    mgr.save(7, make_state(0, "replica", 7), extra)
+    mgr.wait_staged()
+    assert mgr.wait_durable() == ["L1"]
+    target = make_state(0, "replica", 0, zero=True)
+    res = mgr.load(target)
+    assert (res.step, res.level, res.extra, res.fallbacks) == (7, "L1", extra, [])
+    assert matches(target, 7) == []
+    assert target["model/model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert res.bytes_read > 0
+
+
+def test_values_are_those_at_save_time(mgr):
+    w = torch.zeros(64, 8)
+    mgr.save(1, {"w": w})
+    mgr.wait_staged()
+    w.add_(5.0)            # the optimizer step, right after wait_staged()
+    mgr.wait_durable()
+    out = torch.full((64, 8), -1.0)
+    mgr.load({"w": out})
+    assert torch.equal(out, torch.zeros(64, 8))
+
+
+def test_staging_buffers_are_reused_and_memory_stays_flat(tmp_path):
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 1)), chunk_bytes=1 << 20, staging_buffers=2)
+    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096)}      # 4 MB
+    ids = []
+    rss = []
+    for step in range(1, 21):
+        mgr.save(step, state)
+        mgr.wait_staged()
+        mgr.wait_durable()
+        ids.append(tuple(sorted((i, n, b.data_ptr()) for i, s in enumerate(mgr._pool.sets) for n, b in s.buffers.items())))
+        rss.append(_rss_bytes())
+    mgr.close()
+    assert len(set(ids[2:])) == 1, "staging buffers were reallocated across saves"
+    assert rss[-1] - rss[4] < 4 << 20, f"RSS grew by {(rss[-1] - rss[4]) / 1e6:.1f} MB over 15 saves"
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+def test_levels_intervals_retention_and_latest(tmp_path):
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 2), ("L1", 3, 2), ("L2", 6, 1)), chunk_bytes=256)
+    save_steps(mgr, range(1, 13))
+    steps = {lv: [i.step for i in mgr.list() if i.level == lv] for lv in ("L0", "L1", "L2")}
+    assert steps == {"L0": [11, 12], "L1": [9, 12], "L2": [12]}
+    assert mgr.latest().step == 12 and mgr.latest().level == "L0"
+    assert json.loads((tmp_path / "L1" / "latest").read_text()) == {"step": 12, "dir": "step-00000012"}
+    mgr.close()
+
+
+def test_latest_over_levels_and_load_from_slower_level(tmp_path):
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 1), ("L1", 2, 2)), chunk_bytes=256)
+    save_steps(mgr, [1, 2, 3])
+    import shutil
+    shutil.rmtree(tmp_path / "L0")       # node memory lost (node reboot): L1 still has step 2
+    target = make_state(0, "replica", 0, zero=True)
+    res = mgr.load(target)
+    assert (res.step, res.level) == (2, "L1") and matches(target, 2) == []
+    mgr.close()
+
+
+def test_directory_without_manifest_is_ignored(mgr, tmp_path):
+    save_steps(mgr, [1])
+    fake = tmp_path / "L1" / "step-00000009"
+    fake.mkdir()
+    (fake / "zarr.json").write_text("{}")
+    partial = tmp_path / "L1" / "step-00000010.partial-abc"
+    partial.mkdir()
+    assert [i.step for i in mgr.list()] == [1]
+    res = mgr.load(make_state(0, "replica", 0, zero=True))
+    assert res.step == 1
+    save_steps(mgr, [2])                  # the next commit cleans abandoned partial directories
+    assert not partial.exists()
+
+
+def _chunk_file(ckpt: Path, name: str) -> Path:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    return ckpt / manifest["tensors"][name]["chunks"]["0"]["file"]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "truncated"])
+def test_damaged_chunk_is_named_and_older_checkpoint_loads(mgr, tmp_path, damage, caplog):
+    save_steps(mgr, [1, 2])
+    chunk = _chunk_file(tmp_path / "L1" / "step-00000002", "model/model.embed_tokens.weight")
+    if damage == "corrupt":
+        data = bytearray(chunk.read_bytes())
+        data[5] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    elif damage == "missing":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    target = make_state(0, "replica", 0, zero=True)
+    res = mgr.load(target)
+    assert res.step == 1 and matches(target, 1) == []
+    assert len(res.fallbacks) == 1 and str(chunk) in res.fallbacks[0]
+    assert {"corrupt": "crc32c", "missing": "missing", "truncated": "truncated"}[damage] in res.fallbacks[0]
+    assert any(str(chunk) in r.message for r in caplog.records if r.levelname == "WARNING")
+    problems = verify(tmp_path / "L1" / "step-00000002")
+    assert len(problems) == 1 and str(chunk) in problems[0]
+    with pytest.raises(CheckpointCorruptError, match=str(chunk)):
+        read_tensor(tmp_path / "L1" / "step-00000002", "model/model.embed_tokens.weight")
+
+
+def test_nothing_valid_raises_clear_error(mgr, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        mgr.load(make_state(0, "replica", 0, zero=True))
+    save_steps(mgr, [1])
+    wrong = {"model/model.embed_tokens.weight": torch.zeros(5, 5)}
+    with pytest.raises(CheckpointError, match=r"shape \[37, 16\].*\[5, 5\]"):
+        mgr.load(wrong)
+
+
+def test_zarr_reads_every_array(mgr, tmp_path):
+    save_steps(mgr, [4])
+    group = zarr.open_group(str(tmp_path / "L1" / "step-00000004"), mode="r")
+    for name, (shape, dtype) in SPECS.items():
+        arr = group[name]
+        want = full_tensor(name, shape, dtype, 4)
+        assert arr.shape == shape and arr.attrs["torch_dtype"] == dtype
+        got = torch.from_numpy(np.asarray(arr[...]))
+        if dtype == "bfloat16":
+            got = got.view(torch.bfloat16)
+        assert torch.equal(got, want), name
+
+
+def test_shards_round_trip_and_reshard_to_replica(tmp_path):
+    """One process saving two Shards of the same tensor is not possible; Shards covering everything are."""
+    mgr = CheckpointManager(levels(tmp_path, ("L1", 1, 1)), chunk_bytes=100)
+    full = torch.arange(300, dtype=torch.float32).reshape(30, 10)
+    mgr.save(1, {"w": Shard(full.reshape(-1).clone(), (30, 10), (0, 300))})
+    mgr.wait_durable()
+    out = torch.zeros(30, 10)
+    mgr.load({"w": out})
+    assert torch.equal(out, full)
+    part = Shard(torch.zeros(77), (30, 10), (101, 178))       # any flat range, crossing rows and chunks
+    mgr.load({"w": part})
+    assert torch.equal(part.local, full.reshape(-1)[101:178])
+    mgr.close()
+
+
+def test_metrics_and_skip_policy(tmp_path):
+    reg = CollectorRegistry()
+    mgr = CheckpointManager(levels(tmp_path, ("L1", 1, 2)), chunk_bytes=256, registry=reg, on_busy="skip",
+                            staging_buffers=1)
+    state = make_state(0, "replica", 1)
+    first = mgr.save(1, state)
+    second = mgr.save(2, state)         # the only buffer set is still busy with step 1
+    assert first is not None and second is None
+    mgr.wait_staged()
+    mgr.wait_durable()
+    get = reg.get_sample_value
+    assert get("ecpt_checkpoint_skipped_total", {"level": "L1"}) == 1
+    assert get("ecpt_checkpoint_durable_seconds_count", {"level": "L1"}) == 1
+    assert get("ecpt_checkpoint_blocked_seconds_count", {"level": "L1"}) == 1
+    assert get("ecpt_checkpoint_bytes_total", {"level": "L1"}) > 0
+    assert mgr.stats.skips == 1
+    mgr.close()
+
+
+def test_on_busy_wait_counts_waits(tmp_path):
+    mgr = CheckpointManager(levels(tmp_path, ("L1", 1, 2)), chunk_bytes=256, staging_buffers=1)
+    state = make_state(0, "replica", 1)
+    assert mgr.save(1, state) is not None and mgr.save(2, state) is not None
+    mgr.wait_staged()
+    assert mgr.wait_durable() == ["L1", "L1"] and mgr.stats.waits == 1
+    mgr.close()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs: a real ENOSPC. Needs root (mount); skipped otherwise."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full_is_a_clear_error_and_older_checkpoints_survive(tiny_tmpfs):
+    mgr = CheckpointManager([LevelSpec("L1", str(tiny_tmpfs / "ckpt"), 1, 5, node_local=True)], chunk_bytes=64 << 10)
+    small = {"w": torch.randn(32, 1024)}                           # 128 KB
+    mgr.save(1, small, {"step": 1})
+    mgr.wait_durable()
+    mgr.save(2, {"w": torch.randn(32, 1024), "big": torch.randn(512, 1024)}, {"step": 2})   # 2 MB > 1 MiB
+    with pytest.raises(CheckpointError) as info:
+        mgr.wait_durable()
+    msg = str(info.value)
+    assert "No space left on device" in msg and "L1" in msg and str(tiny_tmpfs / "ckpt") in msg
+    assert not list((tiny_tmpfs / "ckpt").glob("*.partial-*")), "the failed save's files were not cleaned up"
+    out = {"w": torch.zeros(32, 1024)}
+    assert mgr.load(out).step == 1 and torch.equal(out["w"], small["w"])
+    mgr.save(3, small, {"step": 3})                                # training continues and saving works again
+    assert mgr.wait_durable() == ["L1"]
+    mgr.close()
+
+
+def test_offline_list_inspect_and_export(mgr, tmp_path):
+    hf_config = {"model_type": "llama", "hidden_size": 16}
+    mgr.save(5, make_state(0, "replica", 5), {"hf_config": hf_config})
+    mgr.wait_durable()
+    ckpt = tmp_path / "L1" / "step-00000005"
+    assert [i.step for i in list_checkpoints(tmp_path / "L1")] == [5]
+    info = inspect(ckpt)
+    assert info["step"] == 5 and info["tensors"]["optim/step"]["shape"] == []
+    from safetensors.torch import load_file
+    out = export_safetensors(ckpt, tmp_path / "hf", prefix="model/")
+    loaded = load_file(str(out))
+    assert sorted(loaded) == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(loaded["model.layers.0.mlp.up_proj.weight"],
+                       full_tensor("model/model.layers.0.mlp.up_proj.weight", (29, 24), "bfloat16", 5))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == hf_config
+
+
+def test_emergency_save_writes_newest_staged_step_to_most_durable_level(tmp_path):
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 2), ("L2", 100, 1)), chunk_bytes=256)
+    save_steps(mgr, [1, 2, 3])
+    assert [i.step for i in mgr.list() if i.level == "L2"] == []
+    assert mgr.emergency_save() == ["L2"]
+    assert [i.step for i in mgr.list() if i.level == "L2"] == [3]
+    assert mgr.emergency_save() == []                               # already durable: nothing to do
+    target = make_state(0, "replica", 0, zero=True)
+    import shutil
+    shutil.rmtree(tmp_path / "L0")
+    assert mgr.load(target).level == "L2" and matches(target, 3) == []
+    mgr.close()
+
+
+def test_invalid_inputs_name_the_problem(mgr):
+    with pytest.raises(CheckpointError, match="not JSON-serialisable"):
+        mgr.save(1, {"w": torch.zeros(2)}, {"bad": object()})
+    with pytest.raises(CheckpointError, match="flat_range"):
+        mgr.save(1, {"w": Shard(torch.zeros(3), (2, 2), (2, 6))})
+    with pytest.raises(CheckpointError, match="not a valid checkpoint path"):
+        mgr.save(1, {"../w": torch.zeros(2)})
+    assert mgr.save(1, {}) is not None
+    mgr.wait_durable()
