@@ -232,6 +232,9 @@ class CheckpointConfig:
     """Steps between L1 checkpoints; 0 disables checkpointing entirely."""
     keep_last: int = 3
     """Committed checkpoints kept per level; older ones are deleted only after a newer one commits."""
+    l1_node_local: bool = False
+    """True when checkpoint.dir is a node's own disk: every node then writes a complete copy under dir/<node id>.
+    False (default) when it is shared by all ranks (e.g. the run directory on shared storage)."""
     l0_interval: int = 0
     """Steps between in-memory (L0, /dev/shm) snapshots; 0 disables L0."""
     l0_dir: str = "/dev/shm/ecpt"

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from elastic.batch import rank_batch
+from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels
 from elastic.config import Config
 from elastic.data import Corpus
-from elastic.metrics import JsonlLog, WorkerMetrics
+from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
 from elastic.schedule import lr_at
 from elastic.world import ProcessGroups, WorldInfo
@@ -65,6 +66,8 @@ class StepResult:
     lr: float
     seconds: float
     phase: int
+    stop: bool = False
+    """Some rank received SIGTERM/SIGUSR1: every rank leaves the loop after this step."""
 
 
 @dataclass
@@ -99,7 +102,9 @@ class Trainer:
         self.samples_log = (open(self.run_dir / "samples" / f"rank-{world.rank}.jsonl", "a", buffering=1)
                             if cfg.train.log_samples else None)
         self.stop_signal: int | None = None
-        self.checkpoints = None  # set by attach_checkpoints()
+        self.checkpoints = None
+        if checkpoint_levels(cfg):
+            self.checkpoints = TrainerCheckpoints(self, registry=metrics.registry if metrics else None)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world.world_size == 1:
@@ -141,13 +146,36 @@ class Trainer:
                                                    reduction="none")
         return losses.view(targets.shape).mean(dim=1)
 
-    def _global_mean(self, local_sum: float) -> float:
+    def _reduce_loss_and_stop(self, local_sum: float) -> tuple[float, bool]:
+        """Global-batch mean loss, and whether any rank was asked to stop, in one all-reduce.
+
+        Ranks must leave the loop at the same step: a rank that stopped alone would leave the others blocked in
+        the next step's all-reduce. Uses the training (default) group, never the checkpoint group, which the
+        checkpoint thread uses concurrently.
+        """
+        stop = 1.0 if self.stop_signal is not None else 0.0
         if self.world.world_size == 1:
-            return local_sum / self.cfg.train.global_batch
-        # The training (default) group, never the checkpoint group: the checkpoint thread uses that one concurrently.
-        t = torch.tensor([local_sum], dtype=torch.float64, device=self.device)
+            return local_sum / self.cfg.train.global_batch, bool(stop)
+        t = torch.tensor([local_sum, stop], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t.item()) / self.cfg.train.global_batch
+        return float(t[0]) / self.cfg.train.global_batch, bool(t[1] > 0)
+
+    def _global_mean(self, local_sum: float) -> float:
+        return self._reduce_loss_and_stop(local_sum)[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        if self.world.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def last_logged_step(self) -> int:
+        """The last step this run's metrics log recorded (rank 0), to count steps lost to a restart."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = read_jsonl(path, "step") if path.exists() else []
+        return rows[-1]["step"] if rows else 0
 
     def lr_for(self, step: int) -> float:
         return lr_at(step, self.cfg.schedule, self.plan.starts, self.plan.total_steps)
@@ -164,13 +192,13 @@ class Trainer:
         if self.checkpoints:
             self.checkpoints.before_optimizer_step()  # the previous snapshot must be copied before params change
         self.optimizer.step()
-        loss = self._global_mean(local_loss)
+        loss, stop = self._reduce_loss_and_stop(local_loss)
         self.state.step = step + 1
         self.state.tokens += self.cfg.train.global_batch * self.cfg.model.seq_len
         if self.checkpoints:
             self.checkpoints.after_optimizer_step(step + 1)
         return StepResult(step=step, loss=loss, lr=lr, seconds=time.perf_counter() - start,
-                          phase=self.plan.phase_of(step))
+                          phase=self.plan.phase_of(step), stop=stop)
 
     # ----------------------------------------------------------------------------------------------------------
     # Evaluation.
@@ -262,8 +290,6 @@ class Trainer:
         bar = self._progress()
         try:
             for step in range(self.state.step, self.total_steps):
-                if self.stop_signal is not None:
-                    break
                 self.log.step = step
                 r = self.train_step(step)
                 self.state.history.append(r.loss)
@@ -275,14 +301,29 @@ class Trainer:
                                         f"tok/s {self.cfg.train.global_batch * self.cfg.model.seq_len / r.seconds:,.0f}",
                                         refresh=False)
                     bar.update(1)
+                if r.stop:
+                    self._stop_for_signal()
+                    break
                 if self._should_eval(step + 1):
                     self._log_eval(step + 1, self.evaluate())
+            if self.checkpoints:
+                self.checkpoints.manager.wait_durable()
         finally:
             if bar:
                 bar.close()
         return self.state
 
+    def _stop_for_signal(self) -> None:
+        """Every rank agreed to stop after this step: persist the newest snapshot, then leave the loop."""
+        self.stop_signal = self.stop_signal or signal.SIGTERM  # a peer's signal counts as ours
+        if self.checkpoints:
+            levels = self.checkpoints.emergency_save()
+            self.log.info(f"stop requested: emergency checkpoint of step {self.state.step} durable on {levels}")
+        self.jsonl.write("stop", step=self.state.step, signal=int(self.stop_signal))
+
     def close(self) -> None:
+        if self.checkpoints:
+            self.checkpoints.close()
         self.jsonl.close()
         if self.samples_log:
             self.samples_log.close()

@@ -1,9 +1,13 @@
 """Who am I in the job: rank, world size and node, whatever started this process; and the process groups.
 
-torchrun (and Kubernetes' PyTorchJob, which runs torchrun) sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
-srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; mpiexec sets PMI_* (MPICH, Intel MPI) or OMPI_COMM_WORLD_*
-(Open MPI). Workers read these here and never import ``launch/``. Training uses nccl when CUDA is available and gloo
-otherwise; checkpoint collectives always get their own gloo group so they never queue behind training collectives.
+torchrun (and Kubernetes' PyTorchJob, which runs torchrun or sets RANK/WORLD_SIZE itself) sets
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; mpiexec sets
+PMI_* (MPICH, Intel MPI) or OMPI_COMM_WORLD_* (Open MPI). Workers read these here and never import ``launch/``.
+When mpiexec or srun started the workers directly there is no MASTER_ADDR/MASTER_PORT: under MPI rank 0 picks them
+and broadcasts them over MPI (mpi4py); under srun they follow from the job (first node, port from the job id).
+A CPU build of torch has no MPI backend, so the ranks MPI assigned always build a gloo (or nccl) group.
+Training uses nccl when CUDA is available and gloo otherwise; checkpoint collectives always get their own gloo group
+so they never queue behind training collectives.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class WorldInfo:
     local_rank: int
     local_world_size: int
     launcher: str
-    """Which environment the ranks came from: torchrun, openmpi, mpich, slurm or single."""
+    """Which environment the ranks came from: torchrun, kubernetes, openmpi, mpich, slurm or single."""
     restart_count: int = 0
     """torchrun's TORCHELASTIC_RESTART_COUNT: how many times the worker group was restarted."""
 
@@ -49,7 +53,16 @@ def _local_size(value: str | None, world_size: int) -> int:
     return int(value.split("(")[0].split(",")[0])
 
 
+def _launcher_name(scheme: str, env: dict[str, str]) -> str:
+    """A non-elastic PyTorchJob sets torchrun's variables itself (one process per pod, no torchrun run id)."""
+    if scheme == "torchrun" and "TORCHELASTIC_RUN_ID" not in env and "KUBERNETES_SERVICE_HOST" in env:
+        return "kubernetes"
+    return scheme
+
+
 def detect_world(env: dict[str, str] | None = None) -> WorldInfo:
+    """Rank and sizes from the first launcher whose variables are present (torchrun inside srun or mpiexec inside
+    sbatch both leave the outer launcher's variables around, hence the order of ENV_SCHEMES)."""
     env = dict(os.environ if env is None else env)
     restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
     for name, rank_key, size_key, local_key, local_size_key in ENV_SCHEMES:
@@ -58,7 +71,7 @@ def detect_world(env: dict[str, str] | None = None) -> WorldInfo:
             return WorldInfo(rank=int(env[rank_key]), world_size=world_size,
                              local_rank=int(env.get(local_key, "0")),
                              local_world_size=_local_size(env.get(local_size_key), world_size),
-                             launcher=name, restart_count=restarts)
+                             launcher=_launcher_name(name, env), restart_count=restarts)
     return WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
 
 
@@ -66,6 +79,90 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MASTER_ADDR/MASTER_PORT for ranks that mpiexec or srun started directly (torchrun and PyTorchJob set them).
+
+SLURM_PORT_BASE = 15000
+"""srun-started ranks use MASTER_PORT = 15000 + the last four digits of the job id (the convention Lightning uses),
+so two jobs sharing a node do not collide and every rank computes the same port without talking."""
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist: 'gpu[03-05,9],cpu1' -> 'gpu03', 'r[1-2]-n[07-08]' -> 'r1-n07'.
+
+    Plain string work, so a worker needs neither ``scontrol`` nor a Slurm client library."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    host = nodelist[:end]
+    while "[" in host:
+        start = host.index("[")
+        stop = host.index("]", start)
+        first = host[start + 1:stop].split(",")[0].split("-")[0]
+        host = host[:start] + first + host[stop + 1:]
+    return host
+
+
+def slurm_master(env: dict[str, str]) -> tuple[str, int]:
+    """Rendezvous address of srun-started ranks: the job's first node and a port derived from the job id."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not nodelist or not job_id:
+        raise RuntimeError("srun started this worker but SLURM_JOB_NODELIST/SLURM_JOB_ID are missing; set "
+                           "MASTER_ADDR and MASTER_PORT for every rank, or start workers with `ecpt launch slurm`")
+    return first_host(nodelist), SLURM_PORT_BASE + int(job_id[-4:])
+
+
+def mpi_master(world: WorldInfo, comm=None) -> tuple[str, int]:
+    """Rank 0 picks the rendezvous address and a free port and broadcasts them to every rank over MPI.
+
+    ``comm`` defaults to mpi4py's COMM_WORLD; importing mpi4py initialises MPI, which is why this runs only when
+    mpiexec started the worker and no MASTER_PORT was given."""
+    if comm is None:
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise RuntimeError(
+                f"mpiexec ({world.launcher}) started this worker without MASTER_ADDR/MASTER_PORT and mpi4py is not "
+                f"installed: pip install 'ecpt[mpi]' (mpi4py built for the MPI that mpiexec belongs to), or pass "
+                f"MASTER_ADDR and MASTER_PORT to every rank (mpiexec -genv NAME VALUE, Open MPI: -x NAME=VALUE)"
+            ) from exc
+        comm = MPI.COMM_WORLD
+    if comm.Get_size() != world.world_size or comm.Get_rank() != world.rank:
+        raise RuntimeError(
+            f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but the {world.launcher} launcher says rank "
+            f"{world.rank} of {world.world_size}: mpi4py is linked to a different MPI than this mpiexec; use the "
+            f"mpiexec of the MPI mpi4py was built with (python -c 'import mpi4py; print(mpi4py.get_config())')")
+    payload = None
+    if world.rank == 0:
+        single_node = world.local_world_size >= world.world_size
+        host = "127.0.0.1" if single_node else os.environ.get("MASTER_ADDR") or socket.gethostname()
+        payload = (host, free_port("127.0.0.1" if single_node else ""))
+    host, port = comm.bcast(payload, root=0)
+    return host, int(port)
+
+
+def ensure_master_env(world: WorldInfo, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill in MASTER_ADDR/MASTER_PORT where the launcher did not (mpiexec, srun); returns what was set."""
+    env = os.environ if env is None else env
+    if "MASTER_PORT" in env or world.world_size == 1:
+        return {}
+    if world.launcher in ("openmpi", "mpich"):
+        host, port = mpi_master(world)
+    elif world.launcher == "slurm":
+        host, port = slurm_master(dict(env))
+    else:
+        raise RuntimeError(f"MASTER_PORT is not set for a {world.launcher} world of {world.world_size} ranks: start "
+                           f"workers with torchrun (ecpt train), srun (ecpt launch slurm) or mpiexec "
+                           f"(ecpt launch mpi), which provide it, or export MASTER_ADDR and MASTER_PORT")
+    added = {"MASTER_ADDR": env.get("MASTER_ADDR") or host, "MASTER_PORT": str(port)}
+    env.update(added)
+    return added
 
 
 def training_backend() -> str:
@@ -93,10 +190,8 @@ def init_distributed(world: WorldInfo, timeout_s: float = 600.0) -> ProcessGroup
     """Join the job's process group (env:// rendezvous) and create the checkpoint groups."""
     if world.world_size == 1:
         return ProcessGroups(ckpt=None, node=None)
+    ensure_master_env(world)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        raise RuntimeError("MASTER_PORT is not set: start workers with torchrun, srun + ecpt, or mpiexec + ecpt, "
-                           "which set it")
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend=training_backend(), rank=world.rank, world_size=world.world_size,
                             timeout=timeout)

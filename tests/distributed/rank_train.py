@@ -2,11 +2,13 @@
 
 Modes:
   grads  -- one forward/backward of step STEP; rank 0 writes the reduced gradients to OUT (npz, no pickle)
-  train  -- run all steps; rank 0 writes the loss sequence and a parameter digest to OUT (JSON)
+  train  -- resume from the newest checkpoint if any, run to the end (or train.max_steps); rank 0 writes the loss
+            sequence, the first step it ran, and a parameter digest to OUT (JSON)
 """
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +34,11 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
             grads = {n: p.grad.detach().numpy() for n, p in trainer.model.named_parameters()}
             np.savez(out, __loss__=np.array(loss), **grads)
     else:
+        trainer.resume(time.perf_counter())
+        first = trainer.state.step
         state = trainer.run()
         if world.rank == 0:
-            Path(out).write_text(json.dumps({"losses": state.history,
+            Path(out).write_text(json.dumps({"losses": state.history, "first_step": first,
                                              "digest": parameters_digest(trainer.model)}))
     trainer.close()
     shutdown_distributed()

@@ -1,0 +1,158 @@
+"""The trainer's side of checkpointing: which levels, what state, and how a restart resumes.
+
+State names in the checkpoint (one zarr array each, global and unsharded):
+    model/<Hugging Face parameter name>          e.g. model/model.layers.0.mlp.up_proj.weight
+    optim/<parameter name>/exp_avg, .../exp_avg_sq
+and JSON ``extra``: completed steps, tokens, the data cursor (global sample index), the global batch, the world
+size that saved it, the torch RNG state, the resolved config and the Hugging Face config for export.
+
+Call order inside a step (the lazy snapshot): ``optimizer.step()`` -> ``after_optimizer_step`` (save returns at
+once; the copy overlaps the next forward/backward) -> ... -> ``before_optimizer_step`` (wait until that copy is
+done, the first moment the parameters change again).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from checkpointing import CheckpointError, CheckpointManager, LevelSpec
+from elastic.config import Config
+from elastic.model import hf_config
+
+
+def node_id() -> str:
+    """Stable identity of this node's memory: ECPT_NODE_ID (set per agent when simulating nodes) or the hostname."""
+    return os.environ.get("ECPT_NODE_ID") or os.uname().nodename
+
+
+def run_key(cfg: Config) -> str:
+    """A short, stable name for this run, so a restarted worker finds the same L0 directory."""
+    return hashlib.sha1(str(Path(cfg.train.run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
+    c = cfg.checkpoint
+    levels = []
+    if c.l0_interval:
+        root = Path(c.l0_dir) / run_key(cfg) / node_id()
+        levels.append(LevelSpec(name="L0", root=str(root), interval=c.l0_interval, keep_last=c.l0_keep_last,
+                                node_local=True))
+    if c.interval:
+        root = Path(cfg.train.run_dir) / c.dir if not Path(c.dir).is_absolute() else Path(c.dir)
+        if c.l1_node_local:
+            root = root / node_id()
+        levels.append(LevelSpec(name="L1", root=str(root), interval=c.interval, keep_last=c.keep_last,
+                                node_local=c.l1_node_local))
+    if c.l2_interval:
+        levels.append(LevelSpec(name="L2", root=str(Path(c.l2_dir) / run_key(cfg)), interval=c.l2_interval,
+                                keep_last=c.l2_keep_last, node_local=False))
+    return levels
+
+
+@dataclass
+class Restored:
+    step: int
+    level: str
+    path: str
+    seconds: float
+    saved_world_size: int
+    steps_lost: int
+
+
+def materialize_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's moments and step counter now (zeros, step 0), exactly what its first step would create,
+    so the checkpoint has the same tensors before and after the first step and load can fill them in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class TrainerCheckpoints:
+    """Binds a Trainer to a CheckpointManager."""
+
+    def __init__(self, trainer, registry=None):
+        self.trainer = trainer
+        cfg, world, groups = trainer.cfg, trainer.world, trainer.groups
+        self.levels = checkpoint_levels(cfg)
+        self.manager = CheckpointManager(
+            self.levels, rank=world.rank, world_size=world.world_size, group=groups.ckpt,
+            local_rank=world.local_rank, local_world_size=world.local_world_size, local_group=groups.node,
+            node_id=node_id(), on_busy=cfg.checkpoint.on_busy, registry=registry, logger=trainer.log)
+        materialize_adam_state(trainer.optimizer)
+        self.tensors = self._state_tensors()
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Name -> live tensor. The dict holds references, so it is built once and stays valid: the optimizer and
+        the model update these tensors in place."""
+        tensors = {}
+        opt_state = self.trainer.optimizer.state
+        for name, p in self.trainer.model.named_parameters():
+            tensors[f"model/{name}"] = p.data
+            tensors[f"optim/{name}/exp_avg"] = opt_state[p]["exp_avg"]
+            tensors[f"optim/{name}/exp_avg_sq"] = opt_state[p]["exp_avg_sq"]
+        return tensors
+
+    def _extra(self, completed: int) -> dict:
+        t = self.trainer
+        return {
+            "step": completed, "tokens": t.state.tokens, "cursor": completed * t.cfg.train.global_batch,
+            "global_batch": t.cfg.train.global_batch, "world_size": t.world.world_size,
+            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "config": t.cfg.to_dict(), "hf_config": hf_config(t.cfg.model),
+        }
+
+    # ---------------------------------------------------------------------------------------------- in the loop
+
+    def before_optimizer_step(self) -> None:
+        self.manager.wait_staged()
+
+    def after_optimizer_step(self, completed: int) -> None:
+        self.manager.save(completed, self.tensors, self._extra(completed))
+
+    def emergency_save(self) -> list[str]:
+        """SIGTERM/SIGUSR1: make the newest snapshot durable on the most durable level before exiting."""
+        return self.manager.emergency_save()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    # ------------------------------------------------------------------------------------------------- resume
+
+    def restore(self) -> Restored | None:
+        """Load the newest valid checkpoint into the live tensors (resharded to this world size), or None."""
+        t = self.trainer
+        if not t.cfg.checkpoint.resume or not t.any_rank(self.manager.latest() is not None):
+            return None  # a fresh run: no rank sees any committed checkpoint
+        res = self.manager.load(self.tensors)
+        extra = res.extra
+        if extra["global_batch"] != t.cfg.train.global_batch:
+            raise CheckpointError(f"{res.path} was saved with train.global_batch={extra['global_batch']} but the "
+                                  f"config says {t.cfg.train.global_batch}; the data cursor depends on it: use the "
+                                  f"same train.global_batch to resume")
+        step = extra["step"]
+        for p in t.optimizer.state.values():
+            p["step"].fill_(float(step))
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(extra["torch_rng"])), dtype=torch.uint8))
+        t.state.step, t.state.tokens = step, extra["tokens"]
+        lost = max(t.last_logged_step() - step, 0) if t.is_main else 0
+        restored = Restored(step=step, level=res.level, path=res.path, seconds=res.seconds,
+                            saved_world_size=extra["world_size"], steps_lost=lost)
+        t.log.step = step
+        t.log.info(f"restored step {step} from {res.level} ({res.path}) in {res.seconds:.2f} s; world "
+                   f"{restored.saved_world_size} -> {t.world.world_size}, cursor {extra['cursor']}"
+                   + (f"; skipped {res.fallbacks}" if res.fallbacks else ""))
+        t.jsonl.write("resume", step=step, level=res.level, seconds=round(res.seconds, 3),
+                      world_size=t.world.world_size, saved_world_size=restored.saved_world_size,
+                      restarts=t.world.restart_count, steps_lost=lost, fallbacks=res.fallbacks)
+        return restored
