@@ -152,11 +152,9 @@ class ChunkWriter:
         return outcome
 
 
-def writers_for(level: LevelSpec, ctx: SaveContext) -> list[int]:
-    """Ranks that split the replicated chunks: this node's ranks on a node-local level, all ranks otherwise."""
-    if level.node_local:
-        return [r for r, node in enumerate(ctx.nodes) if node == ctx.node_id]
-    return list(range(ctx.world.size))
+def writers_for(level: LevelSpec, ctx: SaveContext) -> list[str] | None:
+    """The node of every rank on a node-local level (each node writes its own copy); None on a shared level."""
+    return ctx.nodes if level.node_local else None
 
 
 def level_comm(level: LevelSpec, ctx: SaveContext) -> Comm:

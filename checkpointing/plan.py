@@ -3,8 +3,8 @@
 Replicated tensors (every rank holds the whole tensor): chunks are spread over the writing ranks, balanced by bytes
 (node-local level: the ranks of this node, so every node writes a complete copy; shared level: all ranks).
 Shard tensors: a chunk lying inside one rank's flat range is written by that rank; a chunk straddling a partition
-boundary is written once, by the rank holding most of it, after the other holders send it their few pieces
-point-to-point (never the whole tensor to one rank).
+boundary is written once per copy, by the copy's rank holding most of it, after the other holders send it their few
+pieces point-to-point (never the whole tensor to one rank).
 """
 from __future__ import annotations
 
@@ -65,17 +65,23 @@ def global_layouts(infos: list[dict], chunk_bytes: int) -> dict[str, TensorLayou
     return layouts
 
 
-def _shard_chunk_pieces(t: TensorLayout, chunk: int, load: dict[int, int]) -> tuple[int, list[tuple[int, int, int]]]:
-    """(writer rank, pieces) for one chunk of a Shard tensor."""
+def _shard_chunk_pieces(t: TensorLayout, chunk: int, load: dict[int, int],
+                        copy_ranks: set[int] | None) -> tuple[int, list[tuple[int, int, int]]] | None:
+    """(writer rank, pieces) for one chunk of a Shard tensor in one copy, or None if no rank of the copy holds any of
+    it. The writer is a rank of the copy (`copy_ranks`, None = every rank); pieces may come from any rank."""
     cs, ce = t.grid.chunk_range(chunk)
     holders = [(r, max(a, cs), min(b, ce)) for r, a, b in t.ranges if min(b, ce) > max(a, cs)]
-    full = [r for r, a, b in holders if a == cs and b == ce]
+    local = [h for h in holders if copy_ranks is None or h[0] in copy_ranks]
+    if not local:
+        if copy_ranks is None:
+            raise ValueError(f"tensor {t.name}: elements [{cs}, {ce}) are held by no rank (Shard flat ranges leave "
+                             f"a gap)")
+        return None
+    full = [r for r, a, b in local if a == cs and b == ce]
     if full:
         writer = min(full, key=lambda r: (load[r], r))
         return writer, [(writer, cs, ce)]
-    if not holders:
-        raise ValueError(f"tensor {t.name}: elements [{cs}, {ce}) are held by no rank (Shard flat ranges leave a gap)")
-    writer = max(holders, key=lambda h: (h[2] - h[1], -h[0]))[0]
+    writer = max(local, key=lambda h: (h[2] - h[1], -h[0]))[0]
     pieces, pos = [], cs
     while pos < ce:
         covering = [(r, a, b) for r, a, b in holders if a <= pos < b]
@@ -88,32 +94,43 @@ def _shard_chunk_pieces(t: TensorLayout, chunk: int, load: dict[int, int]) -> tu
     return writer, pieces
 
 
-def plan_for_rank(layouts: dict[str, TensorLayout], rank: int, writers: list[int]) -> RankPlan:
-    """This rank's chunk writes and piece sends for a level whose replicated chunks are split over `writers`."""
-    load = {r: 0 for r in range(max([rank, *writers, *(x[0] for t in layouts.values() for x in t.ranges)]) + 1)}
+def plan_for_rank(layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None) -> RankPlan:
+    """This rank's chunk writes and piece sends on one level.
+
+    nodes=None: a shared level, one copy written by all ranks. Otherwise nodes[r] is rank r's node and every node
+    writes its own copy: all replicated chunks, and every Shard chunk one of its ranks holds a piece of (boundary
+    chunks included, so a node can restore its own ranks from its own copy)."""
+    world = 1 + max([rank, *(x[0] for t in layouts.values() for x in t.ranges)])
+    copies = [None] if nodes is None else [{r for r, n in enumerate(nodes) if n == node} for node in sorted(set(nodes))]
+    load = {r: 0 for r in range(world)}
     plan, tag = RankPlan(), 0
-    for t in layouts.values():
-        if t.layout != "shard":
-            continue
-        for c in range(t.grid.n_chunks):
-            writer, pieces = _shard_chunk_pieces(t, c, load)
-            load[writer] += t.grid.chunk_nbytes
-            tagged = []
-            for src, a, b in pieces:
-                piece_tag = -1 if src == writer else tag
-                tag += src != writer
-                tagged.append((src, a, b, piece_tag))
-                if src == rank and writer != rank:
-                    plan.sends.append((t.name, writer, a, b, piece_tag))
-            if writer == rank:
-                plan.writes.append(ChunkTask(t.name, c, tuple(tagged)))
-    for t in layouts.values():
-        if t.layout == "shard":
-            continue
-        for c in range(t.grid.n_chunks):
-            writer = min(writers, key=lambda r: (load[r], r))
-            load[writer] += t.grid.chunk_nbytes
-            if writer == rank:
-                a, b = t.grid.chunk_range(c)
-                plan.writes.append(ChunkTask(t.name, c, ((rank, a, b, -1),)))
+    for copy_ranks in copies:
+        for t in layouts.values():
+            if t.layout != "shard":
+                continue
+            for c in range(t.grid.n_chunks):
+                owned = _shard_chunk_pieces(t, c, load, copy_ranks)
+                if owned is None:
+                    continue
+                writer, pieces = owned
+                load[writer] += t.grid.chunk_nbytes
+                tagged = []
+                for src, a, b in pieces:
+                    piece_tag = -1 if src == writer else tag
+                    tag += src != writer
+                    tagged.append((src, a, b, piece_tag))
+                    if src == rank and writer != rank:
+                        plan.sends.append((t.name, writer, a, b, piece_tag))
+                if writer == rank:
+                    plan.writes.append(ChunkTask(t.name, c, tuple(tagged)))
+        writers = sorted(copy_ranks) if copy_ranks is not None else list(range(world))
+        for t in layouts.values():
+            if t.layout == "shard":
+                continue
+            for c in range(t.grid.n_chunks):
+                writer = min(writers, key=lambda r: (load[r], r))
+                load[writer] += t.grid.chunk_nbytes
+                if writer == rank:
+                    a, b = t.grid.chunk_range(c)
+                    plan.writes.append(ChunkTask(t.name, c, ((rank, a, b, -1),)))
     return plan

@@ -159,6 +159,9 @@ def worker_main(cfg_path: str) -> None:
     mgr = _manager(cfg)
     results = [_run_op(mgr, cfg, op) for op in cfg["ops"]]
     mgr.close()
+    if cfg["world"] > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     Path(cfg["out"]).write_text(json.dumps(results))
 
 
