@@ -116,7 +116,7 @@ class ChunkWriter:
                 break
             outcome.records.append([task.name, task.chunk, rel, t.grid.chunk_nbytes, crc])
             outcome.nbytes += t.grid.chunk_nbytes
-            fault_pause_hook(i + 1)
+            fault_pause_hook(ctx.step, i + 1)
         return outcome
 
     def _own_parts(self, ctx: SaveContext, t: TensorLayout, chunk: int, bufset: BufferSet) -> list[memoryview]:

@@ -213,11 +213,15 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def fault_pause_hook(chunks_written: int) -> None:
-    """Fault-test hook: with ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK=<marker file>, block forever after the first chunk.
+def fault_pause_hook(step: int, chunks_written: int) -> None:
+    """Fault-test hook: ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK=<step>:<marker file> blocks the persist thread forever
+    right after the first chunk of that step is written, after creating the marker file.
 
-    The test waits for the marker file, then kills this process with SIGKILL: a deterministic 'killed mid-write'."""
-    marker = os.environ.get(_PAUSE_ENV)
-    if marker and chunks_written == 1:
+    The test waits for the marker, then kills the process with SIGKILL: a deterministic 'killed mid-write'."""
+    spec = os.environ.get(_PAUSE_ENV)
+    if not spec or chunks_written != 1:
+        return
+    pause_step, marker = spec.split(":", 1)
+    if int(pause_step) == step:
         Path(marker).write_text(str(os.getpid()))
         threading.Event().wait()

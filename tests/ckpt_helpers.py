@@ -83,6 +83,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Popen:
+    """One single-process worker (world 1) running cfg["ops"]; the caller owns the process."""
+    cfg = {"port": 0, "rank": 0, "world": 1, "out": str(tmp / "result-0.json"), **cfg}
+    cfg_path = tmp / "config-0.json"
+    cfg_path.write_text(json.dumps(cfg))
+    return subprocess.Popen([sys.executable, __file__, str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Wait until `path` exists (polling with a deadline); fail early with stderr if the process died."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode} before {path} appeared:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
 def run_workers(tmp: Path, world: int, rank_config, timeout: float = 60.0, env: dict | None = None) -> list[dict]:
     """Start `world` worker processes (rank_config(rank) -> dict of that rank's config), wait for all of them
     with a deadline, return each rank's result dict. A worker that fails raises with its stderr."""
@@ -150,6 +171,12 @@ def _run_op(mgr, cfg: dict, op: dict) -> dict:
                 "rank_extra": res.rank_extra, "fallbacks": res.fallbacks, "bytes_read": res.bytes_read,
                 "mismatched": matches(state, res.step), "error": None}
     if op["op"] == "emergency":
+        return {"written": mgr.emergency_save()}
+    if op["op"] == "wait_sigterm":       # what a trainer does on preemption: note the signal, then save
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        Path(op["ready"]).write_text("ready")
+        signal.sigwait({signal.SIGTERM})
         return {"written": mgr.emergency_save()}
     raise ValueError(f"unknown op {op['op']!r}")
 
