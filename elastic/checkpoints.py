@@ -110,6 +110,7 @@ class TrainerCheckpoints:
             "global_batch": t.cfg.train.global_batch, "world_size": t.world.world_size,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "config": t.cfg.to_dict(), "hf_config": hf_config(t.cfg.model),
+            "counters": t.state.counters.to_json(),
         }
 
     # ---------------------------------------------------------------------------------------------- in the loop
@@ -146,6 +147,12 @@ class TrainerCheckpoints:
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(extra["torch_rng"])), dtype=torch.uint8))
         t.state.step, t.state.tokens = step, extra["tokens"]
         lost = max(t.last_logged_step() - step, 0) if t.is_main else 0
+        counters = t.state.counters
+        for key, value in extra.get("counters", {}).items():
+            setattr(counters, key, value)
+        counters.restarts += 1
+        counters.membership_changes += int(extra["world_size"] != t.world.world_size)
+        counters.steps_lost += lost
         restored = Restored(step=step, level=res.level, path=res.path, seconds=res.seconds,
                             saved_world_size=extra["world_size"], steps_lost=lost)
         t.log.step = step

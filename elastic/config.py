@@ -211,6 +211,8 @@ class TrainConfig:
     """Use deterministic kernels so same-seed runs are bit-identical on CPU."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    hang_timeout: float = 0.0
+    """Seconds without a completed step after which a worker exits so the agent restarts the group (0 = off)."""
     log_samples: bool = False
     """Each rank appends the global sample ids it trained on to <run_dir>/samples/rank-<r>.jsonl (cursor audits)."""
 
@@ -221,6 +223,7 @@ class TrainConfig:
         _require(self.eval_batches >= 1, f"train.eval_batches must be >= 1, got {self.eval_batches}")
         _require(self.log_interval >= 1, f"train.log_interval must be >= 1, got {self.log_interval}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _require(self.hang_timeout >= 0, f"train.hang_timeout must be >= 0 (0 = off), got {self.hang_timeout}")
         _require(self.engine in ("ddp",), f"train.engine must be 'ddp', got {self.engine!r}")
 
 
@@ -307,6 +310,17 @@ class LaunchConfig:
 
 
 @dataclass
+class FaultsConfig:
+    plan: list[str] = field(default_factory=list)
+    """Fault sentences, e.g. 'kill rank 1 at step 30' (see elastic/faults.py); each fires once per run."""
+
+    def validate(self) -> None:
+        from elastic.faults import parse_plan
+
+        parse_plan(self.plan)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -316,6 +330,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 RECOVERY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -37,8 +38,6 @@ class WorkerMetrics:
         self._phase = Gauge("ecpt_phase", "Index of the current data phase", lbl, registry=r)
         self._world = Gauge("ecpt_world_size", "Ranks in the current worker group", lbl, registry=r)
         self._eval = Gauge("ecpt_eval_loss", "Validation loss per domain", ("rank", "domain"), registry=r)
-        self._restarts = Gauge("ecpt_restarts", "Worker-group restarts seen by this rank (torchrun restart count)",
-                               lbl, registry=r)
         self._recovery = Histogram("ecpt_recovery_seconds", "Process start to first completed step after a restart",
                                    lbl, buckets=RECOVERY_BUCKETS, registry=r)
         self._steps_lost = Counter("ecpt_steps_lost", "Steps recomputed because they were not checkpointed",
@@ -77,13 +76,41 @@ class WorkerMetrics:
         for domain, loss in losses.items():
             self._eval.labels(self.rank, domain).set(loss)
 
-    def on_start(self, world_size: int, restarts: int) -> None:
+    def on_start(self, world_size: int) -> None:
         self._world.labels(self.rank).set(world_size)
-        self._restarts.labels(self.rank).set(restarts)
+
+    def track_run(self, counters) -> None:
+        """Serve run-level counters that survive restarts (they travel in the checkpoint): ``counters`` is read
+        at every scrape, so values restored from a checkpoint show up as counters continuing where they were."""
+        self.registry.register(RunCounters(self.rank, counters))
 
     def on_recovered(self, seconds: float, steps_lost: int) -> None:
         self._recovery.labels(self.rank).observe(seconds)
         self._steps_lost.labels(self.rank).inc(steps_lost)
+
+
+class RunCounters:
+    """Collector for ecpt_restarts_total, ecpt_membership_changes_total and ecpt_goodput_ratio.
+
+    prometheus_client counters start at 0 in every new process; these values are restored from the checkpoint
+    after a restart, so they are exposed from the live state at scrape time instead.
+    """
+
+    def __init__(self, rank: str, counters):
+        self.rank, self.counters = rank, counters
+
+    def collect(self):
+        c = self.counters
+        restarts = CounterMetricFamily("ecpt_restarts", "Worker-group restarts (resumes from a checkpoint) in this run",
+                                       labels=["rank"])
+        restarts.add_metric([self.rank], c.restarts)
+        changes = CounterMetricFamily("ecpt_membership_changes", "Resumes at a different world size (shrink or grow)",
+                                      labels=["rank"])
+        changes.add_metric([self.rank], c.membership_changes)
+        goodput = GaugeMetricFamily("ecpt_goodput_ratio", "Time in steps that were kept / wall time since the run "
+                                    "first started", labels=["rank"])
+        goodput.add_metric([self.rank], c.goodput())
+        return [restarts, changes, goodput]
 
 
 class JsonlLog:

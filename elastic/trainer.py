@@ -9,6 +9,8 @@ One optimizer step:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import signal
@@ -21,9 +23,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from elastic.batch import rank_batch
-from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels
+from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels, node_id
 from elastic.config import Config
 from elastic.data import Corpus
+from elastic.faults import FaultInjector, Watchdog, parse_plan
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
 from elastic.schedule import lr_at
@@ -71,6 +74,28 @@ class StepResult:
 
 
 @dataclass
+class RunCounters:
+    """Run-level counters carried in every checkpoint, so they continue across restarts and resizes."""
+
+    restarts: int = 0
+    """Resumes from a checkpoint (worker or node failure, preemption, membership change)."""
+    membership_changes: int = 0
+    """Resumes at a different world size than the checkpoint was saved at."""
+    steps_lost: int = 0
+    """Steps computed but not checkpointed before a failure, so computed again."""
+    productive_seconds: float = 0.0
+    """Wall time of the steps that the current trajectory kept."""
+    started_unix: float = field(default_factory=time.time)
+    """When this run first started (the first launch, not this process)."""
+
+    def goodput(self) -> float:
+        return self.productive_seconds / max(time.time() - self.started_unix, 1e-9)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class TrainState:
     """Counters that a checkpoint carries besides tensors."""
 
@@ -78,6 +103,7 @@ class TrainState:
     """Next optimizer step to run (= completed steps)."""
     tokens: int = 0
     """Global tokens consumed so far."""
+    counters: RunCounters = field(default_factory=RunCounters)
     history: list = field(default_factory=list)
 
 
@@ -98,6 +124,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.ddp = self._wrap(self.model)
         self.state = TrainState()
+        if metrics:
+            metrics.track_run(self.state.counters)
         self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
         self.samples_log = (open(self.run_dir / "samples" / f"rank-{world.rank}.jsonl", "a", buffering=1)
                             if cfg.train.log_samples else None)
@@ -105,6 +133,10 @@ class Trainer:
         self.checkpoints = None
         if checkpoint_levels(cfg):
             self.checkpoints = TrainerCheckpoints(self, registry=metrics.registry if metrics else None)
+        roots = [Path(lv.root) for lv in checkpoint_levels(cfg)]
+        self.faults = FaultInjector(parse_plan(cfg.faults.plan), self.run_dir, world.rank, world.local_rank,
+                                    node_id(), roots, self.log) if cfg.faults.plan else None
+        self.watchdog = Watchdog(cfg.train.hang_timeout, self.log)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world.world_size == 1:
@@ -122,8 +154,8 @@ class Trainer:
         g = self.cfg.train.global_batch
         share = rank_batch(step, g, self.cfg.train.micro_batch, self.world.rank, self.world.world_size)
         if self.samples_log:
-            self.samples_log.write(f'{{"step": {step}, "start": {share.start}, "count": {share.count}, '
-                                   f'"world_size": {self.world.world_size}}}\n')
+            self.samples_log.write(json.dumps({"step": step, "start": share.start, "count": share.count,
+                                               "world_size": self.world.world_size, "time": time.time()}) + "\n")
         loss_sum = 0.0
         for i, (first, size) in enumerate(share.micro_batches):
             tokens, _domains = self.corpus.batch(first, size)
@@ -289,9 +321,14 @@ class Trainer:
                              restarts=self.world.restart_count, parameters=count_parameters(self.model))
         bar = self._progress()
         try:
+            self.watchdog.start()
             for step in range(self.state.step, self.total_steps):
                 self.log.step = step
+                if self.faults:
+                    self.faults.at_step(step)
                 r = self.train_step(step)
+                self.state.counters.productive_seconds += r.seconds
+                self.watchdog.progress()
                 self.state.history.append(r.loss)
                 if not math.isfinite(r.loss):
                     raise FloatingPointError(f"loss became {r.loss} at step {step}; lower schedule.lr_max")
@@ -309,6 +346,7 @@ class Trainer:
             if self.checkpoints:
                 self.checkpoints.manager.wait_durable()
         finally:
+            self.watchdog.stop()
             if bar:
                 bar.close()
         return self.state

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = WorkerMetrics(world.rank)
         port = metrics.serve(cfg.metrics.host, cfg.metrics.port + world.local_rank if cfg.metrics.port else 0)
         metrics.write_target_file(run_dir, cfg.metrics.host, os.uname().nodename)
-        metrics.on_start(world.world_size, world.restart_count)
+        metrics.on_start(world.world_size)
         log.info(f"[rank {world.rank} step -] metrics on http://{cfg.metrics.host}:{port}/metrics")
     write_rank_file(run_dir, world, metrics.port if metrics else None)
     trainer = Trainer(cfg, world, groups, device, metrics=metrics, log=log)

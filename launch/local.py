@@ -33,11 +33,14 @@ def resolve_endpoint(cfg: Config) -> str:
 
 
 def torchrun_command(cfg: Config, config_json: Path, endpoint: str, node_rank: int | None = None,
-                     run_id: str = "ecpt") -> list[str]:
+                     run_id: str = "ecpt", external_store: bool = False) -> list[str]:
+    """The torchrun agent command line. ``external_store``: the c10d store runs in its own process
+    (``ecpt rdzv-store``), so losing the node whose agent would otherwise host it does not end the job."""
+    rdzv_conf = RDZV_CONF + (",is_host=false" if external_store else "")
     cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nnodes={cfg.launch.nnodes}", f"--nproc-per-node={cfg.launch.nproc_per_node}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
-           f"--rdzv-conf={RDZV_CONF}", f"--max-restarts={cfg.launch.max_restarts}",
+           f"--rdzv-conf={rdzv_conf}", f"--max-restarts={cfg.launch.max_restarts}",
            f"--monitor-interval={cfg.launch.monitor_interval}"]
     if node_rank is not None:
         cmd.append(f"--node-rank={node_rank}")
@@ -65,3 +68,17 @@ def run_agent(cmd: list[str], extra_env: dict[str, str] | None = None, threads_p
         if agent.poll() is None:  # the launcher itself is going away: take the agent's session with it
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
+
+
+def serve_rendezvous_store(host: str, port: int) -> None:
+    """A standalone c10d TCPStore for elastic jobs: run it on a machine that outlives the training nodes."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(hours=24),
+                     multi_tenant=True)
+    print(f"rendezvous store listening on {host}:{port}; stop it with Ctrl-C", flush=True)
+    stop = signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    print(f"rendezvous store stopping on signal {stop}", flush=True)
+    del store

@@ -3,7 +3,10 @@
 import json
 import urllib.request
 
+import time
+
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
+from elastic.trainer import RunCounters
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -19,7 +22,10 @@ def _scrape(port: int) -> dict[str, float]:
 def test_worker_metrics_are_served_over_http(tmp_path):
     m = WorkerMetrics(rank=1)
     port = m.serve("127.0.0.1", 0)
-    m.on_start(world_size=2, restarts=0)
+    m.on_start(world_size=2)
+    counters = RunCounters(restarts=2, membership_changes=1, productive_seconds=30.0,
+                           started_unix=time.time() - 40.0)
+    m.track_run(counters)
     m.on_step(step=5, loss=2.5, lr=1e-3, local_tokens=1024, global_tokens=2048, seconds=0.5, phase=1, world_size=2)
     m.on_step(step=6, loss=2.25, lr=1e-3, local_tokens=1024, global_tokens=2048, seconds=0.25, phase=1, world_size=2)
     m.on_eval({"prose": 3.0, "c": 4.0})
@@ -32,6 +38,11 @@ def test_worker_metrics_are_served_over_http(tmp_path):
     assert s['ecpt_tokens_per_second{rank="1"}'] == 8192
     assert s['ecpt_world_size{rank="1"}'] == 2
     assert s['ecpt_eval_loss{domain="c",rank="1"}'] == 4.0
+    assert s['ecpt_restarts_total{rank="1"}'] == 2
+    assert s['ecpt_membership_changes_total{rank="1"}'] == 1
+    assert 0.7 < s['ecpt_goodput_ratio{rank="1"}'] <= 0.75  # 30 s kept of ~40 s wall
+    counters.restarts = 3  # restored or incremented after a restart: the next scrape shows it
+    assert _scrape(port)['ecpt_restarts_total{rank="1"}'] == 3
     target = json.loads(m.write_target_file(tmp_path, "127.0.0.1", "node0").read_text())
     assert target == [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": "ecpt", "rank": "1"}}]
 

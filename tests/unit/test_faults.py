@@ -1,0 +1,69 @@
+"""The fault plan: parsing, once-per-run claiming, corruption and the watchdog, without a training job."""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elastic.config import ConfigError
+from elastic.faults import FaultInjector, Watchdog, corrupt_newest_checkpoint, fill_file_system, parse_plan
+
+
+def test_plan_sentences_parse():
+    plan = parse_plan(["kill rank 1 at step 30", "Kill  node n1 at step 50", "sigterm all at step 70",
+                       "stall rank 0 at step 20 for 60s", "corrupt newest at step 40", "fill disk at step 60"])
+    assert [(f.kind, f.step, f.rank, f.node, f.seconds) for f in plan] == [
+        ("kill", 30, 1, None, 0), ("kill_node", 50, None, "n1", 0), ("sigterm", 70, None, None, 0),
+        ("stall", 20, 0, None, 60), ("corrupt", 40, None, None, 0), ("fill_disk", 60, None, None, 0)]
+
+
+def test_unknown_sentence_names_the_plan_entry():
+    with pytest.raises(ConfigError, match=r"faults.plan\[1\] 'explode at step 3'"):
+        parse_plan(["kill rank 0 at step 1", "explode at step 3"])
+
+
+def test_a_fault_fires_once_per_run_even_after_a_restart(tmp_path):
+    log = logging.getLogger("test")
+    plan = parse_plan(["stall rank 0 at step 2 for 0s"])
+    first = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_roots=[], log=log)
+    assert first._claim(plan[0]) is True
+    again = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_roots=[], log=log)
+    assert again._claim(plan[0]) is False  # a restarted worker replaying step 2 does not fire it again
+    assert "stall rank 0 at step 2" in (tmp_path / "faults" / "fired-0").read_text()
+
+
+def test_corrupt_newest_flips_bytes_of_the_newest_committed_checkpoint(tmp_path):
+    for step in (3, 6):
+        d = tmp_path / f"step-{step:08d}"
+        (d / "model" / "w" / "c").mkdir(parents=True)
+        (d / "model" / "w" / "c" / "0").write_bytes(bytes(range(64)))
+        (d / "manifest.json").write_text("{}")
+    uncommitted = tmp_path / "step-00000009.partial-ab"
+    (uncommitted / "model" / "w" / "c").mkdir(parents=True)
+    (uncommitted / "model" / "w" / "c" / "0").write_bytes(bytes(64))
+    path = corrupt_newest_checkpoint([tmp_path])
+    assert path == tmp_path / "step-00000006" / "model" / "w" / "c" / "0"
+    assert path.read_bytes() == bytes(b ^ 0xFF for b in range(64))
+    assert (tmp_path / "step-00000003" / "model" / "w" / "c" / "0").read_bytes() == bytes(range(64))
+
+
+def test_fill_disk_refuses_a_real_disk(tmp_path):
+    with pytest.raises(ConfigError, match="only fills small test file systems"):
+        fill_file_system(tmp_path)
+
+
+def test_watchdog_exits_a_worker_that_makes_no_progress(tmp_path):
+    code = ("import logging, time\n"
+            "from elastic.faults import Watchdog\n"
+            "Watchdog(1.0, logging.getLogger('w')).start()\n"
+            "time.sleep(60)\n")  # the simulated hang
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == Watchdog.EXIT_CODE
+    assert time.monotonic() - start < 10
+    assert "no step completed" in result.stderr
