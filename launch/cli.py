@@ -36,6 +36,14 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _with_faults(cfg: Config, faults: list[str]) -> Config:
+    """--fault sentences are appended to faults.plan and validated like the rest of the config."""
+    if faults:
+        cfg.faults.plan = [*cfg.faults.plan, *faults]
+        cfg.faults.validate()
+    return cfg
+
+
 def prepare_run(cfg: Config) -> Path:
     """Create the run directory, build the corpus and write the resolved config the workers read."""
     run_dir = Path(cfg.train.run_dir).resolve()
@@ -45,24 +53,35 @@ def prepare_run(cfg: Config) -> Path:
     build_corpus(cfg, log=lambda msg: print(msg, flush=True))
     print(f"corpus ready in {time.perf_counter() - start:.1f} s", flush=True)
     config_json = run_dir / "config.json"
-    save_config(cfg, config_json)
+    tmp = run_dir / f".config.json.tmp{os.getpid()}"  # several agents of one run may write it at once
+    save_config(cfg, tmp)
+    os.replace(tmp, config_json)
     return config_json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.local import resolve_endpoint, run_agent, torchrun_command
 
-    cfg = load_config(args.config, _train_overrides(args))
+    cfg = _with_faults(load_config(args.config, _train_overrides(args)), args.fault)
     config_json = prepare_run(cfg)
     endpoint = resolve_endpoint(cfg)
     print(f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
           f"workers per node, rendezvous c10d at {endpoint}", flush=True)
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
-    code = run_agent(torchrun_command(cfg, config_json, endpoint, node_rank=args.node_rank),
-                     threads_per_worker=threads)
+    node_env = {"ECPT_NODE_ID": args.node_id} if args.node_id else {}
+    cmd = torchrun_command(cfg, config_json, endpoint, node_rank=args.node_rank,
+                           external_store=args.rdzv_store == "external")
+    code = run_agent(cmd, extra_env=node_env, threads_per_worker=threads)
     print(f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
           f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}", flush=True)
     return code
+
+
+def cmd_rdzv_store(args: argparse.Namespace) -> int:
+    from launch.local import serve_rendezvous_store
+
+    serve_rendezvous_store(args.host, args.port)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where logs, metrics and local checkpoints go")
     train.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous")
     train.add_argument("--node-rank", type=int, default=None, help="fixed node rank (default: assigned by rendezvous)")
+    train.add_argument("--node-id", help="this node's identity (its own L0 memory directory); default: hostname. "
+                                         "Give each agent its own when simulating several nodes on one machine")
+    train.add_argument("--rdzv-store", choices=("agent", "external"), default="agent",
+                       help="external: the c10d store is an `ecpt rdzv-store` process, not hosted by an agent, so "
+                            "losing any one node does not end the job")
+    train.add_argument("--fault", action="append", default=[], metavar="SENTENCE",
+                       help="inject a fault, e.g. 'kill rank 1 at step 30' (repeatable; see elastic/faults.py)")
     train.set_defaults(func=cmd_train)
+    store = sub.add_parser("rdzv-store", help="run a standalone c10d rendezvous store for elastic jobs")
+    store.add_argument("--host", default="127.0.0.1")
+    store.add_argument("--port", type=int, required=True)
+    store.set_defaults(func=cmd_rdzv_store)
     _add_optional_commands(sub)
     return parser
 
@@ -88,6 +118,8 @@ def _add_optional_commands(sub) -> None:
     from launch.ckpt_commands import add_ckpt_parser
 
     add_ckpt_parser(sub)
+    from launch.cluster_commands import add_launch_parser; add_launch_parser(sub)
+    from launch.experiment_commands import add_experiment_parser; add_experiment_parser(sub)  # noqa: E702
 
 
 def main(argv: list[str] | None = None) -> int:
