@@ -33,7 +33,7 @@ from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
-from checkpointing.persist import ChunkWriter, SaveContext, persist_level
+from checkpointing.persist import ChunkWriter, SaveContext, apply_retention, persist_level
 from checkpointing.plan import global_layouts
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
 from checkpointing.staging import BufferPool, BufferSet, Shard, StagedTensor, describe, stage_into
@@ -230,6 +230,8 @@ class CheckpointManager:
     def wait_durable(self) -> list[str]:
         """Block until every save so far is committed on all its levels; raise one CheckpointError naming every
         failing rank, level and file. Returns the names of levels committed by those saves."""
+        for h in self._handles:
+            h.staged.exception()                # every save is queued for persisting before the flush marker
         self._control("flush")
         handles, self._handles = self._handles, []
         errors, committed = [], []
@@ -292,8 +294,8 @@ class CheckpointManager:
                 job.handle.durable.set_exception(err)
                 continue
             self._staged_meta[job.bufset.index] = (job.staged, job.extra)
+            self._persist_q.put(job)            # queued before `staged` resolves: a later control job queues after it
             job.handle.staged.set_result(nbytes)
-            self._persist_q.put(job)
 
     def _persist_loop(self) -> None:
         job = None
@@ -359,6 +361,14 @@ class CheckpointManager:
                 f"older checkpoints are intact and training can continue"))
         else:
             job.handle.durable.set_result(committed)
+        self._retain(ctx, [lv for lv in job.levels if lv.name in committed])
+
+    def _retain(self, ctx: SaveContext, levels: list[LevelSpec]) -> None:
+        for level in levels:
+            try:
+                apply_retention(level, ctx)
+            except OSError as e:
+                self.log.warning("checkpoint retention on %s (%s) failed: %s", level.name, level.root, e)
 
     def _write_levels(self, ctx: SaveContext, levels: list[LevelSpec], bufset: BufferSet | None,
                       t_save: float) -> tuple[list[str], list[str]]:
@@ -405,6 +415,7 @@ class CheckpointManager:
         ctx = self._context(step, ctx_infos)
         held = self._pool.acquire_specific(bufset)
         committed, errors = self._write_levels(ctx, [last], held, time.perf_counter())
+        self._retain(ctx, [last] if committed else [])
         if errors:
             self.log.error("emergency checkpoint step %d failed: %s", step, "; ".join(errors))
         return committed

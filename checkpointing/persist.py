@@ -21,8 +21,8 @@ from checkpointing.plan import RankPlan, TensorLayout, plan_for_rank
 from checkpointing.reshard import Scratch, copy_chunk
 from checkpointing.staging import BufferSet
 from checkpointing.tiers import LevelSpec, partial_dir, publish, retain
-from checkpointing.zarr_store import (array_metadata, fault_pause_hook, fsync_dir, group_metadata, group_paths,
-                                      write_file)
+from checkpointing.zarr_store import (array_metadata, fault_pause_hook, fsync_dir, fsync_path, group_metadata,
+                                      group_paths, write_file)
 
 
 @dataclass
@@ -110,14 +110,28 @@ class ChunkWriter:
             try:
                 path = out_dir / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                crc = write_file(path, parts, level.fsync)
+                crc = write_file(path, parts, fsync=False)
             except OSError as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / rel}: {e}")
                 break
             outcome.records.append([task.name, task.chunk, rel, t.grid.chunk_nbytes, crc])
             outcome.nbytes += t.grid.chunk_nbytes
             fault_pause_hook(ctx.step, i + 1)
+        if level.fsync and not outcome.errors:
+            self._fsync_written(level, ctx, out_dir, outcome)
         return outcome
+
+    @staticmethod
+    def _fsync_written(level: LevelSpec, ctx: SaveContext, out_dir: Path, outcome: RankOutcome) -> None:
+        """fsync after writing everything (not after each file): writeback of earlier chunks overlaps later writes."""
+        paths = [out_dir / rec[2] for rec in outcome.records]
+        try:
+            for path in paths:
+                fsync_path(path)
+            for d in sorted({p.parent for p in paths}, key=lambda p: -len(p.parts)):
+                fsync_dir(d)
+        except OSError as e:
+            outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
 
     def _own_parts(self, ctx: SaveContext, t: TensorLayout, chunk: int, bufset: BufferSet) -> list[memoryview]:
         my_start = t.ranges[ctx.world.rank][1]
@@ -188,11 +202,7 @@ def write_zarr_metadata(out_dir: Path, manifest: Manifest, fsync: bool) -> None:
                                    out_dir))
     if fsync:
         for path in written:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
         for d in sorted({p.parent for p in written}, key=lambda p: -len(p.parts)):
             fsync_dir(d)
 
@@ -206,13 +216,20 @@ def _write_json(path: Path, doc: dict, manifest: Manifest, out_dir: Path) -> Pat
 
 
 def commit_level(level: LevelSpec, ctx: SaveContext, out_dir: Path, records: list[list]) -> Path:
-    """Committer only: metadata, manifest (the commit point), rename to the final name, latest, retention."""
+    """Committer only: metadata, manifest (the commit point), rename to the final name, latest.
+
+    Retention runs later (apply_retention), after the save's durable future resolved: deleting an old checkpoint
+    is not part of making the new one durable."""
     manifest = build_manifest(level, ctx, records)
     write_zarr_metadata(out_dir, manifest, level.fsync)
     write_manifest(out_dir, manifest, level.fsync)
-    final = publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.fsync)
-    retain(Path(level.root), level.keep_last, ctx.nonce)
-    return final
+    return publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.fsync)
+
+
+def apply_retention(level: LevelSpec, ctx: SaveContext) -> None:
+    """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints."""
+    if level_comm(level, ctx).rank == 0:
+        retain(Path(level.root), level.keep_last, ctx.nonce)
 
 
 @dataclass

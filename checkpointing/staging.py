@@ -107,13 +107,16 @@ class BufferPool:
         self._cond = threading.Condition()
 
     def acquire(self, block: bool, timeout: float | None = None) -> BufferSet | None:
-        """A free set (the least recently used one), or None if none is free and block is False / timeout hit."""
+        """A free set, or None if none is free and block is False / timeout hit.
+
+        Last in, first out: when saves do not overlap the same (already touched) set is reused every time and the
+        second set is only allocated when a save really has to stage while the previous one persists."""
         with self._cond:
             if not block and not self._free:
                 return None
             if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
                 return None
-            return self._free.pop(0)
+            return self._free.pop()
 
     def release(self, bufset: BufferSet) -> None:
         with self._cond:

@@ -1,0 +1,369 @@
+"""Checkpoint benchmark: ecpt's CheckpointManager against torch.save, DCP save and DCP async_save, same state, same run.
+
+    .venv/bin/python benchmarks/checkpoint.py                 # ~600 MB of model + AdamW state
+    .venv/bin/python benchmarks/checkpoint.py --quick         # ~60 MB, a smoke run
+
+Every method runs in a fresh subprocess (so peak RSS does not mix) with the same loop: fixed matmul "training
+steps"; a checkpoint is started after a step; the loop keeps stepping until the checkpoint is durable. Measured per
+method: stall (time the loop was blocked by the checkpoint call; for ours save() + wait_staged() before the next
+"optimizer" update), time to durable, peak RSS over the state-only baseline, and the slowdown of the training
+steps that ran while the checkpoint persisted. Physical references: raw write+fsync and raw (cold) read of the
+same bytes. Also: reshard load 2 -> 1 processes, and the throughput cost of an L0 (/dev/shm) checkpoint every step.
+Results: a table on stdout and benchmarks/results/checkpoint.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ["torch_save", "dcp_save", "dcp_async_save", "ecpt"]
+
+
+# ------------------------------------------------------------------------------------------------ state and loop
+
+
+def build_state(size_mb: int) -> dict[str, torch.Tensor]:
+    """fp32 params + exp_avg + exp_avg_sq of a Llama-ish set of matrices, ~size_mb in total."""
+    per_param_set = size_mb * (1 << 20) // 3
+    state, i, total = {}, 0, 0
+    shapes = [(1024, 1024), (2816, 1024), (1024,), (1024, 2816)]
+    while total < per_param_set:
+        shape = shapes[i % len(shapes)]
+        name = f"model.layers.{i // len(shapes)}.w{i % len(shapes)}"
+        for key in (f"model/{name}", f"optim/{name}/exp_avg", f"optim/{name}/exp_avg_sq"):
+            state[key] = torch.randn(shape)
+        total += torch.Size(shape).numel() * 4
+        i += 1
+    return state
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class Trainer:
+    """A fixed matmul workload standing in for forward/backward; the 'optimizer' mutates one saved tensor."""
+
+    def __init__(self, step_matmuls: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(512, 512, generator=g)
+        self.b = torch.randn(512, 512, generator=g)
+        self.n = step_matmuls
+
+    def forward_backward(self) -> float:
+        t0 = time.perf_counter()
+        x = self.a
+        for _ in range(self.n):
+            x = torch.tanh(x @ self.b)
+        return time.perf_counter() - t0
+
+
+def fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def evict_tree(root: Path) -> None:
+    """Drop these files from the page cache so reads are cold (without touching anyone else's cache)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+# -------------------------------------------------------------------------------------------- one method, child
+
+
+def start_checkpoint(method: str, state: dict, out: Path, ctx: dict):
+    """Begin one checkpoint; return (seconds blocked in the call, is_durable(), finish_blocking())."""
+    if method == "torch_save":
+        t0 = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return time.perf_counter() - t0, lambda: True, lambda: None
+    import torch.distributed.checkpoint as dcp
+    if method == "dcp_save":
+        t0 = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(out))
+        return time.perf_counter() - t0, lambda: True, lambda: None
+    if method == "dcp_async_save":
+        t0 = time.perf_counter()
+        fut = dcp.async_save(state, checkpoint_id=str(out))
+        if not hasattr(fut, "done"):          # AsyncSaveResponse in newer torch
+            fut = fut.upload_completion
+        fut.add_done_callback(lambda _: ctx.__setitem__("durable_at", time.perf_counter()))
+        return time.perf_counter() - t0, fut.done, fut.result
+    mgr = ctx["mgr"]
+    t0 = time.perf_counter()
+    handle = mgr.save(ctx["step"], state, {"step": ctx["step"]})
+    blocked = time.perf_counter() - t0
+    ctx["step"] += 1
+    handle.durable.add_done_callback(lambda _: ctx.__setitem__("durable_at", time.perf_counter()))
+    return blocked, handle.durable.done, mgr.wait_durable
+
+
+def child(args) -> dict:
+    """Run one method in this (fresh) process and return its measurements."""
+    torch.manual_seed(0)
+    state = build_state(args.size_mb)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    base_rss = rss_mb()
+    trainer = Trainer(args.step_matmuls)
+    base_steps = [trainer.forward_backward() for _ in range(8)]
+    base_step = statistics.median(base_steps[2:])
+    work = Path(args.dir)
+    ctx = {"step": 1}
+    if args.method == "ecpt":
+        from checkpointing import CheckpointManager, LevelSpec
+        ctx["mgr"] = CheckpointManager([LevelSpec("L1", str(work / "ecpt"), 1, 1, node_local=True)])
+    elif args.method.startswith("dcp"):
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=0, world_size=1)
+    rounds = []
+    for k in range(2):       # the first checkpoint pays one-off allocations; the second is the steady state
+        target = work / f"{args.method}-{k}"
+        shutil.rmtree(target, ignore_errors=True)
+        raw = raw_write_read(state, work / f"raw-{args.method}")     # the disk as it is right now
+        ctx.pop("durable_at", None)
+        t0 = time.perf_counter()
+        blocked, done, finish = start_checkpoint(args.method, state, target, ctx)
+        during = []
+        while not done():
+            during.append(trainer.forward_backward())
+            if args.method == "ecpt":
+                blocked += ctx["mgr"].wait_staged()     # right before the optimizer update
+            state[next(iter(state))].add_(1e-6)         # the optimizer update mutates saved state
+        finish()
+        if args.method == "ecpt":
+            blocked += ctx["mgr"].wait_staged()
+        durable = ctx.get("durable_at", time.perf_counter()) - t0
+        rounds.append({"stall_s": blocked, "durable_s": durable, "steps_during": len(during),
+                       "raw_write_fsync_s": raw["write_fsync_s"], "raw_read_s": raw["read_s"],
+                       "slowdown": (statistics.mean(during) / base_step - 1) if during else 0.0})
+    if args.method == "ecpt":
+        ctx["mgr"].close()
+    return {"method": args.method, "bytes": nbytes, "base_step_s": base_step, "first": rounds[0], **rounds[1],
+            "peak_rss_over_state_mb": rss_mb("VmHWM") - base_rss}
+
+
+# ------------------------------------------------------------------------------------------ physical references
+
+
+def raw_write_read(state: dict, root: Path) -> dict:
+    """Write the same bytes (one file per tensor) + fsync, then cold-read them back."""
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, t in enumerate(state.values()):
+        with open(root / f"t{i}", "wb", buffering=0) as f:
+            f.write(memoryview(t.numpy()).cast("B"))
+            os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    evict_tree(root)
+    t0 = time.perf_counter()
+    for i, t in enumerate(state.values()):
+        with open(root / f"t{i}", "rb", buffering=0) as f:
+            f.readinto(memoryview(t.numpy()).cast("B"))
+    read_s = time.perf_counter() - t0
+    shutil.rmtree(root)
+    return {"write_fsync_s": write_s, "read_s": read_s}
+
+
+def reshard_worker(args) -> None:
+    """Child for the reshard measurement: rank r of a W=2 save (replicas split across writers) or the W=1 load."""
+    import torch.distributed as dist
+
+    from checkpointing import CheckpointManager, LevelSpec
+    torch.manual_seed(0)
+    state = build_state(args.size_mb)
+    group = None
+    if args.world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                                world_size=args.world)
+        group = dist.new_group(backend="gloo")
+    mgr = CheckpointManager([LevelSpec("L2", args.dir, 1, 1, node_local=False)], rank=args.rank,
+                            world_size=args.world, group=group)
+    if args.reshard == "save":
+        mgr.save(1, state, {})
+        mgr.wait_durable()
+        mgr.close()
+        return
+    evict_tree(Path(args.dir))
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    res = mgr.load(zeros)
+    ok = all(torch.equal(zeros[k], state[k]) for k in state)
+    mgr.close()
+    print(json.dumps({"load_s": res.seconds, "bytes": res.bytes_read, "bit_exact": ok}))
+
+
+def l0_every_step(args) -> dict:
+    """Training throughput with an L0 (/dev/shm) checkpoint after every step vs none (on_busy='skip')."""
+    from checkpointing import CheckpointManager, LevelSpec
+    state = build_state(args.size_mb)
+    trainer = Trainer(args.step_matmuls)
+    steps = 6 if args.quick else 12
+    shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-", dir="/dev/shm"))
+    mgr = CheckpointManager([LevelSpec("L0", str(shm), 1, 2, node_local=True)], on_busy="skip")
+    for _ in range(2):
+        trainer.forward_backward()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.forward_backward()
+        state[next(iter(state))].add_(1e-6)
+    plain = (time.perf_counter() - t0) / steps
+    mgr.save(0, state, {})      # allocate the staging buffers before timing
+    mgr.wait_durable()
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.forward_backward()
+        mgr.wait_staged()
+        state[next(iter(state))].add_(1e-6)
+        mgr.save(step, state, {"step": step})
+    with_l0 = (time.perf_counter() - t0) / steps
+    mgr.wait_durable()
+    saved = mgr.stats.saves - 1
+    mgr.close()
+    shutil.rmtree(shm)
+    return {"plain_step_s": plain, "l0_step_s": with_l0, "cost": with_l0 / plain - 1, "saved_steps": saved,
+            "steps": steps}
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_child(extra: list[str], timeout: float = 1800) -> str:
+    proc = subprocess.run([sys.executable, __file__, *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark child {extra} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def reshard(args, work: Path) -> dict:
+    root = work / "reshard"
+    port = free_port()
+    common = ["--size-mb", str(args.size_mb), "--dir", str(root), "--port", str(port)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--reshard", "save", "--rank", str(r), "--world", "2",
+                               *common], cwd=REPO, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=1800)
+        if p.returncode:
+            raise RuntimeError(f"reshard save failed:\n{err[-3000:]}")
+    return json.loads(run_child(["--reshard", "load", "--rank", "0", "--world", "1", *common]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=600, help="model + AdamW state size (default 600)")
+    ap.add_argument("--quick", action="store_true", help="small state (60 MB), for a smoke run")
+    ap.add_argument("--step-matmuls", type=int, default=40, help="512x512 matmuls per 'training step'")
+    ap.add_argument("--dir", default=None, help="work directory on the disk to measure (default: under runs/)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "checkpoint.json"))
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--reshard", help=argparse.SUPPRESS)
+    ap.add_argument("--l0", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick and args.size_mb == 600:
+        args.size_mb = 60
+    if args.method:
+        print(json.dumps(child(args)))
+        return
+    if args.reshard:
+        reshard_worker(args)
+        return
+    if args.l0:
+        print(json.dumps(l0_every_step(args)))
+        return
+    drive(args)
+
+
+def drive(args) -> None:
+    work = Path(args.dir or REPO / "runs" / "bench-checkpoint")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    common = ["--size-mb", str(args.size_mb), "--step-matmuls", str(args.step_matmuls), "--dir", str(work)]
+    results = {}
+    for method in METHODS:
+        print(f"... {method}", file=sys.stderr, flush=True)
+        results[method] = json.loads(run_child(["--method", method, "--port", str(free_port()), *common]))
+        shutil.rmtree(work / f"{method}-0", ignore_errors=True)
+    raw = {key: statistics.median(r[k] for r in results.values() for k in [key])
+           for key in ("raw_write_fsync_s", "raw_read_s")}
+    raw = {"write_fsync_s": raw["raw_write_fsync_s"], "read_s": raw["raw_read_s"]}
+    print("... reshard", file=sys.stderr, flush=True)
+    rs = reshard(args, work)
+    print("... l0 every step", file=sys.stderr, flush=True)
+    l0 = json.loads(run_child(["--l0", *common, *(["--quick"] if args.quick else [])]))
+    shutil.rmtree(work, ignore_errors=True)
+    report(args, results, raw, rs, l0)
+
+
+def report(args, results: dict, raw: dict, rs: dict, l0: dict) -> None:
+    gb = results["ecpt"]["bytes"] / 1e9
+    print(f"\nstate {gb:.2f} GB, training step {results['ecpt']['base_step_s'] * 1e3:.0f} ms "
+          f"(fixed matmul loop), second checkpoint of each method (first in JSON)\n")
+    ours = results["ecpt"]
+    print(f"{'method':<16}{'stall s':>9}{'durable s':>11}{'peak RSS +MB':>14}{'steps during':>14}{'step slowdown':>15}")
+    for m in METHODS:
+        r = results[m]
+        print(f"{m:<16}{r['stall_s']:>9.3f}{r['durable_s']:>11.2f}{r['peak_rss_over_state_mb']:>14.0f}"
+              f"{r['steps_during']:>14}{r['slowdown'] * 100:>14.0f}%")
+    print(f"{'raw write+fsync':<16}{'':>9}{ours['raw_write_fsync_s']:>11.2f}   (in the ecpt child, just before)")
+    print(f"{'raw write+fsync':<16}{'':>9}{raw['write_fsync_s']:>11.2f}   ({gb / raw['write_fsync_s']:.2f} GB/s, median of all children)")
+    print(f"{'raw cold read':<16}{'':>9}{raw['read_s']:>11.2f}   ({gb / raw['read_s']:.2f} GB/s)")
+    read_bw = rs["bytes"] / rs["load_s"] / 1e9
+    targets = [
+        ("stall <= 1/10 of torch.save", ours["stall_s"] / results["torch_save"]["stall_s"], 0.1),
+        ("stall <= 1/2 of DCP async_save", ours["stall_s"] / results["dcp_async_save"]["stall_s"], 0.5),
+        ("durable <= 1.3 x raw write+fsync (same child)", ours["durable_s"] / ours["raw_write_fsync_s"], 1.3),
+        ("L0 every step costs <= 5% throughput", l0["cost"], 0.05),
+        ("reshard load 2->1 >= 70% of raw read bw", read_bw / (gb / raw["read_s"]), None),
+    ]
+    print(f"\nreshard load W=2 -> 1: {rs['load_s']:.2f} s, {read_bw:.2f} GB/s, bit-exact {rs['bit_exact']}")
+    print(f"L0 (/dev/shm) every step: {l0['plain_step_s'] * 1e3:.0f} -> {l0['l0_step_s'] * 1e3:.0f} ms/step, "
+          f"{l0['saved_steps']}/{l0['steps']} steps checkpointed (on_busy=skip)\n")
+    met = {}
+    for name, value, limit in targets:
+        ok = value >= 0.7 if limit is None else value <= limit
+        met[name] = {"value": value, "met": ok}
+        print(f"{'MET ' if ok else 'MISS'} {name:<42} measured {value:.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"size_mb": args.size_mb, "methods": results, "raw": raw, "reshard": rs,
+                               "l0_every_step": l0, "targets": met, "torch": torch.__version__}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
