@@ -1,0 +1,83 @@
+"""``ecpt ckpt list|verify|inspect|export``: offline checkpoint tools (no process group, no training code).
+
+DIR may be a level root (holding step-XXXXXXXX directories) or one checkpoint directory; for a root, verify,
+inspect and export act on its newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from checkpointing import CheckpointError, export_safetensors, inspect, list_checkpoints, verify
+
+
+def add_ckpt_parser(subparsers) -> None:
+    """``ecpt ckpt ...`` on an argparse subparsers object; every parser sets ``func=run_ckpt``."""
+    ckpt = subparsers.add_parser("ckpt", help="list, verify, inspect or export checkpoints")
+    sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,verify,inspect,export}")
+    for name, help_text in [("list", "committed checkpoints under a level root"),
+                            ("verify", "check every chunk's size and crc32c against the manifest"),
+                            ("inspect", "step, level, extra keys and tensors of one checkpoint (JSON)")]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("dir", help="a level root or one checkpoint directory")
+        p.set_defaults(func=run_ckpt)
+    export = sub.add_parser("export", help="write model.safetensors (+ config.json) for Hugging Face")
+    export.add_argument("dir", help="a level root or one checkpoint directory")
+    export.add_argument("--to", required=True, help="output directory")
+    export.add_argument("--prefix", default="model/", help="tensor name prefix to export and strip (default model/)")
+    export.set_defaults(func=run_ckpt)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def _resolve(path: Path) -> Path:
+    """One checkpoint directory: DIR itself, or the newest committed checkpoint under a level root."""
+    if _is_checkpoint(path):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path}: no committed checkpoint (no step-XXXXXXXX directory with manifest.json)")
+    return Path(found[-1].path)
+
+
+def run_ckpt(args: argparse.Namespace) -> int:
+    """Exit code 0 on success, 1 if verify found problems, 2 if the directory is not a checkpoint."""
+    path = Path(args.dir)
+    try:
+        if args.ckpt_command == "list":
+            return _list(path)
+        target = _resolve(path)
+        if args.ckpt_command == "verify":
+            problems = verify(target)
+            for p in problems:
+                print(f"PROBLEM {p}")
+            print(f"{target}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            return 1 if problems else 0
+        if args.ckpt_command == "inspect":
+            print(json.dumps(inspect(target), indent=1))
+            return 0
+        out = export_safetensors(target, args.to, prefix=args.prefix)
+        print(f"exported step {inspect(target)['step']} from {target} to {out}")
+        return 0
+    except CheckpointError as e:
+        print(f"ecpt ckpt: {e}", file=sys.stderr)
+        return 2
+
+
+def _list(path: Path) -> int:
+    infos = list_checkpoints(path.parent if _is_checkpoint(path) else path)
+    if not infos:
+        print(f"ecpt ckpt: {path}: no committed checkpoint", file=sys.stderr)
+        return 2
+    print(f"{'step':>10}  {'level':<6}{'MB':>10}  {'complete':<9}{'node':<10}{'created':<20}path")
+    for i in infos:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_unix)) if i.created_unix else "?"
+        print(f"{i.step:>10}  {i.level:<6}{i.nbytes / 1e6:>10.1f}  {str(i.complete):<9}{i.node_id or '-':<10}"
+              f"{created:<20}{i.path}")
+    return 0
