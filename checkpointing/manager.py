@@ -21,7 +21,7 @@ import queue
 import secrets
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +108,7 @@ class CheckpointManager:
                  local_world_size: int | None = None, local_group: dist.ProcessGroup | None = None,
                  node_id: str = "node-0", chunk_bytes: int = 16 << 20, on_busy: str = "wait",
                  registry: CollectorRegistry | None = None, logger: logging.Logger | None = None,
-                 *, staging_buffers: int = 2) -> None:
+                 *, staging_buffers: int = 2, read_threads: int = 2) -> None:
         if not levels:
             raise ValueError("CheckpointManager needs at least one LevelSpec")
         if len({lv.name for lv in levels}) != len(levels):
@@ -130,6 +130,7 @@ class CheckpointManager:
         self._pin = torch.cuda.is_available()
         self._writer = ChunkWriter()
         self._scratch = Scratch()
+        self._read_threads = max(1, read_threads)
         self._manifests: dict[Path, tuple[int, Manifest]] = {}
         self._handles: list[SaveHandle] = []
         self._unstaged: list[SaveHandle] = []
@@ -186,6 +187,9 @@ class CheckpointManager:
                 return None
             self.stats.waits += 1
             bufset = self._pool.acquire(block=True)
+        # forget saves that committed (failed ones stay until wait_durable reports them): no growth over a long run
+        if len(self._handles) > 64:
+            self._handles = [h for h in self._handles if not h.durable.done() or h.durable.exception() is not None]
         handle = SaveHandle(step, [lv.name for lv in levels])
         job = _WriteJob(step, levels, handle, bufset, staged, extra, t0)
         self._handles.append(handle)
@@ -229,7 +233,8 @@ class CheckpointManager:
 
     def wait_durable(self) -> list[str]:
         """Block until every save so far is committed on all its levels; raise one CheckpointError naming every
-        failing rank, level and file. Returns the names of levels committed by those saves."""
+        failing rank, level and file. Returns the names of levels committed by the saves since the last call
+        (saves that committed long ago may have been forgotten already). Collective."""
         for h in self._handles:
             h.staged.exception()                # every save is queued for persisting before the flush marker
         self._control("flush")
@@ -309,15 +314,29 @@ class CheckpointManager:
                 continue
             if any(tuple(i["key"]) != target for i in infos):
                 continue        # others are dropping older jobs; agree again with the same job
-            if isinstance(job, _WriteJob):
-                self._run_write(job, infos)
-            elif job.kind == "emergency":
-                job.done.set_result(self._run_emergency(infos))
-            else:
-                job.done.set_result(None)
-                if job.kind == "stop":
-                    return
+            try:
+                if isinstance(job, _WriteJob):
+                    self._run_write(job, infos)
+                elif job.kind == "emergency":
+                    job.done.set_result(self._run_emergency(infos))
+                else:
+                    job.done.set_result(None)
+                    if job.kind == "stop":
+                        return
+            except (RuntimeError, ValueError, OSError) as e:   # a broken process group or an unexpected file state
+                self._fail(job, e)
             job = None
+
+    def _fail(self, job, exc: Exception) -> None:
+        """Resolve a job whose execution raised, so no caller waits forever; the persist thread carries on."""
+        err = CheckpointError(f"rank {self.rank}: checkpoint persist thread failed: {type(exc).__name__}: {exc}")
+        self.log.error("%s", err)
+        if isinstance(job, _WriteJob):
+            self._pool.release(job.bufset)
+            if not job.handle.durable.done():
+                job.handle.durable.set_exception(err)
+        elif not job.done.done():
+            job.done.set_exception(err)
 
     def _job_info(self, job) -> dict:
         if isinstance(job, _ControlJob):
@@ -489,11 +508,10 @@ class CheckpointManager:
         """Fill `tensors` in place from the newest checkpoint every rank can serve (or `step`); fall back to older
         valid checkpoints on a missing or corrupt chunk. Collective over the checkpoint group."""
         t0 = time.perf_counter()
-        if self._handles:
-            try:
-                self.wait_durable()
-            except CheckpointError as e:
-                self.log.error("pending checkpoint saves failed before load: %s", e)
+        try:
+            self.wait_durable()         # collective: every rank drains its queue, so load's collectives line up
+        except CheckpointError as e:
+            self.log.error("pending checkpoint saves failed before load: %s", e)
         targets = [Target.of(name, value) for name, value in tensors.items()]
         excluded, fallbacks, reasons = set(), [], {}
         while True:
@@ -531,9 +549,10 @@ class CheckpointManager:
     def _read_all(self, path: Path, manifest: Manifest, targets: list[Target]) -> tuple[str | None, int]:
         nread = 0
         try:
-            for t in targets:
-                if t.name in manifest.tensors:
-                    nread += read_range(path, manifest, t, self._scratch)
+            with ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:
+                for t in targets:
+                    if t.name in manifest.tensors:
+                        nread += read_range(path, manifest, t, self._scratch, pool)
         except (CheckpointCorruptError, OSError) as e:
             return str(e), nread
         return None, nread
