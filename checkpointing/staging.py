@@ -136,6 +136,107 @@ class BufferPool:
         staged = [s for s in self.sets if s.step is not None]
         return max(staged, key=lambda s: s.step) if staged else None
 
+
+def describe(self) -> list:
+        return [list(self.shape), self.dtype, self.layout, self.start, self.stop]
+
+
+@dataclass
+class BufferSet:
+    """One reusable set of host buffers and the step whose values it currently holds."""
+
+    index: int
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int | None = None
+
+    def flat(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
+
+    def ensure(self, name: str, numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """The buffer for `name`, allocated only the first time (or when its size/dtype changed)."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() != numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
+            self.buffers[name] = buf
+        return buf
+
+    def drop_unused(self, names: set[str]) -> None:
+        for stale in set(self.buffers) - names:
+            del self.buffers[stale]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+def local_view(value: "torch.Tensor | Shard") -> torch.Tensor:
+    return value.local if isinstance(value, Shard) else value
+
+
+def stage_into(bufset: BufferSet, tensors: dict[str, "torch.Tensor | Shard"], step: int, pin: bool) -> int:
+    """Copy every tensor (or Shard.local) into the set's buffers; return bytes copied.
+
+    CUDA sources are copied non_blocking into pinned buffers and we wait on an event recorded after the last copy,
+    so the staged values are complete when this returns and the caller may then mutate its tensors."""
+    copied = 0
+    events = []
+    for name, value in tensors.items():
+        src = local_view(value)
+        buf = bufset.ensure(name, src.numel(), src.dtype, pin)
+        if src.numel():
+            buf.view(src.shape).copy_(src.detach(), non_blocking=src.is_cuda)
+        copied += src.numel() * src.element_size()
+        if src.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(src.device))
+            events.append(ev)
+    for ev in events:
+        ev.synchronize()
+    bufset.drop_unused(set(tensors))
+    bufset.step = step
+    return copied
+
+
+class BufferPool:
+    """A fixed number of BufferSets handed out to saves and returned once their data is on the first level."""
+
+    def __init__(self, n_sets: int) -> None:
+        if n_sets < 1:
+            raise ValueError(f"staging_buffers must be >= 1, got {n_sets}")
+        self.sets = [BufferSet(i) for i in range(n_sets)]
+        self._free = list(self.sets)
+        self._cond = threading.Condition()
+
+    def acquire(self, block: bool, timeout: float | None = None) -> BufferSet | None:
+        """A free set, or None if none is free and block is False / timeout hit.
+
+        Last in, first out: when saves do not overlap the same (already touched) set is reused every time and the
+        second set is only allocated when a save really has to stage while the previous one persists."""
+        with self._cond:
+            if not block and not self._free:
+                return None
+            if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
+                return None
+            return self._free.pop()
+
+    def release(self, bufset: BufferSet) -> None:
+        with self._cond:
+            if bufset not in self._free:
+                self._free.append(bufset)
+            self._cond.notify_all()
+
+    def acquire_specific(self, bufset: BufferSet) -> BufferSet:
+        """Wait until this particular set is free and take it (emergency save of its contents)."""
+        with self._cond:
+            self._cond.wait_for(lambda: bufset in self._free)
+            self._free.remove(bufset)
+            return bufset
+
+    def newest(self) -> BufferSet | None:
+        """The set holding the highest staged step (for emergency saves)."""
+        staged = [s for s in self.sets if s.step is not None]
+        return max(staged, key=lambda s: s.step) if staged else None
+
     def is_free(self, bufset: BufferSet) -> bool:
         with self._cond:
             return bufset in self._free

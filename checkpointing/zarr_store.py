@@ -8,7 +8,6 @@ reads; tests check that.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -207,18 +206,6 @@ def read_into(path: Path, views: list[memoryview]) -> tuple[int, int]:
             crc = crc32c.crc32c(tail, crc)
             total += len(tail)
     return crc, total
-
-
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding `path` (one call instead of one fsync per small file)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
 
 
 def fault_pause_hook(step: int, chunks_written: int) -> None:
