@@ -412,15 +412,22 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config (the embedded default if ``path`` is None), apply overrides and validate everything."""
+    """Load a TOML config (or a resolved config.json; the embedded default if ``path`` is None), apply overrides
+    and validate everything."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with an existing TOML file "
                           f"(the default is {DEFAULT_CONFIG})")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    if path.suffix == ".json":  # a resolved config written by a previous run (<run_dir>/config.json)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    else:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

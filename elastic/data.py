@@ -17,6 +17,7 @@ import ast
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -141,6 +142,15 @@ def _expand(pattern: str, where: str) -> list[Path]:
     return [Path(m) for m in matches]
 
 
+def _glob_base(pattern: str) -> Path:
+    """The directory part of a pattern before its first wildcard: document names are taken relative to it, so
+    the validation split does not depend on where the data lives."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    fixed = [p for p in itertools.takewhile(lambda p: not any(c in p for c in "*?["), parts)]
+    base = Path(*fixed) if fixed else Path(".")
+    return base.parent if base.is_file() else base
+
+
 def _domain_splits(domain: str, sources: list[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     where = f"data.sources.{domain}"
     text_docs: list[tuple[str, bytes]] = []
@@ -157,7 +167,7 @@ def _domain_splits(domain: str, sources: list[str], val_fraction: float) -> tupl
             if path.suffix == ".npy" or path.suffix == ".zarr":
                 arrays.append(_token_array_splits(path, val_fraction, where))
             elif path.is_file():
-                text_docs.append((str(path), path.read_bytes()))
+                text_docs.append((str(path.relative_to(_glob_base(src))) or path.name, path.read_bytes()))
     if text_docs:
         arrays.append(_docs_to_splits(text_docs, val_fraction))
     dtype = np.result_type(*[a.dtype for pair in arrays for a in pair])

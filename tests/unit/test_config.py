@@ -56,3 +56,13 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_override_into_non_table_is_rejected():
     with pytest.raises(ConfigError, match="not a table"):
         apply_overrides({"train": 3}, ["train.max_steps=1"])
+
+
+def test_a_resolved_config_json_loads_as_a_config(tmp_path):
+    from elastic.config import save_config
+
+    cfg = load_config(None, ["train.max_steps=3"])
+    save_config(cfg, tmp_path / "config.json")
+    again = load_config(tmp_path / "config.json", ["train.seed=5"])
+    assert again.train.max_steps == 3 and again.train.seed == 5
+    assert again.data.phases == cfg.data.phases

@@ -1,0 +1,294 @@
+"""Elastic recovery benchmark: ecpt vs plain torchrun + torch.save, measured in the same run.
+
+For each system: recovery time (kill -> first completed training step after the restart) and steps lost for a
+worker kill, a node loss (its agent and workers killed) and a node join; then goodput (steps done / steps a
+fault-free run does in the same wall time) with a fault every --fault-every seconds over --duration seconds.
+
+    python benchmarks/elastic.py                       # full: 10 min goodput per system (about 25 min in all)
+    python benchmarks/elastic.py --duration 120 --fault-every 40   # quick look
+
+Prints a table and writes benchmarks/results/elastic.json. Targets: recovery <= 10 s for worker kill and node
+loss and >= 3x faster than the baseline; goodput >= 90%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from elastic.config import load_config, save_config  # noqa: E402
+from elastic.world import free_port  # noqa: E402
+
+
+def read_rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return rows
+
+
+def steps(run: Path) -> list[dict]:
+    return [r for r in read_rows(run) if r["kind"] == "step"]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Job:
+    """One system's training job: a set of agents (one per simulated node), each in its own session."""
+
+    system: str
+    run: Path
+    config_json: Path
+    endpoint: str
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    store: subprocess.Popen | None = None
+
+    def agent_cmd(self, node: str, nnodes: str, nproc: int) -> tuple[list[str], dict]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        if self.system == "ecpt":
+            cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(self.config_json),
+                   "--run-dir", str(self.run), "--nnodes", nnodes, "--nproc-per-node", str(nproc),
+                   "--rdzv-endpoint", self.endpoint, "--node-id", node]
+            if nnodes != "1":
+                cmd += ["--rdzv-store", "external"]
+            return cmd, env
+        # the peer: torchrun with its default rendezvous settings
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", "--max-restarts=100",
+               str(REPO / "benchmarks" / "baseline_worker.py"), "--config-json", str(self.config_json)]
+        return cmd, env
+
+    def start_node(self, node: str, nnodes: str = "1", nproc: int = 2) -> None:
+        cmd, env = self.agent_cmd(node, nnodes, nproc)
+        log = open(self.run.parent / f"{self.system}-{node}-{len(self.nodes)}.log", "a")
+        self.nodes[node] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def start_store(self) -> None:
+        port = self.endpoint.rsplit(":", 1)[1]
+        self.store = subprocess.Popen([sys.executable, "-m", "launch.cli", "rdzv-store", "--port", port], cwd=REPO,
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.store.stdout.readline()
+
+    def kill_node(self, node: str) -> None:
+        """SIGKILL the node's launcher and agent (their session); its workers die with the agent."""
+        proc = self.nodes.pop(node)
+        for pid in _session_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+    def worker_pid(self, rank: int) -> int:
+        return json.loads((self.run / "ranks" / f"rank-{rank}.json").read_text())["pid"]
+
+    def stop(self) -> None:
+        for proc in [*self.nodes.values(), self.store]:
+            if proc is not None and proc.poll() is None:
+                for pid in _session_pids(proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+        for proc in [*self.nodes.values(), self.store]:
+            if proc is not None:
+                proc.wait()
+        subprocess.run(["pkill", "-9", "-f", str(self.config_json.parent)], check=False)
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    pids.append(int(d.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+def make_job(system: str, root: Path, steps_total: int) -> Job:
+    run = root / system / "run"
+    run.mkdir(parents=True)
+    overrides = [f'train.run_dir="{run}"', f"train.max_steps={steps_total}", "train.progress=false",
+                 f'checkpoint.l0_dir="{root / system / "shm"}"', "metrics.enabled=false"]
+    cfg = load_config(None, overrides)
+    for phase in cfg.data.phases:  # long phases: the benchmark, not the schedule, ends the run
+        phase.tokens *= 100
+    cfg.train.run_dir = str(run)
+    config_json = root / system / "config.json"
+    save_config(cfg, config_json)
+    from launch.cli import prepare_run
+
+    prepare_run(cfg)
+    return Job(system=system, run=run, config_json=config_json, endpoint=f"127.0.0.1:{free_port()}")
+
+
+def recovery_after(job: Job, t_kill: float, last_before: int, world_size: int | None = None,
+                   timeout: float = 180) -> dict:
+    """Seconds from the fault to the first step completed by the restarted group, and steps lost."""
+    def first_new_step():
+        rows = read_rows(job.run)
+        resumed = [r for r in rows if r["kind"] == "resume" and r["time"] >= t_kill]
+        if not resumed:
+            return None
+        after = [r for r in rows if r["kind"] == "step" and r["time"] > resumed[0]["time"]
+                 and (world_size is None or r["world_size"] == world_size)]
+        return (resumed[0], after[0]) if after else None
+
+    resumed, first = wait_until(first_new_step, timeout, f"{job.system} to recover")
+    return {"recovery_seconds": round(first["time"] - t_kill, 2), "steps_lost": max(last_before - resumed["step"], 0),
+            "resumed_at": resumed["step"], "world_size": first["world_size"]}
+
+
+def scenario_worker_kill(job: Job) -> dict:
+    job.start_node("n0", "1", 2)
+    wait_until(lambda: len(steps(job.run)) >= 25, 300, "25 steps")
+    last = steps(job.run)[-1]["step"]
+    t_kill = time.time()
+    os.kill(job.worker_pid(1), signal.SIGKILL)
+    return recovery_after(job, t_kill, last)
+
+
+def scenario_node_loss_and_join(job: Job) -> tuple[dict, dict]:
+    if job.system == "ecpt":
+        job.start_store()
+    job.start_node("n0", "1:2", 1)
+    job.start_node("n1", "1:2", 1)
+    wait_until(lambda: [r for r in steps(job.run) if r["world_size"] == 2 and r["step"] >= 25], 300,
+               "25 steps on 2 nodes")
+    last = steps(job.run)[-1]["step"]
+    t_kill = time.time()
+    job.kill_node("n1")
+    loss = recovery_after(job, t_kill, last, world_size=1)
+    wait_until(lambda: len(steps(job.run)) > 0 and steps(job.run)[-1]["step"] >= loss["resumed_at"] + 10, 300,
+               "10 steps on 1 node")
+    last = steps(job.run)[-1]["step"]
+    t_join = time.time()
+    job.start_node("n1", "1:2", 1)
+    join = recovery_after(job, t_join, last, world_size=2)
+    return loss, join
+
+
+def goodput(job: Job, duration: float, fault_every: float, rate_fault_free: float) -> dict:
+    job.start_node("n0", "1", 2)
+    wait_until(lambda: steps(job.run), 300, "the first step")
+    t0 = steps(job.run)[0]["time"]
+    faults = 0
+    while time.time() - t0 < duration:
+        next_fault = t0 + (faults + 1) * fault_every
+        time.sleep(max(0.0, min(next_fault, t0 + duration) - time.time()))
+        if time.time() - t0 >= duration:
+            break
+        try:
+            os.kill(job.worker_pid(faults % 2), signal.SIGKILL)
+            faults += 1
+        except (ProcessLookupError, FileNotFoundError):
+            continue  # the group is restarting right now; the next fault comes on schedule
+    done = max((r["step"] for r in steps(job.run) if r["time"] <= t0 + duration), default=0)
+    # count only steps kept: the last resume before the end bounds the useful trajectory from below
+    return {"faults": faults, "duration_seconds": duration, "steps": done,
+            "goodput_ratio": round(done / (rate_fault_free * duration), 3)}
+
+
+def fault_free_rate(job: Job, seconds: float = 60) -> float:
+    job.start_node("n0", "1", 2)
+    wait_until(lambda: len(steps(job.run)) >= 5, 300, "5 steps")
+    time.sleep(seconds)
+    rows = steps(job.run)
+    window = [r for r in rows if r["time"] >= rows[4]["time"]]
+    return (window[-1]["step"] - window[0]["step"]) / (window[-1]["time"] - window[0]["time"])
+
+
+def run_system(system: str, root: Path, args) -> dict:
+    out = {}
+    scenarios = [("worker_kill", scenario_worker_kill), ("node", scenario_node_loss_and_join)]
+    for name, fn in scenarios:
+        job = make_job(system, root / name, 100_000)
+        try:
+            result = fn(job)
+        except TimeoutError as exc:
+            result = {"error": str(exc)}
+        finally:
+            job.stop()
+        if name == "node":
+            out["node_loss"], out["node_join"] = result if isinstance(result, tuple) else (result, result)
+        else:
+            out[name] = result
+        print(f"  {system:8s} {name:12s} {out.get(name, out.get('node_loss'))}", flush=True)
+    job = make_job(system, root / "rate", 100_000)
+    try:
+        rate = fault_free_rate(job, args.rate_seconds)
+    finally:
+        job.stop()
+    job = make_job(system, root / "goodput", 100_000)
+    try:
+        out["goodput"] = goodput(job, args.duration, args.fault_every, rate)
+    except TimeoutError as exc:
+        out["goodput"] = {"error": str(exc)}
+    finally:
+        job.stop()
+    out["fault_free_steps_per_second"] = round(rate, 3)
+    print(f"  {system:8s} goodput      {out['goodput']}", flush=True)
+    return out
+
+
+def table(results: dict) -> str:
+    def cell(system, key, field_):
+        value = results[system].get(key, {}).get(field_)
+        return "error" if value is None else f"{value}"
+
+    lines = ["| measure | ecpt | torchrun + torch.save | ratio (baseline / ecpt) |", "|---|---|---|---|"]
+    for key in ("worker_kill", "node_loss", "node_join"):
+        e, b = cell("ecpt", key, "recovery_seconds"), cell("baseline", key, "recovery_seconds")
+        ratio = f"{float(b) / float(e):.1f}x" if "error" not in (e, b) else "-"
+        lines.append(f"| recovery after {key.replace('_', ' ')} (s) | {e} | {b} | {ratio} |")
+        lines.append(f"| steps lost, {key.replace('_', ' ')} | {cell('ecpt', key, 'steps_lost')} | "
+                     f"{cell('baseline', key, 'steps_lost')} | |")
+    lines.append(f"| goodput | {cell('ecpt', 'goodput', 'goodput_ratio')} | "
+                 f"{cell('baseline', 'goodput', 'goodput_ratio')} | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=600, help="goodput window per system, seconds")
+    parser.add_argument("--fault-every", type=float, default=120, help="seconds between faults in the window")
+    parser.add_argument("--rate-seconds", type=float, default=45, help="fault-free measuring window, seconds")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "elastic.json"))
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ecpt-elastic-bench-") as tmp:
+        for system in ("ecpt", "baseline"):
+            print(f"{system}:", flush=True)
+            results[system] = run_system(system, Path(tmp) / system, args)
+    print(table(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
