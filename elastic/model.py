@@ -128,15 +128,18 @@ class LlamaLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(tokens))
-
-    def sequence_losses(self, batch: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of each sequence in ``batch`` (shape [B, seq_len + 1]) -> [B]."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self(inputs)
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V]; with ``targets``, the mean next-token cross-entropy of each sequence [B] instead
+        (computed inside forward so that DDP, which wraps forward, sees the whole graph)."""
+        logits = self.lm_head(self.model(tokens))
+        if targets is None:
+            return logits
         losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         return losses.view(targets.shape).mean(dim=1)
+
+    def sequence_losses(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean loss of ``batch`` [B, seq_len + 1] (inputs and shifted targets in one array) -> [B]."""
+        return self(batch[:, :-1], batch[:, 1:])
 
 
 def hf_config(cfg: ModelConfig) -> dict:

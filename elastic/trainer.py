@@ -164,19 +164,11 @@ class Trainer:
             # Only the last micro-batch triggers DDP's gradient all-reduce.
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
-                losses = self.ddp.sequence_losses(batch) if self.ddp is self.model else self._ddp_losses(batch)
+                losses = self.ddp(batch[:, :-1], batch[:, 1:])  # per-sequence losses, through DDP if wrapped
                 loss = losses.sum() / g  # this rank's share of the global-batch mean
                 loss.backward()
             loss_sum += float(losses.detach().sum())
         return loss_sum
-
-    def _ddp_losses(self, batch: torch.Tensor) -> torch.Tensor:
-        """Per-sequence losses computed through the DDP wrapper's forward, so DDP sees the autograd graph."""
-        logits = self.ddp(batch[:, :-1])
-        targets = batch[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                                   reduction="none")
-        return losses.view(targets.shape).mean(dim=1)
 
     def _reduce_loss_and_stop(self, local_sum: float) -> tuple[float, bool]:
         """Global-batch mean loss, and whether any rank was asked to stop, in one all-reduce.

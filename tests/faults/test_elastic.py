@@ -81,7 +81,7 @@ def test_killed_worker_restarts_from_memory_bit_exactly(tiny_raw, tmp_path, clea
     result = _train(_config(tiny_raw, tmp_path), run, "--fault", "kill rank 1 at step 5")
     _check_ok(result)
     resumes = read_jsonl(run / "metrics.jsonl", "resume")
-    assert len(resumes) == 1
+    assert len(resumes) == 1, f"expected one restart, got {resumes}:\n{result.stderr[-6000:]}"
     resume = resumes[0]
     # Persisting is asynchronous, so the newest committed snapshot may trail the kill by a step or two on a busy
     # machine; whatever it is, it comes from node memory and the lost steps are counted.
