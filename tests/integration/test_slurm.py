@@ -1,0 +1,105 @@
+"""`ecpt launch slurm --submit` on a real (private, single-node) Slurm cluster: the job trains, USR1 makes every
+worker checkpoint and stop at a step boundary, the script requeues the job and the rerun resumes from that step."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import write_toml
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 300
+SIGNAL_AFTER_STEP = 30
+SIGUSR1 = 10
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_step(run_dir: Path) -> int:
+    return max((r["step"] for r in jsonl(run_dir) if r["kind"] == "step"), default=0)
+
+
+def newest_committed_step(root: Path) -> int:
+    """A checkpoint exists once its manifest is committed (DESIGN.md: commit protocol)."""
+    steps = [int(d.name.split("-")[1]) for d in root.glob("step-*") if (d / "manifest.json").is_file()]
+    return max(steps, default=0)
+
+
+@pytest.fixture
+def slurm_config(tiny_raw, tmp_path) -> Path:
+    """Hundreds of short steps (enough to be interrupted) and a checkpoint every 10 steps, skipped rather than
+    waited for while the previous one persists, so checkpoint writes on a busy machine do not slow the steps."""
+    for phase in tiny_raw["data"]["phases"]:
+        phase["tokens"] *= 100
+    tiny_raw["checkpoint"] = {"interval": 10, "keep_last": 2, "on_busy": "skip", "l0_interval": 0}
+    return write_toml(tiny_raw, tmp_path / "tiny.toml")
+
+
+@pytest.mark.slow
+def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, slurm_config, tmp_path,
+                                                                        wait_until):
+    cluster = slurm_cluster
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    submit = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "launch", "slurm", "--config", str(slurm_config), "--run-dir",
+         str(run_dir), "--nodes", "1", "--gpus-per-node", "0", "--time", "10", "--job-name", "ecpt-slurm-test",
+         "--set", f"train.max_steps={MAX_STEPS}", "--submit"],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"submitted batch job (\d+)", submit.stdout).group(1)
+    out_file = run_dir / f"slurm-{job_id}.out"
+    assert (run_dir / "config.json").is_file() and (run_dir / "ecpt-slurm-test.sbatch").is_file()
+
+    def output() -> str:
+        return out_file.read_text() if out_file.exists() else ""
+
+    def job(): return cluster.job(job_id)
+
+    # 1. It trains under Slurm; then the time-limit warning arrives (sent now instead of minutes before --time).
+    wait_until(lambda: last_step(run_dir) >= SIGNAL_AFTER_STEP, 120,
+               f"step {SIGNAL_AFTER_STEP} in metrics.jsonl (job state {job().get('JobState')}):\n{output()}")
+    assert job()["JobState"] == "RUNNING"
+    signalled_at = time.monotonic()
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    # 2. Every worker stops at one step boundary after an emergency checkpoint, and the job requeues itself.
+    stop = wait_until(lambda: next((r for r in jsonl(run_dir) if r["kind"] == "stop"), None), 60,
+                      f"a stop record in metrics.jsonl:\n{output()}")
+    stopped_at = stop["step"]
+    assert SIGNAL_AFTER_STEP <= stopped_at < MAX_STEPS, "stopped by the signal, before the end of training"
+    wait_until(lambda: "agents exited with code" in output(), 60, f"the first run to end:\n{output()}")
+    saved = newest_committed_step(run_dir / "checkpoints")
+    assert 0 < saved <= stopped_at, (saved, stopped_at)
+    wait_until(lambda: "SLURM_RESTART_COUNT=1" in output(), 90,
+               f"the requeued job to start again (job {job()}):\n{output()}")
+    requeued_after = time.monotonic() - signalled_at
+    first_run = output().split("SLURM_RESTART_COUNT=1")[0]
+    assert "USR1 received" in first_run and "requeueing job" in first_run and "emergency checkpoint" in first_run
+    stops = re.findall(r"\[rank (\d+) step (\d+)\] stopped by signal (\d+)", first_run)
+    assert sorted(stops) == [("0", str(stopped_at), str(SIGUSR1)), ("1", str(stopped_at), str(SIGUSR1))], stops
+    assert "agents exited with code 0" in first_run, "the agents ignore USR1; their workers exit cleanly"
+
+    # 3. The rerun resumes from the checkpoint saved at the stop and finishes.
+    wait_until(lambda: job()["JobState"] == "COMPLETED", 180, f"the rerun to complete (job {job()}):\n{output()}")
+    final = job()
+    assert final["Restarts"] == "1" and final["ExitCode"] == "0:0", final
+    records = jsonl(run_dir)
+    resume = [r for r in records if r["kind"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == saved, (resume, saved)
+    after = [r["step"] for r in records[records.index(resume[0]):] if r["kind"] == "step"]
+    assert after == list(range(saved + 1, MAX_STEPS + 1)), "continues at the step after the checkpoint"
+    print(f"slurm: stopped at step {stopped_at}, checkpoint {saved}, rerun started {requeued_after:.1f} s after "
+          f"USR1, whole test {time.monotonic() - started:.1f} s")
