@@ -26,8 +26,10 @@ ENV_SCHEMES = (
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
 )
+SLURM_TASKS_PER_NODE_KEYS = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+"""srun always sets the step's tasks per node ('2(x3),1'); --ntasks-per-node alone sets the last one."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,20 @@ class WorldInfo:
         return self.rank // max(self.local_world_size, 1)
 
 
-def _local_size(value: str | None, world_size: int) -> int:
-    """SLURM_NTASKS_PER_NODE can read '2(x3)'; the first number is what this node runs."""
+def _local_size(value: str | None, world_size: int, node: int = 0) -> int:
+    """Tasks on this node; Slurm writes per-node counts compressed: '2(x3),1' is 2, 2, 2, 1 for nodes 0..3."""
     if not value:
         return world_size
-    return int(value.split("(")[0].split(",")[0])
+    counts = []
+    for part in value.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[min(node, len(counts) - 1)]
+
+
+def _slurm_local_size(env: dict[str, str], world_size: int) -> int:
+    value = next((env[k] for k in SLURM_TASKS_PER_NODE_KEYS if env.get(k)), None)
+    return _local_size(value, world_size, int(env.get("SLURM_NODEID", "0")))
 
 
 def _launcher_name(scheme: str, env: dict[str, str]) -> str:
@@ -68,9 +79,10 @@ def detect_world(env: dict[str, str] | None = None) -> WorldInfo:
     for name, rank_key, size_key, local_key, local_size_key in ENV_SCHEMES:
         if rank_key in env and size_key in env:
             world_size = int(env[size_key])
+            local_size = (_slurm_local_size(env, world_size) if name == "slurm"
+                          else _local_size(env.get(local_size_key), world_size))
             return WorldInfo(rank=int(env[rank_key]), world_size=world_size,
-                             local_rank=int(env.get(local_key, "0")),
-                             local_world_size=_local_size(env.get(local_size_key), world_size),
+                             local_rank=int(env.get(local_key, "0")), local_world_size=local_size,
                              launcher=_launcher_name(name, env), restart_count=restarts)
     return WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
 

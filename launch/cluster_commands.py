@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def cmd_mpi(args: argparse.Namespace) -> int:
     print(f"run dir {cfg.train.run_dir}; {flavour} mpiexec: {args.n} ranks"
           f"{f' over {opts.hostfile}' if opts.hostfile else ' on this machine'}", flush=True)
     if args.print:
-        print(" ".join(cmd))
+        print(shlex.join(cmd))
         return 0
     code = run_agent(cmd, threads_per_worker=threads_per_rank(spec, opts))
     print(f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "

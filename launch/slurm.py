@@ -139,7 +139,6 @@ def render_sbatch(spec: LaunchSpec, opts: SlurmOptions) -> str:
     """The complete sbatch script for ``spec``."""
     opts.validate()
     n = spec.nproc_per_node
-    threads = f"$(( ${{SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}} / {n} > 0 ? ${{SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}} / {n} : 1 ))"
     devices = f"{spec.gpus_per_node} GPU(s) per node" if spec.gpus_per_node else "CPU nodes"
     backend = f"{devices}, {spec.backend}"
     body = f"""#!/bin/bash
@@ -148,13 +147,15 @@ def render_sbatch(spec: LaunchSpec, opts: SlurmOptions) -> str:
 {chr(10).join(_directives(spec, opts))}
 
 set -uo pipefail
-echo "ecpt: job ${{SLURM_JOB_ID}} $(date -Is) on ${{SLURM_JOB_NODELIST}} (${{SLURM_JOB_NUM_NODES}} nodes), SLURM_RESTART_COUNT=${{SLURM_RESTART_COUNT:-0}}"
+echo "ecpt: job ${{SLURM_JOB_ID}} $(date -Is) on ${{SLURM_JOB_NODELIST}} (${{SLURM_JOB_NUM_NODES}} nodes)," \\
+     "SLURM_RESTART_COUNT=${{SLURM_RESTART_COUNT:-0}}"
 
 # c10d rendezvous on the first node of the allocation.
 rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 {_port_line(spec)}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
-export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}
+cpus=${{SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}}
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( cpus / {n} > 0 ? cpus / {n} : 1 ))}}
 
 # USR1 arrives {opts.signal_seconds} s before the time limit (or on preemption): pass it to every process of the step;
 # the workers checkpoint and stop at the next step boundary, then the job is requeued and resumes.

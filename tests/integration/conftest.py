@@ -131,12 +131,19 @@ class SlurmCluster:
     pid_files: list[Path] = field(default_factory=list)
 
     @property
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf), "PATH": SBIN_PATH}
+    def env_vars(self) -> dict[str, str]:
+        """What every client call needs: this cluster's slurm.conf and the sbin directories."""
+        return {"SLURM_CONF": str(self.conf), "PATH": SBIN_PATH}
 
-    def run(self, *args: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess:
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.env_vars}
+
+    def run(self, *args: str, timeout: float = 20, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster; ``timeout`` guards against a dead slurmctld."""
-        proc = subprocess.run(list(args), capture_output=True, text=True, env=self.env, timeout=timeout)
+        proc = subprocess.run(list(args), capture_output=True, text=True, env={**(env or os.environ), **self.env_vars},
+                              timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}\n"
                                  f"{self.daemon_logs()}")

@@ -4,6 +4,7 @@ worker checkpoint and stop at a step boundary, the script requeues the job and t
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,35 @@ REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 300
 SIGNAL_AFTER_STEP = 30
 SIGUSR1 = 10
+
+
+RANK_PROBE = """
+import json, os
+import torch, torch.distributed as dist
+from elastic.world import detect_world, init_distributed, shutdown_distributed
+world = detect_world()
+init_distributed(world, timeout_s=60)
+t = torch.tensor([world.rank + 1.0])
+dist.all_reduce(t)
+print(json.dumps({"rank": world.rank, "world": world.world_size, "local_rank": world.local_rank,
+                  "local_world": world.local_world_size, "launcher": world.launcher,
+                  "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]], "sum": t.item()}), flush=True)
+shutdown_distributed()
+"""
+
+
+def test_srun_started_workers_find_their_rank_and_rendezvous(slurm_cluster):
+    """Workers started by srun itself (no torchrun): ranks from SLURM_*, rendezvous from the job's first node."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = slurm_cluster.run("srun", "-n", "2", "--job-name=rank-probe", sys.executable, "-c", RANK_PROBE,
+                             env=env, timeout=120)
+    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                  key=lambda r: r["rank"])
+    assert [(r["rank"], r["local_rank"]) for r in rows] == [(0, 0), (1, 1)], proc.stdout + proc.stderr
+    assert all(r["world"] == 2 and r["local_world"] == 2 and r["launcher"] == "slurm" for r in rows)
+    assert rows[0]["master"] == rows[1]["master"] and rows[0]["master"][0] == slurm_cluster.host
+    assert all(r["sum"] == 3.0 for r in rows), "the gloo all-reduce spans both srun tasks"
 
 
 def jsonl(run_dir: Path) -> list[dict]:

@@ -17,8 +17,13 @@ KUBERNETES = {"RANK": "2", "WORLD_SIZE": "3", "MASTER_ADDR": "job-master-0", "MA
               "KUBERNETES_SERVICE_HOST": "10.0.0.1", "PYTHONUNBUFFERED": "0"}
 # Inside an elastic PyTorchJob the pod runs torchrun, which sets its own variables and run id.
 KUBERNETES_TORCHRUN = {**TORCHRUN, "KUBERNETES_SERVICE_HOST": "10.0.0.1", "PET_NNODES": "1:4"}
-SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x3)",
-        "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-09]"}
+SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x3)",
+        "SLURM_NODEID": "2", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-09]"}
+# srun -n 4 over 2 nodes without --ntasks-per-node: 3 tasks on the first node, 1 on the second (this one).
+SRUN_UNEVEN = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "3,1",
+               "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "1", "SLURM_JOB_ID": "8"}
+# Only --ntasks-per-node's variable (an older srun, or a hand-made environment).
+SRUN_NTASKS_PER_NODE = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2"}
 MPICH = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "PMI_FD": "9"}
 OPENMPI = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
@@ -32,11 +37,14 @@ MPICH_UNDER_SBATCH = {**MPICH, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_
     (KUBERNETES, WorldInfo(2, 3, 0, 3, "kubernetes")),
     (KUBERNETES_TORCHRUN, WorldInfo(3, 4, 1, 2, "torchrun", restart_count=2)),
     (SRUN, WorldInfo(5, 6, 1, 2, "slurm")),
+    (SRUN_UNEVEN, WorldInfo(3, 4, 0, 1, "slurm")),
+    (SRUN_NTASKS_PER_NODE, WorldInfo(1, 4, 1, 2, "slurm")),
     (MPICH, WorldInfo(1, 2, 1, 2, "mpich")),
     (OPENMPI, WorldInfo(2, 4, 0, 2, "openmpi")),
     (MPICH_UNDER_SBATCH, WorldInfo(1, 2, 1, 2, "mpich")),
     ({"HOME": "/root"}, WorldInfo(0, 1, 0, 1, "single")),
-], ids=["torchrun", "torchrun-under-srun", "kubernetes", "kubernetes-torchrun", "srun", "mpich", "openmpi",
+], ids=["torchrun", "torchrun-under-srun", "kubernetes", "kubernetes-torchrun", "srun", "srun-uneven",
+        "srun-ntasks-per-node", "mpich", "openmpi",
         "mpich-under-sbatch", "single"])
 def test_detect_world(env, expected):
     assert detect_world(env) == expected
