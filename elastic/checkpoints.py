@@ -161,5 +161,6 @@ class TrainerCheckpoints:
                    + (f"; skipped {res.fallbacks}" if res.fallbacks else ""))
         t.jsonl.write("resume", step=step, level=res.level, seconds=round(res.seconds, 3),
                       world_size=t.world.world_size, saved_world_size=restored.saved_world_size,
-                      restarts=t.world.restart_count, steps_lost=lost, fallbacks=res.fallbacks)
+                      restarts=t.world.restart_count, steps_lost=lost, fallbacks=res.fallbacks,
+                      process_started=float(os.environ.get("ECPT_PROCESS_STARTED", time.time())))
         return restored

@@ -16,6 +16,7 @@ replays step s does not fire the same fault again.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
@@ -48,8 +49,10 @@ class Fault:
     seconds: float = 0.0
 
     def describe(self) -> str:
-        who = f"rank {self.rank}" if self.rank is not None else f"node {self.node}" if self.node else "all"
-        return f"{self.kind} {who} at step {self.step}" + (f" for {self.seconds:g}s" if self.seconds else "")
+        """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
+        subject = {"kill": f"kill rank {self.rank}", "kill_node": f"kill node {self.node}", "sigterm": "sigterm all",
+                   "stall": f"stall rank {self.rank}", "corrupt": "corrupt newest", "fill_disk": "fill disk"}
+        return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
 
 
 def parse_plan(sentences: list[str]) -> list[Fault]:
@@ -75,11 +78,12 @@ class FaultInjector:
     """Runs inside every worker; ``at_step(step)`` fires the faults that target this rank at this step."""
 
     def __init__(self, faults: list[Fault], run_dir: Path, rank: int, local_rank: int, node_id: str,
-                 checkpoint_roots: list[Path], log):
+                 checkpoint_levels: list[tuple[Path, int]], log):
         self.faults, self.rank, self.local_rank, self.node_id = faults, rank, local_rank, node_id
         self.marks = run_dir / "faults"
         self.marks.mkdir(parents=True, exist_ok=True)
-        self.roots, self.log = checkpoint_roots, log
+        self.levels, self.log = checkpoint_levels, log
+        self.roots = [root for root, _interval in checkpoint_levels]
 
     def _targets_me(self, f: Fault) -> bool:
         if f.kind in ("kill", "stall"):
@@ -97,7 +101,8 @@ class FaultInjector:
             fd = os.open(self.marks / f"fired-{f.index}{suffix}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
-        os.write(fd, f"{f.describe()} by rank {self.rank} at {time.time():.3f}\n".encode())
+        os.write(fd, json.dumps({"fault": f.describe(), "index": f.index, "kind": f.kind, "step": f.step,
+                                 "rank": self.rank, "node": self.node_id, "time": time.time()}).encode())
         os.close(fd)
         return True
 
@@ -120,12 +125,32 @@ class FaultInjector:
         time.sleep(f.seconds)  # the simulated hang itself: this rank makes no progress for f.seconds
 
     def _do_corrupt(self, f: Fault) -> None:
+        # Saves persist asynchronously: wait until the newest checkpoint due before this step has committed, so
+        # "newest" means the same checkpoint on every run, then corrupt it.
+        due = max((f.step // interval * interval for _root, interval in self.levels), default=0)
+        if due:
+            wait_for_commit(self.roots, due, timeout=CORRUPT_WAIT_SECONDS)
         path = corrupt_newest_checkpoint(self.roots)
         self.log.warning(f"corrupted {path}")
 
     def _do_fill_disk(self, f: Fault) -> None:
         path = fill_file_system(self.roots[-1] if self.roots else Path("."))
         self.log.warning(f"filled the file system of {path}")
+
+
+CORRUPT_WAIT_SECONDS = 120.0
+
+
+def wait_for_commit(roots: list[Path], step: int, timeout: float) -> Path:
+    """Block until ``step-<step>/manifest.json`` exists under one of ``roots`` (committed), or raise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for root in roots:
+            path = root / f"step-{step:08d}"
+            if (path / "manifest.json").exists():
+                return path
+        time.sleep(0.05)
+    raise TimeoutError(f"checkpoint of step {step} did not commit under {[str(r) for r in roots]} in {timeout} s")
 
 
 def newest_chunk_files(roots: list[Path]) -> list[Path]:
@@ -208,3 +233,23 @@ class Watchdog:
                                f"{self.timeout:g} s); exiting so the agent restarts the worker group")
                 os._exit(self.EXIT_CODE)
             time.sleep(min(1.0, self.timeout / 4))
+
+
+def random_plan(seed: int, total_steps: int, count: int, ranks: int) -> list[str]:
+    """``count`` worker kills and stalls at distinct random steps, reproducible from ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    steps = sorted(rng.sample(range(max(total_steps // 10, 1), max(total_steps - 2, 2)), count))
+    plan = []
+    for step in steps:
+        rank = rng.randrange(ranks)
+        plan.append(f"kill rank {rank} at step {step}" if rng.random() < 0.7
+                    else f"stall rank {rank} at step {step} for 600s")
+    return plan
+
+
+def fired_faults(run_dir: Path) -> list[dict]:
+    """The faults that fired in a run, oldest first (from their once-per-run marker files)."""
+    rows = [json.loads(p.read_text()) for p in (run_dir / "faults").glob("fired-*")]
+    return sorted(rows, key=lambda r: r["time"])

@@ -133,9 +133,9 @@ class Trainer:
         self.checkpoints = None
         if checkpoint_levels(cfg):
             self.checkpoints = TrainerCheckpoints(self, registry=metrics.registry if metrics else None)
-        roots = [Path(lv.root) for lv in checkpoint_levels(cfg)]
+        levels = [(Path(lv.root), lv.interval) for lv in checkpoint_levels(cfg)]
         self.faults = FaultInjector(parse_plan(cfg.faults.plan), self.run_dir, world.rank, world.local_rank,
-                                    node_id(), roots, self.log) if cfg.faults.plan else None
+                                    node_id(), levels, self.log) if cfg.faults.plan else None
         self.watchdog = Watchdog(cfg.train.hang_timeout, self.log)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -61,10 +62,13 @@ def write_rank_file(run_dir: Path, world, metrics_port: int | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    os.environ.setdefault("ECPT_PROCESS_STARTED", str(time.time()))
     parser = argparse.ArgumentParser(description="ecpt worker (one per rank)")
     parser.add_argument("--config-json", required=True, help="resolved config written by the launcher")
     args = parser.parse_args(argv)
     die_with_parent()
+    # `kill -USR2 <pid>` prints every thread's Python stack to stderr: the first thing to look at in a hung job.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     world = detect_world()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     log = logging.getLogger("ecpt")
@@ -88,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.resume(started)
         trainer.run()
-    finally:
-        trainer.close()
+    except BaseException:
+        # Peers may be blocked in a collective with us: a collective clean-up here would hang them and us. Exit
+        # at once instead; the agent sees the failure and restarts the group from the newest checkpoint.
+        log.exception(f"[rank {world.rank} step {trainer.state.step}] training failed; exiting so the agent "
+                      f"restarts the worker group")
+        logging.shutdown()
+        os._exit(1)
+    trainer.close()
     if trainer.stop_signal is not None:
         log.info(f"[rank {world.rank} step {trainer.state.step}] stopped by signal {trainer.stop_signal}")
     shutdown_distributed()

@@ -115,9 +115,11 @@ def _add_optional_commands(sub) -> None:
 
     Each module exposes add_<name>_parser(subparsers) and sets ``func`` on its parsers; add one import line each.
     """
+    from launch.chaos import add_chaos_parser
     from launch.ckpt_commands import add_ckpt_parser
 
     add_ckpt_parser(sub)
+    add_chaos_parser(sub)
     from launch.cluster_commands import add_launch_parser; add_launch_parser(sub)
     from launch.experiment_commands import add_experiment_parser; add_experiment_parser(sub)  # noqa: E702
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from elastic.config import ConfigError
-from elastic.faults import FaultInjector, Watchdog, corrupt_newest_checkpoint, fill_file_system, parse_plan
+from elastic.faults import (FaultInjector, Watchdog, corrupt_newest_checkpoint, fill_file_system, fired_faults,
+                            parse_plan, random_plan)
 
 
 def test_plan_sentences_parse():
@@ -21,6 +22,12 @@ def test_plan_sentences_parse():
         ("stall", 20, 0, None, 60), ("corrupt", 40, None, None, 0), ("fill_disk", 60, None, None, 0)]
 
 
+def test_describe_round_trips_through_the_parser():
+    sentences = ["kill rank 1 at step 30", "kill node n1 at step 50", "sigterm all at step 70",
+                 "stall rank 0 at step 20 for 60s", "corrupt newest at step 40", "fill disk at step 60"]
+    assert [f.describe() for f in parse_plan(sentences)] == sentences
+
+
 def test_unknown_sentence_names_the_plan_entry():
     with pytest.raises(ConfigError, match=r"faults.plan\[1\] 'explode at step 3'"):
         parse_plan(["kill rank 0 at step 1", "explode at step 3"])
@@ -29,11 +36,19 @@ def test_unknown_sentence_names_the_plan_entry():
 def test_a_fault_fires_once_per_run_even_after_a_restart(tmp_path):
     log = logging.getLogger("test")
     plan = parse_plan(["stall rank 0 at step 2 for 0s"])
-    first = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_roots=[], log=log)
+    first = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_levels=[], log=log)
     assert first._claim(plan[0]) is True
-    again = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_roots=[], log=log)
+    again = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_levels=[], log=log)
     assert again._claim(plan[0]) is False  # a restarted worker replaying step 2 does not fire it again
-    assert "stall rank 0 at step 2" in (tmp_path / "faults" / "fired-0").read_text()
+    fired = fired_faults(tmp_path)
+    assert [(r["fault"], r["rank"], r["step"]) for r in fired] == [("stall rank 0 at step 2", 0, 2)]
+
+
+def test_random_plan_is_reproducible_and_parses():
+    plan = random_plan(seed=7, total_steps=200, count=4, ranks=2)
+    assert plan == random_plan(seed=7, total_steps=200, count=4, ranks=2)
+    faults = parse_plan(plan)
+    assert len({f.step for f in faults}) == 4 and all(20 <= f.step < 198 for f in faults)
 
 
 def test_corrupt_newest_flips_bytes_of_the_newest_committed_checkpoint(tmp_path):

@@ -1,0 +1,89 @@
+"""``ecpt chaos``: train under a fault plan (given, or random from a seed) and report what happened.
+
+For every fault that fired: when it fired, how long until a restarted worker process was running (detection and
+restart), how long until the first training step completed after it (recovery), from which checkpoint level and
+step training resumed, and how many steps had to be computed again.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from elastic.config import load_config
+from elastic.data import phase_plan
+from elastic.faults import fired_faults, random_plan
+from elastic.metrics import read_jsonl
+
+
+def fault_report(run_dir: Path) -> list[dict]:
+    """Pair each fired fault with the first resume after it and the first step completed after that resume."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    resumes = [r for r in rows if r["kind"] == "resume"]
+    steps = [r for r in rows if r["kind"] == "step"]
+    report = []
+    for fault in fired_faults(run_dir):
+        after = [r for r in resumes if r.get("process_started", r["time"]) >= fault["time"]]
+        entry = {"fault": fault["fault"], "fired_at_step": fault["step"], "resumed": bool(after)}
+        if after:
+            resume = after[0]
+            first = next((s for s in steps if s["time"] > resume["time"]), None)
+            entry |= {"restart_seconds": round(resume.get("process_started", resume["time"]) - fault["time"], 2),
+                      "recovery_seconds": round(first["time"] - fault["time"], 2) if first else None,
+                      "resumed_from": f"{resume['level']} step {resume['step']}", "steps_lost": resume["steps_lost"],
+                      "world_size": f"{resume['saved_world_size']} -> {resume['world_size']}"}
+        report.append(entry)
+    return report
+
+
+def format_report(report: list[dict]) -> str:
+    header = "| fault | restart (s) | recovery (s) | resumed from | steps lost | world |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for e in report:
+        if not e["resumed"]:
+            lines.append(f"| {e['fault']} | - | - | (no restart recorded) | - | - |")
+            continue
+        lines.append(f"| {e['fault']} | {e['restart_seconds']} | {e['recovery_seconds']} | {e['resumed_from']} | "
+                     f"{e['steps_lost']} | {e['world_size']} |")
+    return "\n".join(lines)
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from launch.cli import cmd_train
+
+    cfg = load_config(args.config, args.overrides)
+    plan = list(args.plan)
+    if args.random:
+        total = cfg.train.max_steps or phase_plan(cfg).total_steps
+        plan += random_plan(args.seed, total, args.random, cfg.launch.nproc_per_node)
+    if not plan:
+        raise SystemExit("ecpt chaos: give --plan SENTENCE (repeatable) or --random N")
+    overrides = list(args.overrides)
+    if any(p.startswith("stall") for p in plan) and not cfg.train.hang_timeout:
+        overrides.append("train.hang_timeout=10")  # a stall is only a fault worth testing with a watchdog on
+    if not (cfg.checkpoint.l0_interval or cfg.checkpoint.interval):
+        overrides.append("checkpoint.l0_interval=1")
+    print("fault plan:\n  " + "\n  ".join(plan), flush=True)
+    train_args = argparse.Namespace(config=args.config, overrides=overrides, nnodes=None, nproc_per_node=None,
+                                    run_dir=args.run_dir, rdzv_endpoint=None, node_rank=None, node_id=None,
+                                    rdzv_store="agent", fault=plan)
+    code = cmd_train(train_args)
+    run_dir = Path(load_config(args.config, _run_dir_override(overrides, args.run_dir)).train.run_dir)
+    print(format_report(fault_report(run_dir)), flush=True)
+    return code
+
+
+def _run_dir_override(overrides: list[str], run_dir: str | None) -> list[str]:
+    return overrides + ([f'train.run_dir="{run_dir}"'] if run_dir else [])
+
+
+def add_chaos_parser(sub) -> None:
+    p = sub.add_parser("chaos", help="train under a fault plan and report detection, recovery and steps lost")
+    p.add_argument("--config", default=None, help="TOML config (default: the embedded tiny-cpu.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--plan", action="append", default=[], metavar="SENTENCE",
+                   help="a fault, e.g. 'kill rank 1 at step 30' (repeatable)")
+    p.add_argument("--random", type=int, default=0, metavar="N", help="add N random worker kills/stalls")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random")
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=cmd_chaos)
