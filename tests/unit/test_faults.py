@@ -41,7 +41,7 @@ def test_a_fault_fires_once_per_run_even_after_a_restart(tmp_path):
     again = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_levels=[], log=log)
     assert again._claim(plan[0]) is False  # a restarted worker replaying step 2 does not fire it again
     fired = fired_faults(tmp_path)
-    assert [(r["fault"], r["rank"], r["step"]) for r in fired] == [("stall rank 0 at step 2", 0, 2)]
+    assert [(r["fault"], r["rank"], r["step"]) for r in fired] == [("stall rank 0 at step 2 for 0s", 0, 2)]
 
 
 def test_random_plan_is_reproducible_and_parses():
