@@ -69,6 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"workers per node, rendezvous c10d at {endpoint}", flush=True)
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
     node_env = {"ECPT_NODE_ID": args.node_id} if args.node_id else {}
+    if cfg.metrics.enabled:
+        from launch.launcher_metrics import serve_launcher_metrics
+
+        node = args.node_id or os.uname().nodename
+        port = serve_launcher_metrics(Path(cfg.train.run_dir), cfg.metrics.host, 0, node)
+        print(f"launcher metrics on http://{cfg.metrics.host}:{port}/metrics", flush=True)
     cmd = torchrun_command(cfg, config_json, endpoint, node_rank=args.node_rank,
                            external_store=args.rdzv_store == "external")
     code = run_agent(cmd, extra_env=node_env, threads_per_worker=threads)
