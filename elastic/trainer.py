@@ -8,7 +8,6 @@ One optimizer step:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -20,12 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from elastic.batch import rank_batch
 from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels, node_id
 from elastic.config import Config
 from elastic.data import Corpus
+from elastic.engines import build_engine
 from elastic.faults import FaultInjector, Watchdog, parse_plan
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
@@ -42,14 +41,6 @@ class RankLogger(logging.LoggerAdapter):
 
     def process(self, msg, kwargs):
         return f"[rank {self.rank} step {self.step}] {msg}", kwargs
-
-
-def sum_allreduce_hook(process_group, bucket):
-    """DDP comm hook: SUM gradients instead of DDP's default mean, because each rank already divided its loss by
-    the global batch (not by its local share), so the sum is exactly the global-batch mean gradient."""
-    group = process_group if process_group is not None else dist.group.WORLD
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -122,7 +113,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank, whatever the world size
         self.model = LlamaLM(cfg.model).to(device)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.ddp = self._wrap(self.model)
+        self.engine = build_engine(cfg, world, self.model, self.optimizer, device)
         self.state = TrainState()
         if metrics:
             metrics.track_run(self.state.counters)
@@ -138,14 +129,6 @@ class Trainer:
                                     node_id(), levels, self.log) if cfg.faults.plan else None
         self.watchdog = Watchdog(cfg.train.hang_timeout, self.log)
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.world.world_size == 1:
-            return model
-        ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                      forward_sync_buffers=False)  # rotary tables are derived, identical
-        ddp.register_comm_hook(state=None, hook=sum_allreduce_hook)
-        return ddp
-
     # ----------------------------------------------------------------------------------------------------------
     # One optimizer step.
 
@@ -156,19 +139,9 @@ class Trainer:
         if self.samples_log:
             self.samples_log.write(json.dumps({"step": step, "start": share.start, "count": share.count,
                                                "world_size": self.world.world_size, "time": time.time()}) + "\n")
-        loss_sum = 0.0
-        for i, (first, size) in enumerate(share.micro_batches):
-            tokens, _domains = self.corpus.batch(first, size)
-            batch = torch.from_numpy(tokens).to(self.device)
-            last = i == len(share.micro_batches) - 1
-            # Only the last micro-batch triggers DDP's gradient all-reduce.
-            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
-            with sync:
-                losses = self.ddp(batch[:, :-1], batch[:, 1:])  # per-sequence losses, through DDP if wrapped
-                loss = losses.sum() / g  # this rank's share of the global-batch mean
-                loss.backward()
-            loss_sum += float(losses.detach().sum())
-        return loss_sum
+        batches = (torch.from_numpy(self.corpus.batch(first, size)[0]).to(self.device)
+                   for first, size in share.micro_batches)
+        return self.engine.forward_backward(batches, len(share.micro_batches), g)
 
     def _reduce_loss_and_stop(self, local_sum: float) -> tuple[float, bool]:
         """Global-batch mean loss, and whether any rank was asked to stop, in one all-reduce.
@@ -206,16 +179,11 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         local_loss = self._forward_backward(step)
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=False)
         lr = self.lr_for(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.checkpoints:
-            self.checkpoints.before_optimizer_step()  # the previous snapshot must be copied before params change
-        self.optimizer.step()
+        # clip, set lr, wait for the previous checkpoint's snapshot (before params change), update
+        self.engine.step(lr, self.checkpoints.before_optimizer_step if self.checkpoints else lambda: None)
         loss, stop = self._reduce_loss_and_stop(local_loss)
         self.state.step = step + 1
         self.state.tokens += self.cfg.train.global_batch * self.cfg.model.seq_len
@@ -335,6 +303,9 @@ class Trainer:
                     break
                 if self._should_eval(step + 1):
                     self._log_eval(step + 1, self.evaluate())
+                    self.watchdog.progress()
+            # The watchdog guards step progress; the final flush may legitimately take longer than a step.
+            self.watchdog.stop()
             if self.checkpoints:
                 self.checkpoints.manager.wait_durable()
         finally:

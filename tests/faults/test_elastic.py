@@ -132,7 +132,9 @@ def test_hung_rank_is_detected_by_the_watchdog(tiny_raw, tmp_path, clean_run):
                     timeout=180)
     _check_ok(result)
     assert "watchdog: no step completed" in result.stderr
-    resume = read_jsonl(run / "metrics.jsonl", "resume")[-1]
+    resumes = read_jsonl(run / "metrics.jsonl", "resume")
+    assert len(resumes) == 1, f"expected one restart, got {resumes}:\n{result.stderr[-6000:]}"
+    resume = resumes[0]
     assert 1 <= resume["step"] <= 5 and resume["level"] == "L0"
     assert _final_losses(run) == clean_run
 
