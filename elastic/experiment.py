@@ -224,6 +224,8 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     raw = apply_overrides(raw, overrides or [])
     spec = parse_experiment(raw.pop("experiment", None))
     base = config_from_dict(copy.deepcopy(raw))
+    _require(base.train.max_steps == 0, f"train.max_steps must be 0 in a CPT experiment (every arm runs all its "
+                                        f"phases, or forgetting cannot be measured), got {base.train.max_steps}")
     exp = Experiment(path=path, base_raw=raw, base=base, spec=spec, phase_domains=phase_domains(base))
     for arm in spec.arms:
         arm_config(exp, arm)
@@ -300,6 +302,8 @@ def run_arm(job: ArmJob) -> dict:
         trainer.run()
     finally:
         trainer.close()
+    if trainer.state.step != trainer.total_steps:  # stopped early: no result.json, so a rerun trains it again
+        raise RuntimeError(f"arm {job.name} stopped at step {trainer.state.step} of {trainer.total_steps}")
     wall = time.perf_counter() - started
     plan = trainer.plan
     result = {"version": RESULT_VERSION, "name": job.name, "arm": job.arm, "digest": job.digest,

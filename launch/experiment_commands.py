@@ -30,7 +30,7 @@ def cmd_experiment_cpt(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, args.overrides)
     out = Path(args.out or exp.spec.out)
     argv = ["ecpt", "experiment", "cpt"] + (["--config", str(args.config)] if args.config else [])
-    argv += ["--out", str(out)] + (["--arms", ",".join(args.arms)] if args.arms else [])
+    argv += (["--out", str(args.out)] if args.out else []) + (["--arms", ",".join(args.arms)] if args.arms else [])
     argv += (["--parallel", str(args.parallel)] if args.parallel else [])
     argv += [f"--set={o}" for o in args.overrides]
     return run_experiment(exp, out, arm_names=args.arms, parallel=args.parallel, command=shlex.join(argv),
