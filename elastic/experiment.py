@@ -6,7 +6,8 @@ in its own process (``--parallel N`` of them at once, single-threaded by default
 writes ``<out>/arms/<arm>/metrics.jsonl`` through the normal trainer, and marks itself finished with
 ``<out>/arms/<arm>/result.json`` (curves, LR, wall time, config digest). The report (``results.md``, ``results.json``,
 ``curves.png``) is recomputed from those files on every invocation, so a rerun skips finished arms and rebuilds the
-table. An unfinished arm restarts from scratch: the trainer's checkpoint integration does not exist yet.
+table. An unfinished arm resumes from its newest checkpoint (``[checkpoint]`` of the experiment file, written under
+the arm's directory); the curves keep the last row of every step, so a replayed step replaces the lost one.
 
 The experiment file is a normal training config plus an ``[experiment]`` table::
 
@@ -31,7 +32,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 import tomllib
@@ -267,10 +267,15 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _last_per_step(rows: list[dict]) -> list[dict]:
+    """After a resume, steps after the checkpoint are logged again: the later row is the surviving trajectory."""
+    return list({r["step"]: r for r in rows}.values())
+
+
 def read_curves(metrics_jsonl: Path) -> dict:
     """Evaluation and step rows of a trainer's metrics.jsonl as lists (eval steps, losses per domain, lr, loss)."""
-    evals = read_jsonl(metrics_jsonl, "eval")
-    steps = read_jsonl(metrics_jsonl, "step")
+    evals = sorted(_last_per_step(read_jsonl(metrics_jsonl, "eval")), key=lambda r: r["step"])
+    steps = sorted(_last_per_step(read_jsonl(metrics_jsonl, "step")), key=lambda r: r["step"])
     domains = list(evals[0]["losses"]) if evals else []
     return {"eval_steps": [r["step"] for r in evals],
             "losses": {d: [r["losses"][d] for r in evals] for d in domains},
@@ -279,7 +284,8 @@ def read_curves(metrics_jsonl: Path) -> dict:
 
 
 def run_arm(job: ArmJob) -> dict:
-    """Train one arm from scratch and write its result.json; runs in a fresh process (see ``run_arms``)."""
+    """Train one arm (resuming from its newest checkpoint if an earlier attempt left one) and write its
+    result.json; runs in a fresh process (see ``run_arms``)."""
     import torch
 
     from elastic.model import count_parameters
@@ -296,9 +302,11 @@ def run_arm(job: ArmJob) -> dict:
     trainer = Trainer(cfg, world, ProcessGroups(ckpt=None, node=None), torch.device("cpu"),
                       log=logging.getLogger("ecpt"))
     try:
-        # Step 0 evaluation: the common starting point of every arm (evaluation draws no randomness).
-        trainer.jsonl.write("eval", step=0, phase=0, phase_name=trainer.plan.names[0], phase_end=False,
-                            losses=trainer.evaluate())
+        trainer.resume(started)
+        if trainer.state.step == 0:
+            # Step 0 evaluation: the common starting point of every arm (evaluation draws no randomness).
+            trainer.jsonl.write("eval", step=0, phase=0, phase_name=trainer.plan.names[0], phase_end=False,
+                                losses=trainer.evaluate())
         trainer.run()
     finally:
         trainer.close()
@@ -399,8 +407,7 @@ def run_arms(jobs: list[ArmJob], parallel: int, say=print) -> tuple[dict[str, di
     with cf.ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, max_tasks_per_child=1) as pool:
         pending = {}
         for job in jobs:
-            shutil.rmtree(job.run_dir, ignore_errors=True)  # unfinished: restart from scratch (no checkpoints yet)
-            Path(job.run_dir).mkdir(parents=True)
+            Path(job.run_dir).mkdir(parents=True, exist_ok=True)  # unfinished: resumes from its checkpoints
             pending[pool.submit(run_arm, job)] = job
         started_count = 0
         while started_count < min(parallel, len(jobs)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -94,18 +95,21 @@ def test_rerun_skips_finished_arms_and_recomputes_the_table(first_run, text_corp
 
 
 @pytest.mark.slow
-def test_unfinished_arm_restarts_from_scratch_and_reproduces(first_run, text_corpus):
+def test_unfinished_arm_resumes_from_its_checkpoint_and_reproduces(first_run, text_corpus):
     out, _ = first_run
-    result = out / "arms" / "cosine" / "result.json"
+    arm = out / "arms" / "cosine"
+    result = arm / "result.json"
     finished = json.loads(result.read_text())
-    result.unlink()  # as if the run had been killed before the arm finished; its metrics.jsonl stays behind
+    # As if the run had been killed after step 8's checkpoint: no result, no step-12 checkpoint, the log stays.
+    result.unlink()
+    shutil.rmtree(arm / "checkpoints" / "step-00000012")
     proc = ecpt_cpt(out, text_corpus)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[cpt] start cosine" in proc.stdout and "[cpt] skip infinite-replay" in proc.stdout
+    rows = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "resume"] == [8]  # only steps 9-12 were trained again
     redone = json.loads(result.read_text())
-    assert redone["curves"] == finished["curves"]  # same seed, same data: bit-identical, no rows appended twice
-    rows = [json.loads(line) for line in (out / "arms" / "cosine" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4, 6, 8, 10, 12]
+    assert redone["curves"] == finished["curves"]  # deterministic: the resumed trajectory is bit-identical
 
 
 @pytest.mark.slow
