@@ -66,18 +66,6 @@ class Restored:
     steps_lost: int
 
 
-def materialize_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's moments and step counter now (zeros, step 0), exactly what its first step would create,
-    so the checkpoint has the same tensors before and after the first step and load can fill them in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
 class TrainerCheckpoints:
     """Binds a Trainer to a CheckpointManager."""
 
@@ -89,19 +77,8 @@ class TrainerCheckpoints:
             self.levels, rank=world.rank, world_size=world.world_size, group=groups.ckpt,
             local_rank=world.local_rank, local_world_size=world.local_world_size, local_group=groups.node,
             node_id=node_id(), on_busy=cfg.checkpoint.on_busy, registry=registry, logger=trainer.log)
-        materialize_adam_state(trainer.optimizer)
-        self.tensors = self._state_tensors()
-
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """Name -> live tensor. The dict holds references, so it is built once and stays valid: the optimizer and
-        the model update these tensors in place."""
-        tensors = {}
-        opt_state = self.trainer.optimizer.state
-        for name, p in self.trainer.model.named_parameters():
-            tensors[f"model/{name}"] = p.data
-            tensors[f"optim/{name}/exp_avg"] = opt_state[p]["exp_avg"]
-            tensors[f"optim/{name}/exp_avg_sq"] = opt_state[p]["exp_avg_sq"]
-        return tensors
+        # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
+        self.tensors = trainer.engine.checkpoint_tensors()
 
     def _extra(self, completed: int) -> dict:
         t = self.trainer
@@ -142,8 +119,7 @@ class TrainerCheckpoints:
                                   f"config says {t.cfg.train.global_batch}; the data cursor depends on it: use the "
                                   f"same train.global_batch to resume")
         step = extra["step"]
-        for p in t.optimizer.state.values():
-            p["step"].fill_(float(step))
+        t.engine.after_load(step)  # AdamW step counters; ZeRO: refresh working params from the fp32 masters
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(extra["torch_rng"])), dtype=torch.uint8))
         t.state.step, t.state.tokens = step, extra["tokens"]
         lost = max(t.last_logged_step() - step, 0) if t.is_main else 0

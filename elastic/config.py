@@ -185,6 +185,9 @@ class ScheduleConfig:
                      "schedule.lr_min must be > 0 for the infinite schedule's exponential anneal")
 
 
+ENGINES = ("ddp", "deepspeed")
+
+
 @dataclass
 class TrainConfig:
     global_batch: int = 16
@@ -206,7 +209,7 @@ class TrainConfig:
     threads_per_worker: int = 0
     """torch intra-op threads per worker; 0 = cores / local workers (at least 1)."""
     engine: str = "ddp"
-    """Training engine: ddp (plain torch DDP)."""
+    """Training engine: ddp (plain torch DDP) or deepspeed (ZeRO stage from the [deepspeed] section)."""
     deterministic: bool = True
     """Use deterministic kernels so same-seed runs are bit-identical on CPU."""
     progress: bool = True
@@ -224,7 +227,85 @@ class TrainConfig:
         _require(self.log_interval >= 1, f"train.log_interval must be >= 1, got {self.log_interval}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _require(self.hang_timeout >= 0, f"train.hang_timeout must be >= 0 (0 = off), got {self.hang_timeout}")
-        _require(self.engine in ("ddp",), f"train.engine must be 'ddp', got {self.engine!r}")
+        _require(self.engine in ENGINES, f"train.engine must be one of {ENGINES}, got {self.engine!r}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when train.engine = "deepspeed". The DeepSpeed JSON is generated from the rest of this config (batch
+    sizes from the global-batch invariant, AdamW from [optim], clipping) so the two can never disagree silently."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 0 plain data parallel, 1 partitions optimizer states and fp32 master weights, 2 also gradients,
+    3 also the parameters themselves."""
+    config_json: str = ""
+    """Path of a DeepSpeed JSON merged into the generated one (bucket sizes, overlap_comm, stage-3 thresholds, ...).
+    Keys that contradict this config (batch sizes, optimizer betas/eps/weight decay, gradient_clipping, ZeRO stage,
+    bf16) are errors that name both fields; an "optimizer" or "scheduler" section is refused because ecpt owns AdamW
+    and the learning-rate schedule."""
+    bf16: bool = False
+    """bf16 mixed precision with fp32 master weights (GPUs; ZeRO stage >= 1). CPU runs stay fp32."""
+
+    def validate(self, train: "TrainConfig | None" = None, optim: "OptimConfig | None" = None) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(not (self.bf16 and self.zero_stage == 0),
+                 "deepspeed.bf16 needs deepspeed.zero_stage >= 1 (stage 0 bf16 keeps its fp32 masters in a "
+                 "separate optimizer wrapper that ecpt checkpoints do not map); raise zero_stage or set bf16 = false")
+        if self.config_json:
+            check_deepspeed_json(self.user_json(), self, train or TrainConfig(), optim or OptimConfig())
+
+    def user_json(self) -> dict:
+        """The user's DeepSpeed JSON as a dict ({} when config_json is empty)."""
+        if not self.config_json:
+            return {}
+        path = Path(self.config_json).expanduser()
+        _require(path.is_file(), f"deepspeed.config_json: {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.config_json: {path} is not valid JSON: {exc}") from exc
+        _require(isinstance(raw, dict), f"deepspeed.config_json: {path} must hold a JSON object")
+        return raw
+
+
+def check_deepspeed_json(user: dict, ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig) -> None:
+    """Raise ConfigError naming both fields when the user's DeepSpeed JSON contradicts ecpt's config."""
+    where = f"deepspeed.config_json ({ds.config_json})"
+
+    def same(key: str, theirs, ours, our_field: str) -> None:
+        _require(theirs == ours or (isinstance(theirs, (int, float)) and isinstance(ours, (int, float))
+                                    and float(theirs) == float(ours)),
+                 f"{where} sets {key} = {theirs!r} but {our_field} = {ours!r}; remove {key} from the JSON "
+                 f"(ecpt generates it) or change {our_field}")
+
+    if "train_batch_size" in user:
+        same("train_batch_size", user["train_batch_size"], train.global_batch, "train.global_batch")
+    if "train_micro_batch_size_per_gpu" in user:
+        same("train_micro_batch_size_per_gpu", user["train_micro_batch_size_per_gpu"], train.micro_batch,
+             "train.micro_batch")
+    _require("gradient_accumulation_steps" not in user,
+             f"{where} sets gradient_accumulation_steps but ecpt derives it from train.global_batch and "
+             f"train.micro_batch for each world size; remove it and set train.micro_batch instead")
+    if "gradient_clipping" in user:
+        same("gradient_clipping", user["gradient_clipping"], optim.grad_clip, "optim.grad_clip")
+    params = (user.get("optimizer") or {}).get("params", {})
+    if "betas" in params:
+        same("optimizer.params.betas", list(params["betas"]), [optim.beta1, optim.beta2], "[optim.beta1, optim.beta2]")
+    for key, ours in (("eps", "eps"), ("weight_decay", "weight_decay")):
+        if key in params:
+            same(f"optimizer.params.{key}", params[key], getattr(optim, ours), f"optim.{ours}")
+    _require("optimizer" not in user,
+             f"{where} has an optimizer section; ecpt passes its own AdamW (optim.* with decay on matrices only): "
+             f"remove the section and set optim.beta1/beta2/eps/weight_decay")
+    _require("scheduler" not in user,
+             f"{where} has a scheduler section; ecpt sets the learning rate every step from [schedule]: remove it")
+    zero = user.get("zero_optimization") or {}
+    if "stage" in zero:
+        same("zero_optimization.stage", zero["stage"], ds.zero_stage, "deepspeed.zero_stage")
+    _require(not (user.get("fp16") or {}).get("enabled", False),
+             f"{where} enables fp16; ecpt supports fp32 and bf16 (deepspeed.bf16), which need no loss scaling")
+    if "enabled" in (user.get("bf16") or {}):
+        same("bf16.enabled", bool(user["bf16"]["enabled"]), ds.bf16, "deepspeed.bf16")
 
 
 @dataclass
@@ -331,10 +412,13 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+            if section.name != "deepspeed":
+                getattr(self, section.name).validate()
+        self.deepspeed.validate(self.train, self.optim)
         max_world = self.launch.max_nodes * self.launch.nproc_per_node
         _require(self.train.global_batch >= max_world,
                  f"train.global_batch ({self.train.global_batch}) cannot be covered by up to {max_world} ranks "

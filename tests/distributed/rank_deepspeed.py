@@ -1,0 +1,66 @@
+"""One rank of a real gloo job for the DeepSpeed tests (run as a script by helpers.spawn_ranks).
+
+Modes:
+  grads  -- one forward/backward of step STEP through the configured engine; every rank takes part in gathering the
+            reduced full gradients (DeepSpeed's safe_get_full_grad, a test-only gather), rank 0 writes them to OUT
+  train  -- resume from the newest checkpoint if any, run to the end (or train.max_steps); rank 0 writes the loss
+            and lr sequence, the first step it ran, the restored cursor and the DeepSpeed start-up seconds to OUT
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elastic.config import config_from_json
+from elastic.trainer import Trainer
+from elastic.world import detect_world, init_distributed, shutdown_distributed
+
+
+def full_grads(trainer: Trainer) -> dict[str, np.ndarray]:
+    if trainer.engine.name == "ddp":
+        return {n: p.grad.detach().numpy() for n, p in trainer.model.named_parameters()}
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        g = safe_get_full_grad(p)  # collective for ZeRO-3: every rank calls it, in the same order
+        out[name] = g.detach().clone().numpy()
+    return out
+
+
+def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cfg = config_from_json(config_json)
+    world = detect_world()
+    groups = init_distributed(world)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, world, groups, torch.device("cpu"))
+    startup = time.perf_counter() - t0
+    if mode == "grads":
+        local = trainer._forward_backward(step)
+        loss = trainer._global_mean(local)
+        grads = full_grads(trainer)
+        if world.rank == 0:
+            np.savez(out, __loss__=np.array(loss), **grads)
+    else:
+        restored = trainer.checkpoints.restore() if trainer.checkpoints else None
+        first = trainer.state.step
+        lrs_before = len(trainer.state.history)
+        state = trainer.run()
+        if world.rank == 0:
+            Path(out).write_text(json.dumps({
+                "losses": state.history[lrs_before:], "first_step": first, "startup_seconds": startup,
+                "restored_step": restored.step if restored else None,
+                "saved_world_size": restored.saved_world_size if restored else None,
+                "lr_next": trainer.lr_for(first), "tokens": state.tokens}))
+    trainer.close()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(a) for a in sys.argv[4:]))
