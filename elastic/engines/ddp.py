@@ -23,16 +23,18 @@ def sum_allreduce_hook(process_group, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
-def materialize_adam_state(optimizer: torch.optim.Optimizer) -> None:
+def materialize_adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> None:
     """Create AdamW's moments and step counter now (zeros, step 0), exactly what its first step would create,
-    so the checkpoint has the same tensors before and after the first step and load can fill them in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    so the checkpoint has the same tensors before and after the first step and load can fill them in place.
+    ``params`` defaults to the optimizer's param groups (ZeRO-3 fills those only while it steps)."""
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def set_adam_step(optimizer: torch.optim.Optimizer, step: int) -> None:
