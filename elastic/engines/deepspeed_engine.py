@@ -167,9 +167,10 @@ class DeepSpeedEngine:
 
     # ----------------------------------------------------------------------------------------------- checkpoint
 
-    def checkpoint_tensors(self) -> dict:
-        """Name -> live tensor or Shard of live tensors; built once (references stay valid across steps)."""
-        if self._tensors is None:
+    def checkpoint_tensors(self, rebuild: bool = False) -> dict:
+        """Name -> live tensor or Shard of live tensors; built once (references stay valid across steps).
+        ``rebuild`` after DeepSpeed's own load_checkpoint, which replaces AdamW's state tensors."""
+        if self._tensors is None or rebuild:
             masters = None if self.stage < 3 else list(self.zero.fp32_partitioned_groups_flat)
             materialize_adam_state(self.optimizer, masters)
             if self.stage == 0:

@@ -3,6 +3,8 @@
 Modes:
   grads  -- one forward/backward of step STEP through the configured engine; every rank takes part in gathering the
             reduced full gradients (DeepSpeed's safe_get_full_grad, a test-only gather), rank 0 writes them to OUT
+  dsckpt -- 2 steps, DeepSpeed's own save_checkpoint through EcptCheckpointEngine, 2 more steps, load_checkpoint:
+            the fp32 masters/moments must equal the saved ones and step 2 must repeat its loss; rank 0 writes a report
   train  -- resume from the newest checkpoint if any, run to the end (or train.max_steps); rank 0 writes the loss
             and lr sequence, the first step it ran, the restored cursor and the DeepSpeed start-up seconds to OUT
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpointing import Shard
 from elastic.config import config_from_json
 from elastic.trainer import Trainer
 from elastic.world import detect_world, init_distributed, shutdown_distributed
@@ -32,6 +35,36 @@ def full_grads(trainer: Trainer) -> dict[str, np.ndarray]:
     return out
 
 
+def _local(value) -> torch.Tensor:
+    return (value.local if isinstance(value, Shard) else value).detach().clone()
+
+
+def checkpoint_engine_round_trip(trainer: Trainer, world, groups, root: Path) -> dict:
+    from elastic.engines.ds_checkpoint_engine import EcptCheckpointEngine
+
+    ds = trainer.engine.ds
+    losses = [trainer.train_step(s).loss for s in range(2)]
+    ds.checkpoint_engine = EcptCheckpointEngine(root / "ecpt", world.rank, world.world_size, groups.ckpt)
+    t0 = time.perf_counter()
+    ds.save_checkpoint(str(root / "ds"), tag="global_step2")
+    stall = time.perf_counter() - t0
+    saved = {k: _local(v) for k, v in trainer.engine.checkpoint_tensors().items()}
+    losses += [trainer.train_step(s).loss for s in range(2, 4)]
+    moved = sum(not torch.equal(saved[k], _local(v)) for k, v in trainer.engine.checkpoint_tensors().items())
+    ds.load_checkpoint(str(root / "ds"))
+    now = trainer.engine.checkpoint_tensors(rebuild=True)
+    mismatched = [k for k, v in now.items() if not torch.equal(saved[k], _local(v))]
+    again = trainer.train_step(2).loss
+    stubs = sorted(p.name for p in (root / "ds" / "global_step2").iterdir())
+    counts = torch.tensor([len(mismatched), moved], dtype=torch.int64)
+    if world.world_size > 1:
+        torch.distributed.all_reduce(counts)
+    ds.checkpoint_engine.wait()
+    return {"losses": losses, "loss_after_load": again, "mismatched": int(counts[0]), "moved": int(counts[1]),
+            "stall_seconds": stall, "files": stubs,
+            "largest_file_bytes": max((root / "ds" / "global_step2" / f).stat().st_size for f in stubs)}
+
+
 def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -47,6 +80,8 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
         grads = full_grads(trainer)
         if world.rank == 0:
             np.savez(out, __loss__=np.array(loss), **grads)
+    elif mode == "dsckpt":
+        Path(out).write_text(json.dumps(checkpoint_engine_round_trip(trainer, world, groups, Path(out).parent)))
     else:
         restored = trainer.checkpoints.restore() if trainer.checkpoints else None
         first = trainer.state.step
