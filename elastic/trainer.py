@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from checkpointing import CheckpointError
 from elastic.batch import rank_batch
 from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels, node_id
 from elastic.config import Config
@@ -306,13 +307,25 @@ class Trainer:
                     self.watchdog.progress()
             # The watchdog guards step progress; the final flush may legitimately take longer than a step.
             self.watchdog.stop()
-            if self.checkpoints:
-                self.checkpoints.manager.wait_durable()
+            self.flush_checkpoints()
         finally:
             self.watchdog.stop()
             if bar:
                 bar.close()
         return self.state
+
+    def flush_checkpoints(self) -> None:
+        """Wait until every save is durable. A failed save (disk full, I/O error) is reported, not raised:
+        training already continued past it on the older checkpoints, which a failure never touches, and an
+        exception here would only make the agent restart and recompute. The launcher turns the recorded error
+        into a non-zero exit once the job has ended."""
+        if not self.checkpoints:
+            return
+        try:
+            self.checkpoints.manager.wait_durable()
+        except CheckpointError as exc:
+            self.log.error(f"checkpoint saves failed; older checkpoints are intact: {exc}")
+            self.jsonl.write("checkpoint_error", step=self.state.step, error=str(exc))
 
     def _stop_for_signal(self) -> None:
         """Every rank agreed to stop after this step: persist the newest snapshot, then leave the loop."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from elastic.config import DEFAULT_CONFIG, Config, ConfigError, load_config, save_config
 from elastic.data import build_corpus
+from elastic.metrics import read_jsonl
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cmd = torchrun_command(cfg, config_json, endpoint, node_rank=args.node_rank,
                            external_store=args.rdzv_store == "external")
     code = run_agent(cmd, extra_env=node_env, threads_per_worker=threads)
+    if code == 0:
+        code = _checkpoint_failure_code(Path(cfg.train.run_dir) / "metrics.jsonl")
     print(f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
           f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}", flush=True)
     return code
@@ -88,6 +91,24 @@ def cmd_rdzv_store(args: argparse.Namespace) -> int:
 
     serve_rendezvous_store(args.host, args.port)
     return 0
+
+
+CHECKPOINT_FAILED_EXIT = 4
+
+
+def _checkpoint_failure_code(metrics_jsonl: Path) -> int:
+    """Training finished, but did its last checkpoint saves fail (e.g. disk full)? Then say so and exit 4."""
+    if not metrics_jsonl.exists():
+        return 0
+    rows = read_jsonl(metrics_jsonl)
+    last_start = max((i for i, r in enumerate(rows) if r["kind"] in ("start", "resume")), default=0)
+    errors = [r for r in rows[last_start:] if r["kind"] == "checkpoint_error"]
+    if not errors:
+        return 0
+    print(f"ecpt: training reached step {errors[-1]['step']} but checkpoint saves failed: {errors[-1]['error']}\n"
+          f"ecpt: older checkpoints are intact (ecpt ckpt list {Path(metrics_jsonl).parent}); free space and rerun "
+          f"to resume", file=sys.stderr)
+    return CHECKPOINT_FAILED_EXIT
 
 
 def build_parser() -> argparse.ArgumentParser:
