@@ -124,16 +124,20 @@ class FaultInjector:
     def _do_stall(self, f: Fault) -> None:
         time.sleep(f.seconds)  # the simulated hang itself: this rank makes no progress for f.seconds
 
-    def _do_corrupt(self, f: Fault) -> None:
-        # Saves persist asynchronously: wait until the newest checkpoint due before this step has committed, so
-        # "newest" means the same checkpoint on every run, then corrupt it.
+    def _wait_for_due_checkpoint(self, f: Fault) -> None:
+        """Saves persist asynchronously: wait until the newest checkpoint due before this step has committed, so
+        a fault on "the newest checkpoint" or "the disk" always meets the same state."""
         due = max((f.step // interval * interval for _root, interval in self.levels), default=0)
         if due:
             wait_for_commit(self.roots, due, timeout=CORRUPT_WAIT_SECONDS)
+
+    def _do_corrupt(self, f: Fault) -> None:
+        self._wait_for_due_checkpoint(f)
         path = corrupt_newest_checkpoint(self.roots)
         self.log.warning(f"corrupted {path}")
 
     def _do_fill_disk(self, f: Fault) -> None:
+        self._wait_for_due_checkpoint(f)
         path = fill_file_system(self.roots[-1] if self.roots else Path("."))
         self.log.warning(f"filled the file system of {path}")
 

@@ -181,3 +181,28 @@ def test_node_loss_shrinks_and_rejoin_grows_with_the_same_global_batch(tiny_raw,
     # Different world sizes change only the float reduction order, so the curve stays within 1% throughout.
     worst = max(abs(final[s] - clean[s]) / clean[s] for s in clean)
     assert worst < 0.01, f"largest relative loss difference {worst:.4f}"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: room for a few checkpoints of the tiny model, then a real ENOSPC."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root); without it disk-full cannot be made real")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_keeps_training_and_older_checkpoints(tiny_raw, tmp_path, clean_run, small_disk):
+    run = tmp_path / "full"
+    config = _config(tiny_raw, tmp_path, l0_interval=0, dir=str(small_disk))
+    result = _train(config, run, "--fault", "fill disk at step 5")
+    assert result.returncode == 4, result.stderr[-4000:]  # training finished; the launcher reports the failure
+    assert "checkpoint saves failed" in result.stderr and "No space left" in result.stderr
+    assert _final_losses(run) == clean_run  # no restart loop: every step once, same trajectory
+    assert not read_jsonl(run / "metrics.jsonl", "resume")
+    older = small_disk / "step-00000003"
+    verify = subprocess.run(_ecpt(["ckpt", "verify", str(older)]), cwd=REPO, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
