@@ -154,4 +154,5 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the whole model; under DeepSpeed ZeRO-3 a rank holds only a piece, ``ds_numel`` is the full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
