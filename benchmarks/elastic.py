@@ -97,10 +97,13 @@ class Job:
         self.store.stdout.readline()
 
     def kill_node(self, node: str) -> None:
-        """SIGKILL the node's launcher and agent (their session); its workers die with the agent."""
+        """A node loss: SIGKILL the node's launcher, agent and workers at once."""
         proc = self.nodes.pop(node)
-        for pid in _session_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # already gone
         proc.wait()
 
     def worker_pid(self, rank: int) -> int:
@@ -109,24 +112,30 @@ class Job:
     def stop(self) -> None:
         for proc in [*self.nodes.values(), self.store]:
             if proc is not None and proc.poll() is None:
-                for pid in _session_pids(proc.pid):
-                    os.kill(pid, signal.SIGKILL)
+                for pid in [proc.pid, *_descendants(proc.pid)]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
         for proc in [*self.nodes.values(), self.store]:
             if proc is not None:
                 proc.wait()
         subprocess.run(["pkill", "-9", "-f", str(self.config_json.parent)], check=False)
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (children first found through /proc/<pid>/task/*/children)."""
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
             try:
-                if os.getsid(int(d.name)) == sid:
-                    pids.append(int(d.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
+                kids = [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue  # the process exited while we looked
+            found += kids
+            frontier += kids
+    return found
 
 
 def make_job(system: str, root: Path, steps_total: int) -> Job:

@@ -47,13 +47,22 @@ def torchrun_command(cfg: Config, config_json: Path, endpoint: str, node_rank: i
     return cmd + ["-m", "elastic.worker", "--config-json", str(config_json)]
 
 
+def _terminate_with_parent() -> None:
+    """In the agent, before exec: SIGTERM it if the launcher dies (even by SIGKILL), so the agent stops its
+    workers instead of training on as an orphan."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_agent(cmd: list[str], extra_env: dict[str, str] | None = None, threads_per_worker: int = 1) -> int:
     """Run a torchrun agent to completion; forward SIGINT/SIGTERM to it once; return its exit code."""
     # Setting OMP_NUM_THREADS ourselves stops torchrun's oversubscription banner; workers still call
     # torch.set_num_threads from the config.
     env = {"OMP_NUM_THREADS": str(threads_per_worker), **os.environ, **AGENT_ENV, **(extra_env or {})}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    agent = subprocess.Popen(cmd, env=env, start_new_session=True)
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_terminate_with_parent)
 
     def forward(signum, _frame):
         if agent.poll() is None:

@@ -90,3 +90,11 @@ def test_killing_the_agent_leaves_no_orphans(tiny_raw, tmp_path):
     os.kill(agent, signal.SIGKILL)
     wait_for(lambda: not any(_alive(p) for p in pids), 30, "workers to die with their agent")
     proc.wait(timeout=30)
+
+
+def test_killing_the_launcher_stops_agent_and_workers(tiny_raw, tmp_path):
+    proc, run, pids = _start_long_run(tiny_raw, tmp_path)
+    agent = int(Path(f"/proc/{pids[0]}/stat").read_text().split()[3])
+    os.kill(proc.pid, signal.SIGKILL)  # only the launcher: the agent runs in its own session
+    proc.wait(timeout=10)
+    wait_for(lambda: not any(_alive(p) for p in [agent, *pids]), 60, "agent and workers to stop with the launcher")
