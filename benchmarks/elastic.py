@@ -79,9 +79,12 @@ class Job:
                 cmd += ["--rdzv-store", "external"]
             return cmd, env
         # the peer: torchrun with its default rendezvous settings
+        # --no-python + `python -P`: the script's own folder (benchmarks/, which has this elastic.py) must not
+        # shadow the elastic package on sys.path.
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", "--max-restarts=100",
-               str(REPO / "benchmarks" / "baseline_worker.py"), "--config-json", str(self.config_json)]
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", "--max-restarts=100", "--no-python",
+               sys.executable, "-P", str(REPO / "benchmarks" / "baseline_worker.py"),
+               "--config-json", str(self.config_json)]
         return cmd, env
 
     def start_node(self, node: str, nnodes: str = "1", nproc: int = 2) -> None:
