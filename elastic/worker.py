@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(cfg.train.threads_per_worker, world.local_world_size)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    phases: dict[str, float] = {}  # start-up cost per phase: what a restart costs before training resumes
+    t = time.perf_counter()
     groups = init_distributed(world)
+    phases["rendezvous"] = time.perf_counter() - t
     device = device_for(world)
     run_dir = Path(cfg.train.run_dir)
     metrics = None
@@ -87,10 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         metrics.on_start(world.world_size)
         log.info(f"[rank {world.rank} step -] metrics on http://{cfg.metrics.host}:{port}/metrics")
     write_rank_file(run_dir, world, metrics.port if metrics else None)
+    t = time.perf_counter()
     trainer = Trainer(cfg, world, groups, device, metrics=metrics, log=log)
+    phases["init"] = time.perf_counter() - t
     trainer.install_signal_handlers()
     try:
+        t = time.perf_counter()
         trainer.resume(started)
+        phases["restore"] = time.perf_counter() - t
+        log.info(f"[rank {world.rank} step {trainer.state.step}] ready " +
+                 ", ".join(f"{k} {v:.2f} s" for k, v in phases.items() if k != "imports"))
         trainer.run()
     except BaseException:
         # Peers may be blocked in a collective with us: a collective clean-up here would hang them and us. Exit
