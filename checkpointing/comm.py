@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_HEADER = 8                   # int64 payload length in front of every slot
+_MIN_CAPACITY = 16 << 10
+
 
 @dataclass
 class Comm:
@@ -19,21 +22,38 @@ class Comm:
     group: dist.ProcessGroup | None
     rank: int
     size: int
+    capacity: int = _MIN_CAPACITY
+    """Bytes per rank sent in the one-collective fast path. Grows (identically on every rank: everyone sees the
+    same lengths) when a message did not fit, so a steady stream of similar messages costs one all_gather each."""
 
     def all_gather_json(self, obj) -> list:
-        """Every rank's JSON-serialisable `obj`, indexed by group rank."""
+        """Every rank's JSON-serialisable `obj`, indexed by group rank.
+
+        One all_gather of fixed-size slots (length header + payload) in the common case; a second one with the full
+        payloads only when some rank's message was larger than the current capacity."""
         if self.group is None or self.size == 1:
-            return [obj]
-        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-        length = torch.tensor([data.numel()], dtype=torch.int64)
-        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-        dist.all_gather(lengths, length, group=self.group)
-        longest = max(int(n.item()) for n in lengths)
-        padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[: data.numel()] = data
-        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
-        dist.all_gather(out, padded, group=self.group)
-        return [json.loads(bytes(o[: int(n.item())].numpy())) for o, n in zip(out, lengths)]
+            return [json.loads(json.dumps(obj))]        # the same copy semantics as the multi-rank path
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        cap = self.capacity
+        slot = torch.empty(_HEADER + cap, dtype=torch.uint8)
+        slot[:_HEADER].view(torch.int64)[0] = len(data)
+        head = data[:cap]
+        if head:
+            slot[_HEADER:_HEADER + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        out = torch.empty(self.size, _HEADER + cap, dtype=torch.uint8)
+        dist.all_gather(list(out.unbind(0)), slot, group=self.group)
+        lengths = out[:, :_HEADER].contiguous().view(torch.int64).reshape(-1).tolist()
+        longest = max(lengths)
+        if longest > cap:
+            self.capacity = 1 << (longest - 1).bit_length()
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            full = torch.empty(self.size, longest, dtype=torch.uint8)
+            dist.all_gather(list(full.unbind(0)), padded, group=self.group)
+            rows, offset = full.numpy(), 0
+        else:
+            rows, offset = out.numpy(), _HEADER
+        return [json.loads(rows[r, offset:offset + n].tobytes()) for r, n in enumerate(lengths)]
 
     def exchange(self, sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]) -> None:
         """Point-to-point: (tensor, peer group rank, tag) for each send and receive; waits for all of them."""

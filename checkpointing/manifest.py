@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpointing.errors import CheckpointCorruptError
@@ -78,12 +78,19 @@ class Manifest:
         return sum(t.nbytes for t in self.tensors.values())
 
     def to_json(self) -> dict:
-        doc = asdict(self)
-        doc["format"], doc["version"], doc["complete"] = FORMAT, VERSION, self.complete
-        doc["tensors"] = {n: {**asdict(t), "chunks": {str(c): asdict(r) for c, r in t.chunks.items()}}
-                          for n, t in self.tensors.items()}
-        doc["rank_extra"] = {str(r): e for r, e in self.rank_extra.items()}
-        return doc
+        def rec(r: ChunkRecord) -> dict:
+            return {"file": r.file, "nbytes": r.nbytes, "crc32c": r.crc32c}
+
+        return {
+            "format": FORMAT, "version": VERSION, "complete": self.complete, "step": self.step, "level": self.level,
+            "node_id": self.node_id, "node_local": self.node_local, "world_size": self.world_size,
+            "chunk_bytes": self.chunk_bytes,
+            "tensors": {n: {"shape": t.shape, "dtype": t.dtype, "layout": t.layout, "chunk_rows": t.chunk_rows,
+                            "n_chunks": t.n_chunks, "chunks": {str(c): rec(r) for c, r in t.chunks.items()}}
+                        for n, t in self.tensors.items()},
+            "extra": self.extra, "rank_extra": {str(r): e for r, e in self.rank_extra.items()},
+            "files": {p: rec(r) for p, r in self.files.items()}, "created_unix": self.created_unix,
+        }
 
     @staticmethod
     def from_json(doc: dict, where: str) -> "Manifest":
