@@ -2,23 +2,32 @@
 
 Threads and why:
   caller     save() records references and returns; wait_staged() right before optimizer.step().
-  stager     copies the tensors into reusable host buffers while the caller runs forward/backward.
-  persister  writes, checksums, fsyncs and commits level after level, then promotes the checkpoint to the slower
-             levels by copying the committed files (so the staging buffer is free as soon as the fastest level
-             committed). It is the only thread that talks on the checkpoint process group, so collectives on every
-             rank happen in the same order.
+  stager     copies the tensors while the caller runs forward/backward: into reusable host buffers, or, when the
+             save's first level is node memory (tmpfs), straight into the files that become the checkpoint (only
+             the chunks this rank writes there; see staging.Slot).
+  persister  writes (or links), checksums, fsyncs (disk levels only) and commits level after level, then promotes
+             the checkpoint to the slower levels by copying the committed files (so the staging buffer is free as
+             soon as the fastest level committed). It is the only thread that talks on the checkpoint process
+             group, so collectives on every rank happen in the same order.
+  janitor    deletes retired checkpoint directories on disk levels, off the persister's critical path.
 
 save(), wait_durable(), load(), emergency_save() and close() are collective over the checkpoint group: call them on
 every rank with the same steps. If ranks disagree on a step (one skipped it because it was busy), the persister
 drops that step everywhere instead of deadlocking.
+
+Per save the persister issues one all_gather to agree on the job plus two per level (records, outcome); tensor
+descriptions travel only when they changed, and layouts, plans and zarr metadata are computed once per layout.
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import logging
 import math
 import queue
 import secrets
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,13 +40,15 @@ from prometheus_client import CollectorRegistry
 
 from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
-from checkpointing.manifest import Manifest, read_manifest
+from checkpointing.manifest import MANIFEST_NAME, Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
-from checkpointing.persist import ChunkWriter, SaveContext, apply_retention, persist_level
-from checkpointing.plan import global_layouts
+from checkpointing.persist import (ChunkWriter, LevelState, SaveContext, Source, outcome_dict, persist_level,
+                                   unlink_outcome)
+from checkpointing.plan import PlanCache, TensorLayout, global_layouts
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
-from checkpointing.staging import BufferPool, BufferSet, Shard, StagedTensor, describe, stage_into
-from checkpointing.tiers import LevelSpec, committed_steps
+from checkpointing.staging import (BufferPool, BufferSet, Shard, Slot, SlotPool, StagedTensor, StagePlan, describe,
+                                   stage_into)
+from checkpointing.tiers import Janitor, LevelSpec, committed_steps, step_dir_name
 from checkpointing.zarr_store import check_tensor_name, dtype_name
 
 
@@ -81,6 +92,16 @@ class LoadResult:
     missing: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Described:
+    """The validated description of one save's tensors (cached: the trainer saves the same tensors every step)."""
+
+    staged: list[StagedTensor]
+    describes: dict
+    tsig: str
+    all_cpu: bool
+
+
 @dataclass
 class _WriteJob:
     step: int
@@ -90,6 +111,11 @@ class _WriteJob:
     staged: list[StagedTensor]
     extra: dict
     t_save: float
+    described: _Described | None = None
+    slot: Slot | None = None
+    stage_plan: StagePlan | None = None
+    dsig: str | None = None         # the agreed layout the slot was staged for (None: host buffers)
+    pre: dict | None = None         # chunks already linked into the level's spare skeleton (see _prelink)
 
 
 @dataclass
@@ -97,6 +123,16 @@ class _ControlJob:
     kind: str          # "flush" | "emergency" | "stop"
     seq: int
     done: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class _Agreed:
+    """The layout of the last save every rank agreed on: what zero-copy staging plans against."""
+
+    sig: str
+    layouts: dict[str, TensorLayout]
+    nodes: list[str]
+    tsigs: list[str]
 
 
 class CheckpointManager:
@@ -137,7 +173,16 @@ class CheckpointManager:
         self._blocked: dict[int, float] = {}
         self._seq = 0
         self._closed = False
-        self._staged_meta: dict[int, tuple[list[StagedTensor], dict]] = {}
+        self._staged_meta: dict[int, _WriteJob] = {}
+        self._plans = PlanCache()
+        self._states = {lv.name: LevelState() for lv in self.levels}
+        self._slots: dict[str, SlotPool] = {}
+        self._described_key: tuple | None = None
+        self._described: _Described | None = None
+        self._agreed: _Agreed | None = None
+        self._peer: dict[int, tuple[str, dict]] = {}
+        self._sent_tsig: str | None = None
+        self._janitor = Janitor(self.log)
         self._stage_q: queue.Queue = queue.Queue()
         self._persist_q: queue.Queue = queue.Queue()
         self._stager = threading.Thread(target=self._stage_loop, name="ckpt-stager", daemon=True)
@@ -172,7 +217,7 @@ class CheckpointManager:
         levels = [lv for lv in self.levels if lv.due(step)]
         if not levels:
             return None
-        staged = self._validate(tensors)
+        described = self._describe(tensors)
         extra = dict(extra or {})
         try:
             json.dumps(extra)
@@ -191,13 +236,53 @@ class CheckpointManager:
         if len(self._handles) > 64:
             self._handles = [h for h in self._handles if not h.durable.done() or h.durable.exception() is not None]
         handle = SaveHandle(step, [lv.name for lv in levels])
-        job = _WriteJob(step, levels, handle, bufset, staged, extra, t0)
+        job = _WriteJob(step, levels, handle, bufset, described.staged, extra, t0, described)
+        self._zero_copy(job)
         self._handles.append(handle)
         self._unstaged.append(handle)
         self.stats.saves += 1
         self._stage_q.put((job, dict(tensors)))
         self._blocked[step] = time.perf_counter() - t0
         return handle
+
+    def _describe(self, tensors: dict) -> _Described:
+        """Validate and describe the tensors; reuse the last result when names, shapes, dtypes and devices match."""
+        try:
+            key = tuple((name, v.global_shape, v.flat_range, v.local.shape, v.local.dtype, v.local.device.type)
+                        if isinstance(v, Shard) else (name, v.shape, v.dtype, v.device.type)
+                        for name, v in tensors.items())
+        except AttributeError:
+            key = None
+        if key is not None and key == self._described_key:
+            return self._described
+        staged = self._validate(tensors)
+        describes = {t.name: t.describe() for t in staged}
+        tsig = hashlib.blake2b(json.dumps(describes, sort_keys=True).encode(), digest_size=12).hexdigest()
+        all_cpu = all((v.local if isinstance(v, Shard) else v).device.type == "cpu" for v in tensors.values())
+        self._described_key, self._described = key, _Described(staged, describes, tsig, all_cpu)
+        return self._described
+
+    def _zero_copy(self, job: _WriteJob) -> None:
+        """Stage this save straight into its first level's files if that level is node memory, the tensors are on
+        the CPU and the layout is the one every rank agreed on last time (so the chunk plan is known)."""
+        level, agreed = job.levels[0], self._agreed
+        if agreed is None or not job.described.all_cpu or not level.is_memory:
+            return
+        if agreed.tsigs[self.rank] != job.described.tsig:
+            return                                  # this rank's tensors changed: plan with everyone first
+        if not level.node_local and len(set(agreed.nodes)) > 1:
+            return                                  # a memory level shared across nodes cannot be linked into
+        pool = self._slots.get(level.name)
+        if pool is None:
+            pool = self._slots[level.name] = SlotPool(Path(level.root), f"{self.node_id}-r{self.rank}",
+                                                      level.keep_last + self._pool.size + 1)
+        slot = pool.acquire()
+        if slot is None:
+            return
+        job.slot = slot
+        job.stage_plan = self._plans.stage_plan(agreed.sig, agreed.layouts, self.rank,
+                                                agreed.nodes if level.node_local else None)
+        job.dsig = agreed.sig
 
     def _validate(self, tensors: dict) -> list[StagedTensor]:
         out = []
@@ -214,10 +299,13 @@ class CheckpointManager:
                         f"Shard {name}: flat_range {value.flat_range} must satisfy 0 <= start <= stop <= {numel} "
                         f"(numel of global_shape {list(st.shape)}) and local.numel()={local.numel()} == stop - start")
             out.append(st)
-        for a in tensors:
-            for b in tensors:
-                if b.startswith(a + "/"):
-                    raise CheckpointError(f"tensor names {a!r} and {b!r} collide: {a!r} would be both array and group")
+        names = sorted(tensors)
+        for a in names:
+            prefix = a + "/"
+            i = bisect.bisect_left(names, prefix)        # names under a/ sort right after it
+            if i < len(names) and names[i].startswith(prefix):
+                raise CheckpointError(f"tensor names {a!r} and {names[i]!r} collide: {a!r} would be both array and "
+                                      f"group")
         return out
 
     def wait_staged(self) -> float:
@@ -238,6 +326,7 @@ class CheckpointManager:
         for h in self._handles:
             h.staged.exception()                # every save is queued for persisting before the flush marker
         self._control("flush")
+        self._janitor.drain()
         handles, self._handles = self._handles, []
         errors, committed = [], []
         for h in handles:
@@ -259,7 +348,7 @@ class CheckpointManager:
     def emergency_save(self) -> list[str]:
         """On SIGTERM/SIGUSR1: make the newest staged snapshot durable on the most durable level, now.
 
-        Waits for pending work, then writes the newest staged buffers to the last level unless that step is
+        Waits for pending work, then writes the newest staged snapshot to the last level unless that step is
         already committed there. Returns the levels written (empty if nothing was needed)."""
         t0 = time.perf_counter()
         self.wait_staged()
@@ -284,6 +373,12 @@ class CheckpointManager:
         self._closed = True
         self._stager.join()
         self._persister.join()
+        self._janitor.close()
+        for pool in self._slots.values():
+            pool.close()
+        for state in self._states.values():
+            if state.spare is not None:                 # an empty skeleton kept for a next save that won't come
+                shutil.rmtree(state.spare, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- threads
 
@@ -291,22 +386,40 @@ class CheckpointManager:
         while (item := self._stage_q.get()) is not None:
             job, tensors = item
             try:
-                nbytes = stage_into(job.bufset, tensors, job.step, self._pin)
-            except RuntimeError as e:
-                self._pool.release(job.bufset)
+                if job.slot is not None:
+                    self._slots[job.levels[0].name].open()
+                    nbytes = job.slot.stage(tensors, job.stage_plan, job.step)
+                    job.bufset.buffers.clear()      # host buffers are not needed while saves stage zero-copy
+                else:
+                    nbytes = stage_into(job.bufset, tensors, job.step, self._pin)
+            except (RuntimeError, OSError) as e:
+                self._release(job, linked=False)
                 err = CheckpointError(f"staging step {job.step} on rank {self.rank} failed: {e}")
                 job.handle.staged.set_exception(err)
                 job.handle.durable.set_exception(err)
                 continue
-            self._staged_meta[job.bufset.index] = (job.staged, job.extra)
+            job.bufset.step, job.bufset.slot = job.step, job.slot
+            self._staged_meta[job.bufset.index] = job
             self._persist_q.put(job)            # queued before `staged` resolves: a later control job queues after it
             job.handle.staged.set_result(nbytes)
+
+    def _release(self, job: _WriteJob, linked: bool) -> None:
+        """Give back the save's staging resources: the slot (free at once, or once its checkpoint is retired) and
+        the buffer set (the in-flight ticket)."""
+        if job.slot is not None:
+            self._slots[job.levels[0].name].release(job.slot, linked)
+            job.slot = None
+        self._pool.release(job.bufset)
 
     def _persist_loop(self) -> None:
         job = None
         while True:
             job = job or self._persist_q.get()
-            infos = self._world.all_gather_json(self._job_info(job))
+            if isinstance(job, _WriteJob) and job.pre is None:
+                self._prelink(job)
+            info = self._job_info(job)
+            infos = self._world.all_gather_json(info)
+            self._learn_layouts(infos)
             target = max(tuple(i["key"]) for i in infos)
             if tuple(infos[self._world.rank]["key"]) < target:
                 self._drop(job, infos)
@@ -332,7 +445,7 @@ class CheckpointManager:
         err = CheckpointError(f"rank {self.rank}: checkpoint persist thread failed: {type(exc).__name__}: {exc}")
         self.log.error("%s", err)
         if isinstance(job, _WriteJob):
-            self._pool.release(job.bufset)
+            self._release(job, linked=True)
             if not job.handle.durable.done():
                 job.handle.durable.set_exception(err)
         elif not job.done.done():
@@ -343,61 +456,112 @@ class CheckpointManager:
             newest = self._pool.newest() if job.kind == "emergency" else None
             return {"key": [1, job.seq], "kind": job.kind, "node": self.node_id,
                     "newest": None if newest is None else newest.step}
+        d = job.described
         return {"key": [0, job.step], "kind": "write", "node": self.node_id, "nonce": secrets.token_hex(6),
-                "tensors": {t.name: t.describe() for t in job.staged}, "extra": job.extra,
-                "levels": [lv.name for lv in job.levels]}
+                "tsig": d.tsig, "tensors": None if d.tsig == self._sent_tsig else d.describes,
+                "dsig": job.dsig, "pre": job.pre, "extra": job.extra, "levels": [lv.name for lv in job.levels]}
 
-    def _drop(self, job, infos: list[dict]) -> None:
-        """Another rank is already past this job: resolve it without writing (counted as a skip)."""
+    def _prelink(self, job: _WriteJob) -> None:
+        """Zero-copy save into a spare skeleton: link the staged files before the job's gather, so the records
+        travel in that gather and the level needs no records gather of its own. Undone if the job is dropped."""
+        level = job.levels[0]
+        state = self._states[level.name]
+        sp = job.stage_plan
+        if job.slot is None or state.spare is None or state.spare_sig != job.dsig or sp.sends \
+                or not all(c.whole for c in sp.chunks):
+            return
+        outcome = self._writer.prelink(level, job.slot, state.spare, self.rank, self.node_id)
+        job.pre = outcome_dict(outcome, state.spare)
+
+    def _learn_layouts(self, infos: list[dict]) -> None:
+        """Remember every rank's tensor descriptions: a rank sends them only when they changed, and every rank
+        sees every gather, so this table is the same everywhere."""
+        for r, info in enumerate(infos):
+            if info.get("tensors") is not None:
+                self._peer[r] = (info["tsig"], info["tensors"])
+        mine = infos[self._world.rank]
+        if mine.get("tsig") is not None:
+            self._sent_tsig = mine["tsig"]
+
+    def _drop(self, job, infos: list[dict], why: str | None = None) -> None:
+        """Another rank is already past this job (or the job cannot be written as staged): resolve it without
+        writing (counted as a skip)."""
         behind = [r for r, i in enumerate(infos) if tuple(i["key"]) > tuple(infos[self._world.rank]["key"])]
         if isinstance(job, _WriteJob):
-            self._pool.release(job.bufset)
+            if job.pre is not None:
+                unlink_outcome(job.pre, Path(job.levels[0].root) / job.pre["dir"])
+                job.pre = None
+            self._release(job, linked=False)
             self._metrics.skip([lv.name for lv in job.levels])
-            self.log.warning("checkpoint step %d dropped: ranks %s did not stage it (busy)", job.step, behind)
+            self.log.warning("checkpoint step %d dropped: %s", job.step,
+                             why or f"ranks {behind} did not stage it (busy)")
             job.handle.durable.set_result([])
         else:
             job.done.set_exception(CheckpointError(
                 f"checkpoint control call {job.kind} #{job.seq} is out of step with ranks {behind}: "
                 f"call wait_durable/emergency_save/close the same number of times on every rank"))
 
-    def _context(self, step: int, infos: list[dict]) -> SaveContext:
-        layouts = global_layouts(infos, self.chunk_bytes)
-        return SaveContext(step=step, nonce=infos[0]["nonce"], layouts=layouts, extras=[i["extra"] for i in infos],
-                           nodes=[i["node"] for i in infos], world=self._world, local=self._local,
-                           node_id=self.node_id, chunk_bytes=self.chunk_bytes)
+    def _context(self, step: int, infos: list[dict], describes: list[dict] | None = None) -> SaveContext:
+        """The agreed save context; layouts come from the cache when every rank's tensors are unchanged."""
+        tsigs = [i["tsig"] for i in infos]
+        nodes = [i["node"] for i in infos]
+        sig = hashlib.blake2b(json.dumps([tsigs, nodes, self.chunk_bytes]).encode(), digest_size=12).hexdigest()
+        agreed = self._agreed
+        if agreed is None or agreed.sig != sig:
+            if describes is None:
+                missing = [r for r, t in enumerate(tsigs) if self._peer.get(r, ("",))[0] != t]
+                if missing:
+                    raise ValueError(f"tensor descriptions of ranks {missing} are unknown")
+                describes = [self._peer[r][1] for r in range(len(infos))]
+            layouts = global_layouts([{"tensors": d} for d in describes], self.chunk_bytes)
+            agreed = _Agreed(sig, layouts, nodes, tsigs)
+            self._agreed = agreed
+        return SaveContext(step=step, nonce=infos[0]["nonce"], layouts=agreed.layouts,
+                           extras=[i["extra"] for i in infos], nodes=nodes, world=self._world, local=self._local,
+                           node_id=self.node_id, chunk_bytes=self.chunk_bytes, sig=sig, plans=self._plans)
 
     def _run_write(self, job: _WriteJob, infos: list[dict]) -> None:
         try:
             ctx = self._context(job.step, infos)
         except ValueError as e:
-            self._pool.release(job.bufset)
+            self._release(job, linked=False)
             job.handle.durable.set_exception(CheckpointError(f"checkpoint step {job.step}: {e}"))
             return
-        committed, errors = self._write_levels(ctx, job.levels, job.bufset, job.t_save)
+        stale = [r for r, i in enumerate(infos) if i["dsig"] not in (None, ctx.sig)]
+        if stale:       # staged zero-copy for a layout that changed meanwhile: the chunks it holds are not the plan
+            self._drop(job, infos, f"ranks {stale} staged it for a tensor layout that changed")
+            return
+        first = Source(slot=job.slot, link=True) if job.slot is not None else Source(bufset=job.bufset)
+        pre = [i.get("pre") for i in infos]
+        committed, errors = self._write_levels(ctx, job.levels, job, first, job.t_save,
+                                               pre if any(p is not None for p in pre) else None)
         if errors:
             job.handle.durable.set_exception(CheckpointError(
                 f"checkpoint step {job.step} failed ({'; '.join(errors)}). Committed on: {committed or 'no level'}; "
                 f"older checkpoints are intact and training can continue"))
         else:
             job.handle.durable.set_result(committed)
-        self._retain(ctx, [lv for lv in job.levels if lv.name in committed])
+        for pool in self._slots.values():
+            pool.refresh()
 
-    def _retain(self, ctx: SaveContext, levels: list[LevelSpec]) -> None:
-        for level in levels:
-            try:
-                apply_retention(level, ctx)
-            except OSError as e:
-                self.log.warning("checkpoint retention on %s (%s) failed: %s", level.name, level.root, e)
+    def _write_levels(self, ctx: SaveContext, levels: list[LevelSpec], job: _WriteJob | None, first: Source,
+                      t_save: float, pre: list | None = None) -> tuple[list[str], list[str]]:
+        """Write the first level from the staged data, release it, promote to the others by copying files.
 
-    def _write_levels(self, ctx: SaveContext, levels: list[LevelSpec], bufset: BufferSet | None,
-                      t_save: float) -> tuple[list[str], list[str]]:
-        """Write the first level from the buffers, release them, promote to the others by copying files.
-
-        If a level fails, the next one is written from the still-held buffers instead of from a copy."""
+        If a level fails, the next one is written from the still-held staged data instead of from a copy."""
         committed, errors, source = [], [], None
         for level in levels:
             t0 = time.perf_counter()
-            res = persist_level(level, ctx, self._writer, None if source else bufset, source)
+            if source is not None:
+                src = Source(src_dir=source)
+            elif first.slot is not None and level is not levels[0]:
+                src = Source(slot=first.slot)          # the first level failed: write from the staging files
+            else:
+                src = first
+            res = persist_level(level, ctx, self._writer, src, self._states[level.name], self._janitor,
+                                pre if level is levels[0] else None)
+            if res.retention_error:
+                self.log.warning("checkpoint retention on %s failed: %s", level.name, res.retention_error)
             if res.errors:
                 errors += res.errors
                 self._metrics.failure(level.name)
@@ -406,35 +570,50 @@ class CheckpointManager:
             committed.append(level.name)
             self._metrics.observe_durable(level.name, time.perf_counter() - t_save)
             self._metrics.add_bytes(level.name, res.my_nbytes)
-            self.log.info("checkpoint step %d committed on %s (%s): %.1f MB in %.2f s", ctx.step, level.name,
-                          res.path, res.total_nbytes / 1e6, time.perf_counter() - t0)
-            if source is None and bufset is not None:
-                self._pool.release(bufset)
+            self.log.log(logging.DEBUG if level.is_memory else logging.INFO,
+                         "checkpoint step %d committed on %s (%s): %.1f MB in %.2f s", ctx.step, level.name,
+                         res.path, res.total_nbytes / 1e6, time.perf_counter() - t0)
+            if source is None and job is not None:
+                self._release(job, linked=True)
             source = source or res.path
-        if source is None and bufset is not None:
-            self._pool.release(bufset)
+        if source is None and job is not None:
+            self._release(job, linked=True)
         return committed, errors
 
     def _run_emergency(self, infos: list[dict]) -> list[str]:
-        """Write the newest staged buffers to the most durable level unless every rank already has it there."""
+        """Write the newest staged snapshot to the most durable level unless every rank already has it there: from
+        a committed copy on a faster level if every rank has one, else from the staged data."""
         steps = {i["newest"] for i in infos}
         if len(steps) != 1 or None in steps:
             self.log.error("emergency checkpoint impossible: ranks hold staged steps %s", sorted(map(str, steps)))
             return []
         step = steps.pop()
         last = self.levels[-1]
-        have = self._world.all_gather_json(any(s == step for s, _ in committed_steps(Path(last.root))))
-        if all(have):
+        faster = [lv for lv in self.levels[:-1] if (Path(lv.root) / step_dir_name(step) / MANIFEST_NAME).exists()]
+        have = self._world.all_gather_json({"last": any(s == step for s, _ in committed_steps(Path(last.root))),
+                                            "fast": faster[0].name if faster else None})
+        if all(h["last"] for h in have):
             return []
         bufset = self._pool.newest()
-        staged, extra = self._staged_meta[bufset.index]
+        staged = self._staged_meta[bufset.index]
+        d = staged.described
         ctx_infos = self._world.all_gather_json({
-            "key": [0, step], "node": self.node_id, "nonce": secrets.token_hex(6), "extra": extra,
-            "tensors": {t.name: t.describe() for t in staged}})
-        ctx = self._context(step, ctx_infos)
+            "key": [0, step], "node": self.node_id, "nonce": secrets.token_hex(6), "extra": staged.extra,
+            "tsig": d.tsig, "tensors": d.describes})
+        ctx = self._context(step, ctx_infos, [i["tensors"] for i in ctx_infos])
         held = self._pool.acquire_specific(bufset)
-        committed, errors = self._write_levels(ctx, [last], held, time.perf_counter())
-        self._retain(ctx, [last] if committed else [])
+        fast = {h["fast"] for h in have}
+        if len(fast) == 1 and None not in fast:
+            level = next(lv for lv in self.levels if lv.name == fast.pop())
+            source = Source(src_dir=Path(level.root) / step_dir_name(step))
+        elif bufset.slot is not None:
+            source = Source(slot=bufset.slot)
+        else:
+            source = Source(bufset=held)
+        try:
+            committed, errors = self._write_levels(ctx, [last], None, source, time.perf_counter())
+        finally:
+            self._pool.release(held)
         if errors:
             self.log.error("emergency checkpoint step %d failed: %s", step, "; ".join(errors))
         return committed

@@ -1,28 +1,35 @@
-"""Persisting one checkpoint on one level: write (or copy) owned chunks, gather checksums, commit the manifest.
+"""Persisting one checkpoint on one level: write (or link, or copy) owned chunks, gather checksums, commit.
 
 Runs only in the manager's persist thread. Each function is called on every rank in the same order, so the
 collectives inside line up. Write errors (OSError: disk full, permission, I/O) are caught per rank and reported as
 data through the gathers, so a failing rank never leaves the others waiting in a collective.
+
+Per level and save there are two collectives (records to the level's committer, outcome to everyone), each a single
+all_gather in the common case. The per-save fixed cost is kept small: plans, zarr metadata and directory lists are
+computed once per layout; fsync runs only on disk levels, several files at a time; retiring old checkpoints is a
+rename (deletion happens on the janitor thread, except on memory levels where it is a few unlinks).
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import crc32c
 import torch
 
 from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointError
-from checkpointing.manifest import ChunkRecord, Manifest, TensorEntry, read_manifest, write_manifest
-from checkpointing.plan import RankPlan, TensorLayout, plan_for_rank
+from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest, TensorEntry, read_manifest, write_manifest
+from checkpointing.plan import PlanCache, RankPlan, TensorLayout
 from checkpointing.reshard import Scratch, copy_chunk
-from checkpointing.staging import BufferSet
-from checkpointing.tiers import LevelSpec, partial_dir, publish, retain
-from checkpointing.zarr_store import (array_metadata, fault_pause_hook, fsync_dir, fsync_path, group_metadata,
-                                      group_paths, write_file)
+from checkpointing.staging import BufferSet, Slot, StagePlan
+from checkpointing.tiers import Janitor, LevelSpec, partial_dir, publish, retain, step_dir_name
+from checkpointing.zarr_store import (array_metadata, fault_pause_hook, fsync_many, group_metadata, group_paths,
+                                      write_file)
 
 
 @dataclass
@@ -38,6 +45,14 @@ class SaveContext:
     local: Comm
     node_id: str
     chunk_bytes: int
+    sig: str = ""
+    plans: PlanCache = field(default_factory=PlanCache)
+
+    def rank_plan(self, level: LevelSpec) -> RankPlan:
+        return self.plans.rank_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
+
+    def stage_plan(self, level: LevelSpec) -> StagePlan:
+        return self.plans.stage_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
 
 
 @dataclass
@@ -47,6 +62,47 @@ class RankOutcome:
     records: list[list] = field(default_factory=list)      # [name, chunk, file, nbytes, crc32c]
     errors: list[str] = field(default_factory=list)
     nbytes: int = 0
+
+
+def _open_new(path: Path) -> int:
+    """Create/truncate `path` for writing, creating its directories only when they are missing."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:
+        os.makedirs(path.parent, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _write_new(path: Path, parts: list[memoryview]) -> int:
+    """write_file() that creates missing parent directories; returns the crc32c."""
+    try:
+        return write_file(path, parts, fsync=False)
+    except FileNotFoundError:
+        os.makedirs(path.parent, exist_ok=True)
+        return write_file(path, parts, fsync=False)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        if not src.exists():
+            raise
+        os.makedirs(dst.parent, exist_ok=True)
+        os.link(src, dst)
+
+
+def _ancestors(paths: list[Path], top: Path) -> list[Path]:
+    """Every directory between the files and `top` (inclusive), deepest first: what to fsync after creating them."""
+    dirs = set()
+    for p in paths:
+        d = p.parent
+        while d not in dirs and d != top.parent:
+            dirs.add(d)
+            if d == top:
+                break
+            d = d.parent
+    return sorted(dirs, key=lambda p: -len(p.parts))
 
 
 class ChunkWriter:
@@ -97,7 +153,7 @@ class ChunkWriter:
 
     def write_level(self, level: LevelSpec, ctx: SaveContext, bufset: BufferSet, out_dir: Path) -> RankOutcome:
         """Write every chunk this rank owns on this level from the staged buffers into out_dir."""
-        plan = plan_for_rank(ctx.layouts, ctx.world.rank, writers_for(level, ctx))
+        plan = ctx.rank_plan(level)
         assembled = self.exchange_pieces(ctx, plan, bufset)
         outcome = RankOutcome()
         for i, task in enumerate(plan.writes):
@@ -108,28 +164,96 @@ class ChunkWriter:
             else:
                 parts = self._own_parts(ctx, t, task.chunk, bufset)
             try:
-                path = out_dir / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                crc = write_file(path, parts, fsync=False)
+                crc = _write_new(out_dir / rel, parts)
             except OSError as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / rel}: {e}")
                 break
             outcome.records.append([task.name, task.chunk, rel, t.grid.chunk_nbytes, crc])
             outcome.nbytes += t.grid.chunk_nbytes
             fault_pause_hook(ctx.step, i + 1)
-        if level.fsync and not outcome.errors:
-            self._fsync_written(level, ctx, out_dir, outcome)
+        self._fsync_written(level, ctx, out_dir, outcome)
+        return outcome
+
+    def link_level(self, level: LevelSpec, ctx: SaveContext, slot: Slot, out_dir: Path) -> RankOutcome:
+        """Zero-copy: the slot's files already hold this rank's chunks (written at staging time); receive the
+        boundary pieces, then hard-link every file into out_dir."""
+        plan, sp = ctx.rank_plan(level), slot.plan
+        outcome = RankOutcome()
+        if plan.sends or any(not c.whole for c in sp.chunks):
+            rank = ctx.world.rank
+            sends = [(torch.from_numpy(buf), dst, tag) for buf, (_, dst, _, _, tag) in zip(slot.sendbufs, plan.sends)]
+            recvs = []
+            for i, task in enumerate(plan.writes):
+                if sp.chunks[i].whole:
+                    continue
+                t = ctx.layouts[task.name]
+                isz, (cs, _) = t.grid.itemsize, t.grid.chunk_range(task.chunk)
+                buf = torch.from_numpy(slot.assembly[i])
+                recvs += [(buf[(a - cs) * isz:(b - cs) * isz], src, tag) for src, a, b, tag in task.pieces
+                          if src != rank]
+            ctx.world.exchange(sends, recvs)
+            try:
+                slot.finish_assembled()
+            except OSError as e:
+                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: staging file in "
+                                      f"{slot.dir}: {e}")
+                return outcome
+        for i, c in enumerate(sp.chunks):
+            try:
+                _link(slot.paths[i], out_dir / c.rel)
+            except OSError as e:
+                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / c.rel}: {e}")
+                break
+            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, slot.crcs[i]])
+            outcome.nbytes += c.nbytes
+            fault_pause_hook(ctx.step, i + 1)
+        return outcome
+
+    def prelink(self, level: LevelSpec, slot: Slot, out_dir: Path, rank: int, node_id: str) -> RankOutcome:
+        """Link a slot's whole chunks into out_dir (all of them must be whole: no pieces to receive)."""
+        outcome = RankOutcome()
+        for i, c in enumerate(slot.plan.chunks):
+            try:
+                _link(slot.paths[i], out_dir / c.rel)
+            except OSError as e:
+                outcome.errors.append(f"rank {rank} ({node_id}) {level.name}: {out_dir / c.rel}: {e}")
+                break
+            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, slot.crcs[i]])
+            outcome.nbytes += c.nbytes
+        return outcome
+
+    def write_from_slot(self, level: LevelSpec, ctx: SaveContext, slot: Slot, out_dir: Path) -> RankOutcome:
+        """A slower level written from a slot because the faster level failed: possible when this rank owns the
+        same chunks on both levels (always on one node)."""
+        outcome = RankOutcome()
+        mine = {(c.name, c.chunk): i for i, c in enumerate(slot.plan.chunks)}
+        wanted = [(task.name, task.chunk) for task in ctx.rank_plan(level).writes]
+        missing = [key for key in wanted if key not in mine]
+        if missing:
+            outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: the faster level failed and "
+                                  f"this rank did not stage chunks {missing[:3]} it writes here")
+            return outcome
+        for key in wanted:
+            i = mine[key]
+            c = slot.plan.chunks[i]
+            try:
+                crc = _write_new(out_dir / c.rel, [slot.read(i)])
+            except OSError as e:
+                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / c.rel}: {e}")
+                break
+            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, crc])
+            outcome.nbytes += c.nbytes
+        self._fsync_written(level, ctx, out_dir, outcome)
         return outcome
 
     @staticmethod
     def _fsync_written(level: LevelSpec, ctx: SaveContext, out_dir: Path, outcome: RankOutcome) -> None:
         """fsync after writing everything (not after each file): writeback of earlier chunks overlaps later writes."""
+        if not level.sync or outcome.errors:
+            return
         paths = [out_dir / rec[2] for rec in outcome.records]
         try:
-            for path in paths:
-                fsync_path(path)
-            for d in sorted({p.parent for p in paths}, key=lambda p: -len(p.parts)):
-                fsync_dir(d)
+            fsync_many(paths, _ancestors(paths, out_dir))
         except OSError as e:
             outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
 
@@ -143,7 +267,7 @@ class ChunkWriter:
 
     def copy_level(self, level: LevelSpec, ctx: SaveContext, src_dir: Path, out_dir: Path) -> RankOutcome:
         """Promotion: copy the chunks this rank owns on `level` from a committed copy on a faster level."""
-        plan = plan_for_rank(ctx.layouts, ctx.world.rank, writers_for(level, ctx))
+        plan = ctx.rank_plan(level)
         outcome = RankOutcome()
         try:
             source = read_manifest(src_dir)
@@ -157,12 +281,13 @@ class ChunkWriter:
                                       f"{task.name} is not in the source copy {src_dir}")
                 break
             try:
-                new = copy_chunk(src_dir, out_dir, record, self.scratch, level.fsync)
+                new = copy_chunk(src_dir, out_dir, record, self.scratch, False)
             except (OSError, CheckpointError) as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / record.file}: {e}")
                 break
             outcome.records.append([task.name, task.chunk, new.file, new.nbytes, new.crc32c])
             outcome.nbytes += new.nbytes
+        self._fsync_written(level, ctx, out_dir, outcome)
         return outcome
 
 
@@ -187,49 +312,124 @@ def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> M
                     tensors=tensors, extra=extra, rank_extra=rank_extra)
 
 
-def write_zarr_metadata(out_dir: Path, manifest: Manifest, fsync: bool) -> None:
-    """zarr.json for the root group, every intermediate group and every array (so zarr.open reads the checkpoint)."""
+class MetadataCache:
+    """The zarr.json documents of one layout (every group but the root, every array) as bytes with their crc32c:
+    identical from save to save, so they are encoded and checksummed once."""
+
+    def __init__(self) -> None:
+        self._sig: str | None = None
+        self._docs: list[tuple[str, bytes, int]] = []
+
+    def docs(self, sig: str, manifest: Manifest) -> list[tuple[str, bytes, int]]:
+        if sig != self._sig or not sig:
+            docs = []
+            for group in group_paths(list(manifest.tensors)):
+                if group:
+                    docs.append((f"{group}/zarr.json", _json_bytes(group_metadata({}))))
+            for name, entry in manifest.tensors.items():
+                docs.append((f"{name}/zarr.json",
+                             _json_bytes(array_metadata(tuple(entry.shape), entry.dtype, entry.grid()))))
+            self._docs = [(rel, data, crc32c.crc32c(data)) for rel, data in docs]
+            self._sig = sig
+        return self._docs
+
+
+def _json_bytes(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def write_zarr_metadata(out_dir: Path, manifest: Manifest, fsync: bool, cache: MetadataCache | None = None,
+                        sig: str = "", only_root: bool = False) -> None:
+    """zarr.json for the root group, every intermediate group and every array (so zarr.open reads the checkpoint).
+    only_root: the others are already in out_dir (a reused tree of the same layout): only record them."""
+    root = _json_bytes(group_metadata({"ecpt_step": manifest.step, "ecpt_level": manifest.level}))
+    others = (cache or MetadataCache()).docs(sig, manifest)
+    docs = [("zarr.json", root, crc32c.crc32c(root)), *others]
     written = []
-    for group in group_paths(list(manifest.tensors)):
-        path = out_dir / group / "zarr.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        attrs = {"ecpt_step": manifest.step, "ecpt_level": manifest.level} if group == "" else {}
-        written.append(_write_json(path, group_metadata(attrs), manifest, out_dir))
-    for name, entry in manifest.tensors.items():
-        path = out_dir / name / "zarr.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written.append(_write_json(path, array_metadata(tuple(entry.shape), entry.dtype, entry.grid()), manifest,
-                                   out_dir))
+    if only_root:
+        for rel, data, crc in others:
+            manifest.files[rel] = ChunkRecord(rel, len(data), crc)
+        docs = docs[:1]
+    for rel, data, crc in docs:
+        path = out_dir / rel
+        fd = _open_new(path)
+        try:
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        manifest.files[rel] = ChunkRecord(rel, len(data), crc)
+        written.append(path)
     if fsync:
-        for path in written:
-            fsync_path(path)
-        for d in sorted({p.parent for p in written}, key=lambda p: -len(p.parts)):
-            fsync_dir(d)
+        fsync_many(written, _ancestors(written, out_dir))
 
 
-def _write_json(path: Path, doc: dict, manifest: Manifest, out_dir: Path) -> Path:
-    data = json.dumps(doc, indent=1).encode()
-    crc = write_file(path, [memoryview(data)], fsync=False)
-    rel = str(path.relative_to(out_dir))
-    manifest.files[rel] = ChunkRecord(rel, len(data), crc)
-    return path
-
-
-def commit_level(level: LevelSpec, ctx: SaveContext, out_dir: Path, records: list[list]) -> Path:
+def commit_level(level: LevelSpec, ctx: SaveContext, out_dir: Path, records: list[list],
+                 cache: MetadataCache | None = None, janitor: Janitor | None = None, reused: bool = False) -> Path:
     """Committer only: metadata, manifest (the commit point), rename to the final name, latest.
 
-    Retention runs later (apply_retention), after the save's durable future resolved: deleting an old checkpoint
-    is not part of making the new one durable."""
+    `reused`: out_dir is a retired checkpoint's tree of the same layout, whose array and group zarr.json files are
+    already right: only the root group's (it names the step) is rewritten."""
     manifest = build_manifest(level, ctx, records)
-    write_zarr_metadata(out_dir, manifest, level.fsync)
-    write_manifest(out_dir, manifest, level.fsync)
-    return publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.fsync)
+    write_zarr_metadata(out_dir, manifest, level.sync, cache, ctx.sig, only_root=reused)
+    write_manifest(out_dir, manifest, level.sync)
+    return publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.sync, _janitor_for(level, janitor))
 
 
-def apply_retention(level: LevelSpec, ctx: SaveContext) -> None:
-    """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints."""
-    if level_comm(level, ctx).rank == 0:
-        retain(Path(level.root), level.keep_last, ctx.nonce)
+def _janitor_for(level: LevelSpec, janitor: Janitor | None) -> Janitor | None:
+    """Memory levels delete at once (a few unlinks, and the memory and staging slots come back before the next
+    save); disk levels hand deletion to the janitor thread."""
+    return None if level.is_memory else janitor
+
+
+@dataclass
+class LevelState:
+    """What one rank keeps about one level between saves.
+
+    On memory levels the committer does not delete the newest retired checkpoint: it renames it to `.next-<token>`
+    and removes its chunk files (which frees the staging slots linked there), and the next save of the same layout
+    links or writes its chunks into that tree and renames it into place. `spare` is that tree as announced by the
+    level's committer in the last outcome gather, so every rank of the level's group holds the same value."""
+
+    meta: MetadataCache = field(default_factory=MetadataCache)
+    token: str = field(default_factory=lambda: secrets.token_hex(4))
+    spare: Path | None = None
+    spare_sig: str | None = None
+    created: dict[str, str] = field(default_factory=dict)     # committer: dir name -> layout sig of its saves
+
+
+def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None = None,
+                    state: LevelState | None = None, chunk_files: list[str] | None = None) -> None:
+    """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints;
+    on a memory level keep the newest retired one of this layout as the next save's skeleton."""
+    if level_comm(level, ctx).rank != 0:
+        return
+    root = Path(level.root)
+    reuse = None
+    if state is not None and level.is_memory and chunk_files is not None:
+        def as_spare(path: Path) -> Path | None:
+            if state.created.get(path.name) != ctx.sig or state.spare is not None:
+                return None
+            spare = root / f".next-{state.token}"
+            os.replace(path, spare)
+            try:
+                for rel in [*chunk_files, MANIFEST_NAME]:
+                    try:
+                        os.unlink(spare / rel)
+                    except FileNotFoundError:
+                        pass
+            except OSError:
+                shutil.rmtree(spare, ignore_errors=True)
+                return None
+            state.spare, state.spare_sig = spare, ctx.sig
+            return spare
+
+        reuse = as_spare
+    retain(root, level.keep_last, ctx.nonce, _janitor_for(level, janitor), reuse,
+           keep=None if state is None or state.spare is None else state.spare.name)
+    if state is not None:
+        state.created = {n: sig for n, sig in state.created.items() if (root / n).is_dir()}
 
 
 @dataclass
@@ -240,32 +440,112 @@ class LevelResult:
     path: Path
     my_nbytes: int
     total_nbytes: int
+    retention_error: str | None = None
 
 
-def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, bufset: BufferSet | None,
-                  src_dir: Path | None) -> LevelResult:
-    """Write (from buffers) or copy (from src_dir) this level and commit it; errors come from every rank.
+@dataclass
+class Source:
+    """Where a level's chunks come from: host buffers (bufset), zero-copy staging files (slot, on the first level
+    only: `link`), or a committed copy on a faster level (src_dir)."""
 
-    Collectives: one gather of records on the level's group, one gather of outcomes on the world group."""
-    out_dir = partial_dir(Path(level.root), ctx.step, ctx.nonce)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        mine = RankOutcome(errors=[f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
-    else:
-        mine = writer.copy_level(level, ctx, src_dir, out_dir) if bufset is None else \
-            writer.write_level(level, ctx, bufset, out_dir)
-    comm = level_comm(level, ctx)
-    gathered = comm.all_gather_json({"records": mine.records, "errors": mine.errors})
-    errors = [e for g in gathered for e in g["errors"]]
-    final = Path(level.root) / out_dir.name.split(".partial-")[0]
-    if comm.rank == 0 and not errors:
+    bufset: BufferSet | None = None
+    slot: Slot | None = None
+    link: bool = False
+    src_dir: Path | None = None
+
+
+def target_dir(level: LevelSpec, ctx: SaveContext, state: LevelState) -> tuple[Path, bool]:
+    """Where this save's files go on `level`: the spare skeleton if there is one of this layout, else a fresh
+    partial directory. The same on every rank of the level's group (state.spare comes from a gather)."""
+    if state.spare is not None and state.spare_sig == ctx.sig:
+        return state.spare, True
+    return partial_dir(Path(level.root), ctx.step, ctx.nonce), False
+
+
+def outcome_dict(o: RankOutcome, out_dir: Path) -> dict:
+    return {"records": o.records, "errors": o.errors, "nbytes": o.nbytes, "dir": out_dir.name}
+
+
+def unlink_outcome(o: dict, out_dir: Path) -> None:
+    """Undo pre-linked chunk files of a save that was dropped (the skeleton stays reusable)."""
+    for rec in o["records"]:
         try:
-            final = commit_level(level, ctx, out_dir, [r for g in gathered for r in g["records"]])
+            os.unlink(out_dir / rec[2])
+        except FileNotFoundError:
+            pass
+
+
+def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, source: Source, state: LevelState,
+                  janitor: Janitor | None = None, pre: list[dict | None] | None = None) -> LevelResult:
+    """Write, link or copy this level, commit it and retire old checkpoints; errors come from every rank.
+
+    Collectives: one gather of records on the level's group, one gather of outcomes on the world group. The first
+    is skipped when every rank of the group already sent its records in the job's gather (`pre`: chunks linked
+    into the spare skeleton before it). Retention runs before the second gather, so when it returns every rank
+    knows old copies are gone (staging slots free) and which skeleton the next save uses."""
+    me = ctx.world.rank
+    out_dir, reused = target_dir(level, ctx, state)
+    comm = level_comm(level, ctx)
+    group = [r for r in range(ctx.world.size) if not level.node_local or ctx.nodes[r] == ctx.node_id]
+    my_pre = pre[me] if pre is not None else None
+    if my_pre is not None:
+        mine = RankOutcome(my_pre["records"], my_pre["errors"], my_pre["nbytes"])
+    else:
+        try:
+            if not reused:
+                out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: commit in {out_dir}: {e}")
-    if comm.rank == 0 and errors:
+            mine = RankOutcome(errors=[f"rank {me} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
+        else:
+            if source.src_dir is not None:
+                mine = writer.copy_level(level, ctx, source.src_dir, out_dir)
+            elif source.slot is not None and source.link:
+                mine = writer.link_level(level, ctx, source.slot, out_dir)
+            elif source.slot is not None:
+                mine = writer.write_from_slot(level, ctx, source.slot, out_dir)
+            else:
+                mine = writer.write_level(level, ctx, source.bufset, out_dir)
+    if pre is not None and all(pre[r] is not None for r in group):
+        gathered = [pre[r] for r in group]
+    else:
+        gathered = comm.all_gather_json(outcome_dict(mine, out_dir))
+    errors = [e for g in gathered for e in g["errors"]]
+    if len({g["dir"] for g in gathered}) > 1:
+        errors.append(f"{level.name}: ranks wrote into different directories {sorted({g['dir'] for g in gathered})}")
+    final = Path(level.root) / step_dir_name(ctx.step)
+    retention_error = None
+    committer = comm.rank == 0
+    if committer and not errors:
+        records = [r for g in gathered for r in g["records"]]
+        try:
+            final = commit_level(level, ctx, out_dir, records, state.meta, janitor, reused)
+        except OSError as e:
+            errors.append(f"rank {me} ({ctx.node_id}) {level.name}: commit in {out_dir}: {e}")
+        else:
+            if reused:
+                state.spare = state.spare_sig = None
+            state.created[final.name] = ctx.sig
+            try:
+                if state.spare is not None and state.spare_sig != ctx.sig:     # a skeleton of an older layout
+                    shutil.rmtree(state.spare, ignore_errors=True)
+                    state.spare = state.spare_sig = None
+                apply_retention(level, ctx, janitor, state, [r[2] for r in records])
+            except OSError as e:
+                retention_error = f"{level.name} ({level.root}): {e}"
+    if committer and errors:
         shutil.rmtree(out_dir, ignore_errors=True)   # free the space a failed save took; older ones stay intact
-    everyone = ctx.world.all_gather_json({"errors": errors if comm.rank == 0 else mine.errors, "nbytes": mine.nbytes})
+        if reused:
+            state.spare = state.spare_sig = None
+    announce = None
+    if committer:
+        announce = {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
+    everyone = ctx.world.all_gather_json({"errors": errors if committer else mine.errors, "nbytes": mine.nbytes,
+                                          "node": ctx.node_id, "next": announce})
+    for r, g in enumerate(everyone):
+        if g["next"] is not None and (g["node"] == ctx.node_id if level.node_local else True):
+            nxt = g["next"]
+            state.spare = Path(level.root) / nxt["name"] if nxt else None
+            state.spare_sig = nxt.get("sig")
+            break
     all_errors = sorted({e for g in everyone for e in g["errors"]})
-    return LevelResult(all_errors, final, mine.nbytes, sum(g["nbytes"] for g in everyone))
+    return LevelResult(all_errors, final, mine.nbytes, sum(g["nbytes"] for g in everyone), retention_error)

@@ -8,8 +8,10 @@ pieces point-to-point (never the whole tensor to one rank).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
+from checkpointing.staging import OwnedChunk, StagePlan
 from checkpointing.zarr_store import Grid, torch_dtype
 
 
@@ -134,3 +136,60 @@ def plan_for_rank(layouts: dict[str, TensorLayout], rank: int, nodes: list[str] 
                     a, b = t.grid.chunk_range(c)
                     plan.writes.append(ChunkTask(t.name, c, ((rank, a, b, -1),)))
     return plan
+
+
+class PlanCache:
+    """plan_for_rank and the matching StagePlan, computed once per (layout, writers) and reused every save:
+    the planner is a Python loop over every chunk of every tensor."""
+
+    def __init__(self) -> None:
+        self._sig: str | None = None
+        self._plans: dict[tuple, RankPlan] = {}
+        self._stage: dict[tuple, StagePlan] = {}
+        self._lock = threading.RLock()      # the caller's thread plans zero-copy staging, the persister writes
+
+    def _key(self, sig: str, rank: int, nodes: list[str] | None) -> tuple:
+        if sig != self._sig:
+            self._sig, self._plans, self._stage = sig, {}, {}
+        return rank, None if nodes is None else tuple(nodes)
+
+    def rank_plan(self, sig: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None) -> RankPlan:
+        with self._lock:
+            key = self._key(sig, rank, nodes)
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = plan_for_rank(layouts, rank, nodes)
+            return plan
+
+    def stage_plan(self, sig: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None
+                   ) -> StagePlan:
+        with self._lock:
+            key = self._key(sig, rank, nodes)
+            sp = self._stage.get(key)
+            if sp is None:
+                plan = self.rank_plan(sig, layouts, rank, nodes)
+                sp = self._stage[key] = stage_plan(f"{sig}/{rank}/{','.join(nodes or ['*'])}", layouts, rank, plan)
+            return sp
+
+
+def stage_plan(key: str, layouts: dict[str, TensorLayout], rank: int, plan: RankPlan) -> StagePlan:
+    """Byte ranges of this rank's local tensors that go into each chunk it writes, and into each piece it sends."""
+    chunks = []
+    for task in plan.writes:
+        t = layouts[task.name]
+        isz, my_start = t.grid.itemsize, t.ranges[rank][1]
+        cs, ce = t.grid.chunk_range(task.chunk)
+        rel = f"{task.name}/{t.grid.chunk_key(task.chunk)}"
+        if len(task.pieces) == 1 and task.pieces[0][0] == rank:
+            chunks.append(OwnedChunk(task.name, task.chunk, rel, t.grid.chunk_nbytes, True,
+                                     (cs - my_start) * isz, (ce - my_start) * isz))
+        else:
+            own = tuple(((a - my_start) * isz, (b - my_start) * isz, (a - cs) * isz)
+                        for src, a, b, _ in task.pieces if src == rank)
+            chunks.append(OwnedChunk(task.name, task.chunk, rel, t.grid.chunk_nbytes, False, own=own))
+    sends = []
+    for name, _, a, b, _ in plan.sends:
+        t = layouts[name]
+        isz, my_start = t.grid.itemsize, t.ranges[rank][1]
+        sends.append((name, (a - my_start) * isz, (b - my_start) * isz))
+    return StagePlan(key, tuple(chunks), tuple(sends))

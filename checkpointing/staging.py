@@ -5,13 +5,29 @@ memory grow when saves overlap (the DCP async_save complaint, pytorch #170163). 
 of `BufferSet`s (2 by default: stage step s+1 while step s persists); each keeps one flat buffer per tensor name
 that is reused as long as the name keeps its size and dtype. Memory is therefore bounded by
 n_sets x (bytes this rank saves) and does not grow across saves.
+
+Zero-copy staging on memory levels (tmpfs): a `Slot` is a set of files on the level's filesystem, one per chunk
+this rank writes there. Staging writes the live tensors' bytes straight into those files (pwrite: one copy, and
+only the chunks this rank owns), checksumming each block while it is hot in cache; persisting then only hard-links
+the files into the checkpoint directory. A slot is reused once every checkpoint holding its files was retired
+(each file's link count is back to 1): its pages stay allocated, so steady-state saves neither allocate nor free
+memory. The staging directory of a process is locked (flock) and removed by the next manager on the node once that
+process is gone.
 """
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
+import os
+import secrets
+import shutil
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import crc32c
+import numpy as np
 import torch
 
 
@@ -47,6 +63,8 @@ class BufferSet:
     index: int
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int | None = None
+    slot: "Slot | None" = None
+    """The memory-level slot that staged `step` zero-copy (then `buffers` is empty), or None."""
 
     def flat(self, name: str) -> torch.Tensor:
         return self.buffers[name]
@@ -106,106 +124,9 @@ class BufferPool:
         self._free = list(self.sets)
         self._cond = threading.Condition()
 
-    def acquire(self, block: bool, timeout: float | None = None) -> BufferSet | None:
-        """A free set, or None if none is free and block is False / timeout hit.
-
-        Last in, first out: when saves do not overlap the same (already touched) set is reused every time and the
-        second set is only allocated when a save really has to stage while the previous one persists."""
-        with self._cond:
-            if not block and not self._free:
-                return None
-            if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
-                return None
-            return self._free.pop()
-
-    def release(self, bufset: BufferSet) -> None:
-        with self._cond:
-            if bufset not in self._free:
-                self._free.append(bufset)
-            self._cond.notify_all()
-
-    def acquire_specific(self, bufset: BufferSet) -> BufferSet:
-        """Wait until this particular set is free and take it (emergency save of its contents)."""
-        with self._cond:
-            self._cond.wait_for(lambda: bufset in self._free)
-            self._free.remove(bufset)
-            return bufset
-
-    def newest(self) -> BufferSet | None:
-        """The set holding the highest staged step (for emergency saves)."""
-        staged = [s for s in self.sets if s.step is not None]
-        return max(staged, key=lambda s: s.step) if staged else None
-
-
-def describe(self) -> list:
-        return [list(self.shape), self.dtype, self.layout, self.start, self.stop]
-
-
-@dataclass
-class BufferSet:
-    """One reusable set of host buffers and the step whose values it currently holds."""
-
-    index: int
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
-    step: int | None = None
-
-    def flat(self, name: str) -> torch.Tensor:
-        return self.buffers[name]
-
-    def ensure(self, name: str, numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-        """The buffer for `name`, allocated only the first time (or when its size/dtype changed)."""
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() != numel or buf.dtype != dtype:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
-            self.buffers[name] = buf
-        return buf
-
-    def drop_unused(self, names: set[str]) -> None:
-        for stale in set(self.buffers) - names:
-            del self.buffers[stale]
-
     @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-
-def local_view(value: "torch.Tensor | Shard") -> torch.Tensor:
-    return value.local if isinstance(value, Shard) else value
-
-
-def stage_into(bufset: BufferSet, tensors: dict[str, "torch.Tensor | Shard"], step: int, pin: bool) -> int:
-    """Copy every tensor (or Shard.local) into the set's buffers; return bytes copied.
-
-    CUDA sources are copied non_blocking into pinned buffers and we wait on an event recorded after the last copy,
-    so the staged values are complete when this returns and the caller may then mutate its tensors."""
-    copied = 0
-    events = []
-    for name, value in tensors.items():
-        src = local_view(value)
-        buf = bufset.ensure(name, src.numel(), src.dtype, pin)
-        if src.numel():
-            buf.view(src.shape).copy_(src.detach(), non_blocking=src.is_cuda)
-        copied += src.numel() * src.element_size()
-        if src.is_cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(src.device))
-            events.append(ev)
-    for ev in events:
-        ev.synchronize()
-    bufset.drop_unused(set(tensors))
-    bufset.step = step
-    return copied
-
-
-class BufferPool:
-    """A fixed number of BufferSets handed out to saves and returned once their data is on the first level."""
-
-    def __init__(self, n_sets: int) -> None:
-        if n_sets < 1:
-            raise ValueError(f"staging_buffers must be >= 1, got {n_sets}")
-        self.sets = [BufferSet(i) for i in range(n_sets)]
-        self._free = list(self.sets)
-        self._cond = threading.Condition()
+    def size(self) -> int:
+        return len(self.sets)
 
     def acquire(self, block: bool, timeout: float | None = None) -> BufferSet | None:
         """A free set, or None if none is free and block is False / timeout hit.
@@ -237,9 +158,6 @@ class BufferPool:
         staged = [s for s in self.sets if s.step is not None]
         return max(staged, key=lambda s: s.step) if staged else None
 
-    def is_free(self, bufset: BufferSet) -> bool:
-        with self._cond:
-            return bufset in self._free
 
 
 def describe(name: str, value: "torch.Tensor | Shard", dtype: str) -> StagedTensor:
@@ -248,3 +166,265 @@ def describe(name: str, value: "torch.Tensor | Shard", dtype: str) -> StagedTens
         return StagedTensor(name, "shard", shape, dtype, int(value.flat_range[0]), int(value.flat_range[1]))
     shape = tuple(value.shape)
     return StagedTensor(name, "replica", shape, dtype, 0, math.prod(shape))
+
+
+# ------------------------------------------------------------------------------------------- zero-copy slots
+
+_BLOCK = 1 << 20       # copy + crc32c granularity: the block is still in cache when it is checksummed
+_MMAP_MIN = 64 << 10   # chunk files at least this big are written through a shared mapping (a plain memcpy, about
+                       # twice as fast as pwrite into tmpfs); smaller ones with one pwrite (no mapping per file)
+_zeros = np.zeros(0, dtype=np.uint8)
+
+
+def zero_bytes(n: int) -> memoryview:
+    """n zero bytes (edge-chunk padding), from one growing shared buffer."""
+    global _zeros
+    if _zeros.nbytes < n:
+        _zeros = np.zeros(max(n, 2 * _zeros.nbytes), dtype=np.uint8)
+    return memoryview(_zeros)[:n]
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int, crc: int = 0) -> int:
+    """Write `view` at `offset` in blocks, checksumming each block right after writing it; return the crc32c."""
+    pos = 0
+    n = len(view)
+    while pos < n:
+        block = view[pos:pos + _BLOCK]
+        done = 0
+        while done < len(block):
+            done += os.pwrite(fd, block[done:], offset + pos + done)
+        crc = crc32c.crc32c(block, crc)
+        pos += len(block)
+    return crc
+
+
+def copy_crc(dst: np.ndarray, src: np.ndarray) -> int:
+    """np.copyto in blocks (the GIL is released for each), checksumming each block right after copying it."""
+    crc = 0
+    for pos in range(0, len(src), _BLOCK):
+        block = dst[pos:pos + _BLOCK]
+        np.copyto(block, src[pos:pos + _BLOCK])
+        crc = crc32c.crc32c(block, crc)
+    return crc
+
+
+def flat_bytes(value: "torch.Tensor | Shard") -> np.ndarray:
+    """The local tensor's bytes as a flat uint8 array (a view when contiguous, else a copy)."""
+    t = local_view(value).detach()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class OwnedChunk:
+    """A chunk file this rank writes on a level. `whole`: all its real bytes come from this rank, bytes
+    [src_lo, src_hi) of the local tensor, written at staging time; otherwise it is assembled from `own` pieces
+    (src_lo, src_hi, offset in chunk) and pieces received from other ranks at persist time."""
+
+    name: str
+    chunk: int
+    rel: str
+    nbytes: int
+    whole: bool
+    src_lo: int = 0
+    src_hi: int = 0
+    own: tuple[tuple[int, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a rank stages for one level layout: its owned chunks and the boundary pieces it sends away
+    (name, src_lo, src_hi) in the order of the level plan's sends."""
+
+    key: str
+    chunks: tuple[OwnedChunk, ...]
+    sends: tuple[tuple[str, int, int], ...]
+
+
+class Slot:
+    """Files receiving one save's owned chunks (see the module docstring), plus host buffers for boundary pieces."""
+
+    def __init__(self, index: int, directory: Path) -> None:
+        self.index = index
+        self.dir = directory
+        self.key: str | None = None
+        self.plan: StagePlan | None = None
+        self.fds: list[int] = []
+        self.paths: list[Path] = []
+        self.maps: list[mmap.mmap | None] = []
+        self.views: list[np.ndarray | None] = []
+        self.crcs: list[int | None] = []
+        self.assembly: dict[int, np.ndarray] = {}
+        self.sendbufs: list[np.ndarray] = []
+        self.step: int | None = None
+
+    def prepare(self, plan: StagePlan) -> None:
+        """Make the files match `plan` (same plan as last time: nothing to do, the pages are reused)."""
+        if self.key == plan.key:
+            for fd, c in zip(self.fds, plan.chunks):
+                if os.fstat(fd).st_size != c.nbytes:        # someone truncated a committed copy by hand
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, c.nbytes)
+                    os.posix_fallocate(fd, 0, c.nbytes)
+            return
+        self.close()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(plan.chunks):
+            path = self.dir / str(i)
+            if path.exists():
+                path.unlink()                # may still be linked into a checkpoint: never write through it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self.fds.append(fd)
+            self.paths.append(path)
+            os.ftruncate(fd, c.nbytes)
+            if c.nbytes:
+                os.posix_fallocate(fd, 0, c.nbytes)     # a full tmpfs is ENOSPC here, never SIGBUS in a mapped write
+            mapped = mmap.mmap(fd, c.nbytes) if c.whole and c.nbytes >= _MMAP_MIN else None
+            self.maps.append(mapped)
+            self.views.append(None if mapped is None else np.frombuffer(mapped, dtype=np.uint8))
+            if not c.whole:
+                self.assembly[i] = np.zeros(c.nbytes, dtype=np.uint8)
+        self.crcs = [None] * len(plan.chunks)
+        self.sendbufs = [np.empty(hi - lo, dtype=np.uint8) for _, lo, hi in plan.sends]
+        self.key, self.plan = plan.key, plan
+
+    def stage(self, tensors: dict, plan: StagePlan, step: int) -> int:
+        """Write this save's owned bytes into the files (and pieces into host buffers); return bytes copied."""
+        self.prepare(plan)
+        flats: dict[str, np.ndarray] = {}
+        copied = 0
+        for i, c in enumerate(plan.chunks):
+            src = flats.get(c.name)
+            if src is None:
+                src = flats[c.name] = flat_bytes(tensors[c.name])
+            if c.whole:
+                view = src[c.src_lo:c.src_hi]
+                mapped = self.views[i]
+                crc = pwrite_all(self.fds[i], memoryview(view), 0) if mapped is None else \
+                    copy_crc(mapped[:len(view)], view)
+                pad = c.nbytes - len(view)
+                self.crcs[i] = crc32c.crc32c(zero_bytes(pad), crc) if pad else crc
+                copied += len(view)
+            else:
+                buf = self.assembly[i]
+                for lo, hi, off in c.own:
+                    buf[off:off + hi - lo] = src[lo:hi]
+                    copied += hi - lo
+                self.crcs[i] = None              # known once the other pieces arrived
+        for buf, (name, lo, hi) in zip(self.sendbufs, plan.sends):
+            src = flats.get(name)
+            if src is None:
+                src = flats[name] = flat_bytes(tensors[name])
+            buf[:] = src[lo:hi]
+            copied += hi - lo
+        self.step = step
+        return copied
+
+    def finish_assembled(self) -> None:
+        """Persist time, after the pieces were received: write the assembled chunks into their files."""
+        for i, buf in self.assembly.items():
+            self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0)
+
+    def read(self, i: int) -> memoryview:
+        """The bytes of owned chunk i as staged (to write them to another level when this one failed)."""
+        if self.views[i] is not None:
+            return memoryview(self.views[i])
+        size = self.plan.chunks[i].nbytes
+        buf = np.empty(size, dtype=np.uint8)
+        got = os.preadv(self.fds[i], [memoryview(buf)], 0)
+        if got != size:
+            raise OSError(f"staging file {self.paths[i]}: read {got} of {size} bytes")
+        return memoryview(buf)
+
+    def linked_elsewhere(self) -> bool:
+        """True while any file is still linked into a checkpoint (or a partial directory)."""
+        return any(os.fstat(fd).st_nlink > 1 for fd in self.fds)
+
+    def close(self) -> None:
+        self.views = []
+        for mapped in self.maps:
+            if mapped is not None:
+                mapped.close()
+        self.maps = []
+        for fd in self.fds:
+            os.close(fd)
+        for path in self.paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.fds, self.paths, self.crcs, self.assembly, self.sendbufs = [], [], [], {}, []
+        self.key = self.plan = None
+
+
+class SlotPool:
+    """The slots of one memory level on this rank: at most `max_slots`, created on demand, reused when free."""
+
+    def __init__(self, root: Path, owner: str, max_slots: int) -> None:
+        self.root = Path(root)
+        self.max_slots = max_slots
+        self.dir = self.root / ".staging" / f"{owner}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._slots: list[Slot] = []
+        self._free: list[Slot] = []
+        self._linked: list[Slot] = []
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+
+    def acquire(self) -> Slot | None:
+        """A free slot (creating one while under max_slots), or None: then the save stages into host buffers."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if len(self._slots) < self.max_slots:
+                slot = Slot(len(self._slots), self.dir / f"s{len(self._slots)}")
+                self._slots.append(slot)
+                return slot
+            return None
+
+    def release(self, slot: Slot, maybe_linked: bool) -> None:
+        """A save is done with the slot; if its files may be linked into a checkpoint, it is free only later."""
+        with self._lock:
+            (self._linked if maybe_linked else self._free).append(slot)
+
+    def refresh(self) -> None:
+        """Free the slots whose checkpoints were all retired. Persist thread, after each save."""
+        with self._lock:
+            linked = list(self._linked)
+        done = [s for s in linked if not s.linked_elsewhere()]
+        with self._lock:
+            for s in done:
+                self._linked.remove(s)
+                self._free.append(s)
+
+    def open(self) -> None:
+        """Create and lock this process's staging directory; remove those of processes that are gone."""
+        if self._lock_fd is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd
+        for entry in os.scandir(self.dir.parent):
+            if entry.path == str(self.dir) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                other = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)     # succeeds only if its owner is gone
+            except OSError:
+                continue
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            finally:
+                os.close(other)
+
+    def close(self) -> None:
+        with self._lock:
+            for slot in self._slots:
+                slot.close()
+            self._slots, self._free, self._linked = [], [], []
+        if self._lock_fd is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None

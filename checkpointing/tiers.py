@@ -4,19 +4,26 @@ A level is a root directory plus a policy. L0 is usually node memory (/dev/shm: 
 node loss), L1 node-local disk, L2 shared storage. Directory states on a level root:
   step-XXXXXXXX.partial-<nonce>/   being written (or abandoned by a crash: ignored and removed later)
   step-XXXXXXXX/                   committed: has manifest.json; the only kind readers look at
-  .trash-<nonce>/                  being deleted
+  .trash-<nonce>-<name>/           retired or replaced: invisible to readers, deleted in the background
+  .next-<token>/                   memory levels: a retired checkpoint's directory tree, chunk files removed,
+                                   that the next save of the same layout fills and renames (no mkdir, no metadata)
+  .staging/                        memory levels: per-process zero-copy staging files (staging.SlotPool)
   latest                           JSON {"step", "dir"} of the newest committed checkpoint (for people and tools)
 """
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import re
 import shutil
+import threading
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from checkpointing.manifest import MANIFEST_NAME
-from checkpointing.zarr_store import fsync_dir, write_json_atomic
+from checkpointing.zarr_store import fsync_dir, is_memory_fs, write_json_atomic
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _PARTIAL_RE = re.compile(r"^step-(\d{8,})\.partial-([0-9a-f]+)$")
@@ -32,7 +39,12 @@ class LevelSpec:
     keep_last: int
     node_local: bool
     fsync: bool = True
-    """fsync chunk files and directories. On tmpfs (/dev/shm) it is nearly free, so it stays on by default."""
+    """fsync chunk files and directories on disk levels. Never done on memory levels (see `memory`): there it
+    would only cost syscalls and protect nothing."""
+    memory: bool | None = None
+    """Whether the root is node memory. None: detected (tmpfs/ramfs, e.g. /dev/shm). A memory level skips fsync,
+    logs its commits at DEBUG, and (node-local, CPU tensors) is staged zero-copy: the staging copy of a save is
+    written straight into the files that become the checkpoint."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -44,6 +56,15 @@ class LevelSpec:
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0
+
+    @property
+    def is_memory(self) -> bool:
+        return is_memory_fs(self.root) if self.memory is None else self.memory
+
+    @property
+    def sync(self) -> bool:
+        """fsync on this level: requested and meaningful."""
+        return self.fsync and not self.is_memory
 
 
 def step_dir_name(step: int) -> str:
@@ -66,7 +87,7 @@ def committed_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool) -> Path:
+def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janitor: "Janitor | None" = None) -> Path:
     """Rename a fully written partial directory (manifest already committed in it) to its final name.
 
     If the step already exists (a step saved again after a restart from an older checkpoint) the old copy is moved to
@@ -75,7 +96,7 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool) -> Pa
     if final.exists():
         trash = root / f".trash-{nonce}-{step_dir_name(step)}"
         os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _delete(trash, janitor)
     os.replace(partial, final)
     if fsync:
         fsync_dir(root)
@@ -83,21 +104,87 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool) -> Pa
     return final
 
 
-def retain(root: Path, keep_last: int, current_nonce: str) -> list[Path]:
-    """Delete committed checkpoints beyond the newest `keep_last`, abandoned partial dirs and trash.
+def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | None" = None,
+           reuse: "Callable[[Path], Path | None] | None" = None, keep: str | None = None) -> list[Path]:
+    """Retire committed checkpoints beyond the newest `keep_last`, abandoned partial dirs, spare skeletons of other
+    processes (`.next-*` except `keep`) and trash.
 
     Called right after a commit on this level, so a newer checkpoint is always committed before an older one goes.
-    Partial directories of the save in progress (same nonce) are kept."""
+    Retiring is a rename to a trash name (readers stop seeing it at once); the files are deleted by the janitor
+    thread when one is given, else here. `reuse(path)` is offered the retired checkpoints newest first; the one it
+    accepts (it renamed it away to reuse its directories and returns the new path) is not deleted. Partial
+    directories of the save in progress (same nonce) are kept."""
     removed = []
     committed = committed_steps(root)
-    for _, path in committed[: max(0, len(committed) - keep_last)]:
-        trash = root / f".trash-{current_nonce}-{path.name}"
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    for _, path in reversed(committed[: max(0, len(committed) - keep_last)]):
+        kept = reuse(path) if reuse is not None else None
+        if kept is not None:
+            reuse, keep = None, kept.name
+        else:
+            trash = root / f".trash-{current_nonce}-{path.name}"
+            os.replace(path, trash)
+            _delete(trash, janitor)
         removed.append(path)
     for entry in os.scandir(root):
         m = _PARTIAL_RE.match(entry.name)
-        if (m and m.group(2) != current_nonce) or entry.name.startswith(".trash-"):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if (m and m.group(2) != current_nonce) or (entry.name.startswith(".next-") and entry.name != keep):
+            trash = root / f".trash-{current_nonce}-{entry.name.lstrip('.')}"
+            os.replace(entry.path, trash)
+            _delete(trash, janitor)
+            removed.append(Path(entry.path))
+        elif entry.name.startswith(".trash-") and (janitor is None or not janitor.owns(entry.path)):
+            _delete(Path(entry.path), janitor)
             removed.append(Path(entry.path))
     return removed
+
+
+def _delete(path: Path, janitor: "Janitor | None") -> None:
+    if janitor is None:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        janitor.delete(path)
+
+
+class Janitor:
+    """One background thread deleting retired checkpoint directories, off the persist thread's critical path.
+
+    Deleting a checkpoint is not part of making a new one durable; on a disk level it is thousands of unlinks."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._log = log
+        self._thread = threading.Thread(target=self._loop, name="ckpt-janitor", daemon=True)
+        self._thread.start()
+
+    def owns(self, path: str) -> bool:
+        with self._lock:
+            return str(path) in self._pending
+
+    def delete(self, path: Path) -> None:
+        with self._lock:
+            if str(path) in self._pending:
+                return
+            self._pending.add(str(path))
+        self._q.put(path)
+
+    def drain(self) -> None:
+        """Block until everything queued so far is deleted."""
+        self._q.join()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (path := self._q.get()) is not None:
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+            except Exception as e:      # never let the janitor die: the next retention retries leftovers
+                self._log.warning("checkpoint janitor could not delete %s: %s", path, e)
+            finally:
+                with self._lock:
+                    self._pending.discard(str(path))
+                self._q.task_done()
+        self._q.task_done()

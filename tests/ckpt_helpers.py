@@ -174,7 +174,7 @@ def _run_op(mgr, cfg: dict, op: dict) -> dict:
         return {"written": mgr.emergency_save()}
     if op["op"] == "wait_sigterm":       # what a trainer does on preemption: note the signal, then save
         import signal
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # (already blocked in every thread: worker_main)
         Path(op["ready"]).write_text("ready")
         signal.sigwait({signal.SIGTERM})
         return {"written": mgr.emergency_save()}
@@ -183,6 +183,11 @@ def _run_op(mgr, cfg: dict, op: dict) -> dict:
 
 def worker_main(cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
+    if any(op["op"] == "wait_sigterm" for op in cfg["ops"]):
+        import signal
+        # Block SIGTERM before the manager starts its threads (they inherit the mask): a SIGTERM arriving before
+        # the main thread reaches sigwait stays pending instead of killing the process through another thread.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     mgr = _manager(cfg)
     results = [_run_op(mgr, cfg, op) for op in cfg["ops"]]
     mgr.close()

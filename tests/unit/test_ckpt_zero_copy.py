@@ -1,0 +1,216 @@
+"""Memory levels (tmpfs): zero-copy staging into the checkpoint's own files, reused skeletons, no fsync.
+
+The staging copy of a save goes straight into files on the level (only the chunks this rank writes), which are then
+hard-linked into the checkpoint; the files (and their pages) are reused once the checkpoint holding them is retired.
+These tests check that this changes nothing a user can observe (values, laziness, corruption fallback, retention,
+levels, emergency saves) and that memory stays flat. Most run on /dev/shm; `memory=True` forces the behaviour on
+any filesystem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from checkpointing import CheckpointManager, LevelSpec, verify
+from checkpointing.zarr_store import is_memory_fs
+from ckpt_helpers import SPECS, full_tensor, make_state, matches
+
+
+@pytest.fixture
+def shm():
+    """A private directory on /dev/shm (node memory), removed afterwards."""
+    if not Path("/dev/shm").is_dir() or not is_memory_fs("/dev/shm"):
+        pytest.skip("/dev/shm is not a tmpfs here")
+    root = Path("/dev/shm") / f"ecpt-test-{uuid.uuid4().hex[:8]}"
+    root.mkdir()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def save_steps(mgr, steps, layout="replica", specs=SPECS):
+    """Save each step; the first one is waited for: zero-copy staging starts once a save agreed on the layout."""
+    committed = []
+    for i, step in enumerate(steps):
+        mgr.save(step, make_state(0, layout, step, specs), {"step": step})
+        mgr.wait_staged()
+        if i == 0:
+            committed += mgr.wait_durable()
+    return committed + mgr.wait_durable()
+
+
+def committed(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def chunk_files(ckpt: Path) -> list[Path]:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    return [ckpt / c["file"] for t in manifest["tensors"].values() for c in t["chunks"].values()]
+
+
+def test_memory_levels_are_detected_and_skip_fsync(shm, tmp_path):
+    assert LevelSpec("L0", str(shm / "L0"), 1, 2, True).is_memory          # not created yet: its parent decides
+    assert not LevelSpec("L1", str(tmp_path), 1, 2, True).is_memory or is_memory_fs(tmp_path)
+    level = LevelSpec("L0", str(tmp_path), 1, 2, True, memory=True)
+    assert level.is_memory and not level.sync
+    assert LevelSpec("L1", str(shm), 1, 2, True, memory=False).sync
+
+
+def test_saves_are_staged_into_the_checkpoint_files_and_values_are_exact(shm):
+    mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=256)
+    save_steps(mgr, range(1, 7))
+    root = shm / "L0"
+    assert committed(root) == ["step-00000005", "step-00000006"]
+    files = chunk_files(root / "step-00000006")
+    assert files and all(f.stat().st_nlink == 2 for f in files), "chunk files are not the staging files"
+    target = make_state(0, "replica", 0, zero=True)
+    res = mgr.load(target)
+    assert res.step == 6 and matches(target, 6) == []
+    assert verify(root / "step-00000005") == [] and verify(root / "step-00000006") == []
+    group = zarr.open_group(str(root / "step-00000006"), mode="r")
+    for name, (shape, dtype) in SPECS.items():
+        got = torch.from_numpy(np.asarray(group[name][...]))
+        assert torch.equal(got.view(torch.bfloat16) if dtype == "bfloat16" else got, full_tensor(name, shape, dtype, 6))
+    mgr.close()
+    assert not list((root / ".staging").iterdir()), "close() left staging files behind"
+    assert [p for p in root.iterdir() if p.name.startswith(".next-")] == []
+    assert committed(root) == ["step-00000005", "step-00000006"]           # the checkpoints outlive the process
+    again = CheckpointManager([LevelSpec("L0", str(root), 1, 2, node_local=True)], chunk_bytes=256)
+    target = make_state(0, "replica", 0, zero=True)
+    assert again.load(target).step == 6 and matches(target, 6) == []
+    again.close()
+
+
+def test_values_are_those_at_save_time_with_large_mapped_chunks(shm):
+    mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=1 << 20)
+    w = torch.zeros(1024, 700)                       # 2.8 MB: three 1 MB chunks, the last one padded
+    for step in range(1, 5):
+        mgr.save(step, {"w": w}, {"step": step})
+        mgr.wait_staged()
+        w.add_(1.0)                                  # the optimizer step right after wait_staged()
+        if step == 1:
+            mgr.wait_durable()
+    mgr.wait_durable()
+    assert mgr._slots["L0"]._slots, "the saves after the first were not staged zero-copy"
+    out = torch.full((1024, 700), -1.0)
+    assert mgr.load({"w": out}).step == 4 and torch.equal(out, torch.full((1024, 700), 3.0))
+    assert mgr.load({"w": out}, step=3).step == 3 and torch.equal(out, torch.full((1024, 700), 2.0))
+    mgr.close()
+
+
+def test_staging_files_are_reused_and_memory_stays_flat(shm):
+    mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=1 << 20)
+    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096)}      # 4 MB
+    inodes, shm_used = [], []
+    for step in range(1, 21):
+        mgr.save(step, state, {"step": step})
+        mgr.wait_staged()
+        mgr.wait_durable()
+        inodes.append(frozenset(f.stat().st_ino for f in chunk_files(shm / "L0" / f"step-{step:08d}")))
+        shm_used.append(_tree_bytes(shm))
+    pool = mgr._slots["L0"]
+    assert len(pool._slots) <= 2 + 2 + 1, "more staging slots than keep_last + in flight + 1"
+    assert len(set(inodes[5:])) <= len(pool._slots), "chunk files were not reused across saves"
+    assert max(shm_used[5:]) - min(shm_used[5:]) < 1 << 20, f"memory level grew: {shm_used}"
+    assert all(not b.buffers for b in mgr._pool.sets), "host staging buffers kept alongside the slots"
+    mgr.close()
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes held in the tree, counting every inode once (hard links share their data)."""
+    seen, total = set(), 0
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            st = os.stat(os.path.join(dirpath, n))
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
+def test_damaged_newest_copy_falls_back_and_later_saves_are_clean(shm, damage):
+    mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=256)
+    save_steps(mgr, [1, 2])
+    chunk = chunk_files(shm / "L0" / "step-00000002")[0]
+    if damage == "corrupt":
+        data = bytearray(chunk.read_bytes())
+        data[3] ^= 0xFF
+        chunk.write_bytes(bytes(data))               # writes through the hard link into a staging file
+    elif damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:3])
+    else:
+        chunk.unlink()
+    target = make_state(0, "replica", 0, zero=True)
+    res = mgr.load(target)
+    assert res.step == 1 and matches(target, 1) == [] and str(chunk) in res.fallbacks[0]
+    save_steps(mgr, range(3, 9))                     # the damaged files' slots are retired and reused
+    for step in (7, 8):
+        assert verify(shm / "L0" / f"step-{step:08d}") == []
+    assert mgr.load(target).step == 8 and matches(target, 8) == []
+    mgr.close()
+
+
+def test_retired_checkpoint_becomes_the_next_skeleton(shm):
+    mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 1, node_local=True)], chunk_bytes=256)
+    save_steps(mgr, range(1, 5))
+    spare = [p for p in (shm / "L0").iterdir() if p.name.startswith(".next-")]
+    assert len(spare) == 1 and not (spare[0] / "manifest.json").exists()
+    assert not [f for f in spare[0].rglob("*") if f.is_file() and f.name != "zarr.json"], "spare holds chunk files"
+    assert committed(shm / "L0") == ["step-00000004"] and verify(shm / "L0" / "step-00000004") == []
+    manifest = json.loads((shm / "L0" / "step-00000004" / "manifest.json").read_text())
+    root_meta = json.loads((shm / "L0" / "step-00000004" / "zarr.json").read_text())
+    assert manifest["step"] == 4 and root_meta["attributes"]["ecpt_step"] == 4
+    mgr.close()
+
+
+def test_layout_change_mid_run_and_other_filesystems(tmp_path):
+    """memory=True on a disk directory: same behaviour (the files just live in the page cache)."""
+    mgr = CheckpointManager([LevelSpec("L0", str(tmp_path / "L0"), 1, 3, True, memory=True)], chunk_bytes=256)
+    save_steps(mgr, [1, 2, 3])
+    bigger = {**SPECS, "extra/w": ((9, 5), "float32")}
+    save_steps(mgr, [4, 5, 6], specs=bigger)          # a new tensor: plan again, then zero-copy again
+    save_steps(mgr, [7, 8], specs=SPECS)
+    for step in (6, 7, 8):
+        assert verify(tmp_path / "L0" / f"step-{step:08d}") == []
+    target = make_state(0, "replica", 0, bigger, zero=True)
+    res = mgr.load(target, step=6)
+    assert res.step == 6 and matches(target, 6, bigger) == []
+    target = make_state(0, "replica", 0, zero=True)
+    assert mgr.load(target).step == 8 and matches(target, 8) == []
+    mgr.close()
+
+
+def test_memory_level_promotes_to_disk_and_emergency_save(shm, tmp_path):
+    levels = [LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True),
+              LevelSpec("L1", str(tmp_path / "L1"), 3, 2, node_local=False),
+              LevelSpec("L2", str(tmp_path / "L2"), 100, 1, node_local=False)]
+    mgr = CheckpointManager(levels, chunk_bytes=256)
+    assert save_steps(mgr, range(1, 8)).count("L1") == 2
+    assert [i.step for i in mgr.list() if i.level == "L1"] == [3, 6]
+    assert verify(tmp_path / "L1" / "step-00000006") == []
+    assert mgr.emergency_save() == ["L2"]
+    assert [i.step for i in mgr.list() if i.level == "L2"] == [7]
+    shutil.rmtree(shm / "L0")                         # node memory lost
+    target = make_state(0, "replica", 0, zero=True)
+    res = mgr.load(target)
+    assert (res.step, res.level) == (7, "L2") and matches(target, 7) == []
+    mgr.close()
+
+
+def test_stale_staging_of_a_dead_process_is_removed(shm):
+    stale = shm / "L0" / ".staging" / "node-0-r0-999999-abcdef" / "s0"
+    stale.mkdir(parents=True)
+    (stale / "0").write_bytes(b"x" * 4096)
+    mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=256)
+    save_steps(mgr, [1, 2])
+    assert not stale.parent.exists(), "the staging directory of a gone process was kept"
+    assert len(list((shm / "L0" / ".staging").iterdir())) == 1          # this process's own
+    mgr.close()
