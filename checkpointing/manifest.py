@@ -134,3 +134,36 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
 def write_manifest(ckpt_dir: Path, manifest: Manifest, fsync: bool) -> None:
     """The commit point of a checkpoint copy: temp file, fsync, rename, fsync the directory."""
     write_json_atomic(Path(ckpt_dir) / MANIFEST_NAME, manifest.to_json(), fsync)
+
+
+class ManifestEncoder:
+    """Encodes manifests of one tensor layout, save after save, without building objects: the JSON of each tensor's
+    fixed fields (shape, dtype, chunking) is encoded once; a save adds its chunk records, extra and files.
+
+    Tensor names and chunk files are JSON-safe by construction (zarr_store.check_tensor_name); the result parses
+    to exactly what Manifest.to_json() gives."""
+
+    def __init__(self, tensors: dict[str, tuple[list[int], str, str, int, int]]) -> None:
+        """tensors: name -> (shape, dtype, layout, chunk_rows, n_chunks)."""
+        self.heads = {name: (json.dumps(name) + ':{"shape":' + json.dumps(list(shape)) + ',"dtype":'
+                             + json.dumps(dtype) + ',"layout":' + json.dumps(layout) + f',"chunk_rows":{rows}'
+                             + f',"n_chunks":{n},"chunks":{{')
+                      for name, (shape, dtype, layout, rows, n) in tensors.items()}
+        self.n_chunks = {name: t[4] for name, t in tensors.items()}
+
+    def encode(self, *, step: int, level: str, node_id: str, node_local: bool, world_size: int, chunk_bytes: int,
+               records: list[list], extra: dict, rank_extra: dict[int, dict], files: dict[str, ChunkRecord]) -> bytes:
+        chunks: dict[str, list[str]] = {name: [] for name in self.heads}
+        for name, chunk, rel, nbytes, crc in records:
+            chunks[name].append(f'"{int(chunk)}":{{"file":"{rel}","nbytes":{int(nbytes)},"crc32c":{int(crc)}}}')
+        complete = all(len(chunks[n]) == k for n, k in self.n_chunks.items())
+        body = ",".join(head + ",".join(chunks[name]) + "}}" for name, head in self.heads.items())
+        files_json = ",".join(f'"{rel}":{{"file":"{r.file}","nbytes":{r.nbytes},"crc32c":{r.crc32c}}}'
+                              for rel, r in files.items())
+        doc = (f'{{"format":"{FORMAT}","version":{VERSION},"complete":{"true" if complete else "false"},'
+               f'"step":{int(step)},"level":{json.dumps(level)},"node_id":{json.dumps(node_id)},'
+               f'"node_local":{"true" if node_local else "false"},"world_size":{int(world_size)},'
+               f'"chunk_bytes":{int(chunk_bytes)},"tensors":{{{body}}},"extra":{json.dumps(extra)},'
+               f'"rank_extra":{json.dumps({str(r): e for r, e in rank_extra.items()})},"files":{{{files_json}}},'
+               f'"created_unix":{time.time()!r}}}')
+        return doc.encode()

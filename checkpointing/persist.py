@@ -23,13 +23,13 @@ import torch
 
 from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointError
-from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest, TensorEntry, read_manifest, write_manifest
+from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest, ManifestEncoder, TensorEntry, read_manifest
 from checkpointing.plan import PlanCache, RankPlan, TensorLayout
-from checkpointing.reshard import Scratch, copy_chunk
+from checkpointing.reshard import Scratch, read_chunk_checked
 from checkpointing.staging import BufferSet, Slot, StagePlan
 from checkpointing.tiers import Janitor, LevelSpec, partial_dir, publish, retain, step_dir_name
 from checkpointing.zarr_store import (array_metadata, fault_pause_hook, fsync_many, group_metadata, group_paths,
-                                      write_file)
+                                      write_bytes_atomic, write_file)
 
 
 @dataclass
@@ -82,13 +82,13 @@ def _write_new(path: Path, parts: list[memoryview]) -> int:
         return write_file(path, parts, fsync=False)
 
 
-def _link(src: Path, dst: Path) -> None:
+def _link(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except FileNotFoundError:
-        if not src.exists():
+        if not os.path.exists(src):
             raise
-        os.makedirs(dst.parent, exist_ok=True)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.link(src, dst)
 
 
@@ -171,7 +171,6 @@ class ChunkWriter:
             outcome.records.append([task.name, task.chunk, rel, t.grid.chunk_nbytes, crc])
             outcome.nbytes += t.grid.chunk_nbytes
             fault_pause_hook(ctx.step, i + 1)
-        self._fsync_written(level, ctx, out_dir, outcome)
         return outcome
 
     def link_level(self, level: LevelSpec, ctx: SaveContext, slot: Slot, out_dir: Path) -> RankOutcome:
@@ -200,7 +199,7 @@ class ChunkWriter:
                 return outcome
         for i, c in enumerate(sp.chunks):
             try:
-                _link(slot.paths[i], out_dir / c.rel)
+                _link(slot.names[i], f"{out_dir}/{c.rel}")
             except OSError as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / c.rel}: {e}")
                 break
@@ -212,11 +211,12 @@ class ChunkWriter:
     def prelink(self, level: LevelSpec, slot: Slot, out_dir: Path, rank: int, node_id: str) -> RankOutcome:
         """Link a slot's whole chunks into out_dir (all of them must be whole: no pieces to receive)."""
         outcome = RankOutcome()
+        base = str(out_dir)
         for i, c in enumerate(slot.plan.chunks):
             try:
-                _link(slot.paths[i], out_dir / c.rel)
+                _link(slot.names[i], f"{base}/{c.rel}")
             except OSError as e:
-                outcome.errors.append(f"rank {rank} ({node_id}) {level.name}: {out_dir / c.rel}: {e}")
+                outcome.errors.append(f"rank {rank} ({node_id}) {level.name}: {base}/{c.rel}: {e}")
                 break
             outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, slot.crcs[i]])
             outcome.nbytes += c.nbytes
@@ -243,19 +243,7 @@ class ChunkWriter:
                 break
             outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, crc])
             outcome.nbytes += c.nbytes
-        self._fsync_written(level, ctx, out_dir, outcome)
         return outcome
-
-    @staticmethod
-    def _fsync_written(level: LevelSpec, ctx: SaveContext, out_dir: Path, outcome: RankOutcome) -> None:
-        """fsync after writing everything (not after each file): writeback of earlier chunks overlaps later writes."""
-        if not level.sync or outcome.errors:
-            return
-        paths = [out_dir / rec[2] for rec in outcome.records]
-        try:
-            fsync_many(paths, _ancestors(paths, out_dir))
-        except OSError as e:
-            outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
 
     def _own_parts(self, ctx: SaveContext, t: TensorLayout, chunk: int, bufset: BufferSet) -> list[memoryview]:
         my_start = t.ranges[ctx.world.rank][1]
@@ -281,13 +269,14 @@ class ChunkWriter:
                                       f"{task.name} is not in the source copy {src_dir}")
                 break
             try:
-                new = copy_chunk(src_dir, out_dir, record, self.scratch, False)
+                buf = self.scratch.view(record.nbytes)
+                read_chunk_checked(src_dir / record.file, record, [buf])
+                new = ChunkRecord(record.file, record.nbytes, _write_new(out_dir / record.file, [buf]))
             except (OSError, CheckpointError) as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / record.file}: {e}")
                 break
             outcome.records.append([task.name, task.chunk, new.file, new.nbytes, new.crc32c])
             outcome.nbytes += new.nbytes
-        self._fsync_written(level, ctx, out_dir, outcome)
         return outcome
 
 
@@ -301,6 +290,7 @@ def level_comm(level: LevelSpec, ctx: SaveContext) -> Comm:
 
 
 def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> Manifest:
+    """The manifest as an object (the commit path encodes it directly: MetadataCache.encoder)."""
     tensors = {name: TensorEntry(list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
                for name, t in ctx.layouts.items()}
     for name, chunk, rel, nbytes, crc in records:
@@ -313,44 +303,53 @@ def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> M
 
 
 class MetadataCache:
-    """The zarr.json documents of one layout (every group but the root, every array) as bytes with their crc32c:
-    identical from save to save, so they are encoded and checksummed once."""
+    """What one layout's commits share, computed once: the zarr.json documents (every group but the root, every
+    array) as bytes with their crc32c, and the manifest encoder."""
 
     def __init__(self) -> None:
         self._sig: str | None = None
         self._docs: list[tuple[str, bytes, int]] = []
+        self._encoder: ManifestEncoder | None = None
 
-    def docs(self, sig: str, manifest: Manifest) -> list[tuple[str, bytes, int]]:
-        if sig != self._sig or not sig:
-            docs = []
-            for group in group_paths(list(manifest.tensors)):
-                if group:
-                    docs.append((f"{group}/zarr.json", _json_bytes(group_metadata({}))))
-            for name, entry in manifest.tensors.items():
-                docs.append((f"{name}/zarr.json",
-                             _json_bytes(array_metadata(tuple(entry.shape), entry.dtype, entry.grid()))))
-            self._docs = [(rel, data, crc32c.crc32c(data)) for rel, data in docs]
-            self._sig = sig
+    def _refresh(self, sig: str, layouts: dict[str, TensorLayout]) -> None:
+        if sig == self._sig and sig:
+            return
+        docs = []
+        for group in group_paths(list(layouts)):
+            if group:
+                docs.append((f"{group}/zarr.json", _json_bytes(group_metadata({}))))
+        for name, t in layouts.items():
+            docs.append((f"{name}/zarr.json", _json_bytes(array_metadata(tuple(t.shape), t.dtype, t.grid))))
+        self._docs = [(rel, data, crc32c.crc32c(data)) for rel, data in docs]
+        self._encoder = ManifestEncoder({name: (list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
+                                         for name, t in layouts.items()})
+        self._sig = sig
+
+    def docs(self, sig: str, layouts: dict[str, TensorLayout]) -> list[tuple[str, bytes, int]]:
+        self._refresh(sig, layouts)
         return self._docs
+
+    def encoder(self, sig: str, layouts: dict[str, TensorLayout]) -> ManifestEncoder:
+        self._refresh(sig, layouts)
+        return self._encoder
 
 
 def _json_bytes(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def write_zarr_metadata(out_dir: Path, manifest: Manifest, fsync: bool, cache: MetadataCache | None = None,
-                        sig: str = "", only_root: bool = False) -> None:
-    """zarr.json for the root group, every intermediate group and every array (so zarr.open reads the checkpoint).
-    only_root: the others are already in out_dir (a reused tree of the same layout): only record them."""
-    root = _json_bytes(group_metadata({"ecpt_step": manifest.step, "ecpt_level": manifest.level}))
-    others = (cache or MetadataCache()).docs(sig, manifest)
+def write_zarr_metadata(out_dir: Path, step: int, level_name: str, layouts: dict[str, TensorLayout],
+                        cache: MetadataCache, sig: str = "", only_root: bool = False
+                        ) -> tuple[dict[str, ChunkRecord], list[Path]]:
+    """zarr.json for the root group, every intermediate group and every array (so zarr.open reads the checkpoint);
+    returns their records for the manifest and the files written (to fsync). only_root: the others are already in
+    out_dir (a reused tree of the same layout): only record them."""
+    root = _json_bytes(group_metadata({"ecpt_step": step, "ecpt_level": level_name}))
+    others = cache.docs(sig, layouts)
     docs = [("zarr.json", root, crc32c.crc32c(root)), *others]
+    files = {rel: ChunkRecord(rel, len(data), crc) for rel, data, crc in docs}
     written = []
-    if only_root:
-        for rel, data, crc in others:
-            manifest.files[rel] = ChunkRecord(rel, len(data), crc)
-        docs = docs[:1]
-    for rel, data, crc in docs:
+    for rel, data, crc in docs[:1] if only_root else docs:
         path = out_dir / rel
         fd = _open_new(path)
         try:
@@ -359,21 +358,21 @@ def write_zarr_metadata(out_dir: Path, manifest: Manifest, fsync: bool, cache: M
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        manifest.files[rel] = ChunkRecord(rel, len(data), crc)
         written.append(path)
-    if fsync:
-        fsync_many(written, _ancestors(written, out_dir))
+    return files, written
 
 
-def commit_level(level: LevelSpec, ctx: SaveContext, out_dir: Path, records: list[list],
-                 cache: MetadataCache | None = None, janitor: Janitor | None = None, reused: bool = False) -> Path:
-    """Committer only: metadata, manifest (the commit point), rename to the final name, latest.
-
-    `reused`: out_dir is a retired checkpoint's tree of the same layout, whose array and group zarr.json files are
-    already right: only the root group's (it names the step) is rewritten."""
-    manifest = build_manifest(level, ctx, records)
-    write_zarr_metadata(out_dir, manifest, level.sync, cache, ctx.sig, only_root=reused)
-    write_manifest(out_dir, manifest, level.sync)
+def commit_level(level: LevelSpec, ctx: SaveContext, out_dir: Path, records: list[list], files: dict[str, ChunkRecord],
+                 cache: MetadataCache | None = None, janitor: Janitor | None = None) -> Path:
+    """Committer only, once every chunk and the zarr metadata (`files`) are written and synced: the manifest (the
+    commit point), the rename to the final name, latest."""
+    cache = cache or MetadataCache()
+    extra = ctx.extras[0]
+    data = cache.encoder(ctx.sig, ctx.layouts).encode(
+        step=ctx.step, level=level.name, node_id=ctx.node_id if level.node_local else "", node_local=level.node_local,
+        world_size=ctx.world.size, chunk_bytes=ctx.chunk_bytes, records=records, extra=extra,
+        rank_extra={r: e for r, e in enumerate(ctx.extras) if r and e != extra}, files=files)
+    write_bytes_atomic(out_dir / MANIFEST_NAME, data, level.sync)
     return publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.sync, _janitor_for(level, janitor))
 
 
@@ -387,9 +386,10 @@ def _janitor_for(level: LevelSpec, janitor: Janitor | None) -> Janitor | None:
 class LevelState:
     """What one rank keeps about one level between saves.
 
-    On memory levels the committer does not delete the newest retired checkpoint: it renames it to `.next-<token>`
-    and removes its chunk files (which frees the staging slots linked there), and the next save of the same layout
-    links or writes its chunks into that tree and renames it into place. `spare` is that tree as announced by the
+    The committer does not delete the newest retired checkpoint: it renames it to `.next-<token>` and removes its
+    chunk files (on memory levels that frees the staging slots linked there), and the next save of the same layout
+    links or writes its chunks into that tree and renames it into place: no directories to create, no zarr
+    metadata but the root group's to write (and, on disk, to fsync), nothing to delete. `spare` is that tree as announced by the
     level's committer in the last outcome gather, so every rank of the level's group holds the same value."""
 
     meta: MetadataCache = field(default_factory=MetadataCache)
@@ -401,22 +401,23 @@ class LevelState:
 
 def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None = None,
                     state: LevelState | None = None, chunk_files: list[str] | None = None) -> None:
-    """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints;
-    on a memory level keep the newest retired one of this layout as the next save's skeleton."""
+    """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints,
+    and the newest retired one of this layout as the next save's skeleton (LevelState)."""
     if level_comm(level, ctx).rank != 0:
         return
     root = Path(level.root)
     reuse = None
-    if state is not None and level.is_memory and chunk_files is not None:
+    if state is not None and chunk_files is not None:
         def as_spare(path: Path) -> Path | None:
             if state.created.get(path.name) != ctx.sig or state.spare is not None:
                 return None
             spare = root / f".next-{state.token}"
             os.replace(path, spare)
+            base = str(spare)
             try:
                 for rel in [*chunk_files, MANIFEST_NAME]:
                     try:
-                        os.unlink(spare / rel)
+                        os.unlink(f"{base}/{rel}")
                     except FileNotFoundError:
                         pass
             except OSError:
@@ -470,7 +471,7 @@ def unlink_outcome(o: dict, out_dir: Path) -> None:
     """Undo pre-linked chunk files of a save that was dropped (the skeleton stays reusable)."""
     for rec in o["records"]:
         try:
-            os.unlink(out_dir / rec[2])
+            os.unlink(f"{out_dir}/{rec[2]}")
         except FileNotFoundError:
             pass
 
@@ -481,19 +482,26 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
 
     Collectives: one gather of records on the level's group, one gather of outcomes on the world group. The first
     is skipped when every rank of the group already sent its records in the job's gather (`pre`: chunks linked
-    into the spare skeleton before it). Retention runs before the second gather, so when it returns every rank
-    knows old copies are gone (staging slots free) and which skeleton the next save uses."""
+    into the spare skeleton before it). On disk levels every rank syncs its files and their directories in one
+    concurrent batch before the first gather (the committer's zarr metadata included: it is written first).
+    Retention runs before the second gather, so when it returns every rank knows old copies are gone (staging
+    slots free) and which skeleton the next save uses."""
     me = ctx.world.rank
     out_dir, reused = target_dir(level, ctx, state)
     comm = level_comm(level, ctx)
+    committer = comm.rank == 0
     group = [r for r in range(ctx.world.size) if not level.node_local or ctx.nodes[r] == ctx.node_id]
     my_pre = pre[me] if pre is not None else None
+    files, meta_paths = {}, []
     if my_pre is not None:
         mine = RankOutcome(my_pre["records"], my_pre["errors"], my_pre["nbytes"])
     else:
         try:
             if not reused:
                 out_dir.mkdir(parents=True, exist_ok=True)
+            if committer:
+                files, meta_paths = write_zarr_metadata(out_dir, ctx.step, level.name, ctx.layouts, state.meta,
+                                                        ctx.sig, reused)
         except OSError as e:
             mine = RankOutcome(errors=[f"rank {me} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
         else:
@@ -505,6 +513,12 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
                 mine = writer.write_from_slot(level, ctx, source.slot, out_dir)
             else:
                 mine = writer.write_level(level, ctx, source.bufset, out_dir)
+        if level.sync and not mine.errors:
+            paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
+            try:
+                fsync_many(paths, _ancestors(paths, out_dir))
+            except OSError as e:
+                mine.errors.append(f"rank {me} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
     if pre is not None and all(pre[r] is not None for r in group):
         gathered = [pre[r] for r in group]
     else:
@@ -514,11 +528,15 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
         errors.append(f"{level.name}: ranks wrote into different directories {sorted({g['dir'] for g in gathered})}")
     final = Path(level.root) / step_dir_name(ctx.step)
     retention_error = None
-    committer = comm.rank == 0
     if committer and not errors:
         records = [r for g in gathered for r in g["records"]]
         try:
-            final = commit_level(level, ctx, out_dir, records, state.meta, janitor, reused)
+            if not files:        # pre-linked: the metadata is written now (memory levels: nothing to sync)
+                files, meta_paths = write_zarr_metadata(out_dir, ctx.step, level.name, ctx.layouts, state.meta,
+                                                        ctx.sig, reused)
+                if level.sync:
+                    fsync_many(meta_paths, _ancestors(meta_paths, out_dir))
+            final = commit_level(level, ctx, out_dir, records, files, state.meta, janitor)
         except OSError as e:
             errors.append(f"rank {me} ({ctx.node_id}) {level.name}: commit in {out_dir}: {e}")
         else:
@@ -541,7 +559,7 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
         announce = {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
     everyone = ctx.world.all_gather_json({"errors": errors if committer else mine.errors, "nbytes": mine.nbytes,
                                           "node": ctx.node_id, "next": announce})
-    for r, g in enumerate(everyone):
+    for g in everyone:
         if g["next"] is not None and (g["node"] == ctx.node_id if level.node_local else True):
             nxt = g["next"]
             state.spare = Path(level.root) / nxt["name"] if nxt else None

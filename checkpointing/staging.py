@@ -250,6 +250,7 @@ class Slot:
         self.plan: StagePlan | None = None
         self.fds: list[int] = []
         self.paths: list[Path] = []
+        self.names: list[str] = []          # str(paths): hard-linked every save
         self.maps: list[mmap.mmap | None] = []
         self.views: list[np.ndarray | None] = []
         self.crcs: list[int | None] = []
@@ -275,6 +276,7 @@ class Slot:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self.fds.append(fd)
             self.paths.append(path)
+            self.names.append(str(path))
             os.ftruncate(fd, c.nbytes)
             if c.nbytes:
                 os.posix_fallocate(fd, 0, c.nbytes)     # a full tmpfs is ENOSPC here, never SIGBUS in a mapped write
@@ -352,7 +354,7 @@ class Slot:
                 path.unlink()
             except FileNotFoundError:
                 pass
-        self.fds, self.paths, self.crcs, self.assembly, self.sendbufs = [], [], [], {}, []
+        self.fds, self.paths, self.names, self.crcs, self.assembly, self.sendbufs = [], [], [], [], {}, []
         self.key = self.plan = None
 
 

@@ -100,7 +100,8 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janit
     os.replace(partial, final)
     if fsync:
         fsync_dir(root)
-    write_json_atomic(root / "latest", {"step": step, "dir": final.name}, fsync)
+    # `latest` is a pointer for people and tools (readers scan for committed directories): atomic, not synced
+    write_json_atomic(root / "latest", {"step": step, "dir": final.name}, fsync=False)
     return final
 
 

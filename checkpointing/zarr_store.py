@@ -175,8 +175,8 @@ def _statfs_type(path: Path) -> int | None:
 
 
 def fsync_many(files: list[Path], dirs: list[Path]) -> None:
-    """fsync files, then directories, several at a time: the disk sees concurrent requests (one journal commit
-    serves many of them) instead of one round trip per file. Raises the first OSError."""
+    """fsync files and directories, several at a time and in one batch: the disk sees concurrent requests (one
+    journal commit serves many of them) instead of one round trip per file. Raises the first OSError."""
     global _fsync_pool
     if len(files) + len(dirs) <= 2:
         for f in files:
@@ -187,9 +187,9 @@ def fsync_many(files: list[Path], dirs: list[Path]) -> None:
     with _fsync_lock:
         if _fsync_pool is None:
             _fsync_pool = ThreadPoolExecutor(8, thread_name_prefix="ckpt-fsync")
-    for fn, paths in ((fsync_path, files), (fsync_dir, dirs)):
-        for fut in [_fsync_pool.submit(fn, p) for p in paths]:
-            fut.result()
+    futures = [_fsync_pool.submit(fsync_path, f) for f in files] + [_fsync_pool.submit(fsync_dir, d) for d in dirs]
+    for fut in futures:
+        fut.result()
 
 
 def fsync_dir(path: Path) -> None:
@@ -229,7 +229,11 @@ def write_file(path: Path, parts: list[memoryview], fsync: bool) -> int:
 
 def write_json_atomic(path: Path, obj: dict, fsync: bool = True) -> int:
     """Write JSON to a temp name, fsync, rename over `path`, fsync the directory; return its crc32c."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return write_bytes_atomic(path, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode(), fsync)
+
+
+def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> int:
+    """Write bytes to a temp name, fsync, rename over `path`, fsync the directory; return their crc32c."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     crc = write_file(tmp, [memoryview(data)], fsync)
     os.replace(tmp, path)

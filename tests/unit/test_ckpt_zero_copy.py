@@ -214,3 +214,26 @@ def test_stale_staging_of_a_dead_process_is_removed(shm):
     assert not stale.parent.exists(), "the staging directory of a gone process was kept"
     assert len(list((shm / "L0" / ".staging").iterdir())) == 1          # this process's own
     mgr.close()
+
+
+def test_manifest_encoder_matches_the_manifest_object():
+    """The commit path encodes manifests from cached per-tensor JSON; it must parse to what Manifest gives."""
+    from checkpointing.comm import Comm
+    from checkpointing.manifest import ChunkRecord, Manifest
+    from checkpointing.persist import MetadataCache, SaveContext, build_manifest
+    from checkpointing.plan import global_layouts
+    describes = {name: [list(shape), dtype, "replica", 0, int(np.prod(shape))] for name, (shape, dtype) in SPECS.items()}
+    layouts = global_layouts([{"tensors": describes}], 256)
+    extras = [{"step": 3, "cfg": {"a": [1, 2]}}, {"step": 3, "rank": 1}]
+    ctx = SaveContext(3, "abc", layouts, extras, ["n0", "n0"], Comm(None, 0, 2), Comm(None, 0, 2), "n0", 256, "sig")
+    records = [[name, c, f"{name}/{t.grid.chunk_key(c)}", t.grid.chunk_nbytes, 1000 + c]
+               for name, t in layouts.items() for c in range(t.grid.n_chunks) if c != 1]
+    level = LevelSpec("L0", "/nonexistent", 1, 2, True)
+    files = {"zarr.json": ChunkRecord("zarr.json", 10, 7)}
+    data = MetadataCache().encoder("sig", layouts).encode(
+        step=3, level="L0", node_id="n0", node_local=True, world_size=2, chunk_bytes=256, records=records,
+        extra=extras[0], rank_extra={1: extras[1]}, files=files)
+    got = Manifest.from_json(json.loads(data), "encoded")
+    want = build_manifest(level, ctx, records)
+    want.files, want.created_unix = files, got.created_unix
+    assert got == want and got.complete is False and json.loads(data)["complete"] is False
