@@ -98,8 +98,9 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def both_ranks(promql: str):
-            result = server.query(promql)
-            return result if {r["metric"].get("rank") for r in result} == {"0", "1"} else None
+            # worker series carry a rank label; the launcher's job-level series (role="launcher") do not
+            result = [r for r in server.query(promql) if "rank" in r["metric"]]
+            return result if {r["metric"]["rank"] for r in result} == {"0", "1"} else None
 
         def stepped():
             assert train.poll() is None, f"ecpt train ended early ({train.returncode}):\n{log.read_text()[-3000:]}"
@@ -110,8 +111,13 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
                        'rate(ecpt_tokens_total{job="ecpt"}[5s]) > 0', 'ecpt_step_seconds_count{job="ecpt"} > 0',
                        'up{job="ecpt"} == 1'):
             wait_until(lambda: both_ranks(promql), 30, f"{promql} for both ranks")
+        wait_until(lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'), 30,
+                   "the launcher's job-level series")
         targets = [t for t in server.targets() if t["labels"]["job"] == "ecpt"]
-        assert {t["labels"]["rank"] for t in targets} == {"0", "1"} and all(t["health"] == "up" for t in targets)
+        workers = [t for t in targets if "rank" in t["labels"]]
+        launchers = [t for t in targets if t["labels"].get("role") == "launcher"]
+        assert {t["labels"]["rank"] for t in workers} == {"0", "1"} and len(launchers) == 1
+        assert all(t["health"] == "up" for t in targets)
         assert "exported_rank" not in steps[0]["metric"], "honor_labels keeps the worker's own rank label"
         names = {r["metric"]["__name__"] for r in server.query('{job="ecpt", __name__=~"ecpt_.+"}')}
         assert len(names) >= 8, names
