@@ -26,20 +26,15 @@ from typing import Callable
 
 import pytest
 
+from helpers import wait_for
+
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin"
 _apt_updated = False
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(check, timeout, what, interval=interval)
 
 
 @pytest.fixture(name="wait_until")
