@@ -45,6 +45,7 @@ from checkpointing.metrics import CheckpointStats, Metrics
 from checkpointing.persist import (ChunkWriter, LevelState, SaveContext, Source, outcome_dict, persist_level,
                                    unlink_outcome)
 from checkpointing.plan import PlanCache, TensorLayout, global_layouts
+from checkpointing.promote import Promoter, Promotion
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
 from checkpointing.staging import (BufferPool, BufferSet, Shard, Slot, SlotPool, StagedTensor, StagePlan, describe,
                                    stage_into)
@@ -183,6 +184,7 @@ class CheckpointManager:
         self._peer: dict[int, tuple[str, dict]] = {}
         self._sent_tsig: str | None = None
         self._janitor = Janitor(self.log)
+        self._promoter = Promoter(self._states, self._janitor, self.log, self._metrics)
         self._stage_q: queue.Queue = queue.Queue()
         self._persist_q: queue.Queue = queue.Queue()
         self._stager = threading.Thread(target=self._stage_loop, name="ckpt-stager", daemon=True)
@@ -275,7 +277,7 @@ class CheckpointManager:
         pool = self._slots.get(level.name)
         if pool is None:
             pool = self._slots[level.name] = SlotPool(Path(level.root), f"{self.node_id}-r{self.rank}",
-                                                      level.keep_last + self._pool.size + 1)
+                                                      level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING)
         slot = pool.acquire()
         if slot is None:
             return
@@ -418,8 +420,10 @@ class CheckpointManager:
             if isinstance(job, _WriteJob) and job.pre is None:
                 self._prelink(job)
             info = self._job_info(job)
+            info["promo"] = self._promoter.report()
             infos = self._world.all_gather_json(info)
             self._learn_layouts(infos)
+            self._promoter.advance(infos, self._world.rank)
             target = max(tuple(i["key"]) for i in infos)
             if tuple(infos[self._world.rank]["key"]) < target:
                 self._drop(job, infos)
@@ -431,10 +435,13 @@ class CheckpointManager:
                 if isinstance(job, _WriteJob):
                     self._run_write(job, infos)
                 elif job.kind == "emergency":
+                    self._drain_promotions()
                     job.done.set_result(self._run_emergency(infos))
                 else:
+                    self._drain_promotions()
                     job.done.set_result(None)
                     if job.kind == "stop":
+                        self._promoter.close()
                         return
             except (RuntimeError, ValueError, OSError) as e:   # a broken process group or an unexpected file state
                 self._fail(job, e)
@@ -533,24 +540,47 @@ class CheckpointManager:
             return
         first = Source(slot=job.slot, link=True) if job.slot is not None else Source(bufset=job.bufset)
         pre = [i.get("pre") for i in infos]
-        committed, errors = self._write_levels(ctx, job.levels, job, first, job.t_save,
-                                               pre if any(p is not None for p in pre) else None)
-        if errors:
-            job.handle.durable.set_exception(CheckpointError(
-                f"checkpoint step {job.step} failed ({'; '.join(errors)}). Committed on: {committed or 'no level'}; "
-                f"older checkpoints are intact and training can continue"))
-        else:
-            job.handle.durable.set_result(committed)
+        handle = job.handle
+
+        def done(committed: list[str], errors: list[str]) -> None:
+            if errors:
+                handle.durable.set_exception(CheckpointError(
+                    f"checkpoint step {job.step} failed ({'; '.join(errors)}). Committed on: "
+                    f"{committed or 'no level'}; older checkpoints are intact and training can continue"))
+            else:
+                handle.durable.set_result(committed)
+
+        self._write_levels(ctx, job.levels, job, first, job.t_save, pre if any(p is not None for p in pre) else None,
+                           done)
         for pool in self._slots.values():
             pool.refresh()
 
+    def _drain_promotions(self, keep: int = 0) -> None:
+        """Finish pending promotions now until at most `keep` are left: each round waits for this rank's promoter,
+        then gathers. Called at the same point of the job sequence on every rank, so the rounds line up."""
+        while len(self._promoter.pending) > keep:
+            self._promoter.wait_idle()
+            infos = self._world.all_gather_json({"promo": self._promoter.report()})
+            self._promoter.advance(infos, self._world.rank)
+
     def _write_levels(self, ctx: SaveContext, levels: list[LevelSpec], job: _WriteJob | None, first: Source,
-                      t_save: float, pre: list | None = None) -> tuple[list[str], list[str]]:
+                      t_save: float, pre: list | None = None, done=None) -> tuple[list[str], list[str]]:
         """Write the first level from the staged data, release it, promote to the others by copying files.
 
-        If a level fails, the next one is written from the still-held staged data instead of from a copy."""
-        committed, errors, source = [], [], None
-        for level in levels:
+        If a level fails, the next one is written from the still-held staged data instead of from a copy. With
+        `done`, the promotions run on the promoter thread and `done(committed, errors)` is called once they are
+        finished; otherwise everything happens here."""
+        committed, errors, source, source_level = [], [], None, None
+        for i, level in enumerate(levels):
+            if source is not None and done is not None:
+                if len(self._promoter.pending) >= Promoter.MAX_PENDING:
+                    self.stats.waits += 1
+                    self._drain_promotions(keep=Promoter.MAX_PENDING - 1)
+                self._promoter.add(Promotion(ctx.step, list(levels[i:]), source, source_level, ctx,
+                                             lambda c, e: done(committed + c, errors + e), t_save=t_save))
+                return committed, errors
+            if self._promoter.targets(level):
+                self._drain_promotions()        # this level is written here: no promotion may touch it meanwhile
             t0 = time.perf_counter()
             if source is not None:
                 src = Source(src_dir=source)
@@ -575,9 +605,12 @@ class CheckpointManager:
                          res.path, res.total_nbytes / 1e6, time.perf_counter() - t0)
             if source is None and job is not None:
                 self._release(job, linked=True)
-            source = source or res.path
+            if source is None:
+                source, source_level = res.path, level
         if source is None and job is not None:
             self._release(job, linked=True)
+        if done is not None:
+            done(committed, errors)
         return committed, errors
 
     def _run_emergency(self, infos: list[dict]) -> list[str]:

@@ -397,10 +397,12 @@ class LevelState:
     spare: Path | None = None
     spare_sig: str | None = None
     created: dict[str, str] = field(default_factory=dict)     # committer: dir name -> layout sig of its saves
+    pinned: set[str] = field(default_factory=set)              # committed dirs a pending promotion still reads
 
 
 def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None = None,
-                    state: LevelState | None = None, chunk_files: list[str] | None = None) -> None:
+                    state: LevelState | None = None, chunk_files: list[str] | None = None, others: bool = True
+                    ) -> None:
     """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints,
     and the newest retired one of this layout as the next save's skeleton (LevelState)."""
     if level_comm(level, ctx).rank != 0:
@@ -428,7 +430,8 @@ def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None 
 
         reuse = as_spare
     retain(root, level.keep_last, ctx.nonce, _janitor_for(level, janitor), reuse,
-           keep=None if state is None or state.spare is None else state.spare.name)
+           keep=None if state is None or state.spare is None else state.spare.name,
+           pinned=set() if state is None else state.pinned, others=others)
     if state is not None:
         state.created = {n: sig for n, sig in state.created.items() if (root / n).is_dir()}
 

@@ -106,7 +106,8 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janit
 
 
 def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | None" = None,
-           reuse: "Callable[[Path], Path | None] | None" = None, keep: str | None = None) -> list[Path]:
+           reuse: "Callable[[Path], Path | None] | None" = None, keep: str | None = None,
+           pinned: set[str] = frozenset(), others: bool = True) -> list[Path]:
     """Retire committed checkpoints beyond the newest `keep_last`, abandoned partial dirs, spare skeletons of other
     processes (`.next-*` except `keep`) and trash.
 
@@ -114,10 +115,14 @@ def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | N
     Retiring is a rename to a trash name (readers stop seeing it at once); the files are deleted by the janitor
     thread when one is given, else here. `reuse(path)` is offered the retired checkpoints newest first; the one it
     accepts (it renamed it away to reuse its directories and returns the new path) is not deleted. Partial
-    directories of the save in progress (same nonce) are kept."""
+    directories of the save in progress (same nonce) are kept, and so are `pinned` checkpoints (being promoted:
+    retired by a later call). others=False: only retire committed checkpoints (a call made while another rank may
+    already be writing the next save's partial directory)."""
     removed = []
     committed = committed_steps(root)
     for _, path in reversed(committed[: max(0, len(committed) - keep_last)]):
+        if path.name in pinned:
+            continue
         kept = reuse(path) if reuse is not None else None
         if kept is not None:
             reuse, keep = None, kept.name
@@ -126,6 +131,8 @@ def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | N
             os.replace(path, trash)
             _delete(trash, janitor)
         removed.append(path)
+    if not others:
+        return removed
     for entry in os.scandir(root):
         m = _PARTIAL_RE.match(entry.name)
         if (m and m.group(2) != current_nonce) or (entry.name.startswith(".next-") and entry.name != keep):

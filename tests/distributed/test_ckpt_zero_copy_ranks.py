@@ -107,3 +107,27 @@ def test_two_nodes_memory_levels_then_node_loss(shm, tmp_path):
     lost.mkdir()
     res = run_workers(lost, 2, cfg([{"op": "load", "layout": "replica"}]))
     assert_loaded(res, 4, "L2")
+
+
+def test_promotions_overlap_fast_saves_without_losing_anything(shm, tmp_path):
+    """Disk promotions run on the promoter thread while every step commits to memory: nothing may be read after
+    it was retired, every checkpoint stays verifiable, and each save's durable future names all its levels."""
+    levels = [level(shm, "L0", keep=2), level(tmp_path, "L1", interval=3, keep=3, node_local=False)]
+    steps = list(range(1, 25))
+    saved = run_workers(tmp_path, 2, lambda r: {"levels": levels, "chunk_bytes": 128,
+                                                "ops": [{"op": "save", "steps": steps, "layout": "replica"}]})
+    for res in saved:
+        assert res[0]["error"] is None, res[0]["error"]
+        assert res[0]["committed"].count("L0") == 24 and res[0]["committed"].count("L1") == 8
+    assert sorted(p.name for p in (tmp_path / "L1").iterdir() if p.name.startswith("step-")) == \
+        ["step-00000018", "step-00000021", "step-00000024"]
+    assert sorted(p.name for p in (shm / "L0").iterdir() if p.name.startswith("step-")) == \
+        ["step-00000023", "step-00000024"]
+    for ckpt in [*(tmp_path / "L1").glob("step-*"), *(shm / "L0").glob("step-*")]:
+        assert verify(ckpt) == [], ckpt
+    shutil.rmtree(shm / "L0")
+    out = tmp_path / "load"
+    out.mkdir()
+    res = run_workers(out, 2, lambda r: {"levels": levels, "chunk_bytes": 128,
+                                         "ops": [{"op": "load", "layout": "replica"}]})
+    assert_loaded(res, 24, "L1")

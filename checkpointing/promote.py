@@ -1,0 +1,268 @@
+"""Asynchronous promotion: copying a committed checkpoint to the slower levels without holding up the next saves.
+
+Promoting to a disk level costs copies and fsync round trips (tens of ms to seconds). Done inline, the persist
+thread could not commit the next fast-level (L0) saves meanwhile, and with every staging buffer in flight the
+training loop waits. Here the promoter thread does the slow work (copy + fsync on every rank; manifest, rename and
+retention on the level's committer) and the collectives stay on the persist thread: each rank's progress rides in
+the all_gather the persister does anyway for the next job (or in a drain loop at flush/close/emergency time), and
+every rank advances the same state machine from the same gathered data, so they stay in lockstep:
+
+    copy    every rank copies its chunks from the committed fast copy (kept from retention until done), syncs
+            them and reports its records; once all reported, each level committer commits
+    commit  the committers report errors and the spare skeleton they prepared; then the next level, or the save's
+            `durable` future resolves
+
+Runs only one promotion at a time (a bounded queue behind it); all state here is touched by the persist thread,
+except what the promoter thread fills in for the head promotion (`mine`, `commit_result`), which the persist thread
+reads only after the promoter said it finished (`idle()`), and the level's LevelState, which only the promoter uses
+while that level has a promotion in flight.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkpointing.persist import (ChunkWriter, LevelState, RankOutcome, SaveContext, _ancestors, apply_retention,
+                                   commit_level, level_comm, outcome_dict, target_dir, write_zarr_metadata)
+from checkpointing.tiers import Janitor, LevelSpec, step_dir_name
+from checkpointing.zarr_store import fsync_many
+
+
+@dataclass
+class Promotion:
+    """One save's remaining levels, promoted from `src` (a committed copy on `src_level`)."""
+
+    step: int
+    levels: list[LevelSpec]
+    src: Path
+    src_level: LevelSpec
+    ctx: SaveContext
+    on_done: object                  # callable(committed levels, errors) run by the persist thread
+    committed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    t_save: float = 0.0
+    phase: str = "copy"
+    t_level: float = 0.0
+    # filled by the promoter thread for the current level
+    out_dir: Path | None = None
+    reused: bool = False
+    files: dict = field(default_factory=dict)
+    mine: RankOutcome | None = None
+    commit_result: dict | None = None
+    copy_errors: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> list:
+        return [self.step, self.levels[0].name]
+
+
+class Promoter:
+    """The promoter thread and the lockstep state machine driving it (see the module docstring)."""
+
+    MAX_PENDING = 2
+
+    def __init__(self, states: dict[str, LevelState], janitor: Janitor, log: logging.Logger, metrics) -> None:
+        self.pending: list[Promotion] = []
+        self._states = states
+        self._janitor = janitor
+        self._log = log
+        self._metrics = metrics
+        self._writer = ChunkWriter()
+        self._q: queue.Queue = queue.Queue()
+        self._busy = threading.Event()
+        self._idle = threading.Condition()
+        self._running = 0
+        self._thread = threading.Thread(target=self._loop, name="ckpt-promoter", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------ persist thread side
+
+    def targets(self, level: LevelSpec) -> bool:
+        return any(level.name in [lv.name for lv in p.levels] for p in self.pending)
+
+    def pinned(self, level_name: str) -> set[str]:
+        """Committed directories on `level_name` that pending promotions still read from."""
+        return {p.src.name for p in self.pending if p.src_level.name == level_name}
+
+    def add(self, promo: Promotion) -> None:
+        self.pending.append(promo)
+        self._states[promo.src_level.name].pinned = self.pinned(promo.src_level.name)
+        if len(self.pending) == 1:
+            self._start_copy(promo)
+
+    def report(self) -> dict | None:
+        """This rank's progress on the head promotion, for the next gather (None: nothing to report)."""
+        if not self.pending or self._running:
+            return None
+        head = self.pending[0]
+        out = {"id": head.key, "copied": None, "committed": None}
+        if head.mine is not None:
+            out["copied"] = outcome_dict(head.mine, head.out_dir)
+        if head.phase == "commit" and head.commit_result is not None:
+            out["committed"] = head.commit_result
+        return out
+
+    def advance(self, infos: list[dict], world_rank: int) -> None:
+        """Move the head promotion along with what every rank reported in a gather (same decision everywhere)."""
+        if not self.pending:
+            return
+        head = self.pending[0]
+        reports = [i.get("promo") for i in infos]
+        if any(r is None or r["id"] != head.key for r in reports):
+            return
+        level, ctx = head.levels[0], head.ctx
+        if head.phase == "copy":
+            if any(r["copied"] is None for r in reports):
+                return
+            group = [r for rank, r in enumerate(reports)
+                     if not level.node_local or ctx.nodes[rank] == ctx.node_id]
+            head.copy_errors = [e for r in reports for e in r["copied"]["errors"]]
+            dirs = {r["copied"]["dir"] for r in group}
+            if len(dirs) > 1:
+                head.copy_errors.append(f"{level.name}: ranks wrote into different directories {sorted(dirs)}")
+            head.phase = "commit"
+            if level_comm(level, ctx).rank == 0:
+                records = [rec for r in group for rec in r["copied"]["records"]]
+                group_errors = [e for r in group for e in r["copied"]["errors"]] + \
+                    ([head.copy_errors[-1]] if len(dirs) > 1 else [])
+                self._submit(("commit", head, records, group_errors))
+            else:
+                head.commit_result = {"errors": [], "next": None, "node": ctx.node_id}
+            return
+        if any(r["committed"] is None for r in reports):
+            return
+        errors = sorted(set(head.copy_errors) | {e for r in reports for e in r["committed"]["errors"]})
+        state = self._states[level.name]
+        for r in reports:
+            c = r["committed"]
+            if c["next"] is not None and (c["node"] == ctx.node_id if level.node_local else True):
+                state.spare = Path(level.root) / c["next"]["name"] if c["next"] else None
+                state.spare_sig = c["next"].get("sig")
+                break
+        if errors:
+            head.errors += errors
+            self._metrics.failure(level.name)
+            self._log.error("checkpoint step %d on %s failed: %s", head.step, level.name, "; ".join(errors))
+        else:
+            head.committed.append(level.name)
+            self._metrics.observe_durable(level.name, time.perf_counter() - head.t_save)
+            self._metrics.add_bytes(level.name, head.mine.nbytes)
+            total = sum(r["copied"]["nbytes"] for r in reports)
+            self._log.log(logging.DEBUG if level.is_memory else logging.INFO,
+                          "checkpoint step %d committed on %s (%s): %.1f MB in %.2f s (promoted from %s)",
+                          head.step, level.name, Path(level.root) / step_dir_name(head.step), total / 1e6,
+                          time.perf_counter() - head.t_level, head.src_level.name)
+        head.levels.pop(0)
+        if head.levels:
+            self._start_copy(head)
+            return
+        self.pending.pop(0)
+        src_state = self._states[head.src_level.name]
+        src_state.pinned = self.pinned(head.src_level.name)
+        if level_comm(head.src_level, ctx).rank == 0:        # retire what the promotion kept beyond keep_last
+            try:     # only committed ones: another rank may already be writing the next save on that level
+                apply_retention(head.src_level, ctx, self._janitor, src_state, others=False)
+            except OSError as e:
+                self._log.warning("checkpoint retention on %s failed: %s", head.src_level.name, e)
+        head.on_done(head.committed, head.errors)
+        if self.pending:
+            self._start_copy(self.pending[0])
+
+    def wait_idle(self) -> None:
+        """Block until the promoter thread finished what it was given (then report() is complete)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+    # ----------------------------------------------------------------------------------- promoter thread
+
+    def _start_copy(self, promo: Promotion) -> None:
+        promo.phase, promo.mine, promo.commit_result, promo.files = "copy", None, None, {}
+        promo.t_level = time.perf_counter()
+        self._submit(("copy", promo))
+
+    def _submit(self, task) -> None:
+        with self._idle:
+            self._running += 1
+        self._q.put(task)
+
+    def _loop(self) -> None:
+        while (task := self._q.get()) is not None:
+            try:
+                if task[0] == "copy":
+                    self._copy(task[1])
+                else:
+                    self._commit(*task[1:])
+            except Exception as e:          # never leave the others waiting: report it as this rank's error
+                promo = task[1]
+                msg = f"rank {promo.ctx.world.rank} ({promo.ctx.node_id}) {promo.levels[0].name}: promotion " \
+                      f"failed: {type(e).__name__}: {e}"
+                if task[0] == "copy":
+                    promo.mine = RankOutcome(errors=[msg])
+                    promo.out_dir = promo.out_dir or Path(promo.levels[0].root)
+                else:
+                    promo.commit_result = {"errors": [msg], "next": {}, "node": promo.ctx.node_id}
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
+
+    def _copy(self, promo: Promotion) -> None:
+        level, ctx = promo.levels[0], promo.ctx
+        state = self._states[level.name]
+        out_dir, reused = target_dir(level, ctx, state)
+        promo.out_dir, promo.reused = out_dir, reused
+        files, meta_paths = {}, []
+        try:
+            if not reused:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            if level_comm(level, ctx).rank == 0:
+                files, meta_paths = write_zarr_metadata(out_dir, ctx.step, level.name, ctx.layouts, state.meta,
+                                                        ctx.sig, reused)
+        except OSError as e:
+            mine = RankOutcome(errors=[f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
+        else:
+            mine = self._writer.copy_level(level, ctx, promo.src, out_dir)
+        if level.sync and not mine.errors:
+            paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
+            try:
+                fsync_many(paths, _ancestors(paths, out_dir))
+            except OSError as e:
+                mine.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
+        promo.files = files
+        promo.mine = mine
+
+    def _commit(self, promo: Promotion, records: list[list], errors: list[str]) -> None:
+        level, ctx = promo.levels[0], promo.ctx
+        state = self._states[level.name]
+        mine = []
+        if not errors:
+            try:
+                final = commit_level(level, ctx, promo.out_dir, records, promo.files, state.meta, self._janitor)
+            except OSError as e:
+                mine.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: commit in {promo.out_dir}: {e}")
+            else:
+                if promo.reused:
+                    state.spare = state.spare_sig = None
+                state.created[final.name] = ctx.sig
+                try:
+                    if state.spare is not None and state.spare_sig != ctx.sig:
+                        shutil.rmtree(state.spare, ignore_errors=True)
+                        state.spare = state.spare_sig = None
+                    apply_retention(level, ctx, self._janitor, state, [r[2] for r in records])
+                except OSError as e:
+                    self._log.warning("checkpoint retention on %s (%s) failed: %s", level.name, level.root, e)
+        if errors or mine:
+            shutil.rmtree(promo.out_dir, ignore_errors=True)
+            if promo.reused:
+                state.spare = state.spare_sig = None
+        announce = {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
+        promo.commit_result = {"errors": mine, "next": announce, "node": ctx.node_id}
