@@ -144,11 +144,13 @@ def _add_optional_commands(sub) -> None:
     """
     from launch.chaos import add_chaos_parser
     from launch.ckpt_commands import add_ckpt_parser
+    from launch.cluster_commands import add_launch_parser
+    from launch.experiment_commands import add_experiment_parser
 
     add_ckpt_parser(sub)
     add_chaos_parser(sub)
-    from launch.cluster_commands import add_launch_parser; add_launch_parser(sub)
-    from launch.experiment_commands import add_experiment_parser; add_experiment_parser(sub)  # noqa: E702
+    add_launch_parser(sub)
+    add_experiment_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
