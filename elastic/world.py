@@ -216,5 +216,8 @@ def init_distributed(world: WorldInfo, timeout_s: float = 600.0) -> ProcessGroup
 
 
 def shutdown_distributed() -> None:
+    """Leave the job together: a rank that tears down its gloo group while a peer is still tearing down can make
+    that peer exit non-zero, which torchrun answers with a needless restart of a finished job."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
