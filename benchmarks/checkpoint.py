@@ -264,6 +264,82 @@ def l0_every_step(args) -> dict:
             "saved_steps": stats.saves - saves0, "steps": blocks * per_block, "waits": stats.waits - waits0}
 
 
+def trainer_ab(args, work: Path) -> dict:
+    """The realistic case: the default tiny-cpu trainer (5.2 M params + AdamW, 2 DDP workers), L0 (/dev/shm)
+    every step plus the config's L1 interval, against no checkpoints, in alternating blocks of steps inside one
+    training run (so the machine's load drifts hit both alike). Each checkpointed block ends with wait_durable(),
+    charging every pending persist and promotion to it."""
+    from elastic.config import load_config
+    from launch.cli import prepare_run
+
+    run_dir = work / "trainer"
+    shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-trainer-", dir="/dev/shm"))
+    cfg = load_config(None, [f"train.run_dir={run_dir}", "checkpoint.l0_interval=1", f"checkpoint.l0_dir={shm}",
+                             "train.progress=false", "metrics.enabled=false"])
+    config_json = prepare_run(cfg)
+    blocks, block_steps = (6, 5) if args.quick else (12, 5)
+    out = work / "trainer-ab.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           __file__, "--trainer-worker", str(config_json), "--blocks", str(blocks),
+                           "--block-steps", str(block_steps), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=3600)
+    shutil.rmtree(shm, ignore_errors=True)
+    if proc.returncode:
+        raise RuntimeError(f"trainer A/B failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def trainer_worker(args) -> None:
+    """One rank of trainer_ab: the real Trainer, with its checkpoints switched on and off between blocks."""
+    import logging
+
+    import torch.distributed as dist
+
+    from elastic.config import config_from_json
+    from elastic.trainer import Trainer
+    from elastic.world import detect_world, device_for, init_distributed, shutdown_distributed
+
+    world = detect_world()
+    cfg = config_from_json(args.trainer_worker)
+    torch.set_num_threads(cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // world.local_world_size))
+    groups = init_distributed(world)
+    trainer = Trainer(cfg, world, groups, device_for(world), metrics=None, log=logging.getLogger("bench"))
+    ckpt, step = trainer.checkpoints, 0
+
+    def run(n: int) -> None:
+        nonlocal step
+        for _ in range(n):
+            trainer.train_step(step)
+            step += 1
+
+    run(4)                                   # warm up, with the first (planning) checkpoints
+    ckpt.manager.wait_durable()
+    times = {"off": [], "on": []}
+    blocked0 = ckpt.manager.stats.blocked_seconds
+    for b in range(args.blocks):
+        for mode in (("off", "on") if b % 2 == 0 else ("on", "off")):
+            trainer.checkpoints = ckpt if mode == "on" else None
+            dist.barrier()
+            t0 = time.perf_counter()
+            run(args.block_steps)
+            if mode == "on":
+                ckpt.manager.wait_staged()
+                ckpt.manager.wait_durable()
+            times[mode].append((time.perf_counter() - t0) / args.block_steps)
+    stats = ckpt.manager.stats
+    trainer.checkpoints = ckpt
+    trainer.close()
+    shutdown_distributed()
+    if world.rank == 0:
+        ratios = [b / a for a, b in zip(times["off"], times["on"])]
+        Path(args.out).write_text(json.dumps({
+            "off_step_s": statistics.median(times["off"]), "on_step_s": statistics.median(times["on"]),
+            "cost": statistics.median(ratios) - 1, "mean_cost": statistics.mean(ratios) - 1,
+            "block_costs": [r - 1 for r in ratios], "saves": stats.saves, "waits": stats.waits,
+            "blocked_s_per_save": (stats.blocked_seconds - blocked0) / max(1, args.blocks * args.block_steps),
+            "block_steps": args.block_steps, "blocks": args.blocks}))
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 
 
@@ -307,6 +383,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--trainer", action="store_true", help="only the trainer A/B (L0 every step vs off)")
+    ap.add_argument("--trainer-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--blocks", type=int, default=12, help=argparse.SUPPRESS)
+    ap.add_argument("--block-steps", type=int, default=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick and args.size_mb == 600:
         args.size_mb = 60
@@ -318,6 +398,16 @@ def main() -> None:
         return
     if args.l0:
         print(json.dumps(l0_every_step(args)))
+        return
+    if args.trainer_worker:
+        trainer_worker(args)
+        return
+    if args.trainer:
+        work = Path(args.dir or REPO / "runs" / "bench-checkpoint")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        print(json.dumps(trainer_ab(args, work)))
+        shutil.rmtree(work, ignore_errors=True)
         return
     drive(args)
 

@@ -407,7 +407,10 @@ class CheckpointManager:
 
     def _release(self, job: _WriteJob, linked: bool) -> None:
         """Give back the save's staging resources: the slot (free at once, or once its checkpoint is retired) and
-        the buffer set (the in-flight ticket)."""
+        the buffer set (the in-flight ticket). linked=False: the save was not written, undo its pre-links."""
+        if job.pre is not None and not linked:
+            unlink_outcome(job.pre, Path(job.levels[0].root) / job.pre["dir"])
+            job.pre = None
         if job.slot is not None:
             self._slots[job.levels[0].name].release(job.slot, linked)
             job.slot = None
@@ -495,9 +498,6 @@ class CheckpointManager:
         writing (counted as a skip)."""
         behind = [r for r, i in enumerate(infos) if tuple(i["key"]) > tuple(infos[self._world.rank]["key"])]
         if isinstance(job, _WriteJob):
-            if job.pre is not None:
-                unlink_outcome(job.pre, Path(job.levels[0].root) / job.pre["dir"])
-                job.pre = None
             self._release(job, linked=False)
             self._metrics.skip([lv.name for lv in job.levels])
             self.log.warning("checkpoint step %d dropped: %s", job.step,
