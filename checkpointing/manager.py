@@ -268,16 +268,16 @@ class CheckpointManager:
         """Stage this save straight into its first level's files if that level is node memory, the tensors are on
         the CPU and the layout is the one every rank agreed on last time (so the chunk plan is known)."""
         level, agreed = job.levels[0], self._agreed
-        if agreed is None or not job.described.all_cpu or not level.is_memory:
+        if agreed is None or not job.described.all_cpu:
             return
         if agreed.tsigs[self.rank] != job.described.tsig:
             return                                  # this rank's tensors changed: plan with everyone first
-        if not level.node_local and len(set(agreed.nodes)) > 1:
-            return                                  # a memory level shared across nodes cannot be linked into
+        files = level.is_memory and (level.node_local or len(set(agreed.nodes)) == 1)  # else nothing to link into
         pool = self._slots.get(level.name)
         if pool is None:
-            pool = self._slots[level.name] = SlotPool(Path(level.root), f"{self.node_id}-r{self.rank}",
-                                                      level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING)
+            slots = level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING if files else self._pool.size + 1
+            pool = self._slots[level.name] = SlotPool(Path(level.root) if files else None,
+                                                      f"{self.node_id}-r{self.rank}", slots)
         slot = pool.acquire()
         if slot is None:
             return
@@ -477,7 +477,7 @@ class CheckpointManager:
         level = job.levels[0]
         state = self._states[level.name]
         sp = job.stage_plan
-        if job.slot is None or state.spare is None or state.spare_sig != job.dsig or sp.sends \
+        if job.slot is None or not job.slot.files or state.spare is None or state.spare_sig != job.dsig or sp.sends \
                 or not all(c.whole for c in sp.chunks):
             return
         outcome = self._writer.prelink(level, job.slot, state.spare, self.rank, self.node_id)
@@ -604,7 +604,7 @@ class CheckpointManager:
                          "checkpoint step %d committed on %s (%s): %.1f MB in %.2f s", ctx.step, level.name,
                          res.path, res.total_nbytes / 1e6, time.perf_counter() - t0)
             if source is None and job is not None:
-                self._release(job, linked=True)
+                self._release(job, linked=first.slot is not None and first.slot.files)
             if source is None:
                 source, source_level = res.path, level
         if source is None and job is not None:

@@ -73,13 +73,13 @@ def _open_new(path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
 
-def _write_new(path: Path, parts: list[memoryview]) -> int:
-    """write_file() that creates missing parent directories; returns the crc32c."""
+def _write_new(path: Path, parts: list[memoryview], crc: int | None = None) -> int:
+    """write_file() that creates missing parent directories; returns the crc32c (`crc`: already known)."""
     try:
-        return write_file(path, parts, fsync=False)
+        return write_file(path, parts, fsync=False, crc=crc)
     except FileNotFoundError:
         os.makedirs(path.parent, exist_ok=True)
-        return write_file(path, parts, fsync=False)
+        return write_file(path, parts, fsync=False, crc=crc)
 
 
 def _link(src: str, dst: str) -> None:
@@ -151,10 +151,11 @@ class ChunkWriter:
         ctx.world.exchange(sends, recvs)
         return assembled
 
-    def write_level(self, level: LevelSpec, ctx: SaveContext, bufset: BufferSet, out_dir: Path) -> RankOutcome:
-        """Write every chunk this rank owns on this level from the staged buffers into out_dir."""
+    def write_level(self, level: LevelSpec, ctx: SaveContext, bufset: BufferSet, out_dir: Path,
+                    assembled: dict[tuple[str, int], torch.Tensor]) -> RankOutcome:
+        """Write every chunk this rank owns on this level from the staged buffers into out_dir (boundary chunks:
+        from `assembled`, see exchange_pieces)."""
         plan = ctx.rank_plan(level)
-        assembled = self.exchange_pieces(ctx, plan, bufset)
         outcome = RankOutcome()
         for i, task in enumerate(plan.writes):
             t = ctx.layouts[task.name]
@@ -173,35 +174,43 @@ class ChunkWriter:
             fault_pause_hook(ctx.step, i + 1)
         return outcome
 
-    def link_level(self, level: LevelSpec, ctx: SaveContext, slot: Slot, out_dir: Path) -> RankOutcome:
-        """Zero-copy: the slot's files already hold this rank's chunks (written at staging time); receive the
-        boundary pieces, then hard-link every file into out_dir."""
+    def exchange_slot(self, level: LevelSpec, ctx: SaveContext, slot: Slot) -> str | None:
+        """Send the slot's boundary pieces to their chunk writers, receive ours into its assembly buffers and finish
+        those chunks. Every rank calls it (point-to-point partners wait for each other); returns an error or None."""
         plan, sp = ctx.rank_plan(level), slot.plan
+        if not plan.sends and all(c.whole for c in sp.chunks):
+            return None
+        rank = ctx.world.rank
+        sends = [(torch.from_numpy(buf), dst, tag) for buf, (_, dst, _, _, tag) in zip(slot.sendbufs, plan.sends)]
+        recvs = []
+        for i, task in enumerate(plan.writes):
+            if sp.chunks[i].whole:
+                continue
+            t = ctx.layouts[task.name]
+            isz, (cs, _) = t.grid.itemsize, t.grid.chunk_range(task.chunk)
+            buf = torch.from_numpy(slot.assembly[i])
+            recvs += [(buf[(a - cs) * isz:(b - cs) * isz], src, tag) for src, a, b, tag in task.pieces if src != rank]
+        ctx.world.exchange(sends, recvs)
+        try:
+            slot.finish_assembled()
+        except OSError as e:
+            return f"rank {rank} ({ctx.node_id}) {level.name}: staging file in {slot.dir}: {e}"
+        return None
+
+    def slot_level(self, level: LevelSpec, ctx: SaveContext, slot: Slot, out_dir: Path) -> RankOutcome:
+        """The slot staged exactly this level's chunks (checksummed): hard-link its files into out_dir (memory
+        level, zero-copy) or write its buffers there (host-memory slot, disk level)."""
         outcome = RankOutcome()
-        if plan.sends or any(not c.whole for c in sp.chunks):
-            rank = ctx.world.rank
-            sends = [(torch.from_numpy(buf), dst, tag) for buf, (_, dst, _, _, tag) in zip(slot.sendbufs, plan.sends)]
-            recvs = []
-            for i, task in enumerate(plan.writes):
-                if sp.chunks[i].whole:
-                    continue
-                t = ctx.layouts[task.name]
-                isz, (cs, _) = t.grid.itemsize, t.grid.chunk_range(task.chunk)
-                buf = torch.from_numpy(slot.assembly[i])
-                recvs += [(buf[(a - cs) * isz:(b - cs) * isz], src, tag) for src, a, b, tag in task.pieces
-                          if src != rank]
-            ctx.world.exchange(sends, recvs)
+        base = str(out_dir)
+        for i, c in enumerate(slot.plan.chunks):
+            dst = f"{base}/{c.rel}"
             try:
-                slot.finish_assembled()
+                if slot.files:
+                    _link(slot.names[i], dst)
+                else:
+                    _write_new(Path(dst), [slot.read(i)], slot.crcs[i])
             except OSError as e:
-                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: staging file in "
-                                      f"{slot.dir}: {e}")
-                return outcome
-        for i, c in enumerate(sp.chunks):
-            try:
-                _link(slot.names[i], f"{out_dir}/{c.rel}")
-            except OSError as e:
-                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / c.rel}: {e}")
+                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {dst}: {e}")
                 break
             outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, slot.crcs[i]])
             outcome.nbytes += c.nbytes
@@ -449,8 +458,9 @@ class LevelResult:
 
 @dataclass
 class Source:
-    """Where a level's chunks come from: host buffers (bufset), zero-copy staging files (slot, on the first level
-    only: `link`), or a committed copy on a faster level (src_dir)."""
+    """Where a level's chunks come from: host buffers (bufset), a slot staged for this very level (`link`: its
+    files are linked, or its host buffers written), a slot staged for another level (a faster level failed), or a
+    committed copy on a faster level (src_dir)."""
 
     bufset: BufferSet | None = None
     slot: Slot | None = None
@@ -496,8 +506,17 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
     group = [r for r in range(ctx.world.size) if not level.node_local or ctx.nodes[r] == ctx.node_id]
     my_pre = pre[me] if pre is not None else None
     files, meta_paths = {}, []
+    # boundary pieces first, on every rank whatever happens next: point-to-point partners wait for each other
+    assembled, exchange_error = {}, None
+    if my_pre is None and source.src_dir is None:
+        if source.slot is not None and source.link:
+            exchange_error = writer.exchange_slot(level, ctx, source.slot)
+        elif source.slot is None:
+            assembled = writer.exchange_pieces(ctx, ctx.rank_plan(level), source.bufset)
     if my_pre is not None:
         mine = RankOutcome(my_pre["records"], my_pre["errors"], my_pre["nbytes"])
+    elif exchange_error:
+        mine = RankOutcome(errors=[exchange_error])
     else:
         try:
             if not reused:
@@ -511,11 +530,11 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
             if source.src_dir is not None:
                 mine = writer.copy_level(level, ctx, source.src_dir, out_dir)
             elif source.slot is not None and source.link:
-                mine = writer.link_level(level, ctx, source.slot, out_dir)
+                mine = writer.slot_level(level, ctx, source.slot, out_dir)
             elif source.slot is not None:
                 mine = writer.write_from_slot(level, ctx, source.slot, out_dir)
             else:
-                mine = writer.write_level(level, ctx, source.bufset, out_dir)
+                mine = writer.write_level(level, ctx, source.bufset, out_dir, assembled)
         if level.sync and not mine.errors:
             paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
             try:

@@ -241,9 +241,12 @@ class StagePlan:
 
 
 class Slot:
-    """Files receiving one save's owned chunks (see the module docstring), plus host buffers for boundary pieces."""
+    """Files receiving one save's owned chunks (see the module docstring), plus host buffers for boundary pieces.
 
-    def __init__(self, index: int, directory: Path) -> None:
+    directory=None: a host-memory slot, for saves whose first level is a disk: the same plan (only the chunks this
+    rank writes there, checksummed while copying), in reusable buffers that the persister writes out."""
+
+    def __init__(self, index: int, directory: Path | None) -> None:
         self.index = index
         self.dir = directory
         self.key: str | None = None
@@ -258,8 +261,14 @@ class Slot:
         self.sendbufs: list[np.ndarray] = []
         self.step: int | None = None
 
+    @property
+    def files(self) -> bool:
+        return self.dir is not None
+
     def prepare(self, plan: StagePlan) -> None:
         """Make the files match `plan` (same plan as last time: nothing to do, the pages are reused)."""
+        if self.key == plan.key and not self.files:
+            return
         if self.key == plan.key:
             for fd, c in zip(self.fds, plan.chunks):
                 if os.fstat(fd).st_size != c.nbytes:        # someone truncated a committed copy by hand
@@ -268,8 +277,12 @@ class Slot:
                     os.posix_fallocate(fd, 0, c.nbytes)
             return
         self.close()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for i, c in enumerate(plan.chunks):
+        if not self.files:
+            self.views = [np.zeros(c.nbytes, dtype=np.uint8) if c.whole else None for c in plan.chunks]
+            self.assembly = {i: np.zeros(c.nbytes, dtype=np.uint8) for i, c in enumerate(plan.chunks) if not c.whole}
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(plan.chunks if self.files else ()):
             path = self.dir / str(i)
             if path.exists():
                 path.unlink()                # may still be linked into a checkpoint: never write through it
@@ -324,7 +337,11 @@ class Slot:
     def finish_assembled(self) -> None:
         """Persist time, after the pieces were received: write the assembled chunks into their files."""
         for i, buf in self.assembly.items():
-            self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0)
+            if self.files:
+                self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0)
+            else:
+                self.crcs[i] = crc32c.crc32c(buf)
+                self.views[i] = buf
 
     def read(self, i: int) -> memoryview:
         """The bytes of owned chunk i as staged (to write them to another level when this one failed)."""
@@ -339,7 +356,7 @@ class Slot:
 
     def linked_elsewhere(self) -> bool:
         """True while any file is still linked into a checkpoint (or a partial directory)."""
-        return any(os.fstat(fd).st_nlink > 1 for fd in self.fds)
+        return self.files and any(os.fstat(fd).st_nlink > 1 for fd in self.fds)
 
     def close(self) -> None:
         self.views = []
@@ -359,12 +376,13 @@ class Slot:
 
 
 class SlotPool:
-    """The slots of one memory level on this rank: at most `max_slots`, created on demand, reused when free."""
+    """The slots of one level on this rank: at most `max_slots`, created on demand, reused when free. root=None:
+    host-memory slots (a disk level)."""
 
-    def __init__(self, root: Path, owner: str, max_slots: int) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | None, owner: str, max_slots: int) -> None:
+        self.root = None if root is None else Path(root)
         self.max_slots = max_slots
-        self.dir = self.root / ".staging" / f"{owner}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.dir = None if root is None else self.root / ".staging" / f"{owner}-{os.getpid()}-{secrets.token_hex(3)}"
         self._slots: list[Slot] = []
         self._free: list[Slot] = []
         self._linked: list[Slot] = []
@@ -377,7 +395,7 @@ class SlotPool:
             if self._free:
                 return self._free.pop()
             if len(self._slots) < self.max_slots:
-                slot = Slot(len(self._slots), self.dir / f"s{len(self._slots)}")
+                slot = Slot(len(self._slots), None if self.dir is None else self.dir / f"s{len(self._slots)}")
                 self._slots.append(slot)
                 return slot
             return None
@@ -399,7 +417,7 @@ class SlotPool:
 
     def open(self) -> None:
         """Create and lock this process's staging directory; remove those of processes that are gone."""
-        if self._lock_fd is not None:
+        if self._lock_fd is not None or self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)

@@ -209,13 +209,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, parts: list[memoryview], fsync: bool) -> int:
-    """Write the byte views to `path` (created/truncated), return crc32c of everything written."""
+def write_file(path: Path, parts: list[memoryview], fsync: bool, crc: int | None = None) -> int:
+    """Write the byte views to `path` (created/truncated), return crc32c of everything written (`crc`: the caller
+    already checksummed exactly these bytes)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    crc = 0
+    known, crc = crc, 0 if crc is None else crc
     try:
         for part in parts:
-            crc = crc32c.crc32c(part, crc)
+            if known is None:
+                crc = crc32c.crc32c(part, crc)
             view = part
             while len(view):
                 written = os.write(fd, view)

@@ -237,3 +237,19 @@ def test_manifest_encoder_matches_the_manifest_object():
     want = build_manifest(level, ctx, records)
     want.files, want.created_unix = files, got.created_unix
     assert got == want and got.complete is False and json.loads(data)["complete"] is False
+
+
+def test_disk_levels_stage_checksummed_chunks_in_reused_host_buffers(tmp_path):
+    """A disk level cannot hold staging files, but the same plan applies: after the first save the chunks this rank
+    writes are copied (and checksummed) into reused host buffers, not whole tensors into a full copy."""
+    mgr = CheckpointManager([LevelSpec("L1", str(tmp_path / "L1"), 1, 2, True, memory=False)], chunk_bytes=256)
+    committed = save_steps(mgr, range(1, 7))
+    assert committed == ["L1"] * 6
+    pool = mgr._slots["L1"]
+    assert pool._slots and not any(s.files for s in pool._slots) and len(pool._slots) <= 3
+    assert all(not b.buffers for b in mgr._pool.sets), "full host copies kept alongside the slots"
+    for step in (5, 6):
+        assert verify(tmp_path / "L1" / f"step-{step:08d}") == []
+    target = make_state(0, "replica", 0, zero=True)
+    assert mgr.load(target).step == 6 and matches(target, 6) == []
+    mgr.close()
