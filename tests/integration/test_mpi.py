@@ -26,9 +26,12 @@ RANK_PROBE = textwrap.dedent("""
     init_distributed(world, timeout_s=60)
     t = torch.tensor([world.rank + 1.0])
     dist.all_reduce(t)
-    print(json.dumps({"rank": world.rank, "world": world.world_size, "local_rank": world.local_rank,
-                      "launcher": world.launcher, "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]],
-                      "sum": t.item(), "torchrun_env": "RANK" in os.environ}), flush=True)
+    # One file per rank: mpiexec merges both ranks' stdout and may interleave their lines.
+    row = {"rank": world.rank, "world": world.world_size, "local_rank": world.local_rank,
+           "launcher": world.launcher, "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]],
+           "sum": t.item(), "torchrun_env": "RANK" in os.environ}
+    with open(os.path.join(os.environ["PROBE_OUT"], f"rank-{world.rank}.json"), "w") as f:
+        json.dump(row, f)
     shutdown_distributed()
 """)
 
@@ -39,13 +42,13 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_mpiexec_ranks_build_a_gloo_world_without_torchrun():
+def test_mpiexec_ranks_build_a_gloo_world_without_torchrun(tmp_path):
     mpiexec = find_mpiexec()
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", RANK_PROBE], capture_output=True, text=True,
-                          timeout=120, env=clean_env(), cwd=REPO)
+                          timeout=120, env=clean_env() | {"PROBE_OUT": str(tmp_path)}, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    assert sorted(p.name for p in tmp_path.glob("rank-*.json")) == ["rank-0.json", "rank-1.json"], proc.stderr
+    rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in rows] == [0, 1] and [r["local_rank"] for r in rows] == [0, 1]
     assert all(r["world"] == 2 and r["launcher"] == "mpich" and not r["torchrun_env"] for r in rows)
     assert rows[0]["master"] == rows[1]["master"] and rows[0]["master"][0] == "127.0.0.1", rows
