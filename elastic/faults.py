@@ -74,6 +74,12 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
     return faults
 
 
+def agent_pid() -> int:
+    """This worker's elastic agent: named by ``launch.agent`` (whose workers are children of its fork server),
+    else the parent process (plain torchrun)."""
+    return int(os.environ.get("ECPT_AGENT_PID") or os.getppid())
+
+
 class FaultInjector:
     """Runs inside every worker; ``at_step(step)`` fires the faults that target this rank at this step."""
 
@@ -116,10 +122,10 @@ class FaultInjector:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _do_kill_node(self, f: Fault) -> None:
-        os.kill(os.getppid(), signal.SIGKILL)  # the agent; its workers follow through PR_SET_PDEATHSIG
+        os.kill(agent_pid(), signal.SIGKILL)  # its workers follow through PR_SET_PDEATHSIG
 
     def _do_sigterm(self, f: Fault) -> None:
-        os.kill(os.getppid(), signal.SIGTERM)
+        os.kill(agent_pid(), signal.SIGTERM)
 
     def _do_stall(self, f: Fault) -> None:
         time.sleep(f.seconds)  # the simulated hang itself: this rank makes no progress for f.seconds

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True)
     phases: dict[str, float] = {}  # start-up cost per phase: what a restart costs before training resumes
     t = time.perf_counter()
+    phases["setup"] = t - started
     groups = init_distributed(world)
     phases["rendezvous"] = time.perf_counter() - t
     device = device_for(world)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.resume(started)
         phases["restore"] = time.perf_counter() - t
         log.info(f"[rank {world.rank} step {trainer.state.step}] ready " +
-                 ", ".join(f"{k} {v:.2f} s" for k, v in phases.items() if k != "imports"))
+                 ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
+                 f" (process started {time.time() - float(os.environ['ECPT_PROCESS_STARTED']):.2f} s ago)")
         trainer.run()
     except BaseException:
         # Peers may be blocked in a collective with us: a collective clean-up here would hang them and us. Exit

@@ -2,7 +2,7 @@
 
 The training operator sets torchrun's defaults through PET_* variables (PET_NNODES from min/maxReplicas,
 PET_RDZV_ENDPOINT = <job>-worker-0:<port>, PET_RDZV_BACKEND, PET_MAX_RESTARTS, PET_NPROC_PER_NODE from
-nprocPerNode, PET_RDZV_CONF from rdzvConf), so the container runs ``python -m torch.distributed.run -m
+nprocPerNode, PET_RDZV_CONF from rdzvConf), so the container runs ``python -m launch.agent -m
 elastic.worker`` without rendezvous flags and every pod joins the same c10d rendezvous. The resolved config is a
 ConfigMap mounted at /etc/ecpt; the run directory (checkpoints, metrics log) and the corpus cache live on a
 ReadWriteMany volume every pod mounts; /dev/shm is a memory volume big enough for the L0 checkpoint level.
@@ -89,7 +89,7 @@ def _container(spec: LaunchSpec, opts: K8sOptions) -> dict:
         "name": CONTAINER_NAME,
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "torch.distributed.run", "-m", "elastic.worker",
+        "command": ["python", "-m", "launch.agent", "-m", "elastic.worker",
                     "--config-json", f"{CONFIG_MOUNT}/config.json"],
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "ports": ports,

@@ -34,10 +34,11 @@ def resolve_endpoint(cfg: Config) -> str:
 
 def torchrun_command(cfg: Config, config_json: Path, endpoint: str, node_rank: int | None = None,
                      run_id: str = "ecpt", external_store: bool = False) -> list[str]:
-    """The torchrun agent command line. ``external_store``: the c10d store runs in its own process
+    """The elastic agent's command line (torchrun's flags). ``external_store``: the c10d store runs in its own process
     (``ecpt rdzv-store``), so losing the node whose agent would otherwise host it does not end the job."""
     rdzv_conf = RDZV_CONF + (",is_host=false" if external_store else "")
-    cmd = [sys.executable, "-m", "torch.distributed.run",
+    # launch.agent is torchrun (same parser, same elastic agent) with workers forked from a preloaded server.
+    cmd = [sys.executable, "-m", "launch.agent",
            f"--nnodes={cfg.launch.nnodes}", f"--nproc-per-node={cfg.launch.nproc_per_node}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
            f"--rdzv-conf={rdzv_conf}", f"--max-restarts={cfg.launch.max_restarts}",

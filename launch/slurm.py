@@ -2,8 +2,8 @@
 
 The script is what an experienced Slurm user would write by hand:
 - ``srun --ntasks-per-node=1`` starts one agent per node; the agents meet at the first node of the allocation
-  (``scontrol show hostnames``) and run the same ``python -m torch.distributed.run ... -m elastic.worker`` command
-  line as ``ecpt train`` (``launch.local.torchrun_command``), with ``--nnodes MIN:MAX``.
+  (``scontrol show hostnames``) and run the same ``python -m launch.agent ... -m elastic.worker`` command line as
+  ``ecpt train`` (``launch.local.torchrun_command``; torchrun's agent and flags), with ``--nnodes MIN:MAX``.
 - ``--signal=B:USR1@S`` warns the batch shell S seconds before the time limit; its trap forwards USR1 to the job
   step, where every worker stops at the next step boundary (after its emergency checkpoint), then the script
   requeues the job (``--requeue``); the rerun sees SLURM_RESTART_COUNT and resumes from the newest checkpoint.

@@ -78,23 +78,37 @@ def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[in
 
 def test_ctrl_c_stops_every_worker(tiny_raw, tmp_path):
     proc, run, pids = _start_long_run(tiny_raw, tmp_path)
+    agent, server = _agent_and_fork_server(pids[0])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
     proc.wait(timeout=60)
-    wait_for(lambda: not any(_alive(p) for p in pids), 30, "workers to exit")
+    wait_for(lambda: not any(_alive(p) for p in [agent, server, *pids]), 30, "agent, fork server and workers to exit")
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _agent_and_fork_server(worker: int) -> tuple[int, int]:
+    """A worker's parent is launch.agent's fork server, whose parent is the agent (named in ECPT_AGENT_PID)."""
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{worker}/environ").read_text().split("\0") if "=" in kv)
+    agent, server = int(env["ECPT_AGENT_PID"]), _parent(worker)
+    assert _parent(server) == agent and agent != server
+    return agent, server
 
 
 def test_killing_the_agent_leaves_no_orphans(tiny_raw, tmp_path):
     proc, run, pids = _start_long_run(tiny_raw, tmp_path)
-    agent = int(Path(f"/proc/{pids[0]}/stat").read_text().split()[3])  # the workers' parent: torchrun's agent
-    assert agent != proc.pid
+    agent, server = _agent_and_fork_server(pids[0])
+    assert _parent(agent) == proc.pid
     os.kill(agent, signal.SIGKILL)
-    wait_for(lambda: not any(_alive(p) for p in pids), 30, "workers to die with their agent")
+    wait_for(lambda: not any(_alive(p) for p in [server, *pids]), 30, "fork server and workers to die with the agent")
     proc.wait(timeout=30)
 
 
 def test_killing_the_launcher_stops_agent_and_workers(tiny_raw, tmp_path):
     proc, run, pids = _start_long_run(tiny_raw, tmp_path)
-    agent = int(Path(f"/proc/{pids[0]}/stat").read_text().split()[3])
+    agent, server = _agent_and_fork_server(pids[0])
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher: the agent runs in its own session
     proc.wait(timeout=10)
-    wait_for(lambda: not any(_alive(p) for p in [agent, *pids]), 60, "agent and workers to stop with the launcher")
+    wait_for(lambda: not any(_alive(p) for p in [agent, server, *pids]), 60,
+             "agent, fork server and workers to stop with the launcher")

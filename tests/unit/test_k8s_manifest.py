@@ -52,7 +52,7 @@ def check_pytorchjob(job: dict, min_nodes: int, max_nodes: int, nproc: int) -> d
     assert "pytorchjob-port" in ports  # the operator derives PET_RDZV_ENDPOINT from it
     assert [ports[f"metrics-{r}"] for r in range(nproc)] == [int(annotations["prometheus.io/port"]) + r
                                                              for r in range(nproc)]
-    assert container["command"][:3] == ["python", "-m", "torch.distributed.run"]
+    assert container["command"][:3] == ["python", "-m", "launch.agent"]
     assert container["command"][-4:] == ["-m", "elastic.worker", "--config-json", "/etc/ecpt/config.json"]
     assert not any(c.startswith("--nnodes") or c.startswith("--rdzv-endpoint") for c in container["command"]), \
         "rendezvous flags would override the operator's PET_* settings"

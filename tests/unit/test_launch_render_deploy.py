@@ -72,7 +72,7 @@ def test_example_sbatch_scripts_are_valid_bash_with_the_preemption_contract(name
     text = (REPO / "deploy" / "slurm" / name).read_text()
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     for needle in ("#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@",
-                   'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1', "-m torch.distributed.run",
+                   'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1', "-m launch.agent",
                    "-m elastic.worker", "trap forward_usr1 USR1"):
         assert needle in text, needle
     assert ("#SBATCH --gpus-per-node" in text) == ("gpu" in name)

@@ -1,0 +1,89 @@
+"""torchrun's elastic agent, with workers forked from a server that has already imported torch and ecpt.
+
+``python -m launch.agent <torchrun flags> -m elastic.worker --config-json RUN_DIR/config.json``
+
+Same flags, same c10d rendezvous, same restart and membership logic as ``python -m torch.distributed.run``: this
+module parses the command line with torchrun's own parser and calls torchrun's own ``elastic_launch``. The one
+difference is how a worker process starts. torchrun runs a module entry point as a fresh interpreter, so every
+restart of every worker pays ``import torch`` again (2-3 s on these machines, most of a worker-kill recovery).
+Here the entry point is a Python function and the start method is ``forkserver`` with ``elastic.worker`` (and
+DeepSpeed, when the config asks for it) preloaded: the fork server imports once, when the first worker starts,
+and every later worker is a fork of it. The fork server is single-threaded (unlike the agent, whose keep-alive
+thread makes a plain fork unsafe) and has never run a torch op, so no OpenMP pool is forked.
+
+Process tree: agent -> fork server -> workers. Each link is bound by PR_SET_PDEATHSIG (``launch.forkserver_guard``
+and ``elastic.worker.die_with_parent``), so a SIGKILLed agent takes its fork server and workers along. Fault
+injection finds the agent through ``ECPT_AGENT_PID`` because a worker's parent is the fork server.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sys
+
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+AGENT_PID_ENV = "ECPT_AGENT_PID"
+WORKER_MODULE = "elastic.worker"
+
+
+def run_worker(*argv: str) -> int:
+    """The workers' entry point (runs in a fork of the fork server, with torchrun's RANK etc. in os.environ)."""
+    from elastic.worker import main
+    from launch.forkserver_guard import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:  # ignored by the fork server, wanted here
+        signal.signal(sig, signal.SIG_DFL)
+    return main(list(argv))
+
+
+class ForkedWorkersAgent(LocalElasticAgent):
+    """torchrun's local agent, minus a 30 s stall when it stops a group of function-entry-point workers.
+
+    torch's worker wrapper returns the function's value through a queue, then waits for the agent to signal that
+    it read it. An agent stopping the group (restart, membership change, shutdown) sends SIGTERM once and never
+    reads: a worker that handles SIGTERM by saving and returning (ours) then waits until the SIGKILL 30 s later.
+    Releasing the wait first lets such workers exit as soon as they are done.
+    """
+
+    def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: int = 30) -> None:
+        if self._pcontext is not None:
+            self._pcontext._worker_finished_event.set()  # MultiprocessContext's "return values were read"
+        super()._shutdown(death_sig, timeout)
+
+
+def preload_modules(worker_args: list[str]) -> list[str]:
+    """What the fork server imports once: the worker, and what the config makes a worker import at start-up."""
+    modules = ["launch.forkserver_guard", WORKER_MODULE, "launch.agent"]  # each worker unpickles run_worker
+    if "--config-json" not in worker_args:
+        return modules
+    with open(worker_args[worker_args.index("--config-json") + 1]) as f:
+        train = json.load(f).get("train", {})
+    if train.get("deterministic"):
+        modules.append("torch._inductor.config")  # torch.use_deterministic_algorithms imports it: 2.5 s, sympy
+    if train.get("engine") == "deepspeed":
+        modules.append("elastic.engines.deepspeed_engine")
+    return modules
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.launcher import api as launcher_api
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if not args.module or args.training_script != WORKER_MODULE:
+        raise SystemExit(f"launch.agent starts only `-m {WORKER_MODULE}`, got {args.training_script!r}; "
+                         f"run other scripts with torchrun")
+    config, _cmd, _cmd_args = config_from_args(args)
+    config.start_method = "forkserver"
+    multiprocessing.set_forkserver_preload(preload_modules(args.training_script_args))
+    os.environ[AGENT_PID_ENV] = str(os.getpid())  # inherited by the fork server, so by every worker
+    launcher_api.LocalElasticAgent = ForkedWorkersAgent  # the class torchrun's launch_agent instantiates
+    launcher_api.elastic_launch(config=config, entrypoint=run_worker)(*args.training_script_args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
