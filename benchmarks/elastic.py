@@ -1,5 +1,9 @@
 """Elastic recovery benchmark: ecpt vs plain torchrun + torch.save, measured in the same run.
 
+Peers: "baseline" is torchrun with its default rendezvous settings; "baseline-tuned" is torchrun with the same
+localhost rendezvous settings ecpt uses (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, short keep-alive and last call), so
+the difference left is ecpt's restart path: workers forked from a preloaded server, restore from node memory.
+
 For each system: recovery time (kill -> first completed training step after the restart) and steps lost for a
 worker kill, a node loss (its agent and workers killed) and a node join; then goodput (steps done / steps a
 fault-free run does in the same wall time) with a fault every --fault-every seconds over --duration seconds.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from elastic.config import load_config, save_config  # noqa: E402
 from elastic.world import free_port  # noqa: E402
+from launch.local import AGENT_ENV, RDZV_CONF  # noqa: E402
+
+SYSTEMS = ("ecpt", "baseline", "baseline-tuned")
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -78,14 +86,17 @@ class Job:
             if nnodes != "1":
                 cmd += ["--rdzv-store", "external"]
             return cmd, env
-        # the peer: torchrun with its default rendezvous settings
+        # The peers: torchrun + torch.save with its default rendezvous settings ("baseline"), and with the
+        # localhost fixes ecpt applies ("baseline-tuned": DESIGN.md's pitfalls, so only the restart path differs).
         # --no-python + `python -P`: the script's own folder (benchmarks/, which has this elastic.py) must not
         # shadow the elastic package on sys.path.
+        tuned = self.system == "baseline-tuned"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", "--max-restarts=100", "--no-python",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", "--max-restarts=100",
+               *([f"--rdzv-conf={RDZV_CONF}"] if tuned else []), "--no-python",
                sys.executable, "-P", str(REPO / "benchmarks" / "baseline_worker.py"),
                "--config-json", str(self.config_json)]
-        return cmd, env
+        return cmd, env | (AGENT_ENV if tuned else {})
 
     def start_node(self, node: str, nnodes: str = "1", nproc: int = 2) -> None:
         cmd, env = self.agent_cmd(node, nnodes, nproc)
@@ -237,7 +248,7 @@ def fault_free_rate(job: Job, seconds: float = 60) -> float:
 def run_system(system: str, root: Path, args) -> dict:
     out = {}
     scenarios = [("worker_kill", scenario_worker_kill), ("node", scenario_node_loss_and_join)]
-    for name, fn in scenarios:
+    for name, fn in [(n, f) for n, f in scenarios if n in args.scenarios]:
         job = make_job(system, root / name, 100_000)
         try:
             result = fn(job)
@@ -250,6 +261,8 @@ def run_system(system: str, root: Path, args) -> dict:
         else:
             out[name] = result
         print(f"  {system:8s} {name:12s} {out.get(name, out.get('node_loss'))}", flush=True)
+    if "goodput" not in args.scenarios:
+        return out
     job = make_job(system, root / "rate", 100_000)
     try:
         rate = fault_free_rate(job, args.rate_seconds)
@@ -268,19 +281,28 @@ def run_system(system: str, root: Path, args) -> dict:
 
 
 def table(results: dict) -> str:
+    """One column per system measured, then ecpt's speed-up over each peer."""
+    peers = [p for p in results if p != "ecpt"]
+
     def cell(system, key, field_):
         value = results[system].get(key, {}).get(field_)
         return "error" if value is None else f"{value}"
 
-    lines = ["| measure | ecpt | torchrun + torch.save | ratio (baseline / ecpt) |", "|---|---|---|---|"]
+    def ratio(peer, key):
+        e, b = cell("ecpt", key, "recovery_seconds"), cell(peer, key, "recovery_seconds")
+        return f"{float(b) / float(e):.1f}x" if "error" not in (e, b) else "-"
+
+    systems = list(results)
+    lines = ["| measure | " + " | ".join(systems) + " | " + " | ".join(f"{p} / ecpt" for p in peers) + " |",
+             "|---" * (1 + len(systems) + len(peers)) + "|"]
     for key in ("worker_kill", "node_loss", "node_join"):
-        e, b = cell("ecpt", key, "recovery_seconds"), cell("baseline", key, "recovery_seconds")
-        ratio = f"{float(b) / float(e):.1f}x" if "error" not in (e, b) else "-"
-        lines.append(f"| recovery after {key.replace('_', ' ')} (s) | {e} | {b} | {ratio} |")
-        lines.append(f"| steps lost, {key.replace('_', ' ')} | {cell('ecpt', key, 'steps_lost')} | "
-                     f"{cell('baseline', key, 'steps_lost')} | |")
-    lines.append(f"| goodput | {cell('ecpt', 'goodput', 'goodput_ratio')} | "
-                 f"{cell('baseline', 'goodput', 'goodput_ratio')} | |")
+        name = key.replace("_", " ")
+        lines.append(f"| recovery after {name} (s) | " + " | ".join(cell(s, key, "recovery_seconds") for s in systems)
+                     + " | " + " | ".join(ratio(p, key) for p in peers) + " |")
+        lines.append(f"| steps lost, {name} | " + " | ".join(cell(s, key, "steps_lost") for s in systems)
+                     + " |" * (len(peers) + 1))
+    lines.append("| goodput | " + " | ".join(cell(s, "goodput", "goodput_ratio") for s in systems)
+                 + " |" * (len(peers) + 1))
     return "\n".join(lines)
 
 
@@ -289,15 +311,25 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=600, help="goodput window per system, seconds")
     parser.add_argument("--fault-every", type=float, default=120, help="seconds between faults in the window")
     parser.add_argument("--rate-seconds", type=float, default=45, help="fault-free measuring window, seconds")
-    parser.add_argument("--systems", default="ecpt,baseline", help="comma-separated subset of ecpt,baseline")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    parser.add_argument("--scenarios", default="worker_kill,node,goodput",
+                        help="comma-separated subset of worker_kill,node,goodput")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories and agent logs")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "elastic.json"))
     args = parser.parse_args()
+    args.scenarios = args.scenarios.split(",")
     results = {}
-    with tempfile.TemporaryDirectory(prefix="ecpt-elastic-bench-") as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix="ecpt-elastic-bench-"))
+    try:
         for system in args.systems.split(","):
             print(f"{system}:", flush=True)
-            results[system] = run_system(system, Path(tmp) / system, args)
-    if set(results) == {"ecpt", "baseline"}:
+            results[system] = run_system(system, tmp / system, args)
+    finally:
+        if args.keep:
+            print(f"run directories and agent logs kept in {tmp}", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if "ecpt" in results:
         print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
