@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from elastic.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,3 +147,48 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
             raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ecpt_command(args: list[str]) -> list[str]:
+    """The `ecpt` command line run by this interpreter (the venv's), e.g. ecpt_command(["train", "--config", ...])."""
+    return [sys.executable, "-m", "launch.cli", *args]
+
+
+def start_node(config: Path, run: Path, node: str, endpoint: str, log: Path, faults: list[str]) -> subprocess.Popen:
+    """One simulated node: its own `ecpt train` agent with one worker, joining the job at the external store
+    ``endpoint``, with the fault plan ``faults`` (every node gets the same plan; each fault fires once per run)."""
+    return subprocess.Popen(ecpt_command(["train", "--config", str(config), "--run-dir", str(run), "--nnodes", "1:2",
+                                          "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
+                                          "--rdzv-store", "external", "--node-id", node,
+                                          *(arg for f in faults for arg in ("--fault", f))]),
+                            cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, extra_faults: tuple[str, ...] = (),
+                         timeout: float = 120) -> None:
+    """The node-loss scenario: a standalone rendezvous store and two simulated nodes n0, n1 (one worker each);
+    n1 is killed at ``kill_step``, the job must shrink to world 1, n1's command is started again, the job must grow
+    back to world 2 and both agents must finish with exit code 0. ``extra_faults`` join the plan of every node.
+    Agent logs go to ``logs/<node>.log``."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    store = subprocess.Popen(ecpt_command(["rdzv-store", "--port", str(port)]), cwd=REPO, stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    nodes = []
+    try:
+        assert "listening" in store.stdout.readline()
+        faults = [f"kill node n1 at step {kill_step}", *extra_faults]
+        nodes = [start_node(config, run, n, endpoint, logs / f"{n}.log", faults) for n in ("n0", "n1")]
+        steps = lambda: read_jsonl(run / "metrics.jsonl", "step") if (run / "metrics.jsonl").exists() else []
+        wait_for(lambda: any(r["world_size"] == 1 for r in steps()), timeout, "the job to shrink to 1 node",
+                 nodes[0])
+        assert nodes[1].wait(timeout=30) != 0  # node n1's agent was killed
+        nodes[1] = start_node(config, run, "n1", endpoint, logs / "n1-again.log", faults)
+        wait_for(lambda: [r for r in steps() if r["world_size"] == 2 and r["step"] > kill_step], timeout,
+                 "the job to grow back to 2 nodes", nodes[0])
+        assert nodes[0].wait(timeout=2 * timeout) == 0, (logs / "n0.log").read_text()[-3000:]
+        assert nodes[1].wait(timeout=timeout / 2) == 0, (logs / "n1-again.log").read_text()[-3000:]
+    finally:
+        for p in [*nodes, store]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)

@@ -9,21 +9,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import REPO, free_port, tiny_config_dict, wait_for, write_toml
+from helpers import REPO, ecpt_command as _ecpt, lose_and_rejoin_node, tiny_config_dict, write_toml
 
 pytestmark = pytest.mark.slow
-
-
-def _ecpt(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", *args]
 
 
 def _config(raw: dict, tmp_path: Path, steps_per_phase: int = 4, **checkpoint) -> Path:
@@ -139,39 +133,12 @@ def test_hung_rank_is_detected_by_the_watchdog(tiny_raw, tmp_path, clean_run):
     assert _final_losses(run) == clean_run
 
 
-def _start_node(config: Path, run: Path, node: str, endpoint: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(_ecpt(["train", "--config", str(config), "--run-dir", str(run), "--nnodes", "1:2",
-                                   "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--rdzv-store", "external",
-                                   "--node-id", node, "--fault", "kill node n1 at step 10"]),
-                            cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def test_node_loss_shrinks_and_rejoin_grows_with_the_same_global_batch(tiny_raw, tmp_path):
     config = _config(tiny_raw, tmp_path, steps_per_phase=40)
     reference = tmp_path / "uninterrupted"
     _check_ok(_train(config, reference))  # one agent, 2 workers: the same world size the job starts with
     run = tmp_path / "nodes"
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    store = subprocess.Popen(_ecpt(["rdzv-store", "--port", str(port)]), cwd=REPO, stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
-    nodes = []
-    try:
-        assert "listening" in store.stdout.readline()
-        nodes = [_start_node(config, run, n, endpoint, tmp_path / f"{n}.log") for n in ("n0", "n1")]
-        steps = lambda: read_jsonl(run / "metrics.jsonl", "step") if (run / "metrics.jsonl").exists() else []
-        wait_for(lambda: any(r["world_size"] == 1 for r in steps()), 120, "the job to shrink to 1 node",
-                 nodes[0])
-        assert nodes[1].wait(timeout=30) != 0  # node n1's agent was killed
-        nodes[1] = _start_node(config, run, "n1", endpoint, tmp_path / "n1-again.log")
-        wait_for(lambda: [r for r in steps() if r["world_size"] == 2 and r["step"] > 10], 120,
-                 "the job to grow back to 2 nodes", nodes[0])
-        assert nodes[0].wait(timeout=240) == 0, (tmp_path / "n0.log").read_text()[-3000:]
-        assert nodes[1].wait(timeout=60) == 0
-    finally:
-        for p in [*nodes, store]:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    lose_and_rejoin_node(config, run, tmp_path, kill_step=10)
     worlds = [r["world_size"] for r in read_jsonl(run / "metrics.jsonl", "step")]
     assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2
     total = 3 * 40
