@@ -86,6 +86,11 @@ def test_ddp_to_zero2_and_back(raw, straight, tmp_path):
     _chain(raw, tmp_path, [("ddp", 0, 2), ("deepspeed", 2, 2), ("ddp", 0, 2)], straight)
 
 
+def test_zero1_w2_to_zero3_w1_to_ddp_w2(raw, straight, tmp_path):
+    """ZeRO-1's flat partitions saved at W=2 load into ZeRO-3's per-parameter pieces at W=1, and those into DDP."""
+    _chain(raw, tmp_path, [("deepspeed", 1, 2), ("deepspeed", 3, 1), ("ddp", 0, 2)], straight)
+
+
 def _grads(cfg: Path, world: int, out: Path, step: int) -> dict:
     spawn_ranks(RANK_SCRIPT, world, ["grads", str(cfg), str(out), str(step)], timeout=180)
     with np.load(out, allow_pickle=False) as z:
