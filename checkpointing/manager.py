@@ -210,13 +210,22 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------ saving
 
-    def save(self, step: int, tensors: dict[str, "torch.Tensor | Shard"], extra: dict | None = None
-             ) -> SaveHandle | None:
-        """Record references and return at once; None if no level is due at this step (or skipped when busy)."""
+    def save(self, step: int, tensors: dict[str, "torch.Tensor | Shard"], extra: dict | None = None,
+             levels: list[str] | None = None) -> SaveHandle | None:
+        """Record references and return at once; None if no level is due at this step (or skipped when busy).
+
+        ``levels`` names the levels to write now whatever their intervals (an emergency save of the current step);
+        such a save waits for a free staging buffer instead of being skipped."""
         t0 = time.perf_counter()
         if self._closed:
             raise CheckpointError("save() after close()")
-        levels = [lv for lv in self.levels if lv.due(step)]
+        forced = levels is not None
+        if forced:
+            unknown = sorted(set(levels) - {lv.name for lv in self.levels})
+            if unknown:
+                raise CheckpointError(f"save(levels={levels}): no level named {unknown}; this manager has "
+                                      f"{[lv.name for lv in self.levels]}")
+        levels = [lv for lv in self.levels if (lv.name in levels if forced else lv.due(step))]
         if not levels:
             return None
         described = self._describe(tensors)
@@ -228,7 +237,7 @@ class CheckpointManager:
                                   f"lists or base64 strings") from e
         bufset = self._pool.acquire(block=False)
         if bufset is None:
-            if self.on_busy == "skip":
+            if self.on_busy == "skip" and not forced:
                 self._metrics.skip([lv.name for lv in levels])
                 self.log.info("checkpoint step %d skipped: the previous save is still persisting", step)
                 return None

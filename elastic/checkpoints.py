@@ -79,6 +79,7 @@ class TrainerCheckpoints:
             node_id=node_id(), on_busy=cfg.checkpoint.on_busy, registry=registry, logger=trainer.log)
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()
+        self.newest_saved: int | None = None  # the newest step handed to the manager
 
     def _extra(self, completed: int) -> dict:
         t = self.trainer
@@ -96,10 +97,15 @@ class TrainerCheckpoints:
         self.manager.wait_staged()
 
     def after_optimizer_step(self, completed: int) -> None:
-        self.manager.save(completed, self.tensors, self._extra(completed))
+        if self.manager.save(completed, self.tensors, self._extra(completed)) is not None:
+            self.newest_saved = completed
 
-    def emergency_save(self) -> list[str]:
-        """SIGTERM/SIGUSR1: make the newest snapshot durable on the most durable level before exiting."""
+    def emergency_save(self, completed: int) -> list[str]:
+        """SIGTERM/SIGUSR1 after step ``completed``: make that step durable on the most durable level before
+        exiting, staging it first (on the fastest level) when no level was due at it."""
+        if self.newest_saved != completed:
+            self.manager.save(completed, self.tensors, self._extra(completed), levels=[self.levels[0].name])
+            self.newest_saved = completed
         return self.manager.emergency_save()
 
     def close(self) -> None:

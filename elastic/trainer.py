@@ -328,11 +328,12 @@ class Trainer:
             self.jsonl.write("checkpoint_error", step=self.state.step, error=str(exc))
 
     def _stop_for_signal(self) -> None:
-        """Every rank agreed to stop after this step: persist the newest snapshot, then leave the loop."""
+        """Every rank agreed to stop after this step: make this step durable, then leave the loop."""
         self.stop_signal = self.stop_signal or signal.SIGTERM  # a peer's signal counts as ours
         if self.checkpoints:
-            levels = self.checkpoints.emergency_save()
-            self.log.info(f"stop requested: emergency checkpoint of step {self.state.step} durable on {levels}")
+            levels = self.checkpoints.emergency_save(self.state.step)
+            self.log.info(f"stop requested: emergency checkpoint of step {self.state.step} "
+                          + (f"written to {levels}" if levels else "was already durable"))
         self.jsonl.write("stop", step=self.state.step, signal=int(self.stop_signal))
 
     def close(self) -> None:

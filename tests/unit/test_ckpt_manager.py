@@ -259,6 +259,21 @@ def test_offline_list_inspect_and_export(mgr, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == hf_config
 
 
+def test_save_with_named_levels_writes_a_step_no_interval_is_due_at(tmp_path):
+    """A stop signal after step 7 with saves due every 5 (L0) and 100 (L2): step 7 itself must survive."""
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 5, 2), ("L2", 100, 1)), chunk_bytes=256)
+    save_steps(mgr, [5, 6, 7])
+    assert [i.step for i in mgr.list()] == [5]
+    assert mgr.save(7, make_state(0, "replica", 7), {"step": 7}, levels=["L0"]) is not None
+    assert mgr.emergency_save() == ["L2"]
+    assert sorted((i.level, i.step) for i in mgr.list()) == [("L0", 5), ("L0", 7), ("L2", 7)]
+    target = make_state(0, "replica", 0, zero=True)
+    assert mgr.load(target, step=7).extra["step"] == 7 and matches(target, 7) == []
+    with pytest.raises(CheckpointError, match=r"no level named \['L9'\]"):
+        mgr.save(8, make_state(0, "replica", 8), {"step": 8}, levels=["L9"])
+    mgr.close()
+
+
 def test_emergency_save_writes_newest_staged_step_to_most_durable_level(tmp_path):
     mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 2), ("L2", 100, 1)), chunk_bytes=256)
     save_steps(mgr, [1, 2, 3])
