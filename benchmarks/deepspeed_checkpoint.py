@@ -1,5 +1,6 @@
-"""DeepSpeed checkpoint benchmark: DeepSpeed's native save_checkpoint against ecpt's checkpoints, same engine, same
-state, same run; and resuming at another world size: ds_to_universal + load_universal against ecpt's online reshard.
+"""DeepSpeed checkpoint benchmark: DeepSpeed's native and decoupled (asynchronous) save_checkpoint against ecpt's
+checkpoints, same model, same state, same run; and resuming at another world size: ds_to_universal + load_universal
+against ecpt's online reshard.
 
     .venv/bin/python benchmarks/deepspeed_checkpoint.py                  # ~10 M parameters (~120 MB fp32 state)
     .venv/bin/python benchmarks/deepspeed_checkpoint.py --quick          # ~1 M parameters, a smoke run
@@ -9,6 +10,11 @@ Save phase (ZeRO stage --stage, W=2 gloo ranks, one process each): after one rea
   adapter  engine.save_checkpoint with ecpt's EcptCheckpointEngine (returns once staged; zarr + fsync + manifest
            persist in the background)
   ecpt     the trainer's path: CheckpointManager.save of the per-parameter Shards + wait_staged
+  decoupled  DeepSpeed's DecoupledCheckpointEngine, selected by its config (DECOUPLED_JSON) in a second pair of
+           ranks that builds the same state (same seed, same step: the fingerprints must match). save_checkpoint
+           queues the state dicts to a writer subprocess per rank; DeepSpeed's next engine.step() waits for that
+           write before the optimizer changes the (shared-memory) tensors. Here one real forward/backward runs in
+           between, so stall = save_checkpoint + the wait at the step, durable = until the last file was written.
 stall = time the training loop is blocked by the call, durable = until the data is committed (native: the call).
 Resume phase (W=1, same stage):
   native   ds_to_universal (offline conversion) + load_checkpoint with load_universal
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -59,12 +66,16 @@ def _engine(cfg):
     return DeepSpeedEngine(cfg, detect_world(), model, build_optimizer(model, cfg), torch.device("cpu"))
 
 
-def _one_step(engine, cfg) -> None:
+def _forward_backward(engine, cfg) -> None:
     import torch
 
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=g)
     engine.forward_backward(iter([batch] * engine.gas), engine.gas, cfg.train.global_batch)
+
+
+def _one_step(engine, cfg) -> None:
+    _forward_backward(engine, cfg)
     engine.step(1e-3, lambda: None)
 
 
@@ -139,6 +150,76 @@ def worker_save(args) -> None:
     dist.destroy_process_group()
 
 
+DECOUPLED_JSON = {"checkpoint": {"writer": {"type": "python", "decoupled": True, "data_parallel": "replica"}}}
+"""DeepSpeed's decoupled checkpoint engine as its config selects it. Writer "python" writes with plain file I/O in the
+subprocess; "fast" (the default type) needs the AsyncIO C++ op, a libaio build this benchmark does not do. Without a
+"data_parallel" unit DeepSpeed 0.19.8 fails (UniversalParallelInfo has no dp_rank). Every unit makes each rank of a
+single node a writer, and every writer saves the replicated ZeRO-1/2 model states: with the "python" writer both ranks
+write mp_rank_00_model_states.pt at once (only "fast" writers suffix the path), which corrupted it in 3 of 6 runs
+here (reading it back: "PytorchStreamReader failed reading zip archive", once a 12 GB allocation that the OOM killer
+ended), so only rank 0 saves that file below, as with the torch engine."""
+
+
+def worker_save_decoupled(args) -> None:
+    import pickle
+
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.checkpoint_engine import DecoupledCheckpointEngine, TorchCheckpointEngine
+
+    # DeepSpeed's writer factory reads the node count and index from the variables its own launcher sets.
+    os.environ.setdefault("CROSS_RANK", "0")
+    os.environ.setdefault("CROSS_SIZE", "1")
+    work = Path(args.work)
+    cfg = _config(args.dim, args.layers, args.stage, str(work / "decoupled.json"))
+    dist.init_process_group("gloo")
+    engine = _engine(cfg)
+    if not isinstance(engine.ds.checkpoint_engine, DecoupledCheckpointEngine):
+        raise SystemExit(f"DECOUPLED_JSON selected {type(engine.ds.checkpoint_engine).__name__}")
+    if args.stage < 3:  # one replicated model-states file: rank 0 alone writes it (see DECOUPLED_JSON)
+        engine.ds.save_non_zero_checkpoint = dist.get_rank() == 0
+    _one_step(engine, cfg)
+    out = {"fingerprint": _fingerprint(engine)}
+    stall, durable, blocked = [], [], []
+    for i in range(args.saves):
+        saved = _fingerprint(engine)
+        tag = f"global_step{i + 1}"
+        dist.barrier()
+        wall, t = time.time(), time.perf_counter()
+        # ZeRO-1/2 state dicts hold slices of the fp32 partitions (requires_grad), which torch.multiprocessing
+        # refuses to send to the writer process ("non-leaf tensor which requires_grad") unless made without grad.
+        with torch.no_grad():
+            engine.ds.save_checkpoint(str(work / "decoupled"), tag=tag)
+        call = time.perf_counter() - t
+        _forward_backward(engine, cfg)  # training goes on while the subprocess writes
+        t = time.perf_counter()
+        engine.ds._commit_decoupled_checkpoint()  # what engine.ds.step() does first: wait for the write
+        blocked.append(time.perf_counter() - t)
+        engine.step(1e-3, lambda: None)
+        dist.barrier()  # every rank's writer has finished: the files are complete
+        stall.append(call + blocked[-1])
+        durable.append(max(f.stat().st_mtime for f in (work / "decoupled" / tag).iterdir()) - wall)
+    out["decoupled"] = {"stall": stall, "durable": durable, "blocked_at_step": blocked}
+    engine.ds.checkpoint_engine.cleanup()
+    # Reading back: the decoupled engine's own load is torch.load with torch's weights_only default, which refuses
+    # DeepSpeed's pickled objects; the files themselves are torch.save files that the torch engine reads.
+    out["decoupled_engine_load"] = "ok"
+    for f in sorted((work / "decoupled" / tag).glob("*.pt")):
+        try:
+            engine.ds.checkpoint_engine.load(str(f), map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            why = [line for line in str(exc).splitlines() if "WeightsUnpickler error" in line] or [str(exc)[:200]]
+            why = why[0].strip().split(". Please use")[0]
+            out["decoupled_engine_load"] = f"{f.name}: torch.load(weights_only=True) failed: {why}"
+            break
+    engine.ds.checkpoint_engine = TorchCheckpointEngine()
+    engine.ds.load_checkpoint(str(work / "decoupled"), tag=tag)
+    out["reloaded_matches_saved"] = abs(_fingerprint(engine) - saved) <= 1e-9 * max(abs(saved), 1.0)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
 def worker_resume(args) -> None:
     import torch.distributed as dist
 
@@ -170,6 +251,13 @@ def worker_resume(args) -> None:
     dist.destroy_process_group()
 
 
+def _last_error(output: str) -> str:
+    """The last line of a failed rank's output that names an exception, else the first ("rank R ... failed (code)")."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\w+(Error|Exception|Interrupt)\b", line)]
+    return errors[-1] if errors else (lines or [""])[0]
+
+
 def _spawn(world: int, argv: list[str], timeout: float = 900) -> None:
     from elastic.world import free_port
 
@@ -192,7 +280,7 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "deepspeed_checkpoint.json"))
-    ap.add_argument("--worker", choices=("save", "resume"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("save", "save_decoupled", "resume"), help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--dim", type=int, default=0, help=argparse.SUPPRESS)
@@ -200,15 +288,27 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker == "save":
         return worker_save(args)
+    if args.worker == "save_decoupled":
+        return worker_save_decoupled(args)
     if args.worker == "resume":
         return worker_resume(args)
     dim, layers = (128, 4) if args.quick else (384, 6)
     work = Path(tempfile.mkdtemp(prefix="ecpt-ds-bench-"))
+    load_before = os.getloadavg()[0]
     common = ["--work", str(work), "--dim", str(dim), "--layers", str(layers), "--stage", str(args.stage),
               "--saves", str(args.saves)]
     try:
         _spawn(2, ["--worker", "save", "--out", str(work / "save.json"), *common])
         save = json.loads((work / "save.json").read_text())
+        (work / "decoupled.json").write_text(json.dumps(DECOUPLED_JSON))
+        try:
+            _spawn(2, ["--worker", "save_decoupled", "--out", str(work / "decoupled.out.json"), *common])
+            decoupled = json.loads((work / "decoupled.out.json").read_text())
+            if abs(decoupled["fingerprint"] - save["fingerprint"]) > 1e-9 * max(abs(save["fingerprint"]), 1.0):
+                decoupled = {"error": f"not the same state: fingerprint {decoupled['fingerprint']} vs "
+                                      f"{save['fingerprint']}"}
+        except SystemExit as exc:  # _spawn's report of a failed rank, with its output
+            decoupled = {"error": str(exc)[-1500:]}
         t = time.perf_counter()
         conv = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                str(work / "native" / f"global_step{args.saves}"), "--output_folder",
@@ -232,19 +332,35 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     params = sum(12 * dim * dim for _ in range(layers)) + 256 * dim
     result = {"params_approx": params, "stage": args.stage, "world_save": 2, "world_resume": 1,
-              "startup_seconds_w2": save["startup_seconds"], "save": {k: save[k] for k in ("native", "adapter",
-                                                                                              "ecpt")},
-              "resume": resume, "fingerprint_saved": save["fingerprint"]}
+              "startup_seconds_w2": save["startup_seconds"],
+              "save": {**{k: save[k] for k in ("native", "adapter", "ecpt")},
+                       "decoupled": decoupled.get("decoupled", {"error": decoupled.get("error")})},
+              "decoupled_config": DECOUPLED_JSON,
+              "decoupled_checks": {k: decoupled[k] for k in ("decoupled_engine_load", "reloaded_matches_saved")
+                                   if k in decoupled},
+              "resume": resume, "fingerprint_saved": save["fingerprint"],
+              "load_average_1min": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     med = statistics.median
     print(f"ZeRO-{args.stage}, ~{params / 1e6:.1f} M parameters, save at W=2, resume at W=1; "
-          f"DeepSpeed engine start at W=2: {save['startup_seconds']:.2f} s")
-    print(f"{'save method':<34}{'stall s (median)':>18}{'durable s (median)':>20}")
-    for key, label in (("native", "DeepSpeed save_checkpoint (torch)"), ("adapter", "save_checkpoint via ecpt adapter"),
-                       ("ecpt", "ecpt trainer Shards")):
-        s = save[key]
-        print(f"{label:<34}{med(s['stall']):>18.3f}{med(s['durable']):>20.3f}")
+          f"DeepSpeed engine start at W=2: {save['startup_seconds']:.2f} s; load average "
+          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'save method':<34}{'stall s (median)':>18}{'durable s (median)':>20}{'first save stall s':>20}")
+    for key, label in (("native", "DeepSpeed save_checkpoint (torch)"), ("decoupled", "DeepSpeed decoupled engine"),
+                       ("adapter", "save_checkpoint via ecpt adapter"), ("ecpt", "ecpt trainer Shards")):
+        s = result["save"][key]
+        if "error" in s:
+            print(f"{label:<34} FAILED: {_last_error(s['error'] or '')}")
+        else:
+            print(f"{label:<34}{med(s['stall']):>18.3f}{med(s['durable']):>20.3f}{s['stall'][0]:>20.3f}")
+    print(f"decoupled engine: DeepSpeed config {json.dumps(DECOUPLED_JSON)}, save_checkpoint under torch.no_grad(), "
+          f"CROSS_RANK/CROSS_SIZE set (see DECOUPLED_JSON in this file)")
+    checks = result["decoupled_checks"]
+    if checks:
+        print(f"decoupled checkpoint reloaded (torch engine) equals the saved state: "
+              f"{checks['reloaded_matches_saved']}; load through the decoupled engine itself: "
+              f"{checks['decoupled_engine_load']}")
     base = med(save["native"]["stall"])
     print(f"stall ratio native/ecpt: {base / max(med(save['ecpt']['stall']), 1e-9):.1f}x")
     for method, r in resume.items():
