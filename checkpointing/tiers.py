@@ -87,6 +87,17 @@ def committed_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def trash_path(root: Path, nonce: str, name: str) -> Path:
+    """A fresh trash name for ``name``. The same step can be retired twice under one nonce (saved again after a
+    restart, or after a resize, while the janitor has not yet deleted the first copy), and renaming a directory
+    onto a non-empty one fails with ENOTEMPTY, so taken names get a counter."""
+    trash = root / f".trash-{nonce}-{name}"
+    n = 1
+    while os.path.lexists(trash):
+        trash, n = root / f".trash-{nonce}-{n}-{name}", n + 1
+    return trash
+
+
 def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janitor: "Janitor | None" = None) -> Path:
     """Rename a fully written partial directory (manifest already committed in it) to its final name.
 
@@ -94,7 +105,7 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janit
     trash first; readers then briefly see neither, never a mix."""
     final = root / step_dir_name(step)
     if final.exists():
-        trash = root / f".trash-{nonce}-{step_dir_name(step)}"
+        trash = trash_path(root, nonce, step_dir_name(step))
         os.replace(final, trash)
         _delete(trash, janitor)
     os.replace(partial, final)
@@ -127,7 +138,7 @@ def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | N
         if kept is not None:
             reuse, keep = None, kept.name
         else:
-            trash = root / f".trash-{current_nonce}-{path.name}"
+            trash = trash_path(root, current_nonce, path.name)
             os.replace(path, trash)
             _delete(trash, janitor)
         removed.append(path)
@@ -136,7 +147,7 @@ def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | N
     for entry in os.scandir(root):
         m = _PARTIAL_RE.match(entry.name)
         if (m and m.group(2) != current_nonce) or (entry.name.startswith(".next-") and entry.name != keep):
-            trash = root / f".trash-{current_nonce}-{entry.name.lstrip('.')}"
+            trash = trash_path(root, current_nonce, entry.name.lstrip('.'))
             os.replace(entry.path, trash)
             _delete(trash, janitor)
             removed.append(Path(entry.path))

@@ -297,3 +297,21 @@ def test_invalid_inputs_name_the_problem(mgr):
         mgr.save(1, {"../w": torch.zeros(2)})
     assert mgr.save(1, {}) is not None
     mgr.wait_durable()
+
+
+def test_retiring_a_step_whose_earlier_copy_still_waits_in_trash(tmp_path):
+    """Step 15 saved, retired, saved again after a restart and retired again under the same nonce while the janitor
+    has not deleted the first copy: the rename must not hit the non-empty trash directory (ENOTEMPTY)."""
+    from checkpointing.tiers import MANIFEST_NAME, committed_steps, retain
+
+    pending = tmp_path / ".trash-n1-step-00000015"
+    (pending / "model").mkdir(parents=True)
+    (pending / "model" / "c0").write_bytes(b"first copy")
+    for step in (15, 16, 17):
+        d = tmp_path / f"step-{step:08d}"
+        d.mkdir()
+        (d / MANIFEST_NAME).write_text("{}")
+    retained = retain(tmp_path, keep_last=2, current_nonce="n1", others=False)
+    assert [p.name for p in retained] == ["step-00000015"]
+    assert [s for s, _ in committed_steps(tmp_path)] == [16, 17]
+    assert (pending / "model" / "c0").read_bytes() == b"first copy"  # the janitor's pending copy is left alone
