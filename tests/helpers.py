@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -180,9 +181,11 @@ def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, ex
         faults = [f"kill node n1 at step {kill_step}", *extra_faults]
         nodes = [start_node(config, run, n, endpoint, logs / f"{n}.log", faults) for n in ("n0", "n1")]
         steps = lambda: read_jsonl(run / "metrics.jsonl", "step") if (run / "metrics.jsonl").exists() else []
-        wait_for(lambda: any(r["world_size"] == 1 for r in steps()), timeout, "the job to shrink to 1 node",
-                 nodes[0])
-        assert nodes[1].wait(timeout=30) != 0  # node n1's agent was killed
+        assert nodes[1].wait(timeout=timeout) != 0  # node n1's agent was killed at kill_step
+        killed = time.time()
+        # after the kill: a late first join can also give world-1 steps at the start (see node_resizes)
+        wait_for(lambda: any(r["world_size"] == 1 and r["time"] > killed for r in steps()), timeout,
+                 "the job to shrink to 1 node", nodes[0])
         nodes[1] = start_node(config, run, "n1", endpoint, logs / "n1-again.log", faults)
         wait_for(lambda: [r for r in steps() if r["world_size"] == 2 and r["step"] > kill_step], timeout,
                  "the job to grow back to 2 nodes", nodes[0])
@@ -192,3 +195,13 @@ def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, ex
         for p in [*nodes, store]:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def node_resizes(run: Path) -> list[int]:
+    """World sizes of the step rows with repeats collapsed, e.g. [2, 1, 2] for 2 nodes -> n1 lost -> n1 back.
+
+    A node whose agent reaches the first rendezvous after the 1 s last call (agent start-up on a loaded machine)
+    misses the first round: the job starts on the other node alone and grows when it arrives. That leading
+    [1] is the launcher behaving as designed, not part of the scenario, so it is dropped here."""
+    worlds = [w for w, _ in itertools.groupby(r["world_size"] for r in read_jsonl(run / "metrics.jsonl", "step"))]
+    return worlds[1:] if worlds[:2] == [1, 2] else worlds

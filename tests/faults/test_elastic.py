@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import REPO, ecpt_command as _ecpt, lose_and_rejoin_node, tiny_config_dict, write_toml
+from helpers import node_resizes, REPO, ecpt_command as _ecpt, lose_and_rejoin_node, tiny_config_dict, write_toml
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +139,7 @@ def test_node_loss_shrinks_and_rejoin_grows_with_the_same_global_batch(tiny_raw,
     _check_ok(_train(config, reference))  # one agent, 2 workers: the same world size the job starts with
     run = tmp_path / "nodes"
     lose_and_rejoin_node(config, run, tmp_path, kill_step=10)
-    worlds = [r["world_size"] for r in read_jsonl(run / "metrics.jsonl", "step")]
-    assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2
+    assert node_resizes(run) == [2, 1, 2]
     total = 3 * 40
     assert _final_samples(run) == list(range(total * 6))  # same global batch, nothing skipped or repeated
     final, clean = _final_losses(run), _final_losses(reference)

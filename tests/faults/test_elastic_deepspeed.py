@@ -17,12 +17,11 @@ SIGKILL: about a third of each case's ~80 s.
 from __future__ import annotations
 
 import copy
-import itertools
 
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import lose_and_rejoin_node
+from helpers import lose_and_rejoin_node, node_resizes
 from test_elastic import _check_ok, _config, _final_losses, _final_samples, _train
 
 pytestmark = pytest.mark.slow
@@ -43,13 +42,11 @@ def test_node_loss_and_rejoin_under_zero(tiny_raw, tmp_path, zero_stage):
     lose_and_rejoin_node(config, run, tmp_path, kill_step=KILL_STEP,
                          extra_faults=(f"stall rank 0 at step {HOLD_STEP} for 600s",))
 
-    worlds = [w for w, _ in itertools.groupby(r["world_size"] for r in read_jsonl(run / "metrics.jsonl", "step"))]
-    # On a loaded machine n1's agent can reach the first rendezvous after its 1 s last call: the job then starts on
-    # n0 alone and grows when n1 arrives, before the kill. Either way: 2 nodes -> n1 lost -> 1 -> n1 back -> 2.
-    late_start = worlds[:1] == [1]
-    assert worlds[late_start:] == [2, 1, 2], worlds
+    late_start = read_jsonl(run / "metrics.jsonl", "step")[0]["world_size"] == 1  # see node_resizes
+    assert node_resizes(run) == [2, 1, 2]
     resumes = read_jsonl(run / "metrics.jsonl", "resume")
-    assert len(resumes) == 2 + late_start, resumes
+    # a late first join grows 1 -> 2 with a resume only if a checkpoint was already committed by then
+    assert len(resumes) in ((2, 3) if late_start else (2,)), resumes
     shrink, grow = resumes[-2:]
     assert (shrink["saved_world_size"], shrink["world_size"], grow["saved_world_size"], grow["world_size"]) == \
         (2, 1, 1, 2), resumes
