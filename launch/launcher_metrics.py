@@ -33,6 +33,7 @@ class RunLogFollower:
         self.membership_changes = 0
         self.steps_lost = 0
         self.recoveries: list[float] = []
+        self._last_step_time: float | None = None
         self.kept_seconds: dict[int, float] = {}
         self.first_time: float | None = None
         self._pending_resume: dict | None = None
@@ -64,10 +65,12 @@ class RunLogFollower:
         elif row["kind"] == "step":
             self.world_size = row["world_size"]
             self.kept_seconds[row["step"]] = row["seconds"]
-            if self._pending_resume is not None:
-                started = self._pending_resume.get("process_started", self._pending_resume["time"])
-                self.recoveries.append(row["time"] - started)
-                self._pending_resume = None
+            if self._pending_resume is not None and self._last_step_time is not None:
+                # the fault came after the last step logged before the restart: from there to the first step
+                # after it, no training progressed (detection, rendezvous, start, restore and the step itself)
+                self.recoveries.append(row["time"] - self._last_step_time)
+            self._pending_resume = None
+            self._last_step_time = row["time"]
 
     def goodput(self) -> float:
         if self.first_time is None:
@@ -94,7 +97,8 @@ class LauncherCollector:
             c.add_metric(values, value)
             return c
 
-        hist = HistogramMetricFamily("ecpt_recovery_seconds", "Restarted process start to its first completed step",
+        hist = HistogramMetricFamily("ecpt_recovery_seconds", "Seconds without a completed step around a restart "
+                                     "(last step before it to the first after it)",
                                      labels=labels)
         buckets = [(str(b), sum(1 for r in f.recoveries if r <= b)) for b in RECOVERY_BUCKETS]
         hist.add_metric(values, buckets + [("+Inf", len(f.recoveries))], sum(f.recoveries))
