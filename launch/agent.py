@@ -6,10 +6,10 @@ Same flags, same c10d rendezvous, same restart and membership logic as ``python 
 module parses the command line with torchrun's own parser and calls torchrun's own ``elastic_launch``. The one
 difference is how a worker process starts. torchrun runs a module entry point as a fresh interpreter, so every
 restart of every worker pays ``import torch`` again (2-3 s on these machines, most of a worker-kill recovery).
-Here the entry point is a Python function and the start method is ``forkserver`` with ``elastic.worker`` (and
-DeepSpeed, when the config asks for it) preloaded: the fork server imports once, when the first worker starts,
-and every later worker is a fork of it. The fork server is single-threaded (unlike the agent, whose keep-alive
-thread makes a plain fork unsafe) and has never run a torch op, so no OpenMP pool is forked.
+Here the entry point is a Python function and the start method is ``forkserver`` with ``elastic.worker``
+preloaded: the fork server imports once, when the first worker starts, and every later worker is a fork of it.
+The fork server is single-threaded (unlike the agent, whose keep-alive thread makes a plain fork unsafe), has
+never run a torch op (no OpenMP pool is forked) and never touches CUDA (workers initialise their own device).
 
 Process tree: agent -> fork server -> workers. Each link is bound by PR_SET_PDEATHSIG (``launch.forkserver_guard``
 and ``elastic.worker.die_with_parent``), so a SIGKILLed agent takes its fork server and workers along. Fault
@@ -57,16 +57,14 @@ class ForkedWorkersAgent(LocalElasticAgent):
 
 def preload_modules(worker_args: list[str]) -> list[str]:
     """What the fork server imports once: the worker, and what the config makes a worker import at start-up."""
-    modules = ["launch.forkserver_guard", WORKER_MODULE, "launch.agent"]  # each worker unpickles run_worker
-    if "--config-json" not in worker_args:
-        return modules
-    with open(worker_args[worker_args.index("--config-json") + 1]) as f:
-        train = json.load(f).get("train", {})
-    if train.get("deterministic"):
-        modules.append("torch._inductor.config")  # torch.use_deterministic_algorithms imports it: 2.5 s, sympy
-    if train.get("engine") == "deepspeed":
-        modules.append("elastic.engines.deepspeed_engine")
-    return modules
+    modules = [WORKER_MODULE, "launch.agent"]  # each worker unpickles run_worker from launch.agent
+    if "--config-json" in worker_args:
+        with open(worker_args[worker_args.index("--config-json") + 1]) as f:
+            if json.load(f).get("train", {}).get("deterministic"):
+                modules.append("torch._inductor.config")  # torch.use_deterministic_algorithms imports it: 2.5 s
+    # Not DeepSpeed (0.4 s): its import probes the accelerator, and a CUDA driver initialised in the fork server
+    # would be unusable in every forked worker. The guard comes last, so it also checks that nothing did.
+    return modules + ["launch.forkserver_guard"]
 
 
 def main(argv: list[str] | None = None) -> None:
