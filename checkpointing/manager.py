@@ -49,7 +49,7 @@ from checkpointing.promote import Promoter, Promotion
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
 from checkpointing.staging import (BufferPool, BufferSet, Shard, Slot, SlotPool, StagedTensor, StagePlan, describe,
                                    stage_into)
-from checkpointing.tiers import Janitor, LevelSpec, committed_steps, step_dir_name
+from checkpointing.tiers import Janitor, LevelSpec, committed_steps, retire_after, step_dir_name
 from checkpointing.zarr_store import check_tensor_name, dtype_name
 
 
@@ -766,6 +766,26 @@ class CheckpointManager:
                       nread / 1e6, f", {len(fallbacks)} newer skipped" if fallbacks else "")
         return LoadResult(chosen, manifest.extra, level.name, str(path), seconds, nread, fallbacks, rank_extra,
                           missing)
+
+    def discard_after(self, step: int) -> list[str]:
+        """The run continues from ``step`` (just loaded): retire committed checkpoints of later steps on the levels
+        this rank commits (every node's first rank on node-local levels, rank 0 on shared ones).
+
+        They belong to an abandoned trajectory, typically newer copies that only some nodes held. Left in place,
+        they would outrank the new saves of the same steps: retention would retire the fresh checkpoints (and a
+        promotion reading one would find it gone), and a later load could pick a stale one. Not done by load()
+        itself, which may be asked for an older step on purpose. Returns the retired paths."""
+        self.wait_durable()
+        retired = []
+        for level in self.levels:
+            committer = (self._local.rank if level.node_local else self.rank) == 0
+            if committer:
+                janitor = None if level.is_memory else self._janitor
+                retired += [str(p) for p in retire_after(Path(level.root), step, secrets.token_hex(4), janitor)]
+        if retired:
+            self.log.warning("continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",
+                             step, len(retired), retired)
+        return retired
 
     def _read_all(self, path: Path, manifest: Manifest, targets: list[Target]) -> tuple[str | None, int]:
         nread = 0

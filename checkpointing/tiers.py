@@ -157,6 +157,18 @@ def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | N
     return removed
 
 
+def retire_after(root: Path, step: int, nonce: str, janitor: "Janitor | None" = None) -> list[Path]:
+    """Retire the committed checkpoints of steps after ``step`` under ``root`` (trash rename, then delete)."""
+    retired = []
+    for s, path in committed_steps(root) if root.is_dir() else []:
+        if s > step:
+            trash = trash_path(root, nonce, path.name)
+            os.replace(path, trash)
+            _delete(trash, janitor)
+            retired.append(path)
+    return retired
+
+
 def _delete(path: Path, janitor: "Janitor | None") -> None:
     if janitor is None:
         shutil.rmtree(path, ignore_errors=True)

@@ -119,6 +119,7 @@ class TrainerCheckpoints:
         if not t.cfg.checkpoint.resume or not t.any_rank(self.manager.latest() is not None):
             return None  # a fresh run: no rank sees any committed checkpoint
         res = self.manager.load(self.tensors)
+        self.manager.discard_after(res.step)  # later copies some nodes still hold are from the abandoned trajectory
         extra = res.extra
         if extra["global_batch"] != t.cfg.train.global_batch:
             raise CheckpointError(f"{res.path} was saved with train.global_batch={extra['global_batch']} but the "

@@ -315,3 +315,19 @@ def test_retiring_a_step_whose_earlier_copy_still_waits_in_trash(tmp_path):
     assert [p.name for p in retained] == ["step-00000015"]
     assert [s for s, _ in committed_steps(tmp_path)] == [16, 17]
     assert (pending / "model" / "c0").read_bytes() == b"first copy"  # the janitor's pending copy is left alone
+
+
+def test_discard_after_retires_the_abandoned_trajectory_so_new_saves_of_those_steps_survive(tmp_path):
+    """Resumed at step 3 while steps 4-6 of an abandoned trajectory remain: without discard_after, L0 retention
+    (keep 2) would keep the stale 5 and 6 and retire the fresh step 4 as soon as it commits."""
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 2), ("L1", 3, 3)), chunk_bytes=256)
+    save_steps(mgr, [1, 2, 3, 4, 5, 6])
+    target = make_state(0, "replica", 0, zero=True)
+    assert mgr.load(target, step=3).step == 3
+    retired = mgr.discard_after(3)
+    assert sorted(Path(p).name for p in retired) == ["step-00000005", "step-00000006", "step-00000006"]
+    assert [(i.level, i.step) for i in mgr.list() if i.step > 3] == []
+    save_steps(mgr, [4])
+    assert sorted((i.level, i.step) for i in mgr.list()) == [("L0", 4), ("L1", 3)]  # L0 kept 5, 6 before: not 3
+    assert mgr.load(target).step == 4 and matches(target, 4) == []
+    mgr.close()
