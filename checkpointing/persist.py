@@ -489,6 +489,19 @@ def unlink_outcome(o: dict, out_dir: Path) -> None:
             pass
 
 
+def sync_written(level: LevelSpec, ctx: SaveContext, mine: RankOutcome, out_dir: Path, meta_paths: list[Path]
+                 ) -> None:
+    """On a level that syncs: fsync the chunk files this rank wrote, its metadata files and their directories
+    (before the commit makes them visible); a failure joins this rank's errors."""
+    if not level.sync or mine.errors:
+        return
+    paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
+    try:
+        fsync_many(paths, _ancestors(paths, out_dir))
+    except OSError as e:
+        mine.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
+
+
 def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, source: Source, state: LevelState,
                   janitor: Janitor | None = None, pre: list[dict | None] | None = None) -> LevelResult:
     """Write, link or copy this level, commit it and retire old checkpoints; errors come from every rank.
@@ -535,12 +548,7 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
                 mine = writer.write_from_slot(level, ctx, source.slot, out_dir)
             else:
                 mine = writer.write_level(level, ctx, source.bufset, out_dir, assembled)
-        if level.sync and not mine.errors:
-            paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
-            try:
-                fsync_many(paths, _ancestors(paths, out_dir))
-            except OSError as e:
-                mine.errors.append(f"rank {me} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
+        sync_written(level, ctx, mine, out_dir, meta_paths)
     if pre is not None and all(pre[r] is not None for r in group):
         gathered = [pre[r] for r in group]
     else:

@@ -27,10 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointing.persist import (ChunkWriter, LevelState, RankOutcome, SaveContext, _ancestors, apply_retention,
-                                   commit_level, level_comm, outcome_dict, target_dir, write_zarr_metadata)
+from checkpointing.persist import (ChunkWriter, LevelState, RankOutcome, SaveContext, apply_retention, commit_level,
+                                   level_comm, outcome_dict, sync_written, target_dir, write_zarr_metadata)
 from checkpointing.tiers import Janitor, LevelSpec, step_dir_name
-from checkpointing.zarr_store import fsync_many
 
 
 @dataclass
@@ -231,12 +230,7 @@ class Promoter:
             mine = RankOutcome(errors=[f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
         else:
             mine = self._writer.copy_level(level, ctx, promo.src, out_dir)
-        if level.sync and not mine.errors:
-            paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
-            try:
-                fsync_many(paths, _ancestors(paths, out_dir))
-            except OSError as e:
-                mine.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
+        sync_written(level, ctx, mine, out_dir, meta_paths)
         promo.files = files
         promo.mine = mine
 
