@@ -42,8 +42,8 @@ from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import MANIFEST_NAME, Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
-from checkpointing.persist import (ChunkWriter, LevelState, SaveContext, Source, outcome_dict, persist_level,
-                                   unlink_outcome)
+from checkpointing.persist import (ChunkWriter, LevelState, SaveContext, Source, _janitor_for, outcome_dict,
+                                   persist_level, unlink_outcome)
 from checkpointing.plan import PlanCache, TensorLayout, global_layouts
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
@@ -780,8 +780,8 @@ class CheckpointManager:
         for level in self.levels:
             committer = (self._local.rank if level.node_local else self.rank) == 0
             if committer:
-                janitor = None if level.is_memory else self._janitor
-                retired += [str(p) for p in retire_after(Path(level.root), step, secrets.token_hex(4), janitor)]
+                retired += [str(p) for p in retire_after(Path(level.root), step, secrets.token_hex(4),
+                                                         _janitor_for(level, self._janitor))]
         if retired:
             self.log.warning("continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",
                              step, len(retired), retired)

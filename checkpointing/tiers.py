@@ -105,9 +105,7 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janit
     trash first; readers then briefly see neither, never a mix."""
     final = root / step_dir_name(step)
     if final.exists():
-        trash = trash_path(root, nonce, step_dir_name(step))
-        os.replace(final, trash)
-        _delete(trash, janitor)
+        _retire(final, nonce, janitor)
     os.replace(partial, final)
     if fsync:
         fsync_dir(root)
@@ -138,18 +136,14 @@ def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | N
         if kept is not None:
             reuse, keep = None, kept.name
         else:
-            trash = trash_path(root, current_nonce, path.name)
-            os.replace(path, trash)
-            _delete(trash, janitor)
+            _retire(path, current_nonce, janitor)
         removed.append(path)
     if not others:
         return removed
     for entry in os.scandir(root):
         m = _PARTIAL_RE.match(entry.name)
         if (m and m.group(2) != current_nonce) or (entry.name.startswith(".next-") and entry.name != keep):
-            trash = trash_path(root, current_nonce, entry.name.lstrip('.'))
-            os.replace(entry.path, trash)
-            _delete(trash, janitor)
+            _retire(Path(entry.path), current_nonce, janitor)
             removed.append(Path(entry.path))
         elif entry.name.startswith(".trash-") and (janitor is None or not janitor.owns(entry.path)):
             _delete(Path(entry.path), janitor)
@@ -162,11 +156,16 @@ def retire_after(root: Path, step: int, nonce: str, janitor: "Janitor | None" = 
     retired = []
     for s, path in committed_steps(root) if root.is_dir() else []:
         if s > step:
-            trash = trash_path(root, nonce, path.name)
-            os.replace(path, trash)
-            _delete(trash, janitor)
+            _retire(path, nonce, janitor)
             retired.append(path)
     return retired
+
+
+def _retire(path: Path, nonce: str, janitor: "Janitor | None") -> None:
+    """Rename ``path`` to a trash name (readers stop seeing it at once), then delete it (janitor or here)."""
+    trash = trash_path(path.parent, nonce, path.name.lstrip("."))
+    os.replace(path, trash)
+    _delete(trash, janitor)
 
 
 def _delete(path: Path, janitor: "Janitor | None") -> None:

@@ -74,10 +74,13 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
     return faults
 
 
+AGENT_PID_ENV = "ECPT_AGENT_PID"
+"""Set by ``launch.agent``: its workers are children of its fork server, not of the agent."""
+
+
 def agent_pid() -> int:
-    """This worker's elastic agent: named by ``launch.agent`` (whose workers are children of its fork server),
-    else the parent process (plain torchrun)."""
-    return int(os.environ.get("ECPT_AGENT_PID") or os.getppid())
+    """This worker's elastic agent: named by ``launch.agent``, else the parent process (plain torchrun)."""
+    return int(os.environ.get(AGENT_PID_ENV) or os.getppid())
 
 
 class FaultInjector:

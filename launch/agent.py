@@ -26,7 +26,8 @@ import sys
 
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-AGENT_PID_ENV = "ECPT_AGENT_PID"
+from elastic.faults import AGENT_PID_ENV
+
 WORKER_MODULE = "elastic.worker"
 
 
