@@ -25,11 +25,7 @@ import torch
 from checkpointing import CheckpointError, CheckpointManager, LevelSpec
 from elastic.config import Config
 from elastic.model import hf_config
-
-
-def node_id() -> str:
-    """Stable identity of this node's memory: ECPT_NODE_ID (set per agent when simulating nodes) or the hostname."""
-    return os.environ.get("ECPT_NODE_ID") or os.uname().nodename
+from elastic.world import PROCESS_STARTED_ENV, node_id
 
 
 def run_key(cfg: Config) -> str:
@@ -145,5 +141,5 @@ class TrainerCheckpoints:
         t.jsonl.write("resume", step=step, level=res.level, seconds=round(res.seconds, 3),
                       world_size=t.world.world_size, saved_world_size=restored.saved_world_size,
                       restarts=t.world.restart_count, steps_lost=lost, fallbacks=res.fallbacks,
-                      process_started=float(os.environ.get("ECPT_PROCESS_STARTED", time.time())))
+                      process_started=float(os.environ.get(PROCESS_STARTED_ENV, time.time())))
         return restored

@@ -286,21 +286,16 @@ def read_curves(metrics_jsonl: Path) -> dict:
 def run_arm(job: ArmJob) -> dict:
     """Train one arm (resuming from its newest checkpoint if an earlier attempt left one) and write its
     result.json; runs in a fresh process (see ``run_arms``)."""
-    import torch
-
+    from elastic.bootstrap import join_job
     from elastic.model import count_parameters
     from elastic.trainer import Trainer
-    from elastic.world import ProcessGroups, WorldInfo
 
     started = time.perf_counter()
     cfg = config_from_dict(job.config)
-    torch.set_num_threads(cfg.train.threads_per_worker)
-    torch.use_deterministic_algorithms(cfg.train.deterministic)
     logging.basicConfig(level=logging.INFO, format=f"[cpt {job.name}] %(message)s", stream=sys.stderr, force=True)
     run_dir = Path(job.run_dir)
-    world = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
-    trainer = Trainer(cfg, world, ProcessGroups(ckpt=None, node=None), torch.device("cpu"),
-                      log=logging.getLogger("ecpt"))
+    ctx = join_job(cfg)  # the arm's process has no launcher variables: a world of one
+    trainer = Trainer(cfg, ctx.world, ctx.groups, ctx.device, log=ctx.log)
     try:
         trainer.resume(started)
         if trainer.state.step == 0:

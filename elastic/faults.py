@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elastic.config import ConfigError
+from elastic.world import AGENT_PID_ENV
 
 KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk")
 _PATTERNS = [
@@ -72,10 +73,6 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
                               f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
                               f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'")
     return faults
-
-
-AGENT_PID_ENV = "ECPT_AGENT_PID"
-"""Set by ``launch.agent``: its workers are children of its fork server, not of the agent."""
 
 
 def agent_pid() -> int:

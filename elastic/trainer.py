@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from checkpointing import CheckpointError
 from elastic.batch import rank_batch
-from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels, node_id
+from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels
 from elastic.config import Config
 from elastic.data import Corpus
 from elastic.engines import build_engine
@@ -30,18 +30,7 @@ from elastic.faults import FaultInjector, Watchdog, parse_plan
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
 from elastic.schedule import lr_at
-from elastic.world import ProcessGroups, WorldInfo
-
-
-class RankLogger(logging.LoggerAdapter):
-    """Prefixes every line with ``[rank r step s]`` so interleaved logs of many ranks stay readable."""
-
-    def __init__(self, logger: logging.Logger, rank: int):
-        super().__init__(logger, {})
-        self.rank, self.step = rank, 0
-
-    def process(self, msg, kwargs):
-        return f"[rank {self.rank} step {self.step}] {msg}", kwargs
+from elastic.world import ProcessGroups, RankLogger, WorldInfo, node_id
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -101,9 +90,9 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, world: WorldInfo, groups: ProcessGroups, device: torch.device,
-                 metrics: WorkerMetrics | None = None, log: logging.Logger | None = None):
+                 metrics: WorkerMetrics | None = None, log: RankLogger | None = None):
         self.cfg, self.world, self.groups, self.device = cfg, world, groups, device
-        self.log = RankLogger(log or logging.getLogger("ecpt"), world.rank)
+        self.log = log or RankLogger(logging.getLogger("ecpt"), world.rank)
         self.metrics = metrics
         self.run_dir = Path(cfg.train.run_dir)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from elastic.bootstrap import join_job
 from elastic.config import config_from_json
 from elastic.metrics import WorkerMetrics
 from elastic.trainer import Trainer
-from elastic.world import detect_world, device_for, init_distributed, shutdown_distributed
+from elastic.world import PROCESS_STARTED_ENV, detect_world, shutdown_distributed
 
 PR_SET_PDEATHSIG = 1
 
@@ -42,12 +41,6 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def configure_threads(requested: int, local_world_size: int) -> int:
-    threads = requested or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
-    torch.set_num_threads(threads)
-    return threads
-
-
 def write_rank_file(run_dir: Path, world, metrics_port: int | None) -> Path:
     """``<run_dir>/ranks/rank-<r>.json``: pid, host and metrics port of this rank, for tools and fault injection."""
     path = run_dir / "ranks" / f"rank-{world.rank}.json"
@@ -62,26 +55,19 @@ def write_rank_file(run_dir: Path, world, metrics_port: int | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    os.environ.setdefault("ECPT_PROCESS_STARTED", str(time.time()))
+    os.environ.setdefault(PROCESS_STARTED_ENV, str(time.time()))
     parser = argparse.ArgumentParser(description="ecpt worker (one per rank)")
     parser.add_argument("--config-json", required=True, help="resolved config written by the launcher")
     args = parser.parse_args(argv)
     die_with_parent()
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: the first thing to look at in a hung job.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    world = detect_world()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    log = logging.getLogger("ecpt")
     cfg = config_from_json(args.config_json)
-    configure_threads(cfg.train.threads_per_worker, world.local_world_size)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    phases: dict[str, float] = {}  # start-up cost per phase: what a restart costs before training resumes
-    t = time.perf_counter()
-    phases["setup"] = t - started
-    groups = init_distributed(world)
-    phases["rendezvous"] = time.perf_counter() - t
-    device = device_for(world)
+    setup = time.perf_counter() - started
+    ctx = join_job(cfg, detect_world())
+    world, log = ctx.world, ctx.log
+    phases = {"setup": setup, **ctx.phases}  # start-up cost per phase: what a restart costs before training resumes
     run_dir = Path(cfg.train.run_dir)
     metrics = None
     if cfg.metrics.enabled:
@@ -89,30 +75,28 @@ def main(argv: list[str] | None = None) -> int:
         port = metrics.serve(cfg.metrics.host, cfg.metrics.port + world.local_rank if cfg.metrics.port else 0)
         metrics.write_target_file(run_dir, cfg.metrics.host, os.uname().nodename)
         metrics.on_start(world.world_size)
-        log.info(f"[rank {world.rank} step -] metrics on http://{cfg.metrics.host}:{port}/metrics")
+        log.info(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
     write_rank_file(run_dir, world, metrics.port if metrics else None)
     t = time.perf_counter()
-    trainer = Trainer(cfg, world, groups, device, metrics=metrics, log=log)
+    trainer = Trainer(cfg, world, ctx.groups, ctx.device, metrics=metrics, log=log)
     phases["init"] = time.perf_counter() - t
     trainer.install_signal_handlers()
     try:
         t = time.perf_counter()
         trainer.resume(started)
         phases["restore"] = time.perf_counter() - t
-        log.info(f"[rank {world.rank} step {trainer.state.step}] ready " +
-                 ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
-                 f" (process started {time.time() - float(os.environ['ECPT_PROCESS_STARTED']):.2f} s ago)")
+        log.info("ready " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
+                 f" (process started {time.time() - float(os.environ[PROCESS_STARTED_ENV]):.2f} s ago)")
         trainer.run()
     except BaseException:
         # Peers may be blocked in a collective with us: a collective clean-up here would hang them and us. Exit
-        # at once instead; the agent sees the failure and restarts the group from the newest checkpoint.
-        log.exception(f"[rank {world.rank} step {trainer.state.step}] training failed; exiting so the agent "
-                      f"restarts the worker group")
+        # at once instead; the agent sees the failure and restarts the worker group from the newest checkpoint.
+        log.exception("training failed; exiting so the agent restarts the worker group")
         logging.shutdown()
         os._exit(1)
     trainer.close()
     if trainer.stop_signal is not None:
-        log.info(f"[rank {world.rank} step {trainer.state.step}] stopped by signal {trainer.stop_signal}")
+        log.info(f"stopped by signal {trainer.stop_signal}")
     shutdown_distributed()
     return 0
 

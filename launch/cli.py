@@ -15,6 +15,7 @@ from pathlib import Path
 from elastic.config import DEFAULT_CONFIG, Config, ConfigError, load_config, save_config
 from elastic.data import build_corpus
 from elastic.metrics import read_jsonl
+from elastic.world import NODE_ID_ENV
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
           f"workers per node, rendezvous c10d at {endpoint}", flush=True)
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
-    node_env = {"ECPT_NODE_ID": args.node_id} if args.node_id else {}
+    node_env = {NODE_ID_ENV: args.node_id} if args.node_id else {}
     if cfg.metrics.enabled:
         from launch.launcher_metrics import serve_launcher_metrics
 
