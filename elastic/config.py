@@ -14,7 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.toml"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""The repo's configs/ directory, where every default config file (training, experiments) is looked up."""
+DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.toml"
 
 
 class ConfigError(ValueError):

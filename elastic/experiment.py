@@ -38,12 +38,12 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from elastic.config import Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict
+from elastic.config import CONFIG_DIR, Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict
 from elastic.cpt_metrics import CptMetrics, LossCurves, StabilityGap, cpt_metrics
 from elastic.data import build_corpus, phase_plan
 from elastic.metrics import read_jsonl
 
-CPT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpt-experiment.toml"
+CPT_CONFIG = CONFIG_DIR / "cpt-experiment.toml"
 RESULT_VERSION = 1
 """Bump when result.json's layout changes, so older results are rerun instead of misread."""
 STATUS_INTERVAL_S = 30.0
