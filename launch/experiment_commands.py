@@ -1,6 +1,6 @@
 """``ecpt experiment cpt``: the continual pre-training experiment (schedules x replay across data shifts).
 
-The experiment itself lives in ``elastic.experiment``; this module only parses the command line.
+The experiment itself lives in ``launch.cpt``; this module only parses the command line.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from elastic.experiment import CPT_CONFIG, load_experiment, run_experiment
+from launch.cpt.spec import CPT_CONFIG, load_experiment, run_experiment
 
 
 def _arm_list(text: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""The continual pre-training (CPT) experiment behind ``ecpt experiment cpt``."""
