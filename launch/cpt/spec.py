@@ -20,7 +20,7 @@ The experiment file is a normal training config plus an ``[experiment]`` table::
     replay = 0.0                 # fraction of every later phase spent on the earlier phases' domains
     schedule = { kind = "cosine", warmup_steps = 3 }
 
-The metrics are defined in ``elastic.cpt_metrics``.
+The metrics are defined in ``launch.cpt.metrics``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from elastic.config import CONFIG_DIR, Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict
-from elastic.cpt_metrics import CptMetrics, LossCurves, StabilityGap, cpt_metrics
+from launch.cpt.metrics import CptMetrics, LossCurves, StabilityGap, cpt_metrics
 from elastic.data import build_corpus, phase_plan
 from elastic.metrics import read_jsonl
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from elastic.cpt_metrics import (CurveError, LossCurves, average_final_loss, cpt_metrics, forgetting,
-                                 phase_end_losses, stability_gap, stability_gaps)
+from launch.cpt.metrics import (CurveError, LossCurves, average_final_loss, cpt_metrics, forgetting,
+                               phase_end_losses, stability_gap, stability_gaps)
 from launch.cpt.spec import replay_mixtures
 
 # Three phases of 10 steps (tau = 10, 20, 30), evaluated every 2 steps. Domain a is trained in phase 0, b in 1, c in 2.
