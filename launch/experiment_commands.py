@@ -9,7 +9,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from launch.cpt.spec import CPT_CONFIG, load_experiment, run_experiment
+from launch.cpt import CPT_CONFIG, load_experiment, run_experiment
 
 
 def _arm_list(text: str) -> list[str]:

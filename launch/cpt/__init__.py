@@ -1,1 +1,32 @@
-"""The continual pre-training (CPT) experiment behind ``ecpt experiment cpt``."""
+"""The continual pre-training (CPT) experiment: which LR schedule, with or without replay, when the data shifts.
+
+Every arm trains the same model from the same initialisation (``train.seed``) through the same data phases of one
+base config; an arm only overrides ``schedule.*`` and rewrites the phase mixtures (its replay fraction). Each arm runs
+in its own process (``--parallel N`` of them at once, single-threaded by default so results do not depend on N),
+writes ``<out>/arms/<arm>/metrics.jsonl`` through the normal trainer, and marks itself finished with
+``<out>/arms/<arm>/result.json`` (curves, LR, wall time, config digest). The report (``results.md``, ``results.json``,
+``curves.png``) is recomputed from those files on every invocation, so a rerun skips finished arms and rebuilds the
+table. An unfinished arm resumes from its newest checkpoint (``[checkpoint]`` of the experiment file, written under
+the arm's directory); the curves keep the last row of every step, so a replayed step replaces the lost one.
+
+The experiment file is a normal training config plus an ``[experiment]`` table::
+
+    [experiment]
+    parallel = 2                 # arms trained at once (processes)
+    out = "runs/cpt-experiment"  # default output directory
+    [[experiment.arms]]
+    name = "cosine"
+    description = "repeated cosine, re-warmed at every phase"
+    replay = 0.0                 # fraction of every later phase spent on the earlier phases' domains
+    schedule = { kind = "cosine", warmup_steps = 3 }
+
+Modules, in dependency order: ``spec`` (the experiment file and every arm's config), ``metrics`` (forgetting and
+stability gap from loss curves), ``results`` (an arm's result.json and the metrics recomputed from it), ``plots``
+(``curves.png``), ``report`` (``results.md``, ``results.json``), ``runner`` (arm processes, progress, and
+``run_experiment``, which trains what is missing and then writes the report).
+"""
+
+from launch.cpt.runner import run_experiment
+from launch.cpt.spec import CPT_CONFIG, load_experiment
+
+__all__ = ["CPT_CONFIG", "load_experiment", "run_experiment"]
