@@ -45,7 +45,7 @@ def add_experiment_parser(sub) -> None:
         "cpt", help="continual pre-training: LR schedules (repeated cosine, infinite, WSD, constant) x replay",
         description="Train the same model through the same data phases under every arm of the experiment config, "
                     "then print a Markdown table and write results.md, results.json and curves.png to --out. "
-                    "Arms with a result in --out are skipped; an unfinished arm restarts from scratch.")
+                    "Arms with a result in --out are skipped; an unfinished arm resumes from its newest checkpoint.")
     cpt.add_argument("--config", default=None, help=f"experiment TOML (default: {CPT_CONFIG.name} in configs/)")
     cpt.add_argument("--out", default=None, help="output directory (default: experiment.out of the config)")
     cpt.add_argument("--arms", type=_arm_list, default=None, metavar="A,B",
