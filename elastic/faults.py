@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
 from elastic.config import ConfigError
 from elastic.world import AGENT_PID_ENV
 
@@ -152,27 +153,21 @@ CORRUPT_WAIT_SECONDS = 120.0
 
 
 def wait_for_commit(roots: list[Path], step: int, timeout: float) -> Path:
-    """Block until ``step-<step>/manifest.json`` exists under one of ``roots`` (committed), or raise."""
+    """Block until the checkpoint of ``step`` is committed (its manifest exists) under one of ``roots``, or raise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for root in roots:
-            path = root / f"step-{step:08d}"
-            if (path / "manifest.json").exists():
+            path = root / step_dir_name(step)
+            if (path / MANIFEST_NAME).exists():
                 return path
         time.sleep(0.05)
     raise TimeoutError(f"checkpoint of step {step} did not commit under {[str(r) for r in roots]} in {timeout} s")
 
 
 def newest_chunk_files(roots: list[Path]) -> list[Path]:
-    """Chunk files (zarr v3 'c/...' keys) of the newest committed checkpoint over the given level roots."""
-    newest = None
-    for root in roots:
-        for d in sorted(root.glob("step-*")):
-            if (d / "manifest.json").exists() and "." not in d.name and (newest is None or d.name > newest.name):
-                newest = d
-    if newest is None:
-        return []
-    return sorted(p for p in newest.rglob("*") if p.is_file() and "c" in p.relative_to(newest).parts)
+    """Chunk files of the newest committed checkpoint over the given level roots."""
+    newest = newest_committed(roots)
+    return chunk_files(newest) if newest is not None else []
 
 
 def corrupt_newest_checkpoint(roots: list[Path]) -> Path:
