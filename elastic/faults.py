@@ -1,13 +1,7 @@
 """Fault injection by plan: one mechanism for tests, ``ecpt train --fault`` and the chaos benchmark.
 
-A plan is a list of sentences, each firing once per run at the start of a step (before its forward pass):
-
-    kill rank 1 at step 30            SIGKILL that worker (torchrun restarts the worker group)
-    kill node n1 at step 50           SIGKILL the agent of node n1 (its workers die with it): the job shrinks
-    sigterm all at step 70            SIGTERM every node's agent (preemption): workers save and stop
-    stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it
-    corrupt newest at step 40         flip bytes in the first chunk of the newest committed checkpoint
-    fill disk at step 60              fill the L1 checkpoint file system (only a small one, e.g. a test tmpfs)
+The plan's sentences are parsed by ``elastic.fault_plan``; this module carries them out inside every worker, each
+once per run at the start of its step (before the forward pass).
 
 "Once per run" is recorded by creating ``<run_dir>/faults/fired-<i>`` exclusively, so a restarted worker that
 replays step s does not fire the same fault again.
@@ -18,62 +12,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
-from elastic.config import ConfigError
+from elastic.errors import ConfigError
+from elastic.fault_plan import Fault
 from elastic.world import AGENT_PID_ENV
 
-KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk")
-_PATTERNS = [
-    ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)$")),
-    ("kill_node", re.compile(r"^kill node (?P<node>\S+) at step (?P<step>\d+)$")),
-    ("sigterm", re.compile(r"^sigterm all at step (?P<step>\d+)$")),
-    ("stall", re.compile(r"^stall rank (?P<rank>\d+) at step (?P<step>\d+) for (?P<seconds>[\d.]+)s$")),
-    ("corrupt", re.compile(r"^corrupt newest at step (?P<step>\d+)$")),
-    ("fill_disk", re.compile(r"^fill disk at step (?P<step>\d+)$")),
-]
 FILL_DISK_MAX_BYTES = 2 << 30
 """fill_disk refuses file systems with more free space than this: it is for test file systems, not real disks."""
-
-
-@dataclass(frozen=True)
-class Fault:
-    index: int
-    kind: str
-    step: int
-    rank: int | None = None
-    node: str | None = None
-    seconds: float = 0.0
-
-    def describe(self) -> str:
-        """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
-        subject = {"kill": f"kill rank {self.rank}", "kill_node": f"kill node {self.node}", "sigterm": "sigterm all",
-                   "stall": f"stall rank {self.rank}", "corrupt": "corrupt newest", "fill_disk": "fill disk"}
-        return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
-
-
-def parse_plan(sentences: list[str]) -> list[Fault]:
-    faults = []
-    for i, text in enumerate(sentences):
-        norm = " ".join(text.lower().split())
-        for kind, pattern in _PATTERNS:
-            m = pattern.match(norm)
-            if m:
-                g = m.groupdict()
-                faults.append(Fault(index=i, kind=kind, step=int(g["step"]),
-                                    rank=int(g["rank"]) if g.get("rank") else None, node=g.get("node"),
-                                    seconds=float(g.get("seconds") or 0)))
-                break
-        else:
-            raise ConfigError(f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
-                              f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
-                              f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'")
-    return faults
 
 
 def agent_pid() -> int:
@@ -199,20 +148,6 @@ def fill_file_system(directory: Path) -> Path:
             if exc.errno != errno.ENOSPC:
                 raise  # only "no space left" is the expected end of filling
     return filler
-
-
-def random_plan(seed: int, total_steps: int, count: int, ranks: int) -> list[str]:
-    """``count`` worker kills and stalls at distinct random steps, reproducible from ``seed``."""
-    import random
-
-    rng = random.Random(seed)
-    steps = sorted(rng.sample(range(max(total_steps // 10, 1), max(total_steps - 2, 2)), count))
-    plan = []
-    for step in steps:
-        rank = rng.randrange(ranks)
-        plan.append(f"kill rank {rank} at step {step}" if rng.random() < 0.7
-                    else f"stall rank {rank} at step {step} for 600s")
-    return plan
 
 
 def fired_faults(run_dir: Path) -> list[dict]:

@@ -26,7 +26,8 @@ from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels
 from elastic.config import Config
 from elastic.data import Corpus
 from elastic.engines import build_engine
-from elastic.faults import FaultInjector, parse_plan
+from elastic.fault_plan import parse_plan
+from elastic.faults import FaultInjector
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
 from elastic.schedule import lr_at
