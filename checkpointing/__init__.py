@@ -10,13 +10,16 @@ Usable from any PyTorch training loop:
 """
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manager import CheckpointInfo, CheckpointManager, LoadResult, SaveHandle
-from checkpointing.manifest import Manifest
+from checkpointing.manifest import MANIFEST_NAME, Manifest
 from checkpointing.offline import export_safetensors, inspect, list_checkpoints, read_tensor, verify
 from checkpointing.staging import Shard
-from checkpointing.tiers import LevelSpec
+from checkpointing.tiers import LevelSpec, committed_steps, newest_committed, step_dir_name
+from checkpointing.zarr_store import chunk_files
 
 __all__ = [
     "CheckpointManager", "LevelSpec", "Shard", "SaveHandle", "LoadResult", "CheckpointInfo", "Manifest",
     "CheckpointError", "CheckpointCorruptError",
     "list_checkpoints", "verify", "inspect", "read_tensor", "export_safetensors",
+    # on-disk layout, for tools that look at checkpoint directories without loading them
+    "MANIFEST_NAME", "step_dir_name", "committed_steps", "newest_committed", "chunk_files",
 ]

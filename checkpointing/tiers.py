@@ -87,6 +87,16 @@ def committed_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def newest_committed(roots: list[Path]) -> Path | None:
+    """The directory of the newest committed checkpoint over several level roots (the first root wins a tie)."""
+    newest: tuple[int, Path] | None = None
+    for root in roots:
+        for step, path in committed_steps(root):
+            if newest is None or step > newest[0]:
+                newest = (step, path)
+    return newest[1] if newest else None
+
+
 def trash_path(root: Path, nonce: str, name: str) -> Path:
     """A fresh trash name for ``name``. The same step can be retired twice under one nonce (saved again after a
     restart, or after a resize, while the janitor has not yet deleted the first copy), and renaming a directory

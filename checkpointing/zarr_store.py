@@ -30,6 +30,8 @@ _ZARR_DTYPE: dict[str, str] = {
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _PAUSE_ENV = "ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK"
+CHUNK_DIR = "c"
+"""zarr v3 default chunk key encoding: every chunk file of an array lives under ``<array>/c/``."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -98,8 +100,8 @@ class Grid:
 
     def chunk_key(self, c: int) -> str:
         if not self.shape:
-            return "c"
-        return "c/" + "/".join([str(c)] + ["0"] * (len(self.shape) - 1))
+            return CHUNK_DIR
+        return f"{CHUNK_DIR}/" + "/".join([str(c)] + ["0"] * (len(self.shape) - 1))
 
     def chunks_overlapping(self, start: int, stop: int) -> range:
         if stop <= start or self.chunk_elems == 0:
@@ -137,6 +139,11 @@ def group_paths(names: list[str]) -> list[str]:
         for i in range(1, len(parts) + 1):
             groups.add("/".join(parts[:i]))
     return sorted(groups)
+
+
+def chunk_files(ckpt_dir: Path) -> list[Path]:
+    """Every chunk file of the checkpoint directory ``ckpt_dir`` (files under a CHUNK_DIR), sorted; no metadata."""
+    return sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and CHUNK_DIR in p.relative_to(ckpt_dir).parts)
 
 
 # ----------------------------------------------------------------------------------------------- raw file I/O

@@ -71,7 +71,7 @@ class TrainerCheckpoints:
         self.levels = checkpoint_levels(cfg)
         self.manager = CheckpointManager(
             self.levels, rank=world.rank, world_size=world.world_size, group=groups.ckpt,
-            local_rank=world.local_rank, local_world_size=world.local_world_size, local_group=groups.node,
+            local_rank=groups.node_rank, local_world_size=groups.node_size, local_group=groups.node,
             node_id=node_id(), on_busy=cfg.checkpoint.on_busy, registry=registry, logger=trainer.log)
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()

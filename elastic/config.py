@@ -14,13 +14,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elastic.errors import ConfigError
+from elastic.fault_plan import parse_plan
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 """The repo's configs/ directory, where every default config file (training, experiments) is looked up."""
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.toml"
-
-
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or impossible; the message names the field and the fix."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -395,11 +394,9 @@ class LaunchConfig:
 @dataclass
 class FaultsConfig:
     plan: list[str] = field(default_factory=list)
-    """Fault sentences, e.g. 'kill rank 1 at step 30' (see elastic/faults.py); each fires once per run."""
+    """Fault sentences, e.g. 'kill rank 1 at step 30' (see elastic/fault_plan.py); each fires once per run."""
 
     def validate(self) -> None:
-        from elastic.faults import parse_plan
-
         parse_plan(self.plan)
 
 

@@ -1,13 +1,7 @@
 """Fault injection by plan: one mechanism for tests, ``ecpt train --fault`` and the chaos benchmark.
 
-A plan is a list of sentences, each firing once per run at the start of a step (before its forward pass):
-
-    kill rank 1 at step 30            SIGKILL that worker (torchrun restarts the worker group)
-    kill node n1 at step 50           SIGKILL the agent of node n1 (its workers die with it): the job shrinks
-    sigterm all at step 70            SIGTERM every node's agent (preemption): workers save and stop
-    stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it
-    corrupt newest at step 40         flip bytes in the first chunk of the newest committed checkpoint
-    fill disk at step 60              fill the L1 checkpoint file system (only a small one, e.g. a test tmpfs)
+The plan's sentences are parsed by ``elastic.fault_plan``; this module carries them out inside every worker, each
+once per run at the start of its step (before the forward pass).
 
 "Once per run" is recorded by creating ``<run_dir>/faults/fired-<i>`` exclusively, so a restarted worker that
 replays step s does not fire the same fault again.
@@ -18,61 +12,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from elastic.config import ConfigError
+from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
+from elastic.errors import ConfigError
+from elastic.fault_plan import Fault
 from elastic.world import AGENT_PID_ENV
 
-KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk")
-_PATTERNS = [
-    ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)$")),
-    ("kill_node", re.compile(r"^kill node (?P<node>\S+) at step (?P<step>\d+)$")),
-    ("sigterm", re.compile(r"^sigterm all at step (?P<step>\d+)$")),
-    ("stall", re.compile(r"^stall rank (?P<rank>\d+) at step (?P<step>\d+) for (?P<seconds>[\d.]+)s$")),
-    ("corrupt", re.compile(r"^corrupt newest at step (?P<step>\d+)$")),
-    ("fill_disk", re.compile(r"^fill disk at step (?P<step>\d+)$")),
-]
 FILL_DISK_MAX_BYTES = 2 << 30
 """fill_disk refuses file systems with more free space than this: it is for test file systems, not real disks."""
-
-
-@dataclass(frozen=True)
-class Fault:
-    index: int
-    kind: str
-    step: int
-    rank: int | None = None
-    node: str | None = None
-    seconds: float = 0.0
-
-    def describe(self) -> str:
-        """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
-        subject = {"kill": f"kill rank {self.rank}", "kill_node": f"kill node {self.node}", "sigterm": "sigterm all",
-                   "stall": f"stall rank {self.rank}", "corrupt": "corrupt newest", "fill_disk": "fill disk"}
-        return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
-
-
-def parse_plan(sentences: list[str]) -> list[Fault]:
-    faults = []
-    for i, text in enumerate(sentences):
-        norm = " ".join(text.lower().split())
-        for kind, pattern in _PATTERNS:
-            m = pattern.match(norm)
-            if m:
-                g = m.groupdict()
-                faults.append(Fault(index=i, kind=kind, step=int(g["step"]),
-                                    rank=int(g["rank"]) if g.get("rank") else None, node=g.get("node"),
-                                    seconds=float(g.get("seconds") or 0)))
-                break
-        else:
-            raise ConfigError(f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
-                              f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
-                              f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'")
-    return faults
 
 
 def agent_pid() -> int:
@@ -152,27 +102,21 @@ CORRUPT_WAIT_SECONDS = 120.0
 
 
 def wait_for_commit(roots: list[Path], step: int, timeout: float) -> Path:
-    """Block until ``step-<step>/manifest.json`` exists under one of ``roots`` (committed), or raise."""
+    """Block until the checkpoint of ``step`` is committed (its manifest exists) under one of ``roots``, or raise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for root in roots:
-            path = root / f"step-{step:08d}"
-            if (path / "manifest.json").exists():
+            path = root / step_dir_name(step)
+            if (path / MANIFEST_NAME).exists():
                 return path
         time.sleep(0.05)
     raise TimeoutError(f"checkpoint of step {step} did not commit under {[str(r) for r in roots]} in {timeout} s")
 
 
 def newest_chunk_files(roots: list[Path]) -> list[Path]:
-    """Chunk files (zarr v3 'c/...' keys) of the newest committed checkpoint over the given level roots."""
-    newest = None
-    for root in roots:
-        for d in sorted(root.glob("step-*")):
-            if (d / "manifest.json").exists() and "." not in d.name and (newest is None or d.name > newest.name):
-                newest = d
-    if newest is None:
-        return []
-    return sorted(p for p in newest.rglob("*") if p.is_file() and "c" in p.relative_to(newest).parts)
+    """Chunk files of the newest committed checkpoint over the given level roots."""
+    newest = newest_committed(roots)
+    return chunk_files(newest) if newest is not None else []
 
 
 def corrupt_newest_checkpoint(roots: list[Path]) -> Path:
@@ -204,59 +148,6 @@ def fill_file_system(directory: Path) -> Path:
             if exc.errno != errno.ENOSPC:
                 raise  # only "no space left" is the expected end of filling
     return filler
-
-
-class Watchdog:
-    """Exits this worker when no step completes within ``timeout`` seconds (a hung rank or a stuck collective).
-
-    The ranks blocked behind a hung peer exit too, so torchrun sees failed workers and restarts the group,
-    killing the hung one. A thread, so it runs while the main thread is blocked in C++ (a collective) or asleep.
-    """
-
-    EXIT_CODE = 75
-
-    def __init__(self, timeout: float, log):
-        self.timeout, self.log = timeout, log
-        self.last = time.monotonic()
-        self._stop = False
-        import threading
-
-        self._thread = threading.Thread(target=self._run, name="ecpt-watchdog", daemon=True)
-
-    def start(self) -> "Watchdog":
-        self.last = time.monotonic()
-        if self.timeout > 0:
-            self._thread.start()
-        return self
-
-    def progress(self) -> None:
-        self.last = time.monotonic()
-
-    def stop(self) -> None:
-        self._stop = True
-
-    def _run(self) -> None:
-        while not self._stop:
-            idle = time.monotonic() - self.last
-            if idle > self.timeout:
-                self.log.error(f"watchdog: no step completed for {idle:.1f} s (> train.hang_timeout "
-                               f"{self.timeout:g} s); exiting so the agent restarts the worker group")
-                os._exit(self.EXIT_CODE)
-            time.sleep(min(1.0, self.timeout / 4))
-
-
-def random_plan(seed: int, total_steps: int, count: int, ranks: int) -> list[str]:
-    """``count`` worker kills and stalls at distinct random steps, reproducible from ``seed``."""
-    import random
-
-    rng = random.Random(seed)
-    steps = sorted(rng.sample(range(max(total_steps // 10, 1), max(total_steps - 2, 2)), count))
-    plan = []
-    for step in steps:
-        rank = rng.randrange(ranks)
-        plan.append(f"kill rank {rank} at step {step}" if rng.random() < 0.7
-                    else f"stall rank {rank} at step {step} for 600s")
-    return plan
 
 
 def fired_faults(run_dir: Path) -> list[dict]:

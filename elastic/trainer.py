@@ -26,10 +26,12 @@ from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels
 from elastic.config import Config
 from elastic.data import Corpus
 from elastic.engines import build_engine
-from elastic.faults import FaultInjector, Watchdog, parse_plan
+from elastic.fault_plan import parse_plan
+from elastic.faults import FaultInjector
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
 from elastic.schedule import lr_at
+from elastic.watchdog import Watchdog
 from elastic.world import ProcessGroups, RankLogger, WorldInfo, node_id
 
 
@@ -85,7 +87,6 @@ class TrainState:
     tokens: int = 0
     """Global tokens consumed so far."""
     counters: RunCounters = field(default_factory=RunCounters)
-    history: list = field(default_factory=list)
 
 
 class Trainer:
@@ -146,9 +147,6 @@ class Trainer:
         t = torch.tensor([local_sum, stop], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t[0]) / self.cfg.train.global_batch, bool(t[1] > 0)
-
-    def _global_mean(self, local_sum: float) -> float:
-        return self._reduce_loss_and_stop(local_sum)[0]
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank."""
@@ -279,7 +277,6 @@ class Trainer:
                 r = self.train_step(step)
                 self.state.counters.productive_seconds += r.seconds
                 self.watchdog.progress()
-                self.state.history.append(r.loss)
                 if not math.isfinite(r.loss):
                     raise FloatingPointError(f"loss became {r.loss} at step {step}; lower schedule.lr_max")
                 self._log_step(r)
@@ -331,15 +328,3 @@ class Trainer:
         self.jsonl.close()
         if self.samples_log:
             self.samples_log.close()
-
-
-def parameters_digest(model: torch.nn.Module) -> str:
-    """A short hash of all parameters, for bit-exactness checks across runs."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-

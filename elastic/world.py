@@ -8,6 +8,9 @@ and broadcasts them over MPI (mpi4py); under srun they follow from the job (firs
 A CPU build of torch has no MPI backend, so the ranks MPI assigned always build a gloo (or nccl) group.
 Training uses nccl when CUDA is available and gloo otherwise; checkpoint collectives always get their own gloo group
 so they never queue behind training collectives.
+
+Nodes may hold different numbers of ranks (2 on one node, 1 on another): which ranks share a node is learnt from
+every rank's ``node_id()``, gathered at start-up, never computed from rank arithmetic on a local world size.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from checkpointing.comm import Comm
 
 # (rank, world size, local rank, local world size) variable names per launcher, most specific first.
 ENV_SCHEMES = (
@@ -71,10 +76,6 @@ class WorldInfo:
     """Which environment the ranks came from: torchrun, kubernetes, openmpi, mpich, slurm or single."""
     restart_count: int = 0
     """torchrun's TORCHELASTIC_RESTART_COUNT: how many times the worker group was restarted."""
-
-    @property
-    def node_index(self) -> int:
-        return self.rank // max(self.local_world_size, 1)
 
 
 def _local_size(value: str | None, world_size: int, node: int = 0) -> int:
@@ -219,12 +220,46 @@ def device_for(world: WorldInfo) -> torch.device:
 
 @dataclass
 class ProcessGroups:
-    """The default (training) group plus the groups checkpoint collectives use."""
+    """The default (training) group plus the groups checkpoint collectives use, and where this rank sits among
+    the job's nodes (from the gathered node ids, so nodes may hold different numbers of ranks)."""
 
     ckpt: dist.ProcessGroup | None
     """All ranks, gloo: checkpoint commit and load agreement."""
     node: dist.ProcessGroup | None
-    """This node's ranks, gloo: node-local checkpoint levels."""
+    """This node's ranks, gloo: node-local checkpoint levels. None when the whole job is on one node (the ckpt
+    group is then the node's group) or is a single process."""
+    node_rank: int = 0
+    """This rank's position among its node's ranks (ordered by global rank): its rank in ``node``."""
+    node_size: int = 1
+    """How many ranks share this rank's node."""
+    node_index: int = 0
+    """This node's position among the job's nodes, ordered by their lowest rank."""
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """Which ranks share a node, derived from every rank's node id."""
+
+    nodes: list[list[int]]
+    """The ranks of every node (ascending), nodes ordered by their lowest rank: the same list on every rank."""
+    node_index: int
+    """This rank's node: an index into ``nodes``."""
+    node_rank: int
+    """This rank's position within its node."""
+
+    @property
+    def node_size(self) -> int:
+        return len(self.nodes[self.node_index])
+
+
+def place_on_nodes(node_ids: list[str], rank: int) -> NodePlacement:
+    """Group ranks by node id (``node_ids[r]`` is rank r's); any number of ranks per node."""
+    members: dict[str, list[int]] = {}
+    for r, node in enumerate(node_ids):
+        members.setdefault(node, []).append(r)
+    nodes = list(members.values())  # insertion order: ordered by each node's lowest rank
+    mine = members[node_ids[rank]]
+    return NodePlacement(nodes=nodes, node_index=nodes.index(mine), node_rank=mine.index(rank))
 
 
 def init_distributed(world: WorldInfo, timeout_s: float = 600.0) -> ProcessGroups:
@@ -237,11 +272,18 @@ def init_distributed(world: WorldInfo, timeout_s: float = 600.0) -> ProcessGroup
     dist.init_process_group(backend=training_backend(), rank=world.rank, world_size=world.world_size,
                             timeout=timeout)
     ckpt = dist.new_group(backend="gloo", timeout=timeout)
+    # JSON over the gloo group (no pickled objects): every rank learns every rank's node id
+    node_ids = Comm(ckpt, world.rank, world.world_size).all_gather_json(node_id())
+    placement = place_on_nodes(node_ids, world.rank)
     node = None
-    if world.local_world_size < world.world_size and world.world_size % world.local_world_size == 0:
-        # Every rank must create every subgroup, in the same order.
-        node, _ = dist.new_subgroups(group_size=world.local_world_size, backend="gloo", timeout=timeout)
-    return ProcessGroups(ckpt=ckpt, node=node)
+    if len(placement.nodes) > 1:
+        # new_group is collective over the whole job: every rank creates every node's group, in the same order
+        for index, ranks in enumerate(placement.nodes):
+            group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+            if index == placement.node_index:
+                node = group
+    return ProcessGroups(ckpt=ckpt, node=node, node_rank=placement.node_rank, node_size=placement.node_size,
+                         node_index=placement.node_index)
 
 
 def shutdown_distributed() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from elastic.config import load_config
 from elastic.data import phase_plan
-from elastic.faults import fired_faults, random_plan
+from elastic.fault_plan import random_plan
+from elastic.faults import fired_faults
 from elastic.metrics import read_jsonl
 
 

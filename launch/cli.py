@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="external: the c10d store is an `ecpt rdzv-store` process, not hosted by an agent, so "
                             "losing any one node does not end the job")
     train.add_argument("--fault", action="append", default=[], metavar="SENTENCE",
-                       help="inject a fault, e.g. 'kill rank 1 at step 30' (repeatable; see elastic/faults.py)")
+                       help="inject a fault, e.g. 'kill rank 1 at step 30' (repeatable; see elastic/fault_plan.py)")
     train.set_defaults(func=cmd_train)
     store = sub.add_parser("rdzv-store", help="run a standalone c10d rendezvous store for elastic jobs")
     store.add_argument("--host", default="127.0.0.1")

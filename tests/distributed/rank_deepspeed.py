@@ -6,7 +6,7 @@ Modes:
   dsckpt -- 2 steps, DeepSpeed's own save_checkpoint through EcptCheckpointEngine, 2 more steps, load_checkpoint:
             the fp32 masters/moments must equal the saved ones and step 2 must repeat its loss; rank 0 writes a report
   train  -- resume from the newest checkpoint if any, run to the end (or train.max_steps); rank 0 writes the loss
-            and lr sequence, the first step it ran, the restored cursor and the DeepSpeed start-up seconds to OUT
+            sequence of the steps it ran (from the run's metrics log), the next lr, the first step it ran, the restored cursor and the DeepSpeed start-up seconds to OUT
 """
 
 import json
@@ -21,6 +21,7 @@ from checkpointing import Shard
 from elastic.config import config_from_json
 from elastic.trainer import Trainer
 from elastic.world import detect_world, init_distributed, shutdown_distributed
+from rank_results import global_mean_loss, require_every_step_logged, run_losses
 
 
 def full_grads(trainer: Trainer) -> dict[str, np.ndarray]:
@@ -76,24 +77,24 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
     startup = time.perf_counter() - t0
     if mode == "grads":
         local = trainer._forward_backward(step)
-        loss = trainer._global_mean(local)
+        loss = global_mean_loss(local, cfg.train.global_batch, world.world_size)
         grads = full_grads(trainer)
         if world.rank == 0:
             np.savez(out, __loss__=np.array(loss), **grads)
     elif mode == "dsckpt":
         Path(out).write_text(json.dumps(checkpoint_engine_round_trip(trainer, world, groups, Path(out).parent)))
     else:
+        require_every_step_logged(cfg)
         restored = trainer.checkpoints.restore() if trainer.checkpoints else None
         first = trainer.state.step
-        lrs_before = len(trainer.state.history)
         state = trainer.run()
-        if world.rank == 0:
-            Path(out).write_text(json.dumps({
-                "losses": state.history[lrs_before:], "first_step": first, "startup_seconds": startup,
-                "restored_step": restored.step if restored else None,
-                "saved_world_size": restored.saved_world_size if restored else None,
-                "lr_next": trainer.lr_for(first), "tokens": state.tokens}))
-    trainer.close()
+    trainer.close()  # also closes the metrics log that run_losses reads
+    if mode == "train" and world.rank == 0:
+        Path(out).write_text(json.dumps({
+            "losses": run_losses(trainer.run_dir), "first_step": first, "startup_seconds": startup,
+            "restored_step": restored.step if restored else None,
+            "saved_world_size": restored.saved_world_size if restored else None,
+            "lr_next": trainer.lr_for(first), "tokens": state.tokens}))
     shutdown_distributed()
 
 

@@ -3,7 +3,8 @@
 Modes:
   grads  -- one forward/backward of step STEP; rank 0 writes the reduced gradients to OUT (npz, no pickle)
   train  -- resume from the newest checkpoint if any, run to the end (or train.max_steps); rank 0 writes the loss
-            sequence, the first step it ran, and a parameter digest to OUT (JSON)
+            sequence of the steps it ran (from the run's metrics log), the first step it ran, and a parameter digest
+            to OUT (JSON)
 """
 
 import json
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 from elastic.config import config_from_json
-from elastic.trainer import Trainer, parameters_digest
+from elastic.trainer import Trainer
 from elastic.world import detect_world, init_distributed, shutdown_distributed
+from rank_results import global_mean_loss, parameters_digest, require_every_step_logged, run_losses
 
 
 def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
@@ -29,18 +31,19 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
     if mode == "grads":
         trainer.optimizer.zero_grad(set_to_none=True)
         local = trainer._forward_backward(step)
-        loss = trainer._global_mean(local)
+        loss = global_mean_loss(local, cfg.train.global_batch, world.world_size)
         if world.rank == 0:
             grads = {n: p.grad.detach().numpy() for n, p in trainer.model.named_parameters()}
             np.savez(out, __loss__=np.array(loss), **grads)
     else:
+        require_every_step_logged(cfg)
         trainer.resume(time.perf_counter())
         first = trainer.state.step
-        state = trainer.run()
-        if world.rank == 0:
-            Path(out).write_text(json.dumps({"losses": state.history, "first_step": first,
-                                             "digest": parameters_digest(trainer.model)}))
-    trainer.close()
+        trainer.run()
+    trainer.close()  # also closes the metrics log that run_losses reads
+    if mode == "train" and world.rank == 0:
+        Path(out).write_text(json.dumps({"losses": run_losses(trainer.run_dir), "first_step": first,
+                                         "digest": parameters_digest(trainer.model)}))
     shutdown_distributed()
 
 

@@ -1,7 +1,6 @@
 """The fault plan: parsing, once-per-run claiming, corruption and the watchdog, without a training job."""
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -10,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from elastic.config import ConfigError
-from elastic.faults import (FaultInjector, Watchdog, corrupt_newest_checkpoint, fill_file_system, fired_faults,
-                            parse_plan, random_plan)
+from elastic.fault_plan import parse_plan, random_plan
+from elastic.faults import FaultInjector, corrupt_newest_checkpoint, fill_file_system, fired_faults
+from elastic.watchdog import Watchdog
 
 
 def test_plan_sentences_parse():
@@ -73,7 +73,7 @@ def test_fill_disk_refuses_a_real_disk(tmp_path):
 
 def test_watchdog_exits_a_worker_that_makes_no_progress(tmp_path):
     code = ("import logging, time\n"
-            "from elastic.faults import Watchdog\n"
+            "from elastic.watchdog import Watchdog\n"
             "Watchdog(1.0, logging.getLogger('w')).start()\n"
             "time.sleep(60)\n")  # the simulated hang
     start = time.monotonic()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from elastic.world import (SLURM_PORT_BASE, WorldInfo, detect_world, ensure_master_env, first_host, mpi_master,
-                           slurm_master)
+                           place_on_nodes, slurm_master)
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
             "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "ecpt", "TORCHELASTIC_RESTART_COUNT": "2"}
@@ -50,9 +50,15 @@ def test_detect_world(env, expected):
     assert detect_world(env) == expected
 
 
-def test_node_index_follows_local_world_size():
-    assert detect_world(SRUN).node_index == 2
-    assert detect_world(OPENMPI).node_index == 1
+def test_ranks_are_placed_on_nodes_by_node_id_even_when_nodes_hold_different_counts():
+    ids = ["n0", "n0", "n1"]  # 2 ranks on n0, 1 on n1: no local world size divides the world evenly
+    assert [(p.node_index, p.node_rank, p.node_size) for p in (place_on_nodes(ids, r) for r in range(3))] == [
+        (0, 0, 2), (0, 1, 2), (1, 0, 1)]
+    assert place_on_nodes(ids, 2).nodes == [[0, 1], [2]]
+    # srun's uneven '2(x3),1' placement, and a launcher that does not number a node's ranks consecutively
+    assert place_on_nodes(["a", "a", "b", "b", "c", "c", "d"], 6).nodes == [[0, 1], [2, 3], [4, 5], [6]]
+    interleaved = place_on_nodes(["b", "a", "b"], 2)
+    assert (interleaved.nodes, interleaved.node_index, interleaved.node_rank) == ([[0, 2], [1]], 0, 1)
 
 
 @pytest.mark.parametrize("nodelist,host", [

@@ -1,0 +1,76 @@
+"""The fault plan's grammar: one sentence per fault, each firing once per run at the start of a step.
+
+    kill rank 1 at step 30            SIGKILL that worker (torchrun restarts the worker group)
+    kill node n1 at step 50           SIGKILL the agent of node n1 (its workers die with it): the job shrinks
+    sigterm all at step 70            SIGTERM every node's agent (preemption): workers save and stop
+    stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it
+    corrupt newest at step 40         flip bytes in the first chunk of the newest committed checkpoint
+    fill disk at step 60              fill the L1 checkpoint file system (only a small one, e.g. a test tmpfs)
+
+Only parsing and describing live here (the config validates plans with it); ``elastic.faults`` carries them out.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from elastic.errors import ConfigError
+
+KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk")
+_PATTERNS = [
+    ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)$")),
+    ("kill_node", re.compile(r"^kill node (?P<node>\S+) at step (?P<step>\d+)$")),
+    ("sigterm", re.compile(r"^sigterm all at step (?P<step>\d+)$")),
+    ("stall", re.compile(r"^stall rank (?P<rank>\d+) at step (?P<step>\d+) for (?P<seconds>[\d.]+)s$")),
+    ("corrupt", re.compile(r"^corrupt newest at step (?P<step>\d+)$")),
+    ("fill_disk", re.compile(r"^fill disk at step (?P<step>\d+)$")),
+]
+
+
+@dataclass(frozen=True)
+class Fault:
+    index: int
+    kind: str
+    step: int
+    rank: int | None = None
+    node: str | None = None
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
+        subject = {"kill": f"kill rank {self.rank}", "kill_node": f"kill node {self.node}", "sigterm": "sigterm all",
+                   "stall": f"stall rank {self.rank}", "corrupt": "corrupt newest", "fill_disk": "fill disk"}
+        return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
+
+
+def parse_plan(sentences: list[str]) -> list[Fault]:
+    faults = []
+    for i, text in enumerate(sentences):
+        norm = " ".join(text.lower().split())
+        for kind, pattern in _PATTERNS:
+            m = pattern.match(norm)
+            if m:
+                g = m.groupdict()
+                faults.append(Fault(index=i, kind=kind, step=int(g["step"]),
+                                    rank=int(g["rank"]) if g.get("rank") else None, node=g.get("node"),
+                                    seconds=float(g.get("seconds") or 0)))
+                break
+        else:
+            raise ConfigError(f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
+                              f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
+                              f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'")
+    return faults
+
+
+def random_plan(seed: int, total_steps: int, count: int, ranks: int) -> list[str]:
+    """``count`` worker kills and stalls at distinct random steps, reproducible from ``seed``."""
+    rng = random.Random(seed)
+    steps = sorted(rng.sample(range(max(total_steps // 10, 1), max(total_steps - 2, 2)), count))
+    plan = []
+    for step in steps:
+        rank = rng.randrange(ranks)
+        plan.append(f"kill rank {rank} at step {step}" if rng.random() < 0.7
+                    else f"stall rank {rank} at step {step} for 600s")
+    return plan
