@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elastic.config import ConfigError
-from elastic.world import AGENT_PID_ENV
+from elastic.process_env import AGENT_PID_ENV
 
 KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk")
 _PATTERNS = [

@@ -21,7 +21,8 @@ from elastic.bootstrap import join_job
 from elastic.config import config_from_json
 from elastic.metrics import WorkerMetrics
 from elastic.trainer import Trainer
-from elastic.world import PROCESS_STARTED_ENV, detect_world, shutdown_distributed
+from elastic.process_env import PROCESS_STARTED_ENV
+from elastic.world import detect_world, shutdown_distributed
 
 PR_SET_PDEATHSIG = 1
 

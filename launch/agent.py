@@ -26,7 +26,7 @@ import sys
 
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-from elastic.world import AGENT_PID_ENV
+from elastic.process_env import AGENT_PID_ENV
 
 WORKER_MODULE = "elastic.worker"
 

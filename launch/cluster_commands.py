@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elastic.config import Config, ConfigError
-from launch.cli import _add_config_args, prepare_run
+from launch.args import add_config_args
 from launch.spec import DEFAULT_METRICS_PORT, JobShape, LaunchSpec, check_job_name, default_job_name, load_with_shape
+from launch.train_commands import prepare_run
 
 if TYPE_CHECKING:  # the backends import torch (through launch.local); `ecpt --help` should not
     from launch.k8s import K8sOptions
@@ -149,7 +150,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--job-name", help="job name (default: ecpt-<config file name>)")
     p.add_argument("--nproc-per-node", type=int, help="workers per node (default: one per GPU, or the config's "
                                                       "launch.nproc_per_node on CPU nodes)")
