@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from elastic.config import DEFAULT_CONFIG
+from elastic.config import DEFAULT_CONFIG_NAME
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help=f"TOML config (default: the embedded {DEFAULT_CONFIG.name})")
+    p.add_argument("--config", default=None,
+                   help=f"TOML config: a file, or the name of a bundled config such as {DEFAULT_CONFIG_NAME} "
+                        f"(default: {DEFAULT_CONFIG_NAME})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable, e.g. --set train.max_steps=20")
 

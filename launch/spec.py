@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elastic.config import Config, ConfigError, load_config
+from elastic.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 
 DEFAULT_RDZV_PORT = 29400
 """torchrun's default c10d port; used when launch.rdzv_endpoint leaves the port at 0."""
@@ -104,7 +104,7 @@ class LaunchSpec:
 
 def default_job_name(config_path: str | None) -> str:
     """'configs/tiny-cpu.toml' -> 'ecpt-tiny-cpu' (lower case, dashes: valid for Slurm and Kubernetes)."""
-    stem = Path(config_path).stem if config_path else "tiny-cpu"
+    stem = Path(config_path).stem if config_path else DEFAULT_CONFIG_NAME
     return "ecpt-" + (re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "job")
 
 
