@@ -62,7 +62,7 @@ def test_installed_wheel_trains_outside_the_source_tree(tmp_path):
 
     result = subprocess.run([str(venv / "bin" / "ecpt"), "train", "--nproc-per-node", "1",
                              "--set", "train.max_steps=2", "--set", "train.progress=false",
-                             "--set", "metrics.enabled=false"],
+                             "--set", "metrics.enabled=false", "--set", f'checkpoint.l0_dir="{tmp_path / "l0"}"'],
                             cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "training finished" in result.stdout
