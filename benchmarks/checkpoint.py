@@ -270,7 +270,7 @@ def trainer_ab(args, work: Path) -> dict:
     training run (so the machine's load drifts hit both alike). Each checkpointed block ends with wait_durable(),
     charging every pending persist and promotion to it."""
     from elastic.config import load_config
-    from launch.cli import prepare_run
+    from launch.train_commands import prepare_run
 
     run_dir = work / "trainer"
     shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-trainer-", dir="/dev/shm"))

@@ -176,7 +176,7 @@ def make_job(system: str, root: Path, steps_total: int, l0_dir: Path) -> Job:
     cfg.train.run_dir = str(run)
     config_json = root / system / "config.json"
     save_config(cfg, config_json)
-    from launch.cli import prepare_run
+    from launch.train_commands import prepare_run
 
     prepare_run(cfg)
     return Job(system=system, run=run, config_json=config_json, endpoint=f"127.0.0.1:{free_port()}")

@@ -25,7 +25,7 @@ import torch
 from checkpointing import CheckpointError, CheckpointManager, LevelSpec
 from elastic.config import Config
 from elastic.model import hf_config
-from elastic.world import PROCESS_STARTED_ENV, node_id
+from elastic.process_env import PROCESS_STARTED_ENV, node_id
 
 
 def run_key(cfg: Config) -> str:

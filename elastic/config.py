@@ -12,19 +12,51 @@ import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from elastic.errors import ConfigError
 from elastic.fault_plan import parse_plan
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-"""The repo's configs/ directory, where every default config file (training, experiments) is looked up."""
-DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.toml"
+BUNDLED_CONFIGS_PACKAGE = "configs"
+"""The package whose ``*.toml`` files ship with ecpt: the repository's ``configs/`` folder."""
+DEFAULT_CONFIG_NAME = "tiny-cpu"
+"""The bundled config ``ecpt train`` and the launch backends use without ``--config``."""
 
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def bundled_config_names() -> list[str]:
+    """Names of the configs that ship with ecpt, e.g. ['cpt-experiment', 'cpt-mini', 'tiny-cpu', ...]."""
+    files = resources.files(BUNDLED_CONFIGS_PACKAGE).iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+
+
+def bundled_config(name: str) -> Traversable:
+    """The bundled config called ``name``; works the same from a source checkout and from an installed wheel."""
+    names = bundled_config_names()
+    _require(name in names, f"no bundled config named {name!r}; bundled configs: {', '.join(names)}")
+    return resources.files(BUNDLED_CONFIGS_PACKAGE) / f"{name}.toml"
+
+
+def resolve_config(config: str | Path | None, default: str = DEFAULT_CONFIG_NAME) -> Path | Traversable:
+    """What ``--config`` names: a file that exists, else a bundled config by name ('tiny-cpu', 'tiny-cpu.toml' or
+    'configs/tiny-cpu.toml', as the README writes it, from any directory); None means the bundled ``default``."""
+    if not config:
+        return bundled_config(default)
+    path = Path(config)
+    if path.is_file():
+        return path
+    if path.parent in (Path(), Path(BUNDLED_CONFIGS_PACKAGE)) and path.suffix in ("", ".toml"):
+        name = path.name.removesuffix(".toml")
+        if name in bundled_config_names():
+            return bundled_config(name)
+    raise ConfigError(f"config file {config} does not exist and is not the name of a bundled config; pass --config "
+                      f"with an existing TOML file or one of: {', '.join(bundled_config_names())}")
 
 
 @dataclass
@@ -495,13 +527,10 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config (or a resolved config.json; the embedded default if ``path`` is None), apply overrides
-    and validate everything."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with an existing TOML file "
-                          f"(the default is {DEFAULT_CONFIG})")
-    if path.suffix == ".json":  # a resolved config written by a previous run (<run_dir>/config.json)
+    """Load a TOML config (or a resolved config.json; a bundled config by name; the bundled default if ``path`` is
+    None, see ``resolve_config``), apply overrides and validate everything."""
+    path = resolve_config(path)
+    if path.name.endswith(".json"):  # a resolved config written by a previous run (<run_dir>/config.json)
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

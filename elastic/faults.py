@@ -19,7 +19,7 @@ from pathlib import Path
 from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
 from elastic.errors import ConfigError
 from elastic.fault_plan import Fault
-from elastic.world import AGENT_PID_ENV
+from elastic.process_env import AGENT_PID_ENV
 
 FILL_DISK_MAX_BYTES = 2 << 30
 """fill_disk refuses file systems with more free space than this: it is for test file systems, not real disks."""

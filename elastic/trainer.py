@@ -31,8 +31,9 @@ from elastic.faults import FaultInjector
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
 from elastic.model import LlamaLM, count_parameters
 from elastic.schedule import lr_at
+from elastic.process_env import node_id
 from elastic.watchdog import Watchdog
-from elastic.world import ProcessGroups, RankLogger, WorldInfo, node_id
+from elastic.world import ProcessGroups, RankLogger, WorldInfo
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:

@@ -21,7 +21,8 @@ from elastic.bootstrap import join_job
 from elastic.config import config_from_json
 from elastic.metrics import WorkerMetrics
 from elastic.trainer import Trainer
-from elastic.world import PROCESS_STARTED_ENV, detect_world, shutdown_distributed
+from elastic.process_env import PROCESS_STARTED_ENV
+from elastic.world import detect_world, shutdown_distributed
 
 PR_SET_PDEATHSIG = 1
 
@@ -85,16 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         trainer.resume(started)
         phases["restore"] = time.perf_counter() - t
+        log.step = trainer.state.step  # the step training starts at (0, or the restored one)
         log.info("ready " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
                  f" (process started {time.time() - float(os.environ[PROCESS_STARTED_ENV]):.2f} s ago)")
         trainer.run()
     except BaseException:
         # Peers may be blocked in a collective with us: a collective clean-up here would hang them and us. Exit
         # at once instead; the agent sees the failure and restarts the worker group from the newest checkpoint.
+        log.step = trainer.state.step  # completed steps, as every end-of-run line reports them
         log.exception("training failed; exiting so the agent restarts the worker group")
         logging.shutdown()
         os._exit(1)
     trainer.close()
+    log.step = trainer.state.step
     if trainer.stop_signal is not None:
         log.info(f"stopped by signal {trainer.stop_signal}")
     shutdown_distributed()

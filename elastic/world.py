@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing.comm import Comm
+from elastic.process_env import node_id
 
 # (rank, world size, local rank, local world size) variable names per launcher, most specific first.
 ENV_SCHEMES = (
@@ -36,22 +37,6 @@ ENV_SCHEMES = (
 )
 SLURM_TASKS_PER_NODE_KEYS = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
 """srun always sets the step's tasks per node ('2(x3),1'); --ntasks-per-node alone sets the last one."""
-
-# The environment variables ecpt itself sets for its processes, each named once here. The launcher and the
-# fork server import these names; workers read them.
-NODE_ID_ENV = "ECPT_NODE_ID"
-"""This node's identity, set per agent by ``ecpt train --node-id`` (several simulated nodes on one machine);
-unset means the hostname. It names the node's own L0 memory directory and is what ``kill node`` faults target."""
-AGENT_PID_ENV = "ECPT_AGENT_PID"
-"""Set by ``launch.agent``: the elastic agent's pid (a worker's parent is the fork server, not the agent)."""
-PROCESS_STARTED_ENV = "ECPT_PROCESS_STARTED"
-"""Unix time at which this worker process started (set once, on entry), so start-up cost can be reported."""
-
-
-def node_id(env: dict[str, str] | None = None) -> str:
-    """Stable identity of this node's memory: ``ECPT_NODE_ID`` if the launcher set it, else the hostname."""
-    env = os.environ if env is None else env
-    return env.get(NODE_ID_ENV) or os.uname().nodename
 
 
 class RankLogger(logging.LoggerAdapter):

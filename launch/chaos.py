@@ -15,6 +15,8 @@ from elastic.data import phase_plan
 from elastic.fault_plan import random_plan
 from elastic.faults import fired_faults
 from elastic.metrics import read_jsonl
+from launch.args import add_config_args
+from launch.train_commands import train_on_this_machine, with_faults
 
 
 def fault_report(run_dir: Path) -> list[dict]:
@@ -50,8 +52,6 @@ def format_report(report: list[dict]) -> str:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from launch.cli import cmd_train
-
     cfg = load_config(args.config, args.overrides)
     plan = list(args.plan)
     if args.random:
@@ -64,24 +64,18 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         overrides.append("train.hang_timeout=10")  # a stall is only a fault worth testing with a watchdog on
     if not (cfg.checkpoint.l0_interval or cfg.checkpoint.interval):
         overrides.append("checkpoint.l0_interval=1")
+    if args.run_dir:
+        overrides.append(f'train.run_dir="{args.run_dir}"')
     print("fault plan:\n  " + "\n  ".join(plan), flush=True)
-    train_args = argparse.Namespace(config=args.config, overrides=overrides, nnodes=None, nproc_per_node=None,
-                                    run_dir=args.run_dir, rdzv_endpoint=None, node_rank=None, node_id=None,
-                                    rdzv_store="agent", fault=plan)
-    code = cmd_train(train_args)
-    run_dir = Path(load_config(args.config, _run_dir_override(overrides, args.run_dir)).train.run_dir)
-    print(format_report(fault_report(run_dir)), flush=True)
+    train_cfg = with_faults(load_config(args.config, overrides), plan)
+    code = train_on_this_machine(train_cfg)
+    print(format_report(fault_report(Path(train_cfg.train.run_dir))), flush=True)
     return code
-
-
-def _run_dir_override(overrides: list[str], run_dir: str | None) -> list[str]:
-    return overrides + ([f'train.run_dir="{run_dir}"'] if run_dir else [])
 
 
 def add_chaos_parser(sub) -> None:
     p = sub.add_parser("chaos", help="train under a fault plan and report detection, recovery and steps lost")
-    p.add_argument("--config", default=None, help="TOML config (default: the embedded tiny-cpu.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_config_args(p)
     p.add_argument("--plan", action="append", default=[], metavar="SENTENCE",
                    help="a fault, e.g. 'kill rank 1 at step 30' (repeatable)")
     p.add_argument("--random", type=int, default=0, metavar="N", help="add N random worker kills/stalls")

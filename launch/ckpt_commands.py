@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from checkpointing import CheckpointError, export_safetensors, inspect, list_checkpoints, verify
+# The checkpoint tools below import ``checkpointing`` (hence torch) when they run, not when the parser is built:
+# this module is imported on every ``ecpt`` start, ``ecpt --help`` included.
 
 
 def add_ckpt_parser(subparsers) -> None:
@@ -38,6 +39,8 @@ def _is_checkpoint(path: Path) -> bool:
 
 def _resolve(path: Path) -> Path:
     """One checkpoint directory: DIR itself, or the newest committed checkpoint under a level root."""
+    from checkpointing import CheckpointError, list_checkpoints
+
     if _is_checkpoint(path):
         return path
     found = list_checkpoints(path)
@@ -48,6 +51,8 @@ def _resolve(path: Path) -> Path:
 
 def run_ckpt(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 1 if verify found problems, 2 if the directory is not a checkpoint."""
+    from checkpointing import CheckpointError, export_safetensors, inspect, verify
+
     path = Path(args.dir)
     try:
         if args.ckpt_command == "list":
@@ -71,6 +76,8 @@ def run_ckpt(args: argparse.Namespace) -> int:
 
 
 def _list(path: Path) -> int:
+    from checkpointing import list_checkpoints
+
     infos = list_checkpoints(path.parent if _is_checkpoint(path) else path)
     if not infos:
         print(f"ecpt ckpt: {path}: no committed checkpoint", file=sys.stderr)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elastic.config import Config, ConfigError
-from launch.cli import _add_config_args, prepare_run
+from launch.args import add_config_args
 from launch.spec import DEFAULT_METRICS_PORT, JobShape, LaunchSpec, check_job_name, default_job_name, load_with_shape
+from launch.train_commands import prepare_run
 
 if TYPE_CHECKING:  # the backends import torch (through launch.local); `ecpt --help` should not
     from launch.k8s import K8sOptions
@@ -46,7 +47,7 @@ def slurm_spec(args: argparse.Namespace) -> tuple[LaunchSpec, SlurmOptions]:
                         requeue_on_signal=not args.no_requeue, extra_sbatch=list(args.sbatch))
     opts.validate()
     shape = JobShape(max_nodes=args.nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node,
-                     nproc_per_node=args.nproc_per_node or 0, run_dir=args.run_dir or "",
+                     nproc_per_node=args.nproc_per_node, run_dir=args.run_dir or "",
                      metrics_host="0.0.0.0" if args.nodes > 1 else "")
     cfg = load_with_shape(args.config, args.overrides, shape)
     cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())
@@ -122,7 +123,7 @@ def k8s_spec(args: argparse.Namespace) -> tuple[LaunchSpec, K8sOptions]:
                       metrics_port=args.metrics_port)
     opts.validate()
     shape = JobShape(max_nodes=args.max_nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node,
-                     nproc_per_node=args.nproc_per_node or 0, metrics_host="0.0.0.0", metrics_port=args.metrics_port)
+                     nproc_per_node=args.nproc_per_node, metrics_host="0.0.0.0", metrics_port=args.metrics_port)
     cfg = load_with_shape(args.config, args.overrides, shape)
     spec = LaunchSpec(cfg=cfg, config_json="/etc/ecpt/config.json", job_name=_job_name(args),
                       gpus_per_node=args.gpus_per_node)
@@ -132,8 +133,6 @@ def k8s_spec(args: argparse.Namespace) -> tuple[LaunchSpec, K8sOptions]:
 def cmd_k8s(args: argparse.Namespace) -> int:
     from launch.k8s import manifests, to_yaml
 
-    if args.min_nodes < 1:
-        raise ConfigError(f"--min-nodes must be >= 1, got {args.min_nodes}")
     spec, opts = k8s_spec(args)
     text = to_yaml(manifests(spec, opts))
     if args.output:
@@ -149,7 +148,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--job-name", help="job name (default: ecpt-<config file name>)")
     p.add_argument("--nproc-per-node", type=int, help="workers per node (default: one per GPU, or the config's "
                                                       "launch.nproc_per_node on CPU nodes)")
@@ -159,7 +158,7 @@ def _slurm_parser(sub) -> None:
     p = sub.add_parser("slurm", help="render (and submit) an sbatch script: one torchrun agent per node")
     _common(p)
     p.add_argument("--nodes", type=int, required=True, help="nodes to allocate (torchrun's MAX)")
-    p.add_argument("--min-nodes", type=int, default=0,
+    p.add_argument("--min-nodes", type=int, default=None,
                    help="fewest nodes training continues with (default: the config's launch.nnodes MIN, else 1)")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node; 0 = CPU nodes (gloo)")
     p.add_argument("--time", required=True, help="wall-time limit, e.g. 30, 4:00:00, 1-12:00:00")

@@ -46,7 +46,7 @@ def add_experiment_parser(sub) -> None:
         description="Train the same model through the same data phases under every arm of the experiment config, "
                     "then print a Markdown table and write results.md, results.json and curves.png to --out. "
                     "Arms with a result in --out are skipped; an unfinished arm resumes from its newest checkpoint.")
-    cpt.add_argument("--config", default=None, help=f"experiment TOML (default: {CPT_CONFIG.name} in configs/)")
+    cpt.add_argument("--config", default=None, help=f"experiment TOML file or bundled config name (default: {CPT_CONFIG})")
     cpt.add_argument("--out", default=None, help="output directory (default: experiment.out of the config)")
     cpt.add_argument("--arms", type=_arm_list, default=None, metavar="A,B",
                      help="train only these arms (the report still covers every finished arm)")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elastic.config import Config, ConfigError, load_config
+from elastic.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 
 DEFAULT_RDZV_PORT = 29400
 """torchrun's default c10d port; used when launch.rdzv_endpoint leaves the port at 0."""
@@ -27,12 +27,12 @@ class JobShape:
 
     max_nodes: int
     """Nodes requested (the allocation, or PyTorchJob replicas)."""
-    min_nodes: int = 0
-    """Fewest nodes training continues with (torchrun --nnodes MIN:MAX); 0 = the config's minimum, capped."""
+    min_nodes: int | None = None
+    """Fewest nodes training continues with (torchrun --nnodes MIN:MAX); None = the config's minimum, capped."""
     gpus_per_node: int = 0
     """GPUs per node; 0 runs CPU workers over gloo."""
-    nproc_per_node: int = 0
-    """Workers per node; 0 = one per GPU, or launch.nproc_per_node of the config on CPU nodes."""
+    nproc_per_node: int | None = None
+    """Workers per node; None = one per GPU, or launch.nproc_per_node of the config on CPU nodes."""
     run_dir: str = ""
     """Overrides train.run_dir (must be on storage every node sees)."""
     metrics_host: str = ""
@@ -43,11 +43,11 @@ class JobShape:
     def validate(self) -> None:
         if self.max_nodes < 1:
             raise ConfigError(f"--nodes/--max-nodes must be >= 1, got {self.max_nodes}")
-        if self.min_nodes < 0 or self.min_nodes > self.max_nodes:
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.max_nodes:
             raise ConfigError(f"--min-nodes must be in [1, {self.max_nodes}] (the maximum), got {self.min_nodes}")
         if self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node must be >= 0 (0 = CPU nodes, gloo), got {self.gpus_per_node}")
-        if self.nproc_per_node < 0:
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
 
 
@@ -104,7 +104,7 @@ class LaunchSpec:
 
 def default_job_name(config_path: str | None) -> str:
     """'configs/tiny-cpu.toml' -> 'ecpt-tiny-cpu' (lower case, dashes: valid for Slurm and Kubernetes)."""
-    stem = Path(config_path).stem if config_path else "tiny-cpu"
+    stem = Path(config_path).stem if config_path else DEFAULT_CONFIG_NAME
     return "ecpt-" + (re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "job")
 
 
@@ -119,8 +119,8 @@ def shape_overrides(cfg: Config, shape: JobShape) -> list[str]:
     """--set style overrides that write the job shape into the config."""
     shape.validate()
     cfg_min = cfg.launch.min_nodes if ":" in cfg.launch.nnodes else 1
-    min_nodes = shape.min_nodes or min(cfg_min, shape.max_nodes)
-    nproc = shape.nproc_per_node or shape.gpus_per_node or cfg.launch.nproc_per_node
+    min_nodes = min(cfg_min, shape.max_nodes) if shape.min_nodes is None else shape.min_nodes
+    nproc = shape.nproc_per_node or shape.gpus_per_node or cfg.launch.nproc_per_node  # validated: None or >= 1
     out = [f'launch.nnodes="{min_nodes}:{shape.max_nodes}"', f"launch.nproc_per_node={nproc}"]
     if shape.run_dir:
         out.append(f'train.run_dir="{shape.run_dir}"')

@@ -8,11 +8,14 @@ import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from elastic.config import CONFIG_DIR, Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict
+from elastic.config import (Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict,
+                            resolve_config)
 
-CPT_CONFIG = CONFIG_DIR / "cpt-experiment.toml"
+CPT_CONFIG = "cpt-experiment"
+"""The bundled experiment config used without --config (configs/cpt-experiment.toml)."""
 
 
 def require(cond: bool, message: str) -> None:
@@ -109,7 +112,8 @@ def parse_experiment(raw: object) -> ExperimentSpec:
 class Experiment:
     """A loaded experiment file: the base training config (raw and validated) and the arms."""
 
-    path: Path
+    path: Path | Traversable
+    """The experiment file: a path, or a bundled config inside the installed package."""
     base_raw: dict
     base: Config
     spec: ExperimentSpec
@@ -176,9 +180,7 @@ def arm_config(exp: Experiment, arm: ArmSpec, run_dir: Path | None = None, threa
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
     """Read an experiment file, apply ``--set`` overrides (to the base config or to ``experiment.*``) and validate
     the base config, the arms and every arm's resulting config before anything trains."""
-    path = Path(path) if path else CPT_CONFIG
-    require(path.is_file(), f"experiment config {path} does not exist; pass --config with an existing TOML file "
-                             f"(the default is {CPT_CONFIG})")
+    path = resolve_config(path, default=CPT_CONFIG)  # a file, or a bundled config by name; else a ConfigError
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

@@ -82,7 +82,9 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
         if world.rank == 0:
             np.savez(out, __loss__=np.array(loss), **grads)
     elif mode == "dsckpt":
-        Path(out).write_text(json.dumps(checkpoint_engine_round_trip(trainer, world, groups, Path(out).parent)))
+        report = checkpoint_engine_round_trip(trainer, world, groups, Path(out).parent)
+        if world.rank == 0:  # counts are all-reduced; two ranks writing one file interleaved into invalid JSON
+            Path(out).write_text(json.dumps(report))
     else:
         require_every_step_logged(cfg)
         restored = trainer.checkpoints.restore() if trainer.checkpoints else None

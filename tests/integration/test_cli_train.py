@@ -50,6 +50,19 @@ def test_train_runs_all_phases_on_two_workers(tiny_raw, tmp_path):
     assert [t.name for t in targets] == ["rank-0.json", "rank-1.json"]
 
 
+def test_workers_do_not_rerun_the_agent_module(tiny_raw, tmp_path):
+    """multiprocessing re-ran the agent's main module in every forked worker, where the fork server had already
+    imported it: runpy warned "'launch.agent' found in sys.modules ..." once per worker on every run."""
+    cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
+    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
+                                   "--set", "train.max_steps=1"]),
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "RuntimeWarning" not in result.stderr, result.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl", "step")] == [1]
+
+
 def test_bad_config_fails_before_any_process_starts(tiny_raw, tmp_path):
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
     run = tmp_path / "run"

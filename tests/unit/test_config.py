@@ -2,7 +2,9 @@ import copy
 
 import pytest
 
-from elastic.config import ConfigError, apply_overrides, config_from_dict, load_config, parse_override
+from elastic.config import (ConfigError, apply_overrides, bundled_config_names, config_from_dict, load_config,
+                            parse_override)
+from helpers import write_toml
 
 
 def test_default_config_loads_and_describes_three_phases():
@@ -66,3 +68,25 @@ def test_a_resolved_config_json_loads_as_a_config(tmp_path):
     again = load_config(tmp_path / "config.json", ["train.seed=5"])
     assert again.train.max_steps == 3 and again.train.seed == 5
     assert again.data.phases == cfg.data.phases
+
+
+def test_bundled_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert {"tiny-cpu", "tiny-cpu-zero2", "cpt-mini", "cpt-experiment"} <= set(bundled_config_names())
+    default = load_config(None)
+    for name in ("tiny-cpu", "tiny-cpu.toml", "configs/tiny-cpu.toml"):
+        assert load_config(name) == default, name
+    assert load_config("tiny-cpu-zero2").deepspeed.zero_stage == 2
+
+
+def test_an_existing_file_wins_over_a_bundled_name(tiny_raw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_toml(tiny_raw, tmp_path / "tiny-cpu.toml")
+    assert load_config("tiny-cpu.toml").data.sources == load_config(tmp_path / "tiny-cpu.toml").data.sources
+    assert load_config("tiny-cpu.toml").data.sources != load_config("tiny-cpu").data.sources
+
+
+def test_an_unknown_config_name_lists_the_bundled_ones():
+    with pytest.raises(ConfigError, match="does not exist .* one of: .*tiny-cpu") as err:
+        load_config("tiny-gpu")
+    assert all(name in str(err.value) for name in bundled_config_names())

@@ -14,6 +14,10 @@ never run a torch op (no OpenMP pool is forked) and never touches CUDA (workers 
 Process tree: agent -> fork server -> workers. Each link is bound by PR_SET_PDEATHSIG (``launch.forkserver_guard``
 and ``elastic.worker.die_with_parent``), so a SIGKILLed agent takes its fork server and workers along. Fault
 injection finds the agent through ``ECPT_AGENT_PID`` because a worker's parent is the fork server.
+
+The command line lives in ``launch/agent/__main__.py``, not here: multiprocessing re-runs the parent's main module
+in every forked worker unless its name ends in ``.__main__``, and this module, preloaded into the fork server,
+would then run a second time in each worker (with runpy's "found in sys.modules" RuntimeWarning).
 """
 
 from __future__ import annotations
@@ -22,11 +26,10 @@ import json
 import multiprocessing
 import os
 import signal
-import sys
 
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-from elastic.world import AGENT_PID_ENV
+from elastic.process_env import AGENT_PID_ENV
 
 WORKER_MODULE = "elastic.worker"
 
@@ -58,7 +61,7 @@ class ForkedWorkersAgent(LocalElasticAgent):
 
 def preload_modules(worker_args: list[str]) -> list[str]:
     """What the fork server imports once: the worker, and what the config makes a worker import at start-up."""
-    modules = [WORKER_MODULE, "launch.agent"]  # each worker unpickles run_worker from launch.agent
+    modules = [WORKER_MODULE, __name__]  # each worker unpickles run_worker from this module
     if "--config-json" in worker_args:
         with open(worker_args[worker_args.index("--config-json") + 1]) as f:
             if json.load(f).get("train", {}).get("deterministic"):
@@ -72,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.launcher import api as launcher_api
     from torch.distributed.run import config_from_args, get_args_parser
 
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    parser.prog = "python -m launch.agent"  # argparse's default would be this package's "__main__.py"
+    args = parser.parse_args(argv)
     if not args.module or args.training_script != WORKER_MODULE:
         raise SystemExit(f"launch.agent starts only `-m {WORKER_MODULE}`, got {args.training_script!r}; "
                          f"run other scripts with torchrun")
@@ -82,7 +87,3 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[AGENT_PID_ENV] = str(os.getpid())  # inherited by the fork server, so by every worker
     launcher_api.LocalElasticAgent = ForkedWorkersAgent  # the class torchrun's launch_agent instantiates
     launcher_api.elastic_launch(config=config, entrypoint=run_worker)(*args.training_script_args)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,0 +1,23 @@
+"""The environment variables ecpt itself sets for its processes, each named once here, and this node's identity.
+
+Kept apart from ``elastic.world`` (which imports torch) because the launcher reads these names too, and every
+``ecpt`` start, ``ecpt --help`` included, must not pay for importing torch. Workers read them.
+"""
+
+from __future__ import annotations
+
+import os
+
+NODE_ID_ENV = "ECPT_NODE_ID"
+"""This node's identity, set per agent by ``ecpt train --node-id`` (several simulated nodes on one machine);
+unset means the hostname. It names the node's own L0 memory directory and is what ``kill node`` faults target."""
+AGENT_PID_ENV = "ECPT_AGENT_PID"
+"""Set by ``launch.agent``: the elastic agent's pid (a worker's parent is the fork server, not the agent)."""
+PROCESS_STARTED_ENV = "ECPT_PROCESS_STARTED"
+"""Unix time at which this worker process started (set once, on entry), so start-up cost can be reported."""
+
+
+def node_id(env: dict[str, str] | None = None) -> str:
+    """Stable identity of this node's memory: ``ECPT_NODE_ID`` if the launcher set it, else the hostname."""
+    env = os.environ if env is None else env
+    return env.get(NODE_ID_ENV) or os.uname().nodename
