@@ -29,9 +29,10 @@ Rules:
    liveness can be known and nothing in it changed for ``checkpoint.l0_stale_after_s``. An entry with a live
    owner is never stale: deleting it would fail that run's saves and lose its fastest restart. Every run start
    reaps the stale entries of other runs (never its own: a restart of a crashed run must find its memory), and
-   ``ecpt ckpt gc`` lists or removes them. Entries of the layout before identities (``<run key>/<node id>/step-*``)
-   have no owner record, so only age makes them stale. Removal first renames an entry to ``.reaping-*`` (atomic,
-   so one of several concurrent reapers wins) and then deletes it.
+   ``ecpt ckpt gc`` lists or removes them; another user's entries are never removed. An unreadable owner record
+   makes liveness unknown, like entries of the layout before identities (``<run key>/<node id>/step-*``, no owner
+   record): only age makes those stale. Removal first renames an entry to ``.reaping-*`` (atomic, so one of
+   several concurrent reapers wins) and then deletes it.
 """
 
 from __future__ import annotations
@@ -157,16 +158,18 @@ def claim(entry: Path, node: str, run_dir: str | Path, run_id: str, pid: int) ->
     return owner
 
 
-def read_owners(entry: Path) -> list[Owner]:
-    owners = []
+def read_owners(entry: Path) -> tuple[list[Owner], list[Path]]:
+    """The owner records of ``entry``, and the files that are not owner records (edited by hand, another
+    version): those make the entry's liveness unknown rather than stopping every run's start."""
+    owners, unreadable = [], []
     for path in sorted(entry.glob(f"{OWNER_PREFIX}*.json")):
         try:
             owners.append(Owner(**json.loads(path.read_text())))
         except FileNotFoundError:
             continue  # released by its node meanwhile
-        except (ValueError, TypeError) as exc:
-            raise MemoryLevelError(f"{path}: not an owner record ({exc}); delete it if no run uses {entry}") from exc
-    return owners
+        except (ValueError, TypeError):
+            unreadable.append(path)
+    return owners, unreadable
 
 
 # --------------------------------------------------------------------------------------------- rule 4: staleness
@@ -180,8 +183,11 @@ class MemoryEntry:
     run_id: str | None
     """None: the layout before run identities, or a leftover of an interrupted removal."""
     owners: list[Owner]
+    unreadable_owners: list[Path]
     last_change_unix: float
     nbytes: int
+    uid: int
+    """The entry directory's owning user: only the user's own entries are ever removed."""
 
 
 def _last_change(entry: Path) -> float:
@@ -223,13 +229,15 @@ def scan(l0_root: str | Path) -> list[MemoryEntry]:
             if not path.is_dir():
                 continue
             if path.name.startswith(REAPING_PREFIX):
-                entries.append(MemoryEntry(path, "", None, [], _last_change(path), _nbytes(path)))
+                entries.append(MemoryEntry(path, "", None, [], [], _last_change(path), _nbytes(path),
+                                           path.stat().st_uid))
                 continue
             match = _ENTRY.match(path.name)
             if not match or (match["id"] is None and not _is_legacy_entry(path)):
                 continue
-            entries.append(MemoryEntry(path, match["key"], match["id"], read_owners(path), _last_change(path),
-                                       _nbytes(path)))
+            owners, unreadable = read_owners(path)
+            entries.append(MemoryEntry(path, match["key"], match["id"], owners, unreadable, _last_change(path),
+                                       _nbytes(path), path.stat().st_uid))
         except FileNotFoundError:
             continue  # removed by a concurrent reaper or release
     return entries
@@ -237,17 +245,20 @@ def scan(l0_root: str | Path) -> list[MemoryEntry]:
 
 def stale_reason(entry: MemoryEntry, stale_after_s: float, now: float | None = None) -> str | None:
     """Why ``entry`` may be deleted (rule 4), or None if it must be kept."""
+    if entry.uid != os.getuid():
+        return None  # another user's: their processes may be hidden from us, and the memory is theirs to free
     if entry.path.name.startswith(REAPING_PREFIX):
         return "left over from an interrupted removal"
     known = [(o, o.alive()) for o in entry.owners]
     live = [o for o, alive in known if alive]
     if live:
         return None
-    if known and all(alive is False for _o, alive in known):
+    if known and all(alive is False for _o, alive in known) and not entry.unreadable_owners:
         return "no live owner: " + ", ".join(f"process {o.pid} on node {o.node} has ended" for o, _ in known)
     age = (time.time() if now is None else now) - entry.last_change_unix
     if age > stale_after_s:
-        why = "no owner record" if not known else "owners on another host or pid namespace"
+        why = ("unreadable owner records" if entry.unreadable_owners else "no owner record" if not known
+               else "owners on another host or pid namespace")
         return f"{why} and unchanged for {age:.0f} s (> checkpoint.l0_stale_after_s = {stale_after_s:g})"
     return None
 

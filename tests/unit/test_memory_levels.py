@@ -91,6 +91,9 @@ def test_reaping_frees_dead_and_old_memory_only(l0_root, caplog):
         (path / "n0" / "step-00000003").mkdir(parents=True)
     os.utime(legacy_old / "n0", (1, 1))
     os.utime(legacy_old, (1, 1))
+    garbled = _entry(l0_root)  # an owner record edited by hand: liveness unknown, and the entry is fresh
+    garbled.mkdir()
+    (garbled / "owner-n0.json").write_text("{not json")
     unrelated = l0_root / "someone-elses"
     unrelated.mkdir()
     os.utime(unrelated, (1, 1))
@@ -101,7 +104,7 @@ def test_reaping_frees_dead_and_old_memory_only(l0_root, caplog):
             reaped = ml.reap_stale(l0_root, 3600, spare=spared, log=logging.getLogger("test"))
         assert sorted(e.path for e, _ in reaped) == sorted([dead, legacy_old])
         assert sorted(p.name for p in l0_root.iterdir()) == sorted(
-            [live.name, spared.name, legacy_new.name, unrelated.name])
+            [live.name, spared.name, legacy_new.name, garbled.name, unrelated.name])
         reasons = dict((e.path, r) for e, r in reaped)
         assert "has ended" in reasons[dead] and "checkpoint.l0_stale_after_s" in reasons[legacy_old]
         assert f"stale memory checkpoints {dead}" in caplog.text
