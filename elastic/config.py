@@ -324,7 +324,7 @@ class CheckpointConfig:
     l0_interval: int = 0
     """Steps between in-memory (L0, /dev/shm) snapshots; 0 disables L0."""
     l0_dir: str = "/dev/shm/ecpt"
-    """Root of L0 (node memory); a per-run, per-node subdirectory is used."""
+    """Root of L0 (node memory); each run identity gets <run key>-<run id>/<node id> under it."""
     l0_keep_last: int = 2
     """Committed L0 checkpoints kept."""
     l0_stale_after_s: float = 86400.0
