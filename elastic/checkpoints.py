@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from checkpointing import CheckpointError, CheckpointManager, LevelSpec
+from elastic import memory_levels
 from elastic.config import Config
 from elastic.model import hf_config
-from elastic.process_env import PROCESS_STARTED_ENV, node_id
+from elastic.process_env import AGENT_PID_ENV, PROCESS_STARTED_ENV, node_id
 
 
 def run_key(cfg: Config) -> str:
@@ -33,11 +34,17 @@ def run_key(cfg: Config) -> str:
     return hashlib.sha1(str(Path(cfg.train.run_dir).resolve()).encode()).hexdigest()[:12]
 
 
+def memory_entry(cfg: Config) -> Path:
+    """This run identity's L0 entry (all nodes on this machine); see elastic/memory_levels.py for the layout."""
+    run_id = memory_levels.run_identity(cfg.train.run_dir)
+    return Path(cfg.checkpoint.l0_dir) / memory_levels.entry_name(run_key(cfg), run_id)
+
+
 def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
     c = cfg.checkpoint
     levels = []
     if c.l0_interval:
-        root = Path(c.l0_dir) / run_key(cfg) / node_id()
+        root = memory_entry(cfg) / node_id()
         levels.append(LevelSpec(name="L0", root=str(root), interval=c.l0_interval, keep_last=c.l0_keep_last,
                                 node_local=True))
     if c.interval:
@@ -50,6 +57,29 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
         levels.append(LevelSpec(name="L2", root=str(Path(c.l2_dir) / run_key(cfg)), interval=c.l2_interval,
                                 keep_last=c.l2_keep_last, node_local=False))
     return levels
+
+
+def claim_memory_level(cfg: Config, launcher: str, log) -> None:
+    """On each node's first worker, before any save or restore: record who owns this run's memory on this node,
+    say whether memory of an earlier run in this run directory is ignored, and free other runs' stale memory."""
+    entry = memory_entry(cfg)
+    run_id = entry.name.rpartition("-")[2]
+    owner = memory_levels.owner_process(os.environ.get(AGENT_PID_ENV), launcher)
+    memory_levels.claim(entry, node_id(), cfg.train.run_dir, run_id, owner)
+    earlier = memory_levels.foreign_entries(cfg.checkpoint.l0_dir, run_key(cfg), run_id)
+    if earlier:
+        log.warning(f"ignoring memory checkpoints of an earlier run in {cfg.train.run_dir} (another run identity; "
+                    f"the run directory was recreated): {[str(e.path) for e in earlier]}; starting without them")
+    memory_levels.reap_stale(cfg.checkpoint.l0_dir, cfg.checkpoint.l0_stale_after_s, spare=entry, log=log)
+
+
+def release_memory_level(cfg: Config, log) -> bool:
+    """The run finished or stopped on a signal, and no worker of it runs on this node any more: free this node's
+    memory checkpoints if their newest step is durable on a slower level (else keep them and log why)."""
+    if not cfg.checkpoint.l0_interval or memory_levels.run_identity(cfg.train.run_dir, create=False) is None:
+        return False  # no memory level, or no worker ever started (a deleted run directory is not recreated)
+    levels = checkpoint_levels(cfg)
+    return memory_levels.release(memory_entry(cfg), node_id(), [lv.root for lv in levels[1:]], log)
 
 
 @dataclass
@@ -69,6 +99,8 @@ class TrainerCheckpoints:
         self.trainer = trainer
         cfg, world, groups = trainer.cfg, trainer.world, trainer.groups
         self.levels = checkpoint_levels(cfg)
+        if cfg.checkpoint.l0_interval and world.local_rank == 0:
+            claim_memory_level(cfg, world.launcher, trainer.log)
         self.manager = CheckpointManager(
             self.levels, rank=world.rank, world_size=world.world_size, group=groups.ckpt,
             local_rank=groups.node_rank, local_world_size=groups.node_size, local_group=groups.node,

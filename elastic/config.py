@@ -355,9 +355,12 @@ class CheckpointConfig:
     l0_interval: int = 0
     """Steps between in-memory (L0, /dev/shm) snapshots; 0 disables L0."""
     l0_dir: str = "/dev/shm/ecpt"
-    """Root of L0 (node memory); a per-run, per-node subdirectory is used."""
+    """Root of L0 (node memory); each run identity gets <run key>-<run id>/<node id> under it."""
     l0_keep_last: int = 2
     """Committed L0 checkpoints kept."""
+    l0_stale_after_s: float = 86400.0
+    """Memory checkpoints whose owner's liveness cannot be checked (no owner record, another host or pid namespace)
+    are freed by the next run on the node once unchanged this long; see elastic/memory_levels.py."""
     l2_dir: str = ""
     """Root of L2 (shared or persistent storage); empty disables L2."""
     l2_interval: int = 0
@@ -374,6 +377,8 @@ class CheckpointConfig:
             _require(getattr(self, name) >= 0, f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("keep_last", "l0_keep_last", "l2_keep_last"):
             _require(getattr(self, name) >= 1, f"checkpoint.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.l0_stale_after_s > 0,
+                 f"checkpoint.l0_stale_after_s must be > 0 seconds, got {self.l0_stale_after_s}")
         _require(self.on_busy in ("wait", "skip"), f"checkpoint.on_busy must be 'wait' or 'skip', got {self.on_busy!r}")
         _require(not (self.l2_interval and not self.l2_dir),
                  "checkpoint.l2_interval is set but checkpoint.l2_dir is empty; set l2_dir or l2_interval = 0")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from elastic.bootstrap import join_job
+from elastic.checkpoints import release_memory_level
 from elastic.config import config_from_json
 from elastic.metrics import WorkerMetrics
 from elastic.trainer import Trainer
@@ -25,6 +26,10 @@ from elastic.process_env import PROCESS_STARTED_ENV
 from elastic.world import detect_world, shutdown_distributed
 
 PR_SET_PDEATHSIG = 1
+NOTHING_RESTARTS = ("openmpi", "mpich", "slurm", "single")
+"""Launchers whose workers no elastic agent restarts: a worker that returns is the run ending on this node, so
+it frees the node's memory checkpoints itself. Under an agent (torchrun, ``launch.agent``) a returning worker
+may be a resize, which must find its memory: the agent frees it once the whole run has ended."""
 
 
 def die_with_parent() -> None:
@@ -101,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     log.step = trainer.state.step
     if trainer.stop_signal is not None:
         log.info(f"stopped by signal {trainer.stop_signal}")
-    shutdown_distributed()
+    shutdown_distributed()  # a barrier: after it, no rank of this run writes checkpoints any more
+    if world.launcher in NOTHING_RESTARTS and world.local_rank == 0 and trainer.checkpoints:
+        release_memory_level(cfg, log)
     return 0
 
 

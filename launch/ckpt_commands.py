@@ -1,7 +1,8 @@
-"""``ecpt ckpt list|verify|inspect|export``: offline checkpoint tools (no process group, no training code).
+"""``ecpt ckpt list|verify|inspect|export|gc``: offline checkpoint tools (no process group, no training code).
 
 DIR may be a level root (holding step-XXXXXXXX directories) or one checkpoint directory; for a root, verify,
-inspect and export act on its newest committed checkpoint.
+inspect and export act on its newest committed checkpoint. ``gc [L0_ROOT]`` lists and removes the memory
+checkpoints that no run owns any more (the rules are in ``elastic/memory_levels.py``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 
 # The checkpoint tools below import ``checkpointing`` (hence torch) when they run, not when the parser is built:
 # this module is imported on every ``ecpt`` start, ``ecpt --help`` included.
+from elastic.config import ConfigError, load_config
 
 
 def add_ckpt_parser(subparsers) -> None:
     """``ecpt ckpt ...`` on an argparse subparsers object; every parser sets ``func=run_ckpt``."""
     ckpt = subparsers.add_parser("ckpt", help="list, verify, inspect or export checkpoints")
-    sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,verify,inspect,export}")
+    sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,verify,inspect,export,gc}")
     for name, help_text in [("list", "committed checkpoints under a level root"),
                             ("verify", "check every chunk's size and crc32c against the manifest"),
                             ("inspect", "step, level, extra keys and tensors of one checkpoint (JSON)")]:
@@ -31,6 +33,36 @@ def add_ckpt_parser(subparsers) -> None:
     export.add_argument("--to", required=True, help="output directory")
     export.add_argument("--prefix", default="model/", help="tensor name prefix to export and strip (default model/)")
     export.set_defaults(func=run_ckpt)
+    gc = sub.add_parser("gc", help="list and remove memory (L0) checkpoints of runs that have ended")
+    gc.add_argument("root", nargs="?", help="L0 root (default: checkpoint.l0_dir of --config, or /dev/shm/ecpt)")
+    gc.add_argument("--config", help="TOML config whose checkpoint.l0_dir and l0_stale_after_s to use")
+    gc.add_argument("--stale-after", type=float, metavar="SECONDS",
+                    help="age after which memory whose owner cannot be checked is stale "
+                         "(default: checkpoint.l0_stale_after_s)")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(func=run_gc)
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    """Exit code 0 (also when nothing was stale), 2 on a bad config or an unreadable owner record."""
+    from elastic.memory_levels import MemoryLevelError, reap_stale
+
+    try:
+        c = load_config(args.config, []).checkpoint
+        stale_after = c.l0_stale_after_s if args.stale_after is None else args.stale_after
+        if not stale_after > 0:
+            raise ConfigError(f"--stale-after must be > 0 seconds, got {stale_after}")
+        root = Path(args.root or c.l0_dir)
+        found = reap_stale(root, stale_after, dry_run=args.dry_run)
+    except (ConfigError, MemoryLevelError) as e:
+        print(f"ecpt ckpt gc: {e}", file=sys.stderr)
+        return 2
+    for entry, reason in found:
+        print(f"{'stale' if args.dry_run else 'removed'}  {entry.nbytes / 1e6:>10.1f} MB  {entry.path}  ({reason})")
+    total = sum(e.nbytes for e, _ in found) / 1e6
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{root}: {verb} {total:.1f} MB in {len(found)} stale memory checkpoint entr{'y' if len(found) == 1 else 'ies'}")
+    return 0
 
 
 def _is_checkpoint(path: Path) -> bool:

@@ -18,16 +18,22 @@ injection finds the agent through ``ECPT_AGENT_PID`` because a worker's parent i
 The command line lives in ``launch/agent/__main__.py``, not here: multiprocessing re-runs the parent's main module
 in every forked worker unless its name ends in ``.__main__``, and this module, preloaded into the fork server,
 would then run a second time in each worker (with runpy's "found in sys.modules" RuntimeWarning).
+
+The agent is also the one process that knows the run has ended on this node (its workers cannot tell a resize's
+SIGTERM from a preemption's), so it frees the node's memory checkpoints then (``elastic.memory_levels``, rule 3).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
+import sys
 
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from elastic.process_env import AGENT_PID_ENV
 
@@ -86,4 +92,26 @@ def main(argv: list[str] | None = None) -> None:
     multiprocessing.set_forkserver_preload(preload_modules(args.training_script_args))
     os.environ[AGENT_PID_ENV] = str(os.getpid())  # inherited by the fork server, so by every worker
     launcher_api.LocalElasticAgent = ForkedWorkersAgent  # the class torchrun's launch_agent instantiates
-    launcher_api.elastic_launch(config=config, entrypoint=run_worker)(*args.training_script_args)
+    try:
+        launcher_api.elastic_launch(config=config, entrypoint=run_worker)(*args.training_script_args)
+    except SignalException:  # stopped on a signal: the workers have saved and exited (or been killed)
+        release_node_memory(args.training_script_args)
+        raise
+    release_node_memory(args.training_script_args)  # finished; a failure (ChildFailedError) keeps the memory
+
+
+def release_node_memory(worker_args: list[str]) -> None:
+    """The run ended on this node and none of its workers runs any more: free this node's memory checkpoints
+    when their newest step is durable on a slower level (``elastic.checkpoints.release_memory_level``)."""
+    from elastic.checkpoints import release_memory_level
+    from elastic.config import config_from_json
+
+    log = logging.getLogger("ecpt.agent")
+    if not log.handlers:  # torch configures its own loggers only; this one prints next to the workers' lines
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [agent] %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    release_memory_level(config_from_json(worker_args[worker_args.index("--config-json") + 1]), log)
+
