@@ -7,14 +7,17 @@
     corrupt newest at step 40         flip bytes in the first chunk of the newest committed checkpoint
     fill disk at step 60              fill the L1 checkpoint file system (only a small one, e.g. a test tmpfs)
 
-Only parsing and describing live here (the config validates plans with it); ``elastic.faults`` carries them out.
+Parsing, describing and the record of what fired live here (the config validates plans with it, and ``ecpt
+chaos`` reads the record without importing torch); ``elastic.faults`` carries faults out inside the workers.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from elastic.errors import ConfigError
 
@@ -74,3 +77,20 @@ def random_plan(seed: int, total_steps: int, count: int, ranks: int) -> list[str
         plan.append(f"kill rank {rank} at step {step}" if rng.random() < 0.7
                     else f"stall rank {rank} at step {step} for 600s")
     return plan
+
+
+FIRED_DIR = "faults"
+"""``<run_dir>/faults/fired-<i>[-<node>]``: created exclusively when fault i fires, so it fires once per run (once per
+node for node-wide faults) even when a restarted worker replays the step."""
+
+
+def fired_marker(run_dir: Path, fault: Fault, node_id: str) -> Path:
+    """The marker file whose exclusive creation claims ``fault`` (a SIGTERM fires once on every node)."""
+    suffix = f"-{node_id}" if fault.kind == "sigterm" else ""
+    return run_dir / FIRED_DIR / f"fired-{fault.index}{suffix}"
+
+
+def fired_faults(run_dir: Path) -> list[dict]:
+    """The faults that fired in a run, oldest first (from their once-per-run marker files)."""
+    rows = [json.loads(p.read_text()) for p in (run_dir / FIRED_DIR).glob("fired-*")]
+    return sorted(rows, key=lambda r: r["time"])

@@ -3,7 +3,7 @@
 The plan's sentences are parsed by ``elastic.fault_plan``; this module carries them out inside every worker, each
 once per run at the start of its step (before the forward pass).
 
-"Once per run" is recorded by creating ``<run_dir>/faults/fired-<i>`` exclusively, so a restarted worker that
+"Once per run" is recorded by creating ``<run_dir>/faults/fired-<i>`` (``elastic.fault_plan.fired_marker``) exclusively, so a restarted worker that
 replays step s does not fire the same fault again.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
 from elastic.errors import ConfigError
-from elastic.fault_plan import Fault
+from elastic.fault_plan import FIRED_DIR, Fault, fired_marker
 from elastic.process_env import AGENT_PID_ENV
 
 FILL_DISK_MAX_BYTES = 2 << 30
@@ -36,8 +36,8 @@ class FaultInjector:
     def __init__(self, faults: list[Fault], run_dir: Path, rank: int, local_rank: int, node_id: str,
                  checkpoint_levels: list[tuple[Path, int]], log):
         self.faults, self.rank, self.local_rank, self.node_id = faults, rank, local_rank, node_id
-        self.marks = run_dir / "faults"
-        self.marks.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        (run_dir / FIRED_DIR).mkdir(parents=True, exist_ok=True)
         self.levels, self.log = checkpoint_levels, log
         self.roots = [root for root, _interval in checkpoint_levels]
 
@@ -52,9 +52,8 @@ class FaultInjector:
 
     def _claim(self, f: Fault) -> bool:
         """Exclusive create: True for exactly one process over the whole run (per node for node-wide faults)."""
-        suffix = f"-{self.node_id}" if f.kind == "sigterm" else ""
         try:
-            fd = os.open(self.marks / f"fired-{f.index}{suffix}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(fired_marker(self.run_dir, f, self.node_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
         os.write(fd, json.dumps({"fault": f.describe(), "index": f.index, "kind": f.kind, "step": f.step,
@@ -148,9 +147,3 @@ def fill_file_system(directory: Path) -> Path:
             if exc.errno != errno.ENOSPC:
                 raise  # only "no space left" is the expected end of filling
     return filler
-
-
-def fired_faults(run_dir: Path) -> list[dict]:
-    """The faults that fired in a run, oldest first (from their once-per-run marker files)."""
-    rows = [json.loads(p.read_text()) for p in (run_dir / "faults").glob("fired-*")]
-    return sorted(rows, key=lambda r: r["time"])

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from elastic.config import load_config
 from elastic.data import phase_plan
-from elastic.fault_plan import random_plan
-from elastic.faults import fired_faults
+from elastic.fault_plan import fired_faults, random_plan
 from elastic.metrics import read_jsonl
 from launch.args import add_config_args
 from launch.train_commands import train_on_this_machine, with_faults

@@ -3,6 +3,9 @@ never silently replaced by the config's value."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from helpers import write_toml
@@ -48,3 +51,12 @@ def test_k8s_nproc_per_node_zero_names_the_flag(config_file, capsys):
     code, err = _ecpt(["launch", "k8s", "--config", str(config_file), "--image", "x", "--min-nodes", "1",
                        "--max-nodes", "2", "--nproc-per-node", "0"], capsys)
     assert code == 2 and "--nproc-per-node must be >= 1, got 0" in err, err
+
+
+def test_ecpt_help_does_not_import_torch():
+    """Every `ecpt` start pays for what the parser modules import: `ecpt --help` and the argument checks above must
+    not wait 1-3 s for torch (the training, checkpoint and launch backends import it when they run)."""
+    code = ("import sys\nfrom launch.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'checkpointing') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", f"importing the ecpt parser loaded {out.stdout.strip()}"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from elastic.config import ConfigError
-from elastic.fault_plan import parse_plan, random_plan
-from elastic.faults import FaultInjector, corrupt_newest_checkpoint, fill_file_system, fired_faults
+from elastic.fault_plan import fired_faults, parse_plan, random_plan
+from elastic.faults import FaultInjector, corrupt_newest_checkpoint, fill_file_system
 from elastic.watchdog import Watchdog
 
 
