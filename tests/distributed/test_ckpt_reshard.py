@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_helpers import run_workers
+from support.ckpt_workers import run_workers
 
 pytestmark = pytest.mark.slow
 

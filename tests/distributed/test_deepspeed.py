@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from elastic.config import config_from_dict, save_config
-from helpers import spawn_ranks, tiny_config_dict
+from support.configs import tiny_config_dict
+from support.processes import spawn_ranks
 
 RANK_SCRIPT = Path(__file__).with_name("rank_deepspeed.py")
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from elastic.config import config_from_dict, save_config
-from helpers import spawn_ranks
+from support.processes import spawn_ranks
 
 RANK_SCRIPT = Path(__file__).with_name("rank_train.py")
 

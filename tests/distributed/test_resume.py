@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from elastic.config import config_from_dict, save_config
-from helpers import spawn_ranks
+from support.processes import spawn_ranks
 
 RANK_SCRIPT = Path(__file__).with_name("rank_train.py")
 pytestmark = pytest.mark.slow

@@ -7,13 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import REPO, wait_for, write_toml
+from support.configs import write_toml
+from support.processes import REPO, ecpt_command, ecpt_train
+from support.trajectory import step_rows
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +29,10 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-def _ecpt(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", *args]
-
-
 def test_train_runs_all_phases_on_two_workers(tiny_raw, tmp_path):
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
     run = tmp_path / "run"
-    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
-                            capture_output=True, text=True, timeout=240)
+    result = ecpt_train(cfg, run)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = read_jsonl(run / "metrics.jsonl", "step")
     assert [r["step"] for r in steps] == list(range(1, 13))
@@ -53,9 +50,7 @@ def test_train_runs_all_phases_on_two_workers(tiny_raw, tmp_path):
 def test_bad_config_fails_before_any_process_starts(tiny_raw, tmp_path):
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
     run = tmp_path / "run"
-    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run),
-                                   "--set", "train.micro_batch=0"]), cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+    result = ecpt_train(cfg, run, "--set", "train.micro_batch=0", timeout=60)
     assert result.returncode == 2
     assert "train.micro_batch must be >= 1" in result.stderr
     assert not (run / "ranks").exists()
@@ -67,10 +62,9 @@ def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[in
         phase["tokens"] *= 500  # long enough that the test, not the schedule, ends it
     cfg = write_toml(raw, tmp_path / "long.toml")
     run = tmp_path / "run"
-    proc = subprocess.Popen(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
+    proc = subprocess.Popen(ecpt_command(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (run / "metrics.jsonl").exists() and read_jsonl(run / "metrics.jsonl", "step"), 120,
-              "the first training step", proc)
+    wait_for(lambda: step_rows(run), 120, "the first training step", proc)
     pids = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
     assert all(_alive(p) for p in pids)
     return proc, run, pids

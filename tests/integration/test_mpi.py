@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_toml
 from launch.mpi import find_mpiexec
+from support.configs import write_toml
+from support.processes import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("mpi4py", reason="the MPI launch needs mpi4py: pip install 'ecpt[mpi]'")
 
 RANK_PROBE = textwrap.dedent("""

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_toml
+from support.configs import write_toml
+from support.processes import REPO
+from support.prometheus import QUERY_POLL
+from support.waiting import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
 SHIPPED_TARGET_GLOB = "/srv/ecpt/runs/tiny-cpu/prometheus/*.json"
 
@@ -85,7 +87,7 @@ def scrape_config_for(run_dir: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_server, tiny_raw, tmp_path, wait_until):
+def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_server, tiny_raw, tmp_path):
     run_dir = tmp_path / "run"
     tiny_raw["train"]["run_dir"] = str(run_dir)
     for phase in tiny_raw["data"]["phases"]:
@@ -106,13 +108,13 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
             assert train.poll() is None, f"ecpt train ended early ({train.returncode}):\n{log.read_text()[-3000:]}"
             return both_ranks('ecpt_step{job="ecpt"} > 0')
 
-        steps = wait_until(stepped, 90, "ecpt_step from ranks 0 and 1 in Prometheus")
+        steps = wait_for(stepped, 90, "ecpt_step from ranks 0 and 1 in Prometheus", interval=QUERY_POLL)
         for promql in ('ecpt_loss{job="ecpt"}', 'ecpt_world_size{job="ecpt"} == 2', 'ecpt_lr{job="ecpt"}',
                        'rate(ecpt_tokens_total{job="ecpt"}[5s]) > 0', 'ecpt_step_seconds_count{job="ecpt"} > 0',
                        'up{job="ecpt"} == 1'):
-            wait_until(lambda: both_ranks(promql), 30, f"{promql} for both ranks")
-        wait_until(lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'), 30,
-                   "the launcher's job-level series")
+            wait_for(lambda: both_ranks(promql), 30, f"{promql} for both ranks", interval=QUERY_POLL)
+        wait_for(lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'), 30,
+                 "the launcher's job-level series", interval=QUERY_POLL)
         targets = [t for t in server.targets() if t["labels"]["job"] == "ecpt"]
         workers = [t for t in targets if "rank" in t["labels"]]
         launchers = [t for t in targets if t["labels"].get("role") == "launcher"]

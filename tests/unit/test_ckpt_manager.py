@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from checkpointing import (CheckpointCorruptError, CheckpointError, CheckpointManager, LevelSpec, Shard,
                            export_safetensors, inspect, list_checkpoints, read_tensor, verify)
-from ckpt_helpers import SPECS, full_tensor, make_state, matches
+from support.ckpt_state import SPECS, full_tensor, make_state, matches
 
 
 def levels(tmp: Path, *specs: tuple) -> list[LevelSpec]:

@@ -21,7 +21,7 @@ import zarr
 
 from checkpointing import CheckpointManager, LevelSpec, verify
 from checkpointing.zarr_store import is_memory_fs
-from ckpt_helpers import SPECS, full_tensor, make_state, matches
+from support.ckpt_state import SPECS, full_tensor, make_state, matches
 
 
 @pytest.fixture

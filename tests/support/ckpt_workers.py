@@ -1,86 +1,21 @@
-"""Shared helpers for the checkpointing tests: deterministic tensors, layouts, and real gloo worker processes.
+"""Checkpoint manager workers as real processes for the checkpointing tests.
 
-Workers are plain subprocesses (`python tests/ckpt_helpers.py <config.json>`) joined into a gloo group on 127.0.0.1;
-each runs a list of ops (save / load / emergency) and writes its results as JSON for the test to assert on.
+A worker (`python -m support.ckpt_workers <config.json>`, with subprocess_env's PYTHONPATH) joins a gloo group on
+127.0.0.1 when its world is larger than one, runs a list of ops (save / load / emergency / wait_sigterm) and writes
+its results as JSON for the test to assert on.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import socket
 import subprocess
 import sys
-import time
-import zlib
 from pathlib import Path
 
-import torch
+from elastic.world import free_port
+from support.ckpt_state import make_state, matches
+from support.processes import REPO, communicate_all, subprocess_env
 
-REPO = Path(__file__).resolve().parent.parent
-
-SPECS = {   # name -> (shape, dtype): small, with rows that do not divide the chunk size and a 0-d tensor
-    "model/model.embed_tokens.weight": ((37, 16), "float32"),
-    "model/model.layers.0.mlp.up_proj.weight": ((29, 24), "bfloat16"),
-    "optim/model.embed_tokens.weight/exp_avg": ((37, 16), "float32"),
-    "optim/step": ((), "float32"),
-    "counters": ((11,), "int64"),
-}
-
-
-def full_tensor(name: str, shape: tuple, dtype: str, step: int) -> torch.Tensor:
-    """The value tensor `name` has at `step`, identical in every process."""
-    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000 + step)
-    if dtype == "int64":
-        return torch.randint(-1000, 1000, shape, generator=gen)
-    return torch.randn(shape, generator=gen).to(getattr(torch, dtype))
-
-
-def cut_ranges(numel: int, fractions: list[float]) -> list[tuple[int, int]]:
-    cuts = [round(f * numel) for f in fractions]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def make_state(rank: int, layout, step: int, specs: dict = SPECS, zero: bool = False) -> dict:
-    """Tensors for one rank: layout "replica" (plain tensors) or a list of fractions cutting every tensor into
-    Shards (uneven, crossing rows). zero=True gives zero-filled targets of the same layout for loading."""
-    from checkpointing import Shard
-
-    state = {}
-    for name, (shape, dtype) in specs.items():
-        full = full_tensor(name, shape, dtype, step)
-        if zero:
-            full = torch.zeros_like(full)
-        if layout == "replica":
-            state[name] = full
-            continue
-        start, stop = cut_ranges(math.prod(shape), layout)[rank]
-        state[name] = Shard(full.reshape(-1)[start:stop].clone(), tuple(shape), (start, stop))
-    return state
-
-
-def matches(state: dict, step: int, specs: dict = SPECS) -> list[str]:
-    """Names whose loaded values differ from the values saved at `step` (bit-exact comparison)."""
-    from checkpointing import Shard
-
-    bad = []
-    for name, value in state.items():
-        shape, dtype = specs[name]
-        full = full_tensor(name, shape, dtype, step)
-        if isinstance(value, Shard):
-            a, b = value.flat_range
-            ok = torch.equal(value.local, full.reshape(-1)[a:b])
-        else:
-            ok = torch.equal(value, full)
-        if not ok:
-            bad.append(name)
-    return bad
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER_COMMAND = [sys.executable, "-m", "support.ckpt_workers"]
 
 
 def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Popen:
@@ -88,20 +23,8 @@ def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Po
     cfg = {"port": 0, "rank": 0, "world": 1, "out": str(tmp / "result-0.json"), **cfg}
     cfg_path = tmp / "config-0.json"
     cfg_path.write_text(json.dumps(cfg))
-    return subprocess.Popen([sys.executable, __file__, str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-
-
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Wait until `path` exists (polling with a deadline); fail early with stderr if the process died."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode} before {path} appeared:\n{proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.01)
+    return subprocess.Popen(WORKER_COMMAND + [str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(env))
 
 
 def run_workers(tmp: Path, world: int, rank_config, timeout: float = 60.0, env: dict | None = None) -> list[dict]:
@@ -113,19 +36,9 @@ def run_workers(tmp: Path, world: int, rank_config, timeout: float = 60.0, env: 
         cfg = {"port": port, "rank": rank, "world": world, "out": str(tmp / f"result-{rank}.json"), **rank_config(rank)}
         cfg_path = tmp / f"config-{rank}.json"
         cfg_path.write_text(json.dumps(cfg))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}))
-    deadline = time.monotonic() + timeout
-    outputs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outputs.append((p.returncode, err))
-    for rank, (code, err) in enumerate(outputs):
+        procs.append(subprocess.Popen(WORKER_COMMAND + [str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=subprocess_env(env)))
+    for rank, (code, _, err) in enumerate(communicate_all(procs, timeout, f"{world} checkpoint workers")):
         if code != 0:
             raise AssertionError(f"worker rank {rank} exited with {code}:\n{err[-4000:]}")
     return [json.loads((tmp / f"result-{rank}.json").read_text()) for rank in range(world)]
@@ -198,5 +111,4 @@ def worker_main(cfg_path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     worker_main(sys.argv[1])
