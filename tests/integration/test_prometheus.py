@@ -15,16 +15,21 @@ from pathlib import Path
 import pytest
 
 from support.configs import write_toml
+from support.packages import INSTALL_BUDGET
 from support.processes import REPO
-from support.prometheus import QUERY_POLL
+from support.prometheus import QUERY_POLL, READY_TIMEOUT
 from support.waiting import wait_for
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 SHIPPED_TARGET_GLOB = "/srv/ecpt/runs/tiny-cpu/prometheus/*.json"
+PROMTOOL_TIMEOUT, MARGIN = 60, 60
+# The first test to need promtool may install Prometheus (INSTALL_BUDGET); then at most three promtool runs.
+pytestmark = pytest.mark.timeout(INSTALL_BUDGET + 3 * PROMTOOL_TIMEOUT + MARGIN)
 
 
 def promtool_run(promtool: str, *args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=PROMTOOL_TIMEOUT)
 
 
 def test_scrape_config_and_alert_rules_pass_promtool(promtool):
@@ -87,6 +92,8 @@ def scrape_config_for(run_dir: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
+# installing Prometheus, the server ready, the waits below, the run stopping, the server stopping
+@pytest.mark.timeout(INSTALL_BUDGET + READY_TIMEOUT + 90 + 6 * 30 + 30 + 60 + 15 + MARGIN)
 def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_server, tiny_raw, tmp_path):
     run_dir = tmp_path / "run"
     tiny_raw["train"]["run_dir"] = str(run_dir)

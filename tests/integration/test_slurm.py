@@ -15,12 +15,16 @@ import pytest
 
 from support.configs import write_toml
 from support.processes import REPO
-from support.slurm import SLURM_POLL
+from support.packages import INSTALL_BUDGET
+from support.slurm import CLIENT_TIMEOUT, CLUSTER_START_BUDGET, CLUSTER_STOP_BUDGET, SLURM_POLL
 from support.waiting import wait_for
 
 MAX_STEPS = 300
 SIGNAL_AFTER_STEP = 30
 SIGUSR1 = 10
+MARGIN = 60
+CLUSTER = INSTALL_BUDGET + CLUSTER_START_BUDGET + CLUSTER_STOP_BUDGET
+"""The session's cluster: installed and started within the first test that needs it, stopped after the last."""
 
 
 RANK_PROBE = """
@@ -38,6 +42,7 @@ shutdown_distributed()
 """
 
 
+@pytest.mark.timeout(CLUSTER + 120 + MARGIN)
 def test_srun_started_workers_find_their_rank_and_rendezvous(slurm_cluster):
     """Workers started by srun itself (no torchrun): ranks from SLURM_*, rendezvous from the job's first node."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK")
@@ -80,6 +85,8 @@ def slurm_config(tiny_raw, tmp_path) -> Path:
 
 
 @pytest.mark.slow
+# sbatch, the five waits below, and six Slurm client calls (job state, scancel) outside them
+@pytest.mark.timeout(CLUSTER + 120 + (120 + 60 + 60 + 90 + 180) + 6 * CLIENT_TIMEOUT + MARGIN)
 def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, slurm_config, tmp_path):
     cluster = slurm_cluster
     run_dir = tmp_path / "run"

@@ -3,7 +3,8 @@
 waiting       the one deadline poll on an observable condition
 configs       tiny config dicts, the small text corpus, the TOML writer
 processes     launching ranks and the `ecpt` command as real processes, with the environment they import from
-faults        fault scenarios shared by the fault tests: losing and rejoining a node, and what the run did after
+faults        fault scenarios shared by the fault tests: losing and rejoining a node (with its time budget)
+trajectory    what a run did: the surviving losses, the samples consumed, the world sizes it went through
 ckpt_state    deterministic checkpoint tensors and layouts, and checking loaded values
 ckpt_workers  checkpoint manager worker processes (also run as a script) and their results
 packages      Debian packages installed on demand for the integration tests

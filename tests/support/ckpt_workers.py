@@ -16,6 +16,8 @@ from support.ckpt_state import make_state, matches
 from support.processes import REPO, communicate_all, subprocess_env
 
 WORKER_COMMAND = [sys.executable, "-m", "support.ckpt_workers"]
+WORKER_TIMEOUT = 60
+"""run_workers' default: seconds one group of workers may take."""
 
 
 def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Popen:
@@ -27,13 +29,14 @@ def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Po
                             stderr=subprocess.PIPE, text=True, env=subprocess_env(env))
 
 
-def run_workers(tmp: Path, world: int, rank_config, timeout: float = 60.0, env: dict | None = None) -> list[dict]:
+def run_workers(tmp: Path, world: int, rank_config, timeout: float = WORKER_TIMEOUT, env: dict | None = None) -> list[dict]:
     """Start `world` worker processes (rank_config(rank) -> dict of that rank's config), wait for all of them
     with a deadline, return each rank's result dict. A worker that fails raises with its stderr."""
     port = free_port()
     procs = []
     for rank in range(world):
-        cfg = {"port": port, "rank": rank, "world": world, "out": str(tmp / f"result-{rank}.json"), **rank_config(rank)}
+        cfg = {"port": port, "rank": rank, "world": world, "out": str(tmp / f"result-{rank}.json"),
+               **rank_config(rank)}
         cfg_path = tmp / f"config-{rank}.json"
         cfg_path.write_text(json.dumps(cfg))
         procs.append(subprocess.Popen(WORKER_COMMAND + [str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,

@@ -14,6 +14,8 @@ from elastic.world import free_port
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_TIMEOUT = 240
 """Seconds a tiny `ecpt train` run (12 steps, 2 workers) may take on a loaded 2-core machine."""
+RANKS_TIMEOUT = 120
+"""spawn_ranks' default: seconds a tiny job of a rank script may take."""
 
 
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
@@ -22,7 +24,7 @@ def subprocess_env(extra: dict | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **(extra or {})}
 
 
-def spawn_ranks(script: Path, world_size: int, args: list[str], timeout: float = 120,
+def spawn_ranks(script: Path, world_size: int, args: list[str], timeout: float = RANKS_TIMEOUT,
                 extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Run ``script`` as ``world_size`` real processes joined by env:// gloo rendezvous on 127.0.0.1.
 

@@ -21,6 +21,12 @@ from support.waiting import wait_for
 
 SLURM_POLL = 0.2
 """Seconds between checks that run a Slurm client command: poll the daemons gently."""
+CLIENT_TIMEOUT = 20
+"""SlurmCluster.run's default: a dead slurmctld must not hang a client call."""
+CLUSTER_START_BUDGET = 30 + 30 + 15 + 30 + 30 + 30
+"""The longest start_slurm_cluster can take: mungekey, munged, its socket, slurmctld, slurmd, the node idle."""
+CLUSTER_STOP_BUDGET = 10 + 30 + 3 * (15 + 10)
+"""The longest stop_slurm_cluster can take: scancel, the queue draining, each daemon's SIGTERM then SIGKILL."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,7 +75,7 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.env_vars}
 
-    def run(self, *args: str, timeout: float = 20, check: bool = True,
+    def run(self, *args: str, timeout: float = CLIENT_TIMEOUT, check: bool = True,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster; ``timeout`` guards against a dead slurmctld."""
         proc = subprocess.run(list(args), capture_output=True, text=True, env={**(env or os.environ), **self.env_vars},
