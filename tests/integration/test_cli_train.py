@@ -13,20 +13,11 @@ import pytest
 
 from elastic.metrics import read_jsonl
 from support.configs import write_toml
-from support.processes import REPO, ecpt_command, ecpt_train
+from support.processes import REPO, ecpt_command, ecpt_train, pid_alive
 from support.trajectory import step_rows
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
 def test_train_runs_all_phases_on_two_workers(tiny_raw, tmp_path):
@@ -66,7 +57,7 @@ def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[in
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: step_rows(run), 120, "the first training step", proc)
     pids = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
-    assert all(_alive(p) for p in pids)
+    assert all(pid_alive(p) for p in pids)
     return proc, run, pids
 
 
@@ -75,7 +66,8 @@ def test_ctrl_c_stops_every_worker(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
     proc.wait(timeout=60)
-    wait_for(lambda: not any(_alive(p) for p in [agent, server, *pids]), 30, "agent, fork server and workers to exit")
+    wait_for(lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 30,
+             "agent, fork server and workers to exit")
 
 
 def _parent(pid: int) -> int:
@@ -95,7 +87,8 @@ def test_killing_the_agent_leaves_no_orphans(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     assert _parent(agent) == proc.pid
     os.kill(agent, signal.SIGKILL)
-    wait_for(lambda: not any(_alive(p) for p in [server, *pids]), 30, "fork server and workers to die with the agent")
+    wait_for(lambda: not any(pid_alive(p) for p in [server, *pids]), 30,
+             "fork server and workers to die with the agent")
     proc.wait(timeout=30)
 
 
@@ -104,5 +97,5 @@ def test_killing_the_launcher_stops_agent_and_workers(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher: the agent runs in its own session
     proc.wait(timeout=10)
-    wait_for(lambda: not any(_alive(p) for p in [agent, server, *pids]), 60,
+    wait_for(lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 60,
              "agent, fork server and workers to stop with the launcher")

@@ -29,7 +29,8 @@ def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Po
                             stderr=subprocess.PIPE, text=True, env=subprocess_env(env))
 
 
-def run_workers(tmp: Path, world: int, rank_config, timeout: float = WORKER_TIMEOUT, env: dict | None = None) -> list[dict]:
+def run_workers(tmp: Path, world: int, rank_config, timeout: float = WORKER_TIMEOUT,
+                env: dict | None = None) -> list[dict]:
     """Start `world` worker processes (rank_config(rank) -> dict of that rank's config), wait for all of them
     with a deadline, return each rank's result dict. A worker that fails raises with its stderr."""
     port = free_port()

@@ -18,6 +18,18 @@ RANKS_TIMEOUT = 120
 """spawn_ranks' default: seconds a tiny job of a rank script may take."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
     """This environment plus PYTHONPATH for scripts the tests start: the repository and ``tests`` (where
     ``support`` lives), since a script's own directory is all Python puts on its path."""

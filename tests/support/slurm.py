@@ -17,6 +17,7 @@ from pathlib import Path
 
 from elastic.world import free_port
 from support.packages import SBIN_PATH, which
+from support.processes import pid_alive
 from support.waiting import wait_for
 
 SLURM_POLL = 0.2
@@ -29,18 +30,6 @@ CLUSTER_STOP_BUDGET = 10 + 30 + 3 * (15 + 10)
 """The longest stop_slurm_cluster can take: scancel, the queue draining, each daemon's SIGTERM then SIGKILL."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is gone for our purpose.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def stop_by_pid_file(pid_file: Path, timeout: float = 15) -> None:
     """SIGTERM the daemon named by ``pid_file``, wait for it to exit, SIGKILL if it does not."""
     if not pid_file.is_file():
@@ -49,14 +38,14 @@ def stop_by_pid_file(pid_file: Path, timeout: float = 15) -> None:
     if not text.isdigit():
         return
     pid = int(text)
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return
     os.kill(pid, signal.SIGTERM)
     try:
-        wait_for(lambda: not _pid_alive(pid), timeout, f"pid {pid} ({pid_file.name}) to exit on SIGTERM", interval=0.1)
+        wait_for(lambda: not pid_alive(pid), timeout, f"pid {pid} ({pid_file.name}) to exit on SIGTERM", interval=0.1)
     except AssertionError:
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _pid_alive(pid), 10, f"pid {pid} ({pid_file.name}) to die after SIGKILL")
+        wait_for(lambda: not pid_alive(pid), 10, f"pid {pid} ({pid_file.name}) to die after SIGKILL")
 
 
 @dataclass
@@ -205,7 +194,7 @@ def start_slurm_cluster() -> SlurmCluster:
 def stop_slurm_cluster(cluster: SlurmCluster) -> None:
     """Cancel what is left of the jobs, then stop slurmd, slurmctld and munged through their pid files."""
     ctld = cluster.root / "run" / "slurmctld.pid"
-    if ctld.exists() and _pid_alive(int(ctld.read_text().strip() or 0)):
+    if ctld.exists() and pid_alive(int(ctld.read_text().strip() or 0)):
         subprocess.run(["timeout", "10", "scancel", "--user=root"], capture_output=True, env=cluster.env)
 
         def drained():
