@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -343,12 +342,6 @@ def trainer_worker(args) -> None:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_child(extra: list[str], timeout: float = 1800) -> str:
     proc = subprocess.run([sys.executable, __file__, *extra], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
@@ -358,6 +351,8 @@ def run_child(extra: list[str], timeout: float = 1800) -> str:
 
 
 def reshard(args, work: Path) -> dict:
+    from elastic.world import free_port  # here, not at the top: only after __main__ put REPO first on sys.path
+
     root = work / "reshard"
     port = free_port()
     common = ["--size-mb", str(args.size_mb), "--dir", str(root), "--port", str(port)]
@@ -413,6 +408,8 @@ def main() -> None:
 
 
 def drive(args) -> None:
+    from elastic.world import free_port  # here, not at the top: only after __main__ put REPO first on sys.path
+
     work = Path(args.dir or REPO / "runs" / "bench-checkpoint")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -47,8 +47,8 @@ from checkpointing.persist import (ChunkWriter, LevelState, SaveContext, Source,
 from checkpointing.plan import PlanCache, TensorLayout, global_layouts
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
-from checkpointing.staging import (BufferPool, BufferSet, Shard, Slot, SlotPool, StagedTensor, StagePlan, describe,
-                                   stage_into)
+from checkpointing.staging import (BufferPool, BufferSet, Shard, Slot, SlotPool, StagedTensor, StagePlan,
+                                   StagingStats, describe, stage_into)
 from checkpointing.tiers import Janitor, LevelSpec, committed_steps, retire_after, step_dir_name
 from checkpointing.zarr_store import check_tensor_name, dtype_name
 
@@ -138,7 +138,7 @@ class _Agreed:
 
 class CheckpointManager:
     """See the module docstring; the public surface is save/wait_staged/wait_durable/load/latest/list/
-    emergency_save/close."""
+    emergency_save/close, plus the read-only stats and staging_stats()."""
 
     def __init__(self, levels: list[LevelSpec], rank: int = 0, world_size: int = 1,
                  group: dist.ProcessGroup | None = None, local_rank: int | None = None,
@@ -207,6 +207,13 @@ class CheckpointManager:
     @property
     def stats(self) -> CheckpointStats:
         return self._metrics.stats
+
+    def staging_stats(self) -> StagingStats:
+        """What this rank's staging holds now (slots per level, host buffers): read-only, see StagingStats."""
+        buffers, nbytes, allocations = self._pool.held()
+        return StagingStats(levels={name: pool.stats() for name, pool in self._slots.items()},
+                            host_buffer_sets=self._pool.size, host_buffers=buffers, host_buffer_bytes=nbytes,
+                            host_buffer_allocations=allocations)
 
     # ------------------------------------------------------------------------------------------------ saving
 

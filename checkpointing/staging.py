@@ -65,6 +65,8 @@ class BufferSet:
     step: int | None = None
     slot: "Slot | None" = None
     """The memory-level slot that staged `step` zero-copy (then `buffers` is empty), or None."""
+    allocations: int = 0
+    """Buffers allocated into this set so far: it stops growing once the names, sizes and dtypes settle."""
 
     def flat(self, name: str) -> torch.Tensor:
         return self.buffers[name]
@@ -75,6 +77,7 @@ class BufferSet:
         if buf is None or buf.numel() != numel or buf.dtype != dtype:
             buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
             self.buffers[name] = buf
+            self.allocations += 1
         return buf
 
     def drop_unused(self, names: set[str]) -> None:
@@ -158,6 +161,11 @@ class BufferPool:
         staged = [s for s in self.sets if s.step is not None]
         return max(staged, key=lambda s: s.step) if staged else None
 
+    def held(self) -> tuple[int, int, int]:
+        """(buffers held, bytes held, allocations so far) over every set."""
+        buffers = [b for s in self.sets for b in tuple(s.buffers.values())]   # a snapshot: the stager may be busy
+        return (len(buffers), sum(b.numel() * b.element_size() for b in buffers),
+                sum(s.allocations for s in self.sets))
 
 
 def describe(name: str, value: "torch.Tensor | Shard", dtype: str) -> StagedTensor:
@@ -375,6 +383,36 @@ class Slot:
         self.key = self.plan = None
 
 
+@dataclass(frozen=True)
+class LevelStaging:
+    """The zero-copy staging slots of one level on this rank (see Slot)."""
+
+    slots: int
+    """Slots created so far; bounded by keep_last + saves in flight + 1, reused once their checkpoints retire."""
+    in_files: bool
+    """True: the slots are files on the level's file system, hard-linked into each checkpoint (a memory level).
+    False: host-memory slots the persister writes out (a disk level)."""
+    chunk_files: int
+    """Chunk files the slots hold open and rewrite in place every save (0 for host-memory slots)."""
+
+
+@dataclass(frozen=True)
+class StagingStats:
+    """What staging holds on this rank (CheckpointManager.staging_stats()): steady-state saves must neither add
+    slots nor allocate host buffers, so these figures stay flat over a long run; watch or export them as gauges.
+    A snapshot: taken while a save is staging it may show that save half done."""
+
+    levels: dict[str, LevelStaging]
+    """Per level that staged at least one save zero-copy (the first save of a layout always uses host buffers)."""
+    host_buffer_sets: int
+    """Host buffer sets (``staging_buffers``): how many saves can be in flight before save() waits or skips."""
+    host_buffers: int
+    """Tensors held in host buffers now; 0 while saves stage zero-copy."""
+    host_buffer_bytes: int
+    host_buffer_allocations: int
+    """Host buffers allocated since the manager started: grows only when names, sizes or dtypes change."""
+
+
 class SlotPool:
     """The slots of one level on this rank: at most `max_slots`, created on demand, reused when free. root=None:
     host-memory slots (a disk level)."""
@@ -404,6 +442,11 @@ class SlotPool:
         """A save is done with the slot; if its files may be linked into a checkpoint, it is free only later."""
         with self._lock:
             (self._linked if maybe_linked else self._free).append(slot)
+
+    def stats(self) -> LevelStaging:
+        with self._lock:
+            return LevelStaging(slots=len(self._slots), in_files=self.dir is not None,
+                                chunk_files=sum(len(s.fds) for s in self._slots))
 
     def refresh(self) -> None:
         """Free the slots whose checkpoints were all retired. Persist thread, after each save."""

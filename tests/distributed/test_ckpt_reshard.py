@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_helpers import run_workers
+from support.ckpt_workers import WORKER_TIMEOUT, run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,7 @@ def assert_loaded(results: list[dict], step: int) -> None:
         assert res[-1]["step"] == step and res[-1]["mismatched"] == [], f"rank {rank}: {res[-1]}"
 
 
+@pytest.mark.timeout(5 * WORKER_TIMEOUT + 60)  # one save and four loads, each within its own deadline
 def test_replicas_saved_by_two_load_at_one_and_three_in_any_layout(tmp_path):
     saved = run_workers(tmp_path, 2, one_level(tmp_path, [{"op": "save", "steps": [3, 4], "layout": "replica"}]))
     assert all(r[0]["committed"] == ["L2", "L2"] for r in saved)

@@ -12,7 +12,7 @@ import pytest
 
 from checkpointing import verify
 from checkpointing.zarr_store import is_memory_fs
-from ckpt_helpers import run_workers
+from support.ckpt_workers import run_workers
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 
 from checkpointing import list_checkpoints
 from elastic.config import config_from_dict, save_config
-from helpers import spawn_ranks
+from support.processes import spawn_ranks
 
 RANK_SCRIPT = Path(__file__).with_name("rank_deepspeed.py")
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from elastic.config import config_from_dict, save_config
-from helpers import spawn_ranks
+from support.processes import RANKS_TIMEOUT, spawn_ranks
 
 RANK_SCRIPT = Path(__file__).with_name("rank_train.py")
 
@@ -29,6 +29,7 @@ def _grads(config_json: Path, world_size: int, out: Path, step: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * RANKS_TIMEOUT + 60)  # W=1, 2 and 3, each within its own deadline
 @pytest.mark.parametrize("global_batch", [6, 7])  # 7 splits unevenly over 2 and 3 ranks (4+3, 3+2+2)
 def test_reduced_gradient_equals_single_process_full_batch(tiny_raw, tmp_path, global_batch):
     config_json = _config(tiny_raw, tmp_path / "cfg.json", global_batch=global_batch)

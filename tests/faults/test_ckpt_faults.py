@@ -7,7 +7,9 @@ import signal
 import pytest
 
 from checkpointing import CheckpointManager, LevelSpec, verify
-from ckpt_helpers import make_state, matches, start_worker, wait_for_file
+from support.ckpt_state import make_state, matches
+from support.ckpt_workers import start_worker
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +18,30 @@ def level(tmp, name, interval, keep=3, node_local=True) -> dict:
     return {"name": name, "root": str(tmp / name), "interval": interval, "keep_last": keep, "node_local": node_local}
 
 
-def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path):
+@pytest.fixture
+def worker(tmp_path):
+    """start(cfg, env=None) -> one worker process in tmp_path; one still running at teardown (a failed wait or
+    assertion) is killed."""
+    started = []
+
+    def start(cfg: dict, env: dict | None = None):
+        started.append(start_worker(tmp_path, cfg, env))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path, worker):
     marker = tmp_path / "paused"
-    proc = start_worker(tmp_path, {"levels": [level(tmp_path, "L1", 1)], "chunk_bytes": 128,
-                                   "ops": [{"op": "save", "steps": [1], "layout": "replica"},
-                                           {"op": "save", "steps": [2], "layout": "replica"}]},
-                        env={"ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK": f"2:{marker}"})
-    wait_for_file(marker, proc)                 # step 2 has written exactly one chunk and is paused
+    proc = worker({"levels": [level(tmp_path, "L1", 1)], "chunk_bytes": 128,
+                   "ops": [{"op": "save", "steps": [1], "layout": "replica"},
+                           {"op": "save", "steps": [2], "layout": "replica"}]},
+                  env={"ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK": f"2:{marker}"})
+    wait_for(marker.exists, 30, f"{marker} (step 2 paused after one chunk)", proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     partial = list((tmp_path / "L1").glob("step-00000002.partial-*"))
@@ -40,12 +59,12 @@ def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path):
     mgr.close()
 
 
-def test_sigterm_emergency_save_makes_newest_step_durable(tmp_path):
+def test_sigterm_emergency_save_makes_newest_step_durable(tmp_path, worker):
     ready = tmp_path / "ready"
-    proc = start_worker(tmp_path, {"levels": [level(tmp_path, "L0", 1), level(tmp_path, "L2", 100, 1, False)],
-                                   "ops": [{"op": "save", "steps": [1, 2, 3], "layout": "replica"},
-                                           {"op": "wait_sigterm", "ready": str(ready)}]})
-    wait_for_file(ready, proc)
+    proc = worker({"levels": [level(tmp_path, "L0", 1), level(tmp_path, "L2", 100, 1, False)],
+                   "ops": [{"op": "save", "steps": [1, 2, 3], "layout": "replica"},
+                           {"op": "wait_sigterm", "ready": str(ready)}]})
+    wait_for(ready.exists, 30, f"{ready} (the worker waits for SIGTERM)", proc)
     assert not (tmp_path / "L2").exists()                      # step 3 is only in node memory (L0)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -21,23 +21,27 @@ import copy
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import lose_and_rejoin_node, node_resizes
-from test_elastic import _check_ok, _config, _final_losses, _final_samples, _train
+from support.configs import recovery_config
+from support.faults import lose_and_rejoin_node, node_loss_budget
+from support.processes import TRAIN_TIMEOUT, check_ok, ecpt_train
+from support.trajectory import final_losses, final_samples, node_resizes
 
 pytestmark = pytest.mark.slow
+MARGIN = 60  # on top of the inner budgets, so they, not pytest's timeout, end a stuck case (with the agents' logs)
 STEPS_PER_PHASE = 10
 KILL_STEP = 8
 HOLD_STEP = 15  # at W=1: n1 is dead from step 8 on, and n0's replay of steps <= 8 after the shrink comes first
 
 
+@pytest.mark.timeout(TRAIN_TIMEOUT + node_loss_budget() + MARGIN)
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_node_loss_and_rejoin_under_zero(tiny_raw, tmp_path, zero_stage):
     raw = copy.deepcopy(tiny_raw)
     raw["train"]["engine"] = "deepspeed"
     raw["deepspeed"] = {"zero_stage": zero_stage}
-    config = _config(raw, tmp_path, steps_per_phase=STEPS_PER_PHASE)
+    config = recovery_config(raw, tmp_path, steps_per_phase=STEPS_PER_PHASE)
     reference = tmp_path / "uninterrupted"
-    _check_ok(_train(config, reference))  # one agent, 2 workers: the world size the job starts with
+    check_ok(ecpt_train(config, reference))  # one agent, 2 workers: the world size the job starts with
     run = tmp_path / "nodes"
     lose_and_rejoin_node(config, run, tmp_path, kill_step=KILL_STEP,
                          extra_faults=(f"stall rank 0 at step {HOLD_STEP} for 600s",))
@@ -53,8 +57,8 @@ def test_node_loss_and_rejoin_under_zero(tiny_raw, tmp_path, zero_stage):
     assert shrink["step"] <= KILL_STEP < grow["step"] <= HOLD_STEP  # resharded 2 -> 1 after the kill, 1 -> 2 after
     total = 3 * STEPS_PER_PHASE
     global_batch = raw["train"]["global_batch"]
-    assert _final_samples(run) == list(range(total * global_batch))  # same global batch, none skipped or repeated
-    final, clean = _final_losses(run), _final_losses(reference)
+    assert final_samples(run) == list(range(total * global_batch))  # same global batch, none skipped or repeated
+    final, clean = final_losses(run), final_losses(reference)
     assert sorted(final) == sorted(clean) == list(range(1, total + 1))
     worst = max(abs(final[s] - clean[s]) / clean[s] for s in clean)
     assert worst < 0.01, f"ZeRO-{zero_stage}: largest relative loss difference {worst:.4f}"

@@ -19,7 +19,9 @@ import pytest
 from checkpointing import committed_steps
 from checkpointing.manifest import read_manifest
 from elastic.metrics import read_jsonl
-from helpers import REPO, ecpt_command, free_port, write_toml
+from elastic.world import free_port
+from support.configs import write_toml
+from support.processes import REPO, ecpt_command
 
 NODES = {"n0": 2, "n1": 1}  # node id -> workers on that node
 WORLD = sum(NODES.values())

@@ -7,35 +7,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import REPO, wait_for, write_toml
+from support.configs import write_toml
+from support.processes import REPO, ecpt_command, ecpt_train, pid_alive
+from support.trajectory import step_rows
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
-
-
-def _ecpt(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", *args]
 
 
 def test_train_runs_all_phases_on_two_workers(tiny_raw, tmp_path):
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
     run = tmp_path / "run"
-    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
-                            capture_output=True, text=True, timeout=240)
+    result = ecpt_train(cfg, run)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = read_jsonl(run / "metrics.jsonl", "step")
     assert [r["step"] for r in steps] == list(range(1, 13))
@@ -54,7 +42,7 @@ def test_workers_do_not_rerun_the_agent_module(tiny_raw, tmp_path):
     """multiprocessing re-ran the agent's main module in every forked worker, where the fork server had already
     imported it: runpy warned "'launch.agent' found in sys.modules ..." once per worker on every run."""
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
-    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
+    result = subprocess.run(ecpt_command(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
                                    "--set", "train.max_steps=1"]),
                             cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"})
@@ -66,9 +54,7 @@ def test_workers_do_not_rerun_the_agent_module(tiny_raw, tmp_path):
 def test_bad_config_fails_before_any_process_starts(tiny_raw, tmp_path):
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
     run = tmp_path / "run"
-    result = subprocess.run(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run),
-                                   "--set", "train.micro_batch=0"]), cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+    result = ecpt_train(cfg, run, "--set", "train.micro_batch=0", timeout=60)
     assert result.returncode == 2
     assert "train.micro_batch must be >= 1" in result.stderr
     assert not (run / "ranks").exists()
@@ -80,12 +66,11 @@ def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[in
         phase["tokens"] *= 500  # long enough that the test, not the schedule, ends it
     cfg = write_toml(raw, tmp_path / "long.toml")
     run = tmp_path / "run"
-    proc = subprocess.Popen(_ecpt(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
+    proc = subprocess.Popen(ecpt_command(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (run / "metrics.jsonl").exists() and read_jsonl(run / "metrics.jsonl", "step"), 120,
-              "the first training step", proc)
+    wait_for(lambda: step_rows(run), 120, "the first training step", proc)
     pids = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
-    assert all(_alive(p) for p in pids)
+    assert all(pid_alive(p) for p in pids)
     return proc, run, pids
 
 
@@ -94,7 +79,8 @@ def test_ctrl_c_stops_every_worker(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
     proc.wait(timeout=60)
-    wait_for(lambda: not any(_alive(p) for p in [agent, server, *pids]), 30, "agent, fork server and workers to exit")
+    wait_for(lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 30,
+             "agent, fork server and workers to exit")
 
 
 def _parent(pid: int) -> int:
@@ -114,7 +100,8 @@ def test_killing_the_agent_leaves_no_orphans(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     assert _parent(agent) == proc.pid
     os.kill(agent, signal.SIGKILL)
-    wait_for(lambda: not any(_alive(p) for p in [server, *pids]), 30, "fork server and workers to die with the agent")
+    wait_for(lambda: not any(pid_alive(p) for p in [server, *pids]), 30,
+             "fork server and workers to die with the agent")
     proc.wait(timeout=30)
 
 
@@ -123,5 +110,5 @@ def test_killing_the_launcher_stops_agent_and_workers(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher: the agent runs in its own session
     proc.wait(timeout=10)
-    wait_for(lambda: not any(_alive(p) for p in [agent, server, *pids]), 60,
+    wait_for(lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 60,
              "agent, fork server and workers to stop with the launcher")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_toml
 from launch.mpi import find_mpiexec
+from support.configs import write_toml
+from support.processes import REPO, communicate_all
 
-REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("mpi4py", reason="the MPI launch needs mpi4py: pip install 'ecpt[mpi]'")
 
 RANK_PROBE = textwrap.dedent("""
@@ -73,7 +73,8 @@ def test_mpi_training_is_identical_to_torchrun(tiny_raw, tmp_path):
     # Both at once: each worker uses one thread, so they share the cores without changing any result.
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name, cmd in runs.items()}
-    outputs = {name: p.communicate(timeout=240)[0] for name, p in procs.items()}
+    done = communicate_all(list(procs.values()), 240, "the mpi and torchrun runs")
+    outputs = {name: out for name, (_, out, _) in zip(procs, done)}
     for name, p in procs.items():
         assert p.returncode == 0, f"{name} run failed:\n{outputs[name][-4000:]}"
     assert "mpich mpiexec: 2 ranks" in outputs["mpi"]

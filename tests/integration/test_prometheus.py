@@ -14,15 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_toml
+from support.configs import write_toml
+from support.packages import INSTALL_BUDGET
+from support.processes import REPO
+from support.prometheus import QUERY_POLL, READY_TIMEOUT
+from support.waiting import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
 SHIPPED_TARGET_GLOB = "/srv/ecpt/runs/tiny-cpu/prometheus/*.json"
+PROMTOOL_TIMEOUT, MARGIN = 60, 60
+# The first test to need promtool may install Prometheus (INSTALL_BUDGET); then at most three promtool runs.
+pytestmark = pytest.mark.timeout(INSTALL_BUDGET + 3 * PROMTOOL_TIMEOUT + MARGIN)
 
 
 def promtool_run(promtool: str, *args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=PROMTOOL_TIMEOUT)
 
 
 def test_scrape_config_and_alert_rules_pass_promtool(promtool):
@@ -85,7 +92,9 @@ def scrape_config_for(run_dir: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_server, tiny_raw, tmp_path, wait_until):
+# installing Prometheus, the server ready, the waits below, the run stopping, the server stopping
+@pytest.mark.timeout(INSTALL_BUDGET + READY_TIMEOUT + 90 + 6 * 30 + 30 + 60 + 15 + MARGIN)
+def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_server, tiny_raw, tmp_path):
     run_dir = tmp_path / "run"
     tiny_raw["train"]["run_dir"] = str(run_dir)
     for phase in tiny_raw["data"]["phases"]:
@@ -106,13 +115,13 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
             assert train.poll() is None, f"ecpt train ended early ({train.returncode}):\n{log.read_text()[-3000:]}"
             return both_ranks('ecpt_step{job="ecpt"} > 0')
 
-        steps = wait_until(stepped, 90, "ecpt_step from ranks 0 and 1 in Prometheus")
+        steps = wait_for(stepped, 90, "ecpt_step from ranks 0 and 1 in Prometheus", interval=QUERY_POLL)
         for promql in ('ecpt_loss{job="ecpt"}', 'ecpt_world_size{job="ecpt"} == 2', 'ecpt_lr{job="ecpt"}',
                        'rate(ecpt_tokens_total{job="ecpt"}[5s]) > 0', 'ecpt_step_seconds_count{job="ecpt"} > 0',
                        'up{job="ecpt"} == 1'):
-            wait_until(lambda: both_ranks(promql), 30, f"{promql} for both ranks")
-        wait_until(lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'), 30,
-                   "the launcher's job-level series")
+            wait_for(lambda: both_ranks(promql), 30, f"{promql} for both ranks", interval=QUERY_POLL)
+        wait_for(lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'), 30,
+                 "the launcher's job-level series", interval=QUERY_POLL)
         targets = [t for t in server.targets() if t["labels"]["job"] == "ecpt"]
         workers = [t for t in targets if "rank" in t["labels"]]
         launchers = [t for t in targets if t["labels"].get("role") == "launcher"]

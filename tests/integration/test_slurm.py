@@ -13,12 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_toml
+from support.configs import write_toml
+from support.processes import REPO
+from support.packages import INSTALL_BUDGET
+from support.slurm import CLIENT_TIMEOUT, CLUSTER_START_BUDGET, CLUSTER_STOP_BUDGET, SLURM_POLL
+from support.waiting import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 300
 SIGNAL_AFTER_STEP = 30
 SIGUSR1 = 10
+MARGIN = 60
+CLUSTER = INSTALL_BUDGET + CLUSTER_START_BUDGET + CLUSTER_STOP_BUDGET
+"""The session's cluster: installed and started within the first test that needs it, stopped after the last."""
 
 
 RANK_PROBE = """
@@ -36,6 +42,7 @@ shutdown_distributed()
 """
 
 
+@pytest.mark.timeout(CLUSTER + 120 + MARGIN)
 def test_srun_started_workers_find_their_rank_and_rendezvous(slurm_cluster):
     """Workers started by srun itself (no torchrun): ranks from SLURM_*, rendezvous from the job's first node."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK")
@@ -78,8 +85,9 @@ def slurm_config(tiny_raw, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, slurm_config, tmp_path,
-                                                                        wait_until):
+# sbatch, the five waits below, and six Slurm client calls (job state, scancel) outside them
+@pytest.mark.timeout(CLUSTER + 120 + (120 + 60 + 60 + 90 + 180) + 6 * CLIENT_TIMEOUT + MARGIN)
+def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, slurm_config, tmp_path):
     cluster = slurm_cluster
     run_dir = tmp_path / "run"
     started = time.monotonic()
@@ -99,22 +107,24 @@ def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_clu
     def job(): return cluster.job(job_id)
 
     # 1. It trains under Slurm; then the time-limit warning arrives (sent now instead of minutes before --time).
-    wait_until(lambda: last_step(run_dir) >= SIGNAL_AFTER_STEP, 120,
-               f"step {SIGNAL_AFTER_STEP} in metrics.jsonl (job state {job().get('JobState')}):\n{output()}")
+    wait_for(lambda: last_step(run_dir) >= SIGNAL_AFTER_STEP, 120,
+             f"step {SIGNAL_AFTER_STEP} in metrics.jsonl (job state {job().get('JobState')}):\n{output()}",
+             interval=SLURM_POLL)
     assert job()["JobState"] == "RUNNING"
     signalled_at = time.monotonic()
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
     # 2. Every worker stops at one step boundary after an emergency checkpoint, and the job requeues itself.
-    stop = wait_until(lambda: next((r for r in jsonl(run_dir) if r["kind"] == "stop"), None), 60,
-                      f"a stop record in metrics.jsonl:\n{output()}")
+    stop = wait_for(lambda: next((r for r in jsonl(run_dir) if r["kind"] == "stop"), None), 60,
+                    f"a stop record in metrics.jsonl:\n{output()}", interval=SLURM_POLL)
     stopped_at = stop["step"]
     assert SIGNAL_AFTER_STEP <= stopped_at < MAX_STEPS, "stopped by the signal, before the end of training"
-    wait_until(lambda: "agents exited with code" in output(), 60, f"the first run to end:\n{output()}")
+    wait_for(lambda: "agents exited with code" in output(), 60, f"the first run to end:\n{output()}",
+             interval=SLURM_POLL)
     saved = newest_committed_step(run_dir / "checkpoints")
     assert saved == stopped_at, (saved, stopped_at)  # the emergency save wrote the step it stopped at
-    wait_until(lambda: "SLURM_RESTART_COUNT=1" in output(), 90,
-               f"the requeued job to start again (job {job()}):\n{output()}")
+    wait_for(lambda: "SLURM_RESTART_COUNT=1" in output(), 90,
+             f"the requeued job to start again (job {job()}):\n{output()}", interval=SLURM_POLL)
     requeued_after = time.monotonic() - signalled_at
     first_run = output().split("SLURM_RESTART_COUNT=1")[0]
     assert "USR1 received" in first_run and "requeueing job" in first_run and "emergency checkpoint" in first_run
@@ -123,7 +133,8 @@ def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_clu
     assert "agents exited with code 0" in first_run, "the agents ignore USR1; their workers exit cleanly"
 
     # 3. The rerun resumes from the checkpoint saved at the stop and finishes.
-    wait_until(lambda: job()["JobState"] == "COMPLETED", 180, f"the rerun to complete (job {job()}):\n{output()}")
+    wait_for(lambda: job()["JobState"] == "COMPLETED", 180, f"the rerun to complete (job {job()}):\n{output()}",
+             interval=SLURM_POLL)
     final = job()
     assert final["Restarts"] == "1" and final["ExitCode"] == "0:0", final
     records = jsonl(run_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from elastic.metrics import read_jsonl
-from helpers import REPO
+from support.processes import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import argparse
 import json
 
 from checkpointing import CheckpointManager, LevelSpec
-from ckpt_helpers import make_state
-from launch.ckpt_commands import add_ckpt_parser, run_ckpt
+from launch.ckpt_commands import add_ckpt_parser
+from support.ckpt_state import make_state
 
 
 def ckpt(argv: list[str]) -> int:

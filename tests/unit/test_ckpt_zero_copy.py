@@ -21,7 +21,7 @@ import zarr
 
 from checkpointing import CheckpointManager, LevelSpec, verify
 from checkpointing.zarr_store import is_memory_fs
-from ckpt_helpers import SPECS, full_tensor, make_state, matches
+from support.ckpt_state import SPECS, full_tensor, make_state, matches
 
 
 @pytest.fixture
@@ -98,7 +98,9 @@ def test_values_are_those_at_save_time_with_large_mapped_chunks(shm):
         if step == 1:
             mgr.wait_durable()
     mgr.wait_durable()
-    assert mgr._slots["L0"]._slots, "the saves after the first were not staged zero-copy"
+    staged = mgr.staging_stats().levels
+    assert "L0" in staged and staged["L0"].slots and staged["L0"].in_files, \
+        f"the saves after the first were not staged zero-copy: {staged}"
     out = torch.full((1024, 700), -1.0)
     assert mgr.load({"w": out}).step == 4 and torch.equal(out, torch.full((1024, 700), 3.0))
     assert mgr.load({"w": out}, step=3).step == 3 and torch.equal(out, torch.full((1024, 700), 2.0))
@@ -115,11 +117,12 @@ def test_staging_files_are_reused_and_memory_stays_flat(shm):
         mgr.wait_durable()
         inodes.append(frozenset(f.stat().st_ino for f in chunk_files(shm / "L0" / f"step-{step:08d}")))
         shm_used.append(_tree_bytes(shm))
-    pool = mgr._slots["L0"]
-    assert len(pool._slots) <= 2 + 2 + 1, "more staging slots than keep_last + in flight + 1"
-    assert len(set(inodes[5:])) <= len(pool._slots), "chunk files were not reused across saves"
+    stats = mgr.staging_stats()
+    slots = stats.levels["L0"].slots
+    assert slots <= 2 + 2 + 1, "more staging slots than keep_last + in flight + 1"
+    assert len(set(inodes[5:])) <= slots, "chunk files were not reused across saves"
     assert max(shm_used[5:]) - min(shm_used[5:]) < 1 << 20, f"memory level grew: {shm_used}"
-    assert all(not b.buffers for b in mgr._pool.sets), "host staging buffers kept alongside the slots"
+    assert stats.host_buffers == 0, f"host staging buffers kept alongside the slots: {stats}"
     mgr.close()
 
 
@@ -245,9 +248,10 @@ def test_disk_levels_stage_checksummed_chunks_in_reused_host_buffers(tmp_path):
     mgr = CheckpointManager([LevelSpec("L1", str(tmp_path / "L1"), 1, 2, True, memory=False)], chunk_bytes=256)
     committed = save_steps(mgr, range(1, 7))
     assert committed == ["L1"] * 6
-    pool = mgr._slots["L1"]
-    assert pool._slots and not any(s.files for s in pool._slots) and len(pool._slots) <= 3
-    assert all(not b.buffers for b in mgr._pool.sets), "full host copies kept alongside the slots"
+    stats = mgr.staging_stats()
+    level = stats.levels["L1"]
+    assert level.slots and not level.in_files and level.chunk_files == 0 and level.slots <= 3, stats
+    assert stats.host_buffers == 0, f"full host copies kept alongside the slots: {stats}"
     for step in (5, 6):
         assert verify(tmp_path / "L1" / f"step-{step:08d}") == []
     target = make_state(0, "replica", 0, zero=True)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import write_toml
+from support.configs import write_toml
 from launch.cli import main
 
 

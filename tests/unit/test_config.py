@@ -4,7 +4,7 @@ import pytest
 
 from elastic.config import (ConfigError, apply_overrides, bundled_config_names, config_from_dict, load_config,
                             parse_override)
-from helpers import write_toml
+from support.configs import write_toml
 
 
 def test_default_config_loads_and_describes_three_phases():

@@ -5,12 +5,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from elastic.config import ConfigError
 from elastic.fault_plan import fired_faults, parse_plan, random_plan
-from elastic.faults import FaultInjector, corrupt_newest_checkpoint, fill_file_system
+from elastic.faults import FILL_DISK_MAX_BYTES, FaultInjector, corrupt_newest_checkpoint, fill_file_system
 from elastic.watchdog import Watchdog
 
 
@@ -66,9 +67,24 @@ def test_corrupt_newest_flips_bytes_of_the_newest_committed_checkpoint(tmp_path)
     assert (tmp_path / "step-00000003" / "model" / "w" / "c" / "0").read_bytes() == bytes(range(64))
 
 
-def test_fill_disk_refuses_a_real_disk(tmp_path):
-    with pytest.raises(ConfigError, match="only fills small test file systems"):
-        fill_file_system(tmp_path)
+def test_fill_disk_refuses_a_real_disk(tmp_path, monkeypatch):
+    """Whatever this machine's /tmp holds, the fault sees a file system with more room than it may fill (the real
+    statvfs could report a small /tmp, and then the fault would really fill it)."""
+    asked = []
+
+    def statvfs_with(free_bytes: int):
+        def statvfs(path):
+            asked.append(Path(path))
+            return SimpleNamespace(f_bavail=free_bytes // 4096, f_frsize=4096)
+        return statvfs
+
+    for free, shown in ((FILL_DISK_MAX_BYTES + 4096, "2.0 GiB free"), (40 << 30, "40.0 GiB free")):
+        monkeypatch.setattr("elastic.faults.os.statvfs", statvfs_with(free))
+        with pytest.raises(ConfigError, match="only fills small test file systems") as refused:
+            fill_file_system(tmp_path)
+        assert str(tmp_path) in str(refused.value) and shown in str(refused.value), refused.value
+        assert asked[-1] == tmp_path
+        assert list(tmp_path.iterdir()) == [], "the fault wrote before refusing"
 
 
 def test_watchdog_exits_a_worker_that_makes_no_progress(tmp_path):

@@ -23,7 +23,7 @@ def render(capsys, config: Path, *extra: str) -> list[dict]:
 
 @pytest.fixture
 def config_file(tiny_raw, tmp_path) -> Path:
-    from helpers import write_toml
+    from support.configs import write_toml
 
     tiny_raw["train"]["global_batch"] = 16
     return write_toml(tiny_raw, tmp_path / "tiny.toml")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from elastic.config import ConfigError, config_from_json
-from helpers import write_toml
 from launch.cluster_commands import add_launch_parser
 from launch.local import torchrun_command
 from launch.mpi import MpiOptions, mpi_flavour, mpiexec_command, worker_command
 from launch.slurm import parse_slurm_time
 from launch.spec import LaunchSpec
+from support.configs import write_toml
 
 
 def launch(argv: list[str], capsys) -> tuple[int, str, str]:

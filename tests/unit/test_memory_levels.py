@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from checkpointing import CheckpointManager, LevelSpec
-from ckpt_helpers import make_state
+from support.ckpt_state import make_state
 from elastic import memory_levels as ml
 from elastic.config import ConfigError, load_config
 from launch.ckpt_commands import add_ckpt_parser

@@ -20,7 +20,9 @@ import pytest
 
 from elastic import memory_levels
 from elastic.metrics import read_jsonl
-from helpers import REPO, ecpt_command as _ecpt, wait_for, write_toml
+from support.configs import write_toml
+from support.processes import REPO, ecpt_command as _ecpt
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
