@@ -1,4 +1,4 @@
-"""One rank of a real gloo job for the DeepSpeed tests (run as a script by helpers.spawn_ranks).
+"""One rank of a real gloo job for the DeepSpeed tests (run as a script by support.processes.spawn_ranks).
 
 Modes:
   grads  -- one forward/backward of step STEP through the configured engine; every rank takes part in gathering the

@@ -1,4 +1,4 @@
-"""One rank of a real gloo job used by the distributed tests (run as a script by helpers.spawn_ranks).
+"""One rank of a real gloo job used by the distributed tests (run as a script by support.processes.spawn_ranks).
 
 Modes:
   grads  -- one forward/backward of step STEP; rank 0 writes the reduced gradients to OUT (npz, no pickle)

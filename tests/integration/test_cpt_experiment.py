@@ -16,6 +16,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MINI = REPO / "configs" / "cpt-mini.toml"
 ARMS = ["cosine", "infinite-replay"]
+RUN_TIMEOUT = 240
+"""One `ecpt experiment cpt` run on the miniature config (a few seconds when the machine is quiet)."""
+TWO_RUNS = pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+"""The tests after the first may run the module's shared first run and then their own: both budgets, plus margin."""
 
 
 def ecpt_cpt(out: Path, corpus: dict[str, Path], *extra: str) -> subprocess.CompletedProcess:
@@ -23,7 +27,7 @@ def ecpt_cpt(out: Path, corpus: dict[str, Path], *extra: str) -> subprocess.Comp
     sources = [f'--set=data.sources.{d}=["{p}/*.txt"]' for d, p in corpus.items()]
     cmd = [sys.executable, "-m", "launch.cli", "experiment", "cpt", "--config", str(MINI), "--out", str(out),
            f'--set=data.cache_dir="{out.parent / "cache"}"', *sources, *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -44,6 +48,7 @@ def first_run(text_corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
+@TWO_RUNS
 def test_writes_table_plot_and_json(first_run):
     out, proc = first_run
     for arm in ARMS:
@@ -81,6 +86,7 @@ def test_writes_table_plot_and_json(first_run):
 
 
 @pytest.mark.slow
+@TWO_RUNS
 def test_rerun_skips_finished_arms_and_recomputes_the_table(first_run, text_corpus):
     out, _ = first_run
     before = {arm: (out / "arms" / arm / "result.json").read_bytes() for arm in ARMS}
@@ -95,6 +101,7 @@ def test_rerun_skips_finished_arms_and_recomputes_the_table(first_run, text_corp
 
 
 @pytest.mark.slow
+@TWO_RUNS
 def test_unfinished_arm_resumes_from_its_checkpoint_and_reproduces(first_run, text_corpus):
     out, _ = first_run
     arm = out / "arms" / "cosine"
@@ -113,6 +120,7 @@ def test_unfinished_arm_resumes_from_its_checkpoint_and_reproduces(first_run, te
 
 
 @pytest.mark.slow
+@TWO_RUNS
 def test_changed_config_is_refused_instead_of_mixed(first_run, text_corpus):
     out, _ = first_run
     proc = ecpt_cpt(out, text_corpus, "--set", "train.seed=1")
