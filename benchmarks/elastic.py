@@ -90,7 +90,7 @@ class Job:
                 cmd += ["--rdzv-store", "external"]
             return cmd, env
         # The peers: torchrun + torch.save with its default rendezvous settings ("baseline"), and with the
-        # localhost fixes ecpt applies ("baseline-tuned": DESIGN.md's pitfalls, so only the restart path differs).
+        # localhost fixes ecpt applies ("baseline-tuned": the localhost settings in docs/architecture.md, so only the restart path differs).
         # --no-python + `python -P`: the script's own folder (benchmarks/, which has this elastic.py) must not
         # shadow the elastic package on sys.path.
         tuned = self.system == "baseline-tuned"

@@ -16,8 +16,8 @@ from pathlib import Path
 from elastic.config import Config
 from elastic.world import free_port
 
-# Localhost elastic settings measured in shared/NOTES.md: without them a rejoining agent waits for MASTER_ADDR
-# (pytorch issue 135712), and keep_alive_max_attempt=2 led to split brain.
+# Localhost elastic settings measured on 2-core machines (docs/architecture.md, Elasticity): without them a
+# rejoining agent waits for MASTER_ADDR (pytorch issue 135712), and keep_alive_max_attempt=2 led to split brain.
 RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 

@@ -69,7 +69,7 @@ def last_step(run_dir: Path) -> int:
 
 
 def newest_committed_step(root: Path) -> int:
-    """A checkpoint exists once its manifest is committed (DESIGN.md: commit protocol)."""
+    """A checkpoint exists once its manifest is committed (docs/architecture.md: commit protocol)."""
     steps = [int(d.name.split("-")[1]) for d in root.glob("step-*") if (d / "manifest.json").is_file()]
     return max(steps, default=0)
 

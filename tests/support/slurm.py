@@ -1,4 +1,4 @@
-"""A private single-node Slurm cluster for the integration tests (shared/NOTES.md recipe).
+"""A private single-node Slurm cluster for the integration tests (slurmctld + slurmd + a private munged, all on 127.0.0.1).
 
 Private to the test session: its own munge key and socket, its own ports, its own state directories, SLURM_CONF
 passed explicitly to every client call; its daemons are stopped through their pid files."""
