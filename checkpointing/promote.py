@@ -200,7 +200,7 @@ class Promoter:
                     self._copy(task[1])
                 else:
                     self._commit(*task[1:])
-            except Exception as e:          # never leave the others waiting: report it as this rank's error
+            except Exception as e:  # noqa: BLE001 (thread boundary: reported as this rank's error, so no rank waits)
                 promo = task[1]
                 msg = f"rank {promo.ctx.world.rank} ({promo.ctx.node_id}) {promo.levels[0].name}: promotion " \
                       f"failed: {type(e).__name__}: {e}"

@@ -221,7 +221,7 @@ class Janitor:
         while (path := self._q.get()) is not None:
             try:
                 shutil.rmtree(path, ignore_errors=True)
-            except Exception as e:      # never let the janitor die: the next retention retries leftovers
+            except OSError as e:        # the janitor must outlive a failed delete: the next retention retries
                 self._log.warning("checkpoint janitor could not delete %s: %s", path, e)
             finally:
                 with self._lock:
