@@ -616,9 +616,13 @@ class CheckpointManager:
             committed.append(level.name)
             self._metrics.observe_durable(level.name, time.perf_counter() - t_save)
             self._metrics.add_bytes(level.name, res.my_nbytes)
-            self.log.log(logging.DEBUG if level.is_memory else logging.INFO,
-                         "checkpoint step %d committed on %s (%s): %.1f MB in %.2f s", ctx.step, level.name,
-                         res.path, res.total_nbytes / 1e6, time.perf_counter() - t0)
+            # res is the job's agreed outcome (errors gathered from every rank, every node): one line says it all,
+            # so rank 0 logs it and the other ranks keep theirs at DEBUG (also on node-local levels: a commit there
+            # means every node committed its copy, and a line per node would flood a large job the same way).
+            self.log.log(logging.INFO if self.rank == 0 and not level.is_memory else logging.DEBUG,
+                         "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s", ctx.step, level.name,
+                         res.path, ", on every node" if level.node_local else "", res.total_nbytes / 1e6,
+                         time.perf_counter() - t0)
             if source is None and job is not None:
                 self._release(job, linked=first.slot is not None and first.slot.files)
             if source is None:

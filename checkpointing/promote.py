@@ -152,9 +152,11 @@ class Promoter:
             self._metrics.observe_durable(level.name, time.perf_counter() - head.t_save)
             self._metrics.add_bytes(level.name, head.mine.nbytes)
             total = sum(r["copied"]["nbytes"] for r in reports)
-            self._log.log(logging.DEBUG if level.is_memory else logging.INFO,
-                          "checkpoint step %d committed on %s (%s): %.1f MB in %.2f s (promoted from %s)",
-                          head.step, level.name, Path(level.root) / step_dir_name(head.step), total / 1e6,
+            # every rank reached this with the same reports: rank 0 speaks for the job (see CheckpointManager)
+            self._log.log(logging.INFO if world_rank == 0 and not level.is_memory else logging.DEBUG,
+                          "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s (promoted from %s)",
+                          head.step, level.name, Path(level.root) / step_dir_name(head.step),
+                          ", on every node" if level.node_local else "", total / 1e6,
                           time.perf_counter() - head.t_level, head.src_level.name)
         head.levels.pop(0)
         if head.levels:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from elastic import warnings_once
 from elastic.config import Config
 from elastic.world import ProcessGroups, RankLogger, WorldInfo, detect_world, device_for, init_distributed
 
@@ -42,8 +43,10 @@ def configure_threads(requested: int, local_world_size: int) -> int:
 
 
 def join_job(cfg: Config, world: WorldInfo | None = None, logger: logging.Logger | None = None) -> WorkerContext:
-    """Set threads and determinism, join the process group (a no-op for a world of one) and pick the device."""
+    """Show third-party warnings once per job (``elastic.warnings_once``), set threads and determinism, join the
+    process group (a no-op for a world of one) and pick the device."""
     world = world or detect_world()
+    warnings_once.install(world.rank)      # before the engine imports DeepSpeed, whose torch calls warn every step
     threads = configure_threads(cfg.train.threads_per_worker, world.local_world_size)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -8,6 +8,7 @@ One optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -227,6 +228,16 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                     mininterval=1.0, desc="train")
 
+    @staticmethod
+    def _logs_through(bar):
+        """While the bar is open, console log lines go through ``tqdm.write``: it clears the bar, prints the line
+        and redraws the bar below it, instead of the line landing in the middle of the bar's text."""
+        if bar is None:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm(tqdm_class=type(bar))
+
     def _log_step(self, r: StepResult) -> None:
         tokens_step = self.cfg.train.global_batch * self.cfg.model.seq_len
         if self.metrics:
@@ -270,36 +281,41 @@ class Trainer:
                              restarts=self.world.restart_count, parameters=count_parameters(self.model))
         bar = self._progress()
         try:
-            self.watchdog.start()
-            for step in range(self.state.step, self.total_steps):
-                self.log.step = step
-                if self.faults:
-                    self.faults.at_step(step)
-                r = self.train_step(step)
-                self.state.counters.productive_seconds += r.seconds
-                self.watchdog.progress()
-                if not math.isfinite(r.loss):
-                    raise FloatingPointError(f"loss became {r.loss} at step {step}; lower schedule.lr_max")
-                self._log_step(r)
-                if bar:
-                    bar.set_postfix_str(f"phase {self.plan.names[r.phase]} loss {r.loss:.3f} lr {r.lr:.2e} "
-                                        f"tok/s {self.cfg.train.global_batch * self.cfg.model.seq_len / r.seconds:,.0f}",
-                                        refresh=False)
-                    bar.update(1)
-                if r.stop:
-                    self._stop_for_signal()
-                    break
-                if self._should_eval(step + 1):
-                    self._log_eval(step + 1, self.evaluate())
-                    self.watchdog.progress()
-            # The watchdog guards step progress; the final flush may legitimately take longer than a step.
-            self.watchdog.stop()
-            self.flush_checkpoints()
+            with self._logs_through(bar):
+                self._train_steps(bar)
         finally:
             self.watchdog.stop()
             if bar:
                 bar.close()
         return self.state
+
+    def _train_steps(self, bar) -> None:
+        """The steps from the current one to the end (or a stop signal), then the final checkpoint flush."""
+        self.watchdog.start()
+        for step in range(self.state.step, self.total_steps):
+            self.log.step = step
+            if self.faults:
+                self.faults.at_step(step)
+            r = self.train_step(step)
+            self.state.counters.productive_seconds += r.seconds
+            self.watchdog.progress()
+            if not math.isfinite(r.loss):
+                raise FloatingPointError(f"loss became {r.loss} at step {step}; lower schedule.lr_max")
+            self._log_step(r)
+            if bar:
+                bar.set_postfix_str(f"phase {self.plan.names[r.phase]} loss {r.loss:.3f} lr {r.lr:.2e} "
+                                    f"tok/s {self.cfg.train.global_batch * self.cfg.model.seq_len / r.seconds:,.0f}",
+                                    refresh=False)
+                bar.update(1)
+            if r.stop:
+                self._stop_for_signal()
+                break
+            if self._should_eval(step + 1):
+                self._log_eval(step + 1, self.evaluate())
+                self.watchdog.progress()
+        # The watchdog guards step progress; the final flush may legitimately take longer than a step.
+        self.watchdog.stop()
+        self.flush_checkpoints()
 
     def flush_checkpoints(self) -> None:
         """Wait until every save is durable. A failed save (disk full, I/O error) is reported, not raised:
