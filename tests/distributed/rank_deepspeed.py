@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from checkpointing import Shard
-from elastic.config import config_from_json
 from elastic.trainer import Trainer
-from elastic.world import detect_world, init_distributed, shutdown_distributed
-from rank_results import global_mean_loss, require_every_step_logged, run_losses
+from elastic.world import shutdown_distributed
+from rank_results import global_mean_loss, join_as_rank, require_every_step_logged, run_losses
 
 
 def full_grads(trainer: Trainer) -> dict[str, np.ndarray]:
@@ -67,13 +66,10 @@ def checkpoint_engine_round_trip(trainer: Trainer, world, groups, root: Path) ->
 
 
 def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    cfg = config_from_json(config_json)
-    world = detect_world()
-    groups = init_distributed(world)
+    cfg, ctx = join_as_rank(config_json)
+    world, groups = ctx.world, ctx.groups
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, world, groups, torch.device("cpu"))
+    trainer = Trainer(cfg, world, groups, ctx.device, log=ctx.log)
     startup = time.perf_counter() - t0
     if mode == "grads":
         local = trainer._forward_backward(step)

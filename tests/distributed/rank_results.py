@@ -1,5 +1,6 @@
-"""What the rank scripts (rank_train.py, rank_deepspeed.py) report about a run, computed outside the trainer:
-the global-batch mean loss of one forward/backward, the loss of every step a run took, a parameter digest."""
+"""What the rank scripts (rank_train.py, rank_deepspeed.py) share: joining the job the way every worker does, and
+what they report about a run, computed outside the trainer (the global-batch mean loss of one forward/backward, the
+loss of every step a run took, a parameter digest)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from elastic.config import Config
+from elastic.bootstrap import WorkerContext, join_job
+from elastic.config import Config, config_from_json
 from elastic.metrics import read_jsonl
+
+
+def join_as_rank(config_json: str) -> tuple[Config, WorkerContext]:
+    """Join the job through the workers' own bootstrap, with deterministic kernels and one thread per rank whatever
+    the config says: the tests compare losses and parameters bit for bit across world sizes."""
+    cfg = config_from_json(config_json)
+    cfg.train.deterministic = True
+    ctx = join_job(cfg)
+    torch.set_num_threads(1)
+    return cfg, ctx
 
 
 def global_mean_loss(local_sum: float, global_batch: int, world_size: int) -> float:

@@ -13,21 +13,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from elastic.config import config_from_json
 from elastic.trainer import Trainer
-from elastic.world import detect_world, init_distributed, shutdown_distributed
-from rank_results import global_mean_loss, parameters_digest, require_every_step_logged, run_losses
+from elastic.world import shutdown_distributed
+from rank_results import (global_mean_loss, join_as_rank, parameters_digest, require_every_step_logged,
+                          run_losses)
 
 
 def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    cfg = config_from_json(config_json)
-    world = detect_world()
-    groups = init_distributed(world)
-    trainer = Trainer(cfg, world, groups, torch.device("cpu"))
+    cfg, ctx = join_as_rank(config_json)
+    world = ctx.world
+    trainer = Trainer(cfg, world, ctx.groups, ctx.device, log=ctx.log)
     if mode == "grads":
         trainer.optimizer.zero_grad(set_to_none=True)
         local = trainer._forward_backward(step)
