@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, write_toml
+from support.configs import write_toml
+from support.processes import REPO
 
 pytestmark = pytest.mark.slow
 STEPS, L1_INTERVAL = 6, 2
