@@ -66,7 +66,9 @@ def run_gc(args: argparse.Namespace) -> int:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
+    from checkpointing import MANIFEST_NAME
+
+    return (path / MANIFEST_NAME).is_file()
 
 
 def _resolve(path: Path) -> Path:
