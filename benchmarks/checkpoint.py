@@ -399,7 +399,7 @@ def main() -> None:
         return
     if args.loop_method:
         args.method = args.loop_method
-        print(json.dumps(loop_child(args, build_state, Trainer, rss_mb)))
+        print(json.dumps(loop_child(args, build_state, rss_mb)))
         return
     if args.reshard:
         reshard_worker(args)
@@ -426,7 +426,7 @@ def drive(args) -> None:
     work = Path(args.dir or REPO / "runs" / "bench-checkpoint")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    loop, loop_targets = run_loop(args, work, run_child, free_port, Trainer)
+    loop, loop_targets = run_loop(args, work, run_child, free_port)
     if args.only == "loop":
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Periodic checkpoints in a training loop: ecpt against DCP async_save, the lazy peer since torch 2.9.
 
 Run through benchmarks/checkpoint.py (``--only loop`` runs just this part). Every method runs in a fresh process
-with the same loop: a compute step of ~``--loop-step-s`` seconds, then the wait a trainer does before its optimizer
-step (ours: wait_staged(); DCP: ``staging_completion``), then an in-place update of *every* saved tensor (so a
-staged copy that is not a consistent snapshot would show), and a checkpoint after every ``--every`` steps.
+with the same loop: a compute step of ``--loop-step-s`` seconds (512x512 matmuls until the time is up, so the step
+length does not drift with the shared machine's load; what checkpointing takes from compute shows as fewer matmuls),
+then the wait a trainer does before its optimizer step (ours: wait_staged(); DCP: ``staging_completion``), then an
+in-place update of *every* saved tensor (so a staged copy that is not a consistent snapshot would show), and a
+checkpoint after every ``--every`` steps.
 
 The DCP peer is ``dcp.async_save(state, checkpoint_id=..., async_stager=DefaultStager(StagingOptions(False, False,
 True, False)))``: async staging in a background thread (pinned/shared memory and non-blocking copies need an
@@ -13,8 +15,9 @@ same with ``async_checkpointer_type=PROCESS`` is tried too and reported as faile
 
 Per method: blocked seconds per checkpoint (save call + waits before the next update), seconds to durable, peak RSS
 growth over the state (VmHWM reset after the state is built), peak growth of the machine's page cache (Cached in
-/proc/meminfo: the whole machine, so noisy), and loop slowdown per checkpoint (loop time minus the same number of
-steps at the baseline step time, over the checkpoints). Reference: raw write+fsync of the same bytes, in the child.
+/proc/meminfo: the whole machine, so noisy), and loop slowdown per checkpoint: blocked time plus compute lost to
+contention (matmuls short of the baseline rate, in step-seconds), per checkpoint. Reference: raw write+fsync of
+the same bytes, in the child.
 """
 from __future__ import annotations
 
@@ -130,26 +133,44 @@ def raw_write_fsync(state: dict, root: Path) -> float:
     return seconds
 
 
-def loop_child(args, build_state, trainer_cls, rss_mb) -> dict:
+class TimedCompute:
+    """A compute step of fixed length: 512x512 matmuls until `seconds` passed; returns how many were done."""
+
+    def __init__(self, seconds: float) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(512, 512, generator=g)
+        self.b = torch.randn(512, 512, generator=g)
+        self.seconds = seconds
+
+    def step(self) -> int:
+        end = time.perf_counter() + self.seconds
+        x, n = self.a, 0
+        while time.perf_counter() < end:
+            x = torch.tanh(x @ self.b)
+            n += 1
+        return n
+
+
+def loop_child(args, build_state, rss_mb) -> dict:
     """One method in this fresh process: the loop of the module docstring; returns its measurements."""
     torch.manual_seed(0)
     state = build_state(args.size_mb)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     work = Path(args.dir)
     raw_s = raw_write_fsync(state, work / f"raw-{args.method}")
-    trainer = trainer_cls(args.step_matmuls)
+    compute = TimedCompute(args.loop_step_s)
 
     def update() -> None:
         for t in state.values():
             t.add_(1e-6)
 
-    base = []
+    base, base_update = [], []
     for _ in range(max(4, args.every)):
+        base.append(compute.step())
         t0 = time.perf_counter()
-        trainer.forward_backward()
         update()
-        base.append(time.perf_counter() - t0)
-    base_step = statistics.median(base[1:])
+        base_update.append(time.perf_counter() - t0)
+    base_work = statistics.median(base[1:])
     shm = None
     if args.method.startswith("dcp"):
         import torch.distributed as dist
@@ -173,10 +194,10 @@ def loop_child(args, build_state, trainer_cls, rss_mb) -> dict:
 
     steps = args.every * args.checkpoints
     error = None
-    t_loop = time.perf_counter()
+    lost_s = 0.0
     try:
         for i in range(1, steps + 1):
-            trainer.forward_backward()
+            lost_s += (1 - compute.step() / base_work) * args.loop_step_s
             t0 = time.perf_counter()
             saver.wait_staged()                    # before the optimizer update mutates the saved tensors
             if saves:
@@ -190,7 +211,6 @@ def loop_child(args, build_state, trainer_cls, rss_mb) -> dict:
         saver.finish()
     except (RuntimeError, OSError) as e:           # DCP's process checkpointer: "background process is dead"
         error = f"{type(e).__name__}: {e}"
-    loop_s = time.perf_counter() - t_loop
     cache_mb = cache.stop()
     peak_rss = rss_mb("VmHWM") - base_rss
     saver.close()
@@ -199,12 +219,14 @@ def loop_child(args, build_state, trainer_cls, rss_mb) -> dict:
     shutil.rmtree(work / args.method, ignore_errors=True)
     steady = saves[1:] or saves               # the first save of each method pays one-off allocations
     failed = [s["error"] for s in saves if s.get("error")]
-    return {"method": args.method, "bytes": nbytes, "base_step_s": base_step, "raw_write_fsync_s": raw_s,
+    blocked_s = sum(s["blocked_s"] for s in saves)
+    return {"method": args.method, "bytes": nbytes, "step_s": args.loop_step_s, "base_matmuls": base_work,
+            "update_s": statistics.median(base_update), "raw_write_fsync_s": raw_s,
             "every": args.every, "checkpoints": len(saves), "error": error or (failed[0] if failed else None),
             "blocked_s": statistics.median(s["blocked_s"] for s in steady) if steady else None,
             "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
             "first": saves[0] if saves else None,
-            "slowdown_per_ckpt_s": (loop_s - steps * base_step) / max(1, len(saves)),
+            "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
             "peak_rss_over_state_mb": peak_rss, "page_cache_peak_mb": cache_mb}
 
 
@@ -215,8 +237,9 @@ def report_loop(results: dict) -> dict:
         print("\nperiodic-checkpoint loop: every method failed")
         return {}
     state_mb = any_ok["bytes"] / (1 << 20)
-    print(f"\nperiodic loop: state {state_mb:.0f} MiB, step {any_ok['base_step_s']:.2f} s, every tensor updated in "
-          f"place after each step, a checkpoint every {any_ok['every']} steps; medians over checkpoints 2..n")
+    print(f"\nperiodic loop: state {state_mb:.0f} MiB, compute step {any_ok['step_s']:.2f} s, then every tensor "
+          f"updated in place ({any_ok['update_s']:.2f} s), a checkpoint every {any_ok['every']} steps; medians over "
+          f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint")
     print(f"{'method':<19}{'blocked s':>10}{'durable s':>10}{'RSS +MB':>9}{'cache +MB':>10}{'slowdown s':>11}"
           f"{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}")
     peer = results.get(PEER)
@@ -251,22 +274,13 @@ def report_loop(results: dict) -> dict:
     return targets
 
 
-def calibrate_matmuls(trainer_cls, step_s: float) -> int:
-    """Matmuls per step so that one compute step takes ~step_s on this machine now."""
-    trainer = trainer_cls(40)
-    trainer.forward_backward()
-    per = statistics.median(trainer.forward_backward() for _ in range(3)) / 40
-    return max(1, round(step_s / per))
-
-
-def run_loop(args, work: Path, run_child, free_port, trainer_cls) -> tuple[dict, dict]:
+def run_loop(args, work: Path, run_child, free_port) -> tuple[dict, dict]:
     """Every loop method in its own process; a failing method is reported, not raised."""
-    matmuls = calibrate_matmuls(trainer_cls, args.loop_step_s)
     results = {}
     for method in LOOP_METHODS:
         print(f"... loop {method}", file=sys.stderr, flush=True)
         cmd = ["--loop-method", method, "--port", str(free_port()), "--size-mb", str(args.size_mb),
-               "--step-matmuls", str(matmuls), "--dir", str(work), "--every", str(args.every),
+               "--loop-step-s", str(args.loop_step_s), "--dir", str(work), "--every", str(args.every),
                "--checkpoints", str(args.checkpoints)]
         try:
             results[method] = json.loads(run_child(cmd, timeout=1800))
