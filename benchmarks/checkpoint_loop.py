@@ -165,12 +165,16 @@ def loop_child(args, build_state, rss_mb) -> dict:
             t.add_(1e-6)
 
     base, base_update = [], []
-    for _ in range(max(4, args.every)):
-        base.append(compute.step())
-        t0 = time.perf_counter()
-        update()
-        base_update.append(time.perf_counter() - t0)
-    base_work = statistics.median(base[1:])
+
+    def baseline_steps(n: int) -> None:
+        for _ in range(n):
+            base.append(compute.step())
+            t0 = time.perf_counter()
+            update()
+            base_update.append(time.perf_counter() - t0)
+
+    baseline_steps(max(4, args.every))
+    base = base[1:]
     shm = None
     if args.method.startswith("dcp"):
         import torch.distributed as dist
@@ -194,10 +198,10 @@ def loop_child(args, build_state, rss_mb) -> dict:
 
     steps = args.every * args.checkpoints
     error = None
-    lost_s = 0.0
+    done_work: list[int] = []                      # matmuls done per loop step
     try:
         for i in range(1, steps + 1):
-            lost_s += (1 - compute.step() / base_work) * args.loop_step_s
+            done_work.append(compute.step())
             t0 = time.perf_counter()
             saver.wait_staged()                    # before the optimizer update mutates the saved tensors
             if saves:
@@ -211,6 +215,11 @@ def loop_child(args, build_state, rss_mb) -> dict:
         saver.finish()
     except (RuntimeError, OSError) as e:           # DCP's process checkpointer: "background process is dead"
         error = f"{type(e).__name__}: {e}"
+    if error is None:       # the machine is shared: baseline steps after the loop too, the median of both
+        baseline_steps(max(4, args.every))
+        raw_after_s = raw_write_fsync(state, work / f"raw-{args.method}")
+    else:
+        raw_after_s = raw_s
     cache_mb = cache.stop()
     peak_rss = rss_mb("VmHWM") - base_rss
     saver.close()
@@ -220,12 +229,15 @@ def loop_child(args, build_state, rss_mb) -> dict:
     steady = saves[1:] or saves               # the first save of each method pays one-off allocations
     failed = [s["error"] for s in saves if s.get("error")]
     blocked_s = sum(s["blocked_s"] for s in saves)
+    base_work = statistics.median(base)
+    lost_s = sum(1 - n / base_work for n in done_work) * args.loop_step_s
     return {"method": args.method, "bytes": nbytes, "step_s": args.loop_step_s, "base_matmuls": base_work,
-            "update_s": statistics.median(base_update), "raw_write_fsync_s": raw_s,
+            "update_s": statistics.median(base_update), "raw_write_fsync_s": [raw_s, raw_after_s],
             "every": args.every, "checkpoints": len(saves), "error": error or (failed[0] if failed else None),
             "blocked_s": statistics.median(s["blocked_s"] for s in steady) if steady else None,
             "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
             "first": saves[0] if saves else None,
+            "saves": [{k: s.get(k) for k in ("step", "blocked_s", "durable_s")} for s in saves],
             "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
             "peak_rss_over_state_mb": peak_rss, "page_cache_peak_mb": cache_mb}
 
@@ -237,9 +249,11 @@ def report_loop(results: dict) -> dict:
         print("\nperiodic-checkpoint loop: every method failed")
         return {}
     state_mb = any_ok["bytes"] / (1 << 20)
+    raw = statistics.median(x for r in results.values() if r.get("raw_write_fsync_s") for x in r["raw_write_fsync_s"])
     print(f"\nperiodic loop: state {state_mb:.0f} MiB, compute step {any_ok['step_s']:.2f} s, then every tensor "
           f"updated in place ({any_ok['update_s']:.2f} s), a checkpoint every {any_ok['every']} steps; medians over "
-          f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint")
+          f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint; raw wr+fsync: the "
+          f"slower of the child's two (before/after its loop), {raw:.2f} s median over all children")
     print(f"{'method':<19}{'blocked s':>10}{'durable s':>10}{'RSS +MB':>9}{'cache +MB':>10}{'slowdown s':>11}"
           f"{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}")
     peer = results.get(PEER)
@@ -263,7 +277,7 @@ def report_loop(results: dict) -> dict:
         checks = [("blocked <= 0.05 s", r["blocked_s"], 0.05),
                   ("memory growth <= 1.1 x state", r["peak_rss_over_state_mb"] / state_mb, 1.1)]
         if m == "ecpt_disk":
-            checks.append(("durable <= 1.3 x raw write+fsync", r["durable_s"] / r["raw_write_fsync_s"], 1.3))
+            checks.append(("durable <= 1.3 x raw write+fsync (median)", r["durable_s"] / raw, 1.3))
         if peer_ok:
             checks += [("blocked <= DCP peer's", r["blocked_s"] / max(peer["blocked_s"], 1e-9), 1.0),
                        ("durable <= 1.0 x DCP peer's", r["durable_s"] / peer["durable_s"], 1.0)]
