@@ -8,15 +8,16 @@ n_sets x (bytes this rank saves) and does not grow across saves.
 
 Zero-copy staging on memory levels (tmpfs): a `Slot` is a set of files on the level's filesystem, one per chunk
 this rank writes there. Staging writes the live tensors' bytes straight into those files (one copy, and only the
-chunks this rank owns); persisting checksums them and hard-links the files into the checkpoint directory.
+chunks this rank owns); persisting checksums them and hard-links the files into the checkpoint directory. A slot
+is reused once every checkpoint holding its files was retired (each file's link count is back to 1): its pages stay
+allocated, so steady-state saves neither allocate nor free memory. The staging directory of a process is locked
+(flock) and removed by the next manager on the node once that process is gone.
 
 Staging only copies (one torch copy per tensor or chunk, GIL released): it is what the caller waits for in
-wait_staged(), so it must finish within a training step whatever the state size. Checksums are computed by the
-persist thread from the staged bytes, right before (or while) it links or writes them: the manifest's crc32c
-covers exactly the bytes that became the checkpoint, and load() verifies them. A slot is reused once every checkpoint holding its files was retired
-(each file's link count is back to 1): its pages stay allocated, so steady-state saves neither allocate nor free
-memory. The staging directory of a process is locked (flock) and removed by the next manager on the node once that
-process is gone.
+wait_staged(), so it should finish within a training step. Checksums are computed by the persist thread from the
+staged bytes, right before it links them or while it writes them: the manifest's crc32c covers exactly the bytes
+that became the checkpoint, and load() verifies them. Damage to a staged buffer between the copy and that read
+is not detected (the checksum is taken after it); any damage from that read on is.
 """
 from __future__ import annotations
 
