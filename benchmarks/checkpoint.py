@@ -11,7 +11,9 @@ steps that ran while the checkpoint persisted. Physical references: raw write+fs
 same bytes. Also: reshard load 2 -> 1 processes, and the throughput cost of an L0 (/dev/shm) checkpoint every step
 (alternating blocks of plain and checkpointed steps in one process, on_busy='wait' like the trainer; one process
 writes every chunk, so this is the worst case per byte: in a DDP job each rank copies only the chunks it writes).
-Results: a table on stdout and benchmarks/results/checkpoint.json.
+Periodic checkpoints in a training loop against DCP async_save with async staging: see checkpoint_loop.py
+(``--only loop`` runs just that part, ``--every`` sets the checkpoint interval in steps).
+Results: tables on stdout and benchmarks/results/checkpoint.json.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from checkpoint_loop import loop_child, run_loop
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["torch_save", "dcp_save", "dcp_async_save", "ecpt"]
@@ -372,7 +376,12 @@ def main() -> None:
     ap.add_argument("--step-matmuls", type=int, default=40, help="512x512 matmuls per 'training step'")
     ap.add_argument("--dir", default=None, help="work directory on the disk to measure (default: under runs/)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "checkpoint.json"))
+    ap.add_argument("--only", choices=["all", "loop"], default="all", help="loop: only the periodic-loop comparison")
+    ap.add_argument("--every", type=int, default=8, help="periodic loop: steps between checkpoints (default 8)")
+    ap.add_argument("--checkpoints", type=int, default=5, help="periodic loop: checkpoints per method (default 5)")
+    ap.add_argument("--loop-step-s", type=float, default=0.75, help="periodic loop: compute step seconds (0.75)")
     ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--loop-method", help=argparse.SUPPRESS)
     ap.add_argument("--reshard", help=argparse.SUPPRESS)
     ap.add_argument("--l0", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -387,6 +396,10 @@ def main() -> None:
         args.size_mb = 60
     if args.method:
         print(json.dumps(child(args)))
+        return
+    if args.loop_method:
+        args.method = args.loop_method
+        print(json.dumps(loop_child(args, build_state, rss_mb)))
         return
     if args.reshard:
         reshard_worker(args)
@@ -413,6 +426,15 @@ def drive(args) -> None:
     work = Path(args.dir or REPO / "runs" / "bench-checkpoint")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    loop, loop_targets = run_loop(args, work, run_child, free_port)
+    if args.only == "loop":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"size_mb": args.size_mb, "loop": loop, "loop_targets": loop_targets,
+                                   "torch": torch.__version__}, indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"\nwrote {out}")
+        return
     common = ["--size-mb", str(args.size_mb), "--step-matmuls", str(args.step_matmuls), "--dir", str(work)]
     results = {}
     for method in METHODS:
@@ -427,10 +449,10 @@ def drive(args) -> None:
     print("... l0 every step", file=sys.stderr, flush=True)
     l0 = json.loads(run_child(["--l0", *common, *(["--quick"] if args.quick else [])]))
     shutil.rmtree(work, ignore_errors=True)
-    report(args, results, raw, rs, l0)
+    report(args, results, raw, rs, l0, {"loop": loop, "loop_targets": loop_targets})
 
 
-def report(args, results: dict, raw: dict, rs: dict, l0: dict) -> None:
+def report(args, results: dict, raw: dict, rs: dict, l0: dict, loop: dict) -> None:
     gb = results["ecpt"]["bytes"] / 1e9
     print(f"\nstate {gb:.2f} GB, training step {results['ecpt']['base_step_s'] * 1e3:.0f} ms "
           f"(fixed matmul loop), second checkpoint of each method (first in JSON)\n")
@@ -463,7 +485,7 @@ def report(args, results: dict, raw: dict, rs: dict, l0: dict) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"size_mb": args.size_mb, "methods": results, "raw": raw, "reshard": rs,
-                               "l0_every_step": l0, "targets": met, "torch": torch.__version__}, indent=1))
+                               "l0_every_step": l0, "targets": met, "torch": torch.__version__, **loop}, indent=1))
     print(f"\nwrote {out}")
 
 

@@ -404,10 +404,10 @@ class CheckpointManager:
         while (item := self._stage_q.get()) is not None:
             job, tensors = item
             try:
-                if job.slot is not None:
+                if job.slot is not None:    # host buffers are not needed while saves stage into slots: freed
+                    job.bufset.drop_buffers()   # first, so one save in flight holds one copy of the state, not two
                     self._slots[job.levels[0].name].open()
                     nbytes = job.slot.stage(tensors, job.stage_plan, job.step)
-                    job.bufset.buffers.clear()      # host buffers are not needed while saves stage zero-copy
                 else:
                     nbytes = stage_into(job.bufset, tensors, job.step, self._pin)
             except (RuntimeError, OSError) as e:

@@ -198,21 +198,22 @@ class ChunkWriter:
         return None
 
     def slot_level(self, level: LevelSpec, ctx: SaveContext, slot: Slot, out_dir: Path) -> RankOutcome:
-        """The slot staged exactly this level's chunks (checksummed): hard-link its files into out_dir (memory
-        level, zero-copy) or write its buffers there (host-memory slot, disk level)."""
+        """The slot staged exactly this level's chunks: checksum and hard-link its files into out_dir (memory level,
+        zero-copy) or write its buffers there, checksumming while writing (host-memory slot, disk level)."""
         outcome = RankOutcome()
         base = str(out_dir)
         for i, c in enumerate(slot.plan.chunks):
             dst = f"{base}/{c.rel}"
             try:
                 if slot.files:
+                    crc = slot.checksum(i)          # the file being linked: the checksum covers its bytes
                     _link(slot.names[i], dst)
-                else:
-                    _write_new(Path(dst), [slot.read(i)], slot.crcs[i])
+                else:                               # checksummed block by block while written
+                    crc = slot.crcs[i] = _write_new(Path(dst), [slot.read(i)], slot.crcs[i])
             except OSError as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {dst}: {e}")
                 break
-            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, slot.crcs[i]])
+            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, crc])
             outcome.nbytes += c.nbytes
             fault_pause_hook(ctx.step, i + 1)
         return outcome
@@ -223,11 +224,12 @@ class ChunkWriter:
         base = str(out_dir)
         for i, c in enumerate(slot.plan.chunks):
             try:
+                crc = slot.checksum(i)
                 _link(slot.names[i], f"{base}/{c.rel}")
             except OSError as e:
                 outcome.errors.append(f"rank {rank} ({node_id}) {level.name}: {base}/{c.rel}: {e}")
                 break
-            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, slot.crcs[i]])
+            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, crc])
             outcome.nbytes += c.nbytes
         return outcome
 

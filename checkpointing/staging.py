@@ -7,12 +7,17 @@ that is reused as long as the name keeps its size and dtype. Memory is therefore
 n_sets x (bytes this rank saves) and does not grow across saves.
 
 Zero-copy staging on memory levels (tmpfs): a `Slot` is a set of files on the level's filesystem, one per chunk
-this rank writes there. Staging writes the live tensors' bytes straight into those files (pwrite: one copy, and
-only the chunks this rank owns), checksumming each block while it is hot in cache; persisting then only hard-links
-the files into the checkpoint directory. A slot is reused once every checkpoint holding its files was retired
-(each file's link count is back to 1): its pages stay allocated, so steady-state saves neither allocate nor free
-memory. The staging directory of a process is locked (flock) and removed by the next manager on the node once that
-process is gone.
+this rank writes there. Staging writes the live tensors' bytes straight into those files (one copy, and only the
+chunks this rank owns); persisting checksums them and hard-links the files into the checkpoint directory. A slot
+is reused once every checkpoint holding its files was retired (each file's link count is back to 1): its pages stay
+allocated, so steady-state saves neither allocate nor free memory. The staging directory of a process is locked
+(flock) and removed by the next manager on the node once that process is gone.
+
+Staging only copies (one torch copy per tensor or chunk, GIL released): it is what the caller waits for in
+wait_staged(), so it should finish within a training step. Checksums are computed by the persist thread from the
+staged bytes, right before it links them or while it writes them: the manifest's crc32c covers exactly the bytes
+that became the checkpoint, and load() verifies them. Damage to a staged buffer between the copy and that read
+is not detected (the checksum is taken after it); any damage from that read on is.
 """
 from __future__ import annotations
 
@@ -79,6 +84,11 @@ class BufferSet:
             self.buffers[name] = buf
             self.allocations += 1
         return buf
+
+    def drop_buffers(self) -> None:
+        """Free every buffer (the save staging now goes into a slot); the set no longer holds a staged step."""
+        self.buffers.clear()
+        self.step = self.slot = None
 
     def drop_unused(self, names: set[str]) -> None:
         for stale in set(self.buffers) - names:
@@ -178,22 +188,14 @@ def describe(name: str, value: "torch.Tensor | Shard", dtype: str) -> StagedTens
 
 # ------------------------------------------------------------------------------------------- zero-copy slots
 
-_BLOCK = 1 << 20       # copy + crc32c granularity: the block is still in cache when it is checksummed
+_BLOCK = 1 << 20       # pwrite + crc32c granularity: the block is still in cache when it is checksummed
 _MMAP_MIN = 64 << 10   # chunk files at least this big are written through a shared mapping (a plain memcpy, about
                        # twice as fast as pwrite into tmpfs); smaller ones with one pwrite (no mapping per file)
-_zeros = np.zeros(0, dtype=np.uint8)
 
 
-def zero_bytes(n: int) -> memoryview:
-    """n zero bytes (edge-chunk padding), from one growing shared buffer."""
-    global _zeros
-    if _zeros.nbytes < n:
-        _zeros = np.zeros(max(n, 2 * _zeros.nbytes), dtype=np.uint8)
-    return memoryview(_zeros)[:n]
-
-
-def pwrite_all(fd: int, view: memoryview, offset: int, crc: int = 0) -> int:
-    """Write `view` at `offset` in blocks, checksumming each block right after writing it; return the crc32c."""
+def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -> int | None:
+    """Write `view` at `offset` in blocks; with `crc` (a running crc32c) checksum each block right after writing it
+    and return the result, else return None."""
     pos = 0
     n = len(view)
     while pos < n:
@@ -201,25 +203,23 @@ def pwrite_all(fd: int, view: memoryview, offset: int, crc: int = 0) -> int:
         done = 0
         while done < len(block):
             done += os.pwrite(fd, block[done:], offset + pos + done)
-        crc = crc32c.crc32c(block, crc)
+        if crc is not None:
+            crc = crc32c.crc32c(block, crc)
         pos += len(block)
     return crc
 
 
-def copy_crc(dst: np.ndarray, src: np.ndarray) -> int:
-    """np.copyto in blocks (the GIL is released for each), checksumming each block right after copying it."""
-    crc = 0
-    for pos in range(0, len(src), _BLOCK):
-        block = dst[pos:pos + _BLOCK]
-        np.copyto(block, src[pos:pos + _BLOCK])
-        crc = crc32c.crc32c(block, crc)
+def crc32c_blocks(view: memoryview, crc: int = 0) -> int:
+    """crc32c of `view` in blocks (each call releases the GIL, the blocks stay in cache)."""
+    for pos in range(0, len(view), _BLOCK):
+        crc = crc32c.crc32c(view[pos:pos + _BLOCK], crc)
     return crc
 
 
-def flat_bytes(value: "torch.Tensor | Shard") -> np.ndarray:
-    """The local tensor's bytes as a flat uint8 array (a view when contiguous, else a copy)."""
+def flat_bytes(value: "torch.Tensor | Shard") -> torch.Tensor:
+    """The local tensor's bytes as a flat uint8 tensor (a view when contiguous, else a copy)."""
     t = local_view(value).detach()
-    return t.reshape(-1).view(torch.uint8).numpy()
+    return t.reshape(-1).view(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -311,42 +311,54 @@ class Slot:
         self.key, self.plan = plan.key, plan
 
     def stage(self, tensors: dict, plan: StagePlan, step: int) -> int:
-        """Write this save's owned bytes into the files (and pieces into host buffers); return bytes copied."""
+        """Copy this save's owned bytes into the files (and pieces into host buffers); return bytes copied.
+
+        Only copies, one torch copy per chunk (the GIL is released and large copies use several threads): the
+        caller waits for this in wait_staged(). The checksums are left to the persist thread (see checksum()),
+        which reads the staged bytes while the caller already runs its next step."""
         self.prepare(plan)
-        flats: dict[str, np.ndarray] = {}
+        flats: dict[str, torch.Tensor] = {}
         copied = 0
         for i, c in enumerate(plan.chunks):
             src = flats.get(c.name)
             if src is None:
                 src = flats[c.name] = flat_bytes(tensors[c.name])
+            self.crcs[i] = None
             if c.whole:
                 view = src[c.src_lo:c.src_hi]
                 mapped = self.views[i]
-                crc = pwrite_all(self.fds[i], memoryview(view), 0) if mapped is None else \
-                    copy_crc(mapped[:len(view)], view)
-                pad = c.nbytes - len(view)
-                self.crcs[i] = crc32c.crc32c(zero_bytes(pad), crc) if pad else crc
+                if mapped is None:
+                    pwrite_all(self.fds[i], memoryview(view.numpy()), 0)
+                else:
+                    torch.from_numpy(mapped[:len(view)]).copy_(view)
                 copied += len(view)
             else:
-                buf = self.assembly[i]
+                buf = torch.from_numpy(self.assembly[i])
                 for lo, hi, off in c.own:
-                    buf[off:off + hi - lo] = src[lo:hi]
+                    buf[off:off + hi - lo].copy_(src[lo:hi])
                     copied += hi - lo
-                self.crcs[i] = None              # known once the other pieces arrived
         for buf, (name, lo, hi) in zip(self.sendbufs, plan.sends):
             src = flats.get(name)
             if src is None:
                 src = flats[name] = flat_bytes(tensors[name])
-            buf[:] = src[lo:hi]
+            torch.from_numpy(buf).copy_(src[lo:hi])
             copied += hi - lo
         self.step = step
         return copied
+
+    def checksum(self, i: int) -> int:
+        """crc32c of owned chunk i as staged (padding included), computed once per save by the persist thread: the
+        record covers exactly the bytes that are linked (the same file) or written (see write_file) afterwards."""
+        crc = self.crcs[i]
+        if crc is None:
+            crc = self.crcs[i] = crc32c_blocks(self.read(i))
+        return crc
 
     def finish_assembled(self) -> None:
         """Persist time, after the pieces were received: write the assembled chunks into their files."""
         for i, buf in self.assembly.items():
             if self.files:
-                self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0)
+                self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0, crc=0)
             else:
                 self.crcs[i] = crc32c.crc32c(buf)
                 self.views[i] = buf

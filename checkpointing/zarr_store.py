@@ -153,6 +153,7 @@ _MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}      # statfs f_type mag
 _memory_cache: dict[str, bool] = {}
 _fsync_pool: ThreadPoolExecutor | None = None
 _fsync_lock = threading.Lock()
+_CRC_BLOCK = 1 << 20    # write_file checksums and writes this much at a time
 
 
 def is_memory_fs(path: str | Path) -> bool:
@@ -218,17 +219,19 @@ def fsync_path(path: Path) -> None:
 
 def write_file(path: Path, parts: list[memoryview], fsync: bool, crc: int | None = None) -> int:
     """Write the byte views to `path` (created/truncated), return crc32c of everything written (`crc`: the caller
-    already checksummed exactly these bytes)."""
+    already checksummed exactly these bytes). Checksummed block by block right before each block is written, so
+    the block is in cache for the write and the checksum covers the bytes as they were written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     known, crc = crc, 0 if crc is None else crc
     try:
         for part in parts:
-            if known is None:
-                crc = crc32c.crc32c(part, crc)
-            view = part
-            while len(view):
-                written = os.write(fd, view)
-                view = view[written:]
+            for pos in range(0, len(part), _CRC_BLOCK):
+                view = part[pos:pos + _CRC_BLOCK]
+                if known is None:
+                    crc = crc32c.crc32c(view, crc)
+                while len(view):
+                    written = os.write(fd, view)
+                    view = view[written:]
         if fsync:
             os.fsync(fd)
     finally:

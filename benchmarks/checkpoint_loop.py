@@ -1,0 +1,303 @@
+"""Periodic checkpoints in a training loop: ecpt against DCP async_save, the lazy peer since torch 2.9.
+
+Run through benchmarks/checkpoint.py (``--only loop`` runs just this part). Every method runs in a fresh process
+with the same loop: a compute step of ``--loop-step-s`` seconds (512x512 matmuls until the time is up, so the step
+length does not drift with the shared machine's load; what checkpointing takes from compute shows as fewer matmuls),
+then the wait a trainer does before its optimizer step (ours: wait_staged(); DCP: ``staging_completion``), then an
+in-place update of *every* saved tensor (so a staged copy that is not a consistent snapshot would show), and a
+checkpoint after every ``--every`` steps.
+
+The DCP peer is ``dcp.async_save(state, checkpoint_id=..., async_stager=DefaultStager(StagingOptions(False, False,
+True, False)))``: async staging in a background thread (pinned/shared memory and non-blocking copies need an
+accelerator), one stager reused across saves, FileSystemWriter (fsyncs by default). Like torchtitan, the loop waits
+for the previous upload before starting the next async_save (one save in flight); that wait counts as blocked. The
+same with ``async_checkpointer_type=PROCESS`` is tried too and reported as failed if it fails.
+
+Per method: blocked seconds per checkpoint (save call + waits before the next update), seconds to durable, peak RSS
+growth over the state (VmHWM reset after the state is built), peak growth of the machine's page cache (Cached in
+/proc/meminfo: the whole machine, so noisy), and loop slowdown per checkpoint: blocked time plus compute lost to
+contention (matmuls short of the baseline rate, in step-seconds), per checkpoint. Reference: raw write+fsync of
+the same bytes, in the child.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+LOOP_METHODS = ["dcp_async_stager", "dcp_async_process", "ecpt_disk", "ecpt_shm"]
+PEER = "dcp_async_stager"
+
+
+def meminfo_mb(field: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/meminfo")
+
+
+class PageCacheWatch:
+    """Peak of the machine's page cache (Cached, tmpfs included) over a baseline, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        self.base = meminfo_mb("Cached")
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-meminfo", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, meminfo_mb("Cached"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.base
+
+
+class DcpSaver:
+    """DCP async_save with a reused DefaultStager; one save in flight (the next save waits for the last upload)."""
+
+    def __init__(self, root: Path, process: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        self.dcp, self.root = dcp, root
+        self.stager = DefaultStager(StagingOptions(False, False, True, False))
+        self.kwargs = {}
+        if process:
+            from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+            self.kwargs["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS
+        self.staging: Future | None = None
+        self.upload: Future | None = None
+
+    def save(self, step: int, state: dict, on_durable) -> None:
+        if self.upload is not None:
+            self.upload.result()
+        resp = self.dcp.async_save(state, checkpoint_id=str(self.root / f"step-{step}"), async_stager=self.stager,
+                                   **self.kwargs)
+        self.staging, self.upload = resp.staging_completion, resp.upload_completion
+        self.upload.add_done_callback(lambda f: on_durable(f.exception()))
+
+    def wait_staged(self) -> None:
+        if self.staging is not None:
+            self.staging.result()
+
+    def finish(self) -> None:
+        if self.upload is not None:
+            self.upload.result()
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+class EcptSaver:
+    def __init__(self, root: Path) -> None:
+        from checkpointing import CheckpointManager, LevelSpec
+        self.mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, node_local=True)])
+
+    def save(self, step: int, state: dict, on_durable) -> None:
+        handle = self.mgr.save(step, state, {"step": step})
+        handle.durable.add_done_callback(lambda f: on_durable(f.exception()))
+
+    def wait_staged(self) -> None:
+        self.mgr.wait_staged()
+
+    def finish(self) -> None:
+        self.mgr.wait_durable()
+
+    def close(self) -> None:
+        self.mgr.close()
+
+
+def raw_write_fsync(state: dict, root: Path) -> float:
+    """Write the same bytes (one file per tensor) and fsync each: what the disk allows right now."""
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, t in enumerate(state.values()):
+        with open(root / f"t{i}", "wb", buffering=0) as f:
+            f.write(memoryview(t.numpy()).cast("B"))
+            os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(root)
+    return seconds
+
+
+class TimedCompute:
+    """A compute step of fixed length: 512x512 matmuls until `seconds` passed; returns how many were done."""
+
+    def __init__(self, seconds: float) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(512, 512, generator=g)
+        self.b = torch.randn(512, 512, generator=g)
+        self.seconds = seconds
+
+    def step(self) -> int:
+        end = time.perf_counter() + self.seconds
+        x, n = self.a, 0
+        while time.perf_counter() < end:
+            x = torch.tanh(x @ self.b)
+            n += 1
+        return n
+
+
+def loop_child(args, build_state, rss_mb) -> dict:
+    """One method in this fresh process: the loop of the module docstring; returns its measurements."""
+    torch.manual_seed(0)
+    state = build_state(args.size_mb)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    work = Path(args.dir)
+    raw_s = raw_write_fsync(state, work / f"raw-{args.method}")
+    compute = TimedCompute(args.loop_step_s)
+
+    def update() -> None:
+        for t in state.values():
+            t.add_(1e-6)
+
+    base, base_update = [], []
+
+    def baseline_steps(n: int) -> None:
+        for _ in range(n):
+            base.append(compute.step())
+            t0 = time.perf_counter()
+            update()
+            base_update.append(time.perf_counter() - t0)
+
+    baseline_steps(max(4, args.every))
+    base = base[1:]
+    shm = None
+    if args.method.startswith("dcp"):
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=0, world_size=1)
+        saver = DcpSaver(work / args.method, process=args.method == "dcp_async_process")
+    elif args.method == "ecpt_shm":
+        shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-loop-", dir="/dev/shm"))
+        saver = EcptSaver(shm)
+    else:
+        saver = EcptSaver(work / args.method)
+    Path("/proc/self/clear_refs").write_text("5")          # reset VmHWM: peak RSS from here on
+    base_rss = rss_mb()
+    cache = PageCacheWatch()
+    saves: list[dict] = []
+
+    def durable_cb(rec: dict):
+        def cb(exc) -> None:
+            rec["durable_s"] = time.perf_counter() - rec["t0"]
+            rec["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
+        return cb
+
+    steps = args.every * args.checkpoints
+    error = None
+    done_work: list[int] = []                      # matmuls done per loop step
+    try:
+        for i in range(1, steps + 1):
+            done_work.append(compute.step())
+            t0 = time.perf_counter()
+            saver.wait_staged()                    # before the optimizer update mutates the saved tensors
+            if saves:
+                saves[-1]["blocked_s"] += time.perf_counter() - t0
+            update()
+            if i % args.every == 0:
+                rec = {"step": i, "t0": time.perf_counter(), "blocked_s": 0.0}
+                saver.save(i, state, durable_cb(rec))
+                rec["blocked_s"] = time.perf_counter() - rec["t0"]
+                saves.append(rec)
+        saver.finish()
+    except (RuntimeError, OSError) as e:           # DCP's process checkpointer: "background process is dead"
+        error = f"{type(e).__name__}: {e}"
+    if error is None:       # the machine is shared: baseline steps after the loop too, the median of both
+        baseline_steps(max(4, args.every))
+        raw_after_s = raw_write_fsync(state, work / f"raw-{args.method}")
+    else:
+        raw_after_s = raw_s
+    cache_mb = cache.stop()
+    peak_rss = rss_mb("VmHWM") - base_rss
+    saver.close()
+    if shm is not None:
+        shutil.rmtree(shm, ignore_errors=True)
+    shutil.rmtree(work / args.method, ignore_errors=True)
+    steady = saves[1:] or saves               # the first save of each method pays one-off allocations
+    failed = [s["error"] for s in saves if s.get("error")]
+    blocked_s = sum(s["blocked_s"] for s in saves)
+    base_work = statistics.median(base)
+    lost_s = sum(1 - n / base_work for n in done_work) * args.loop_step_s
+    return {"method": args.method, "bytes": nbytes, "step_s": args.loop_step_s, "base_matmuls": base_work,
+            "update_s": statistics.median(base_update), "raw_write_fsync_s": [raw_s, raw_after_s],
+            "every": args.every, "checkpoints": len(saves), "error": error or (failed[0] if failed else None),
+            "blocked_s": statistics.median(s["blocked_s"] for s in steady) if steady else None,
+            "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
+            "first": saves[0] if saves else None,
+            "saves": [{k: s.get(k) for k in ("step", "blocked_s", "durable_s")} for s in saves],
+            "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
+            "peak_rss_over_state_mb": peak_rss, "page_cache_peak_mb": cache_mb}
+
+
+def report_loop(results: dict) -> dict:
+    """Print the table, the ratios against the DCP peer and the targets; return the targets as data."""
+    any_ok = next((r for r in results.values() if not r.get("error")), None)
+    if any_ok is None:
+        print("\nperiodic-checkpoint loop: every method failed")
+        return {}
+    state_mb = any_ok["bytes"] / (1 << 20)
+    raw = statistics.median(x for r in results.values() if r.get("raw_write_fsync_s") for x in r["raw_write_fsync_s"])
+    print(f"\nperiodic loop: state {state_mb:.0f} MiB, compute step {any_ok['step_s']:.2f} s, then every tensor "
+          f"updated in place ({any_ok['update_s']:.2f} s), a checkpoint every {any_ok['every']} steps; medians over "
+          f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint; raw wr+fsync: the "
+          f"slower of the child's two (before/after its loop), {raw:.2f} s median over all children")
+    print(f"{'method':<19}{'blocked s':>10}{'durable s':>10}{'RSS +MB':>9}{'cache +MB':>10}{'slowdown s':>11}"
+          f"{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}")
+    peer = results.get(PEER)
+    peer_ok = peer is not None and not peer.get("error")
+    for m, r in results.items():
+        if r.get("error") and r.get("blocked_s") is None:
+            print(f"{m:<19}FAILED: {r['error'][:200]}")
+            continue
+        ratio = ""
+        if peer_ok:
+            ratio = (f"  {r['blocked_s'] / max(peer['blocked_s'], 1e-9):.1f}x / {r['durable_s'] / peer['durable_s']:.2f}x"
+                     f" / {r['peak_rss_over_state_mb'] / max(peer['peak_rss_over_state_mb'], 1):.2f}x")
+        print(f"{m:<19}{r['blocked_s']:>10.3f}{r['durable_s']:>10.2f}{r['peak_rss_over_state_mb']:>9.0f}"
+              f"{r['page_cache_peak_mb']:>10.0f}{r['slowdown_per_ckpt_s']:>11.2f}{max(r['raw_write_fsync_s']):>13.2f}{ratio}"
+              + (f"   (then failed: {r['error'][:120]})" if r.get("error") else ""))
+    targets = {}
+    for m in ("ecpt_disk", "ecpt_shm"):
+        r = results.get(m)
+        if r is None or r.get("blocked_s") is None:
+            continue
+        checks = [("blocked <= 0.05 s", r["blocked_s"], 0.05),
+                  ("memory growth <= 1.1 x state", r["peak_rss_over_state_mb"] / state_mb, 1.1)]
+        if m == "ecpt_disk":
+            checks.append(("durable <= 1.3 x raw write+fsync (median)", r["durable_s"] / raw, 1.3))
+        if peer_ok:
+            checks += [("blocked <= DCP peer's", r["blocked_s"] / max(peer["blocked_s"], 1e-9), 1.0),
+                       ("durable <= 1.0 x DCP peer's", r["durable_s"] / peer["durable_s"], 1.0)]
+        for name, value, limit in checks:
+            ok = value <= limit
+            targets[f"{m}: {name}"] = {"value": value, "met": ok}
+            print(f"{'MET ' if ok else 'MISS'} {m:<10} {name:<36} measured {value:.3f}")
+    return targets
+
+
+def run_loop(args, work: Path, run_child, free_port) -> tuple[dict, dict]:
+    """Every loop method in its own process; a failing method is reported, not raised."""
+    results = {}
+    for method in LOOP_METHODS:
+        print(f"... loop {method}", file=sys.stderr, flush=True)
+        cmd = ["--loop-method", method, "--port", str(free_port()), "--size-mb", str(args.size_mb),
+               "--loop-step-s", str(args.loop_step_s), "--dir", str(work), "--every", str(args.every),
+               "--checkpoints", str(args.checkpoints)]
+        try:
+            results[method] = json.loads(run_child(cmd, timeout=1800))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            results[method] = {"method": method, "error": str(e)[-1500:], "blocked_s": None}
+    return results, report_loop(results)
