@@ -74,8 +74,18 @@ def main() -> None:
             torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step + 1}, tmp)
             os.replace(tmp, ckpt)
         if log:
-            log.write(json.dumps({"kind": "step", "time": time.time(), "step": step + 1, "world_size": world,
-                                  "seconds": time.perf_counter() - t0}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "kind": "step",
+                        "time": time.time(),
+                        "step": step + 1,
+                        "world_size": world,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                + "\n"
+            )
     dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ Periodic checkpoints in a training loop against DCP async_save with async stagin
 (``--only loop`` runs just that part, ``--every`` sets the checkpoint interval in steps).
 Results: tables on stdout and benchmarks/results/checkpoint.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,6 +110,7 @@ def start_checkpoint(method: str, state: dict, out: Path, ctx: dict):
             os.fsync(f.fileno())
         return time.perf_counter() - t0, lambda: True, lambda: None
     import torch.distributed.checkpoint as dcp
+
     if method == "dcp_save":
         t0 = time.perf_counter()
         dcp.save(state, checkpoint_id=str(out))
@@ -116,7 +118,7 @@ def start_checkpoint(method: str, state: dict, out: Path, ctx: dict):
     if method == "dcp_async_save":
         t0 = time.perf_counter()
         fut = dcp.async_save(state, checkpoint_id=str(out))
-        if not hasattr(fut, "done"):          # AsyncSaveResponse in newer torch
+        if not hasattr(fut, "done"):  # AsyncSaveResponse in newer torch
             fut = fut.upload_completion
         fut.add_done_callback(lambda _: ctx.__setitem__("durable_at", time.perf_counter()))
         return time.perf_counter() - t0, fut.done, fut.result
@@ -142,15 +144,17 @@ def child(args) -> dict:
     ctx = {"step": 1}
     if args.method == "ecpt":
         from checkpointing import CheckpointManager, LevelSpec
+
         ctx["mgr"] = CheckpointManager([LevelSpec("L1", str(work / "ecpt"), 1, 1, node_local=True)])
     elif args.method.startswith("dcp"):
         import torch.distributed as dist
+
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=0, world_size=1)
     rounds = []
-    for k in range(2):       # the first checkpoint pays one-off allocations; the second is the steady state
+    for k in range(2):  # the first checkpoint pays one-off allocations; the second is the steady state
         target = work / f"{args.method}-{k}"
         shutil.rmtree(target, ignore_errors=True)
-        raw = raw_write_read(state, work / f"raw-{args.method}")     # the disk as it is right now
+        raw = raw_write_read(state, work / f"raw-{args.method}")  # the disk as it is right now
         ctx.pop("durable_at", None)
         t0 = time.perf_counter()
         blocked, done, finish = start_checkpoint(args.method, state, target, ctx)
@@ -158,19 +162,32 @@ def child(args) -> dict:
         while not done():
             during.append(trainer.forward_backward())
             if args.method == "ecpt":
-                blocked += ctx["mgr"].wait_staged()     # right before the optimizer update
-            state[next(iter(state))].add_(1e-6)         # the optimizer update mutates saved state
+                blocked += ctx["mgr"].wait_staged()  # right before the optimizer update
+            state[next(iter(state))].add_(1e-6)  # the optimizer update mutates saved state
         finish()
         if args.method == "ecpt":
             blocked += ctx["mgr"].wait_staged()
         durable = ctx.get("durable_at", time.perf_counter()) - t0
-        rounds.append({"stall_s": blocked, "durable_s": durable, "steps_during": len(during),
-                       "raw_write_fsync_s": raw["write_fsync_s"], "raw_read_s": raw["read_s"],
-                       "slowdown": (statistics.mean(during) / base_step - 1) if during else 0.0})
+        rounds.append(
+            {
+                "stall_s": blocked,
+                "durable_s": durable,
+                "steps_during": len(during),
+                "raw_write_fsync_s": raw["write_fsync_s"],
+                "raw_read_s": raw["read_s"],
+                "slowdown": (statistics.mean(during) / base_step - 1) if during else 0.0,
+            }
+        )
     if args.method == "ecpt":
         ctx["mgr"].close()
-    return {"method": args.method, "bytes": nbytes, "base_step_s": base_step, "first": rounds[0], **rounds[1],
-            "peak_rss_over_state_mb": rss_mb("VmHWM") - base_rss}
+    return {
+        "method": args.method,
+        "bytes": nbytes,
+        "base_step_s": base_step,
+        "first": rounds[0],
+        **rounds[1],
+        "peak_rss_over_state_mb": rss_mb("VmHWM") - base_rss,
+    }
 
 
 # ------------------------------------------------------------------------------------------ physical references
@@ -200,15 +217,18 @@ def reshard_worker(args) -> None:
     import torch.distributed as dist
 
     from checkpointing import CheckpointManager, LevelSpec
+
     torch.manual_seed(0)
     state = build_state(args.size_mb)
     group = None
     if args.world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-                                world_size=args.world)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world
+        )
         group = dist.new_group(backend="gloo")
-    mgr = CheckpointManager([LevelSpec("L2", args.dir, 1, 1, node_local=False)], rank=args.rank,
-                            world_size=args.world, group=group)
+    mgr = CheckpointManager(
+        [LevelSpec("L2", args.dir, 1, 1, node_local=False)], rank=args.rank, world_size=args.world, group=group
+    )
     if args.reshard == "save":
         mgr.save(1, state, {})
         mgr.wait_durable()
@@ -229,6 +249,7 @@ def l0_every_step(args) -> dict:
     staging buffers are busy: on_busy='wait'; the trailing persist of a block is charged to it) alternate, so slow
     drifts of the machine's load hit both alike; the cost is the median over blocks of (L0 block / plain block)."""
     from checkpointing import CheckpointManager, LevelSpec
+
     state = build_state(args.size_mb)
     trainer = Trainer(args.step_matmuls)
     blocks, per_block = (6, 6) if args.quick else (6, 8)
@@ -236,7 +257,7 @@ def l0_every_step(args) -> dict:
     shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-", dir="/dev/shm"))
     mgr = CheckpointManager([LevelSpec("L0", str(shm), 1, 2, node_local=True)], on_busy="wait")
     step = 0
-    for _ in range(3):                     # allocate staging (buffers, zero-copy files) before timing
+    for _ in range(3):  # allocate staging (buffers, zero-copy files) before timing
         trainer.forward_backward()
         step += 1
         mgr.save(step, state, {"step": step})
@@ -252,7 +273,7 @@ def l0_every_step(args) -> dict:
         t0 = time.perf_counter()
         for _ in range(per_block):
             trainer.forward_backward()
-            mgr.wait_staged()                  # right before the "optimizer" update
+            mgr.wait_staged()  # right before the "optimizer" update
             state[first].add_(1e-6)
             step += 1
             mgr.save(step, state, {"step": step})
@@ -262,9 +283,15 @@ def l0_every_step(args) -> dict:
     mgr.close()
     shutil.rmtree(shm)
     ratios = [b / a for a, b in zip(plain, with_l0)]
-    return {"plain_step_s": statistics.median(plain), "l0_step_s": statistics.median(with_l0),
-            "cost": statistics.median(ratios) - 1, "block_costs": [r - 1 for r in ratios],
-            "saved_steps": stats.saves - saves0, "steps": blocks * per_block, "waits": stats.waits - waits0}
+    return {
+        "plain_step_s": statistics.median(plain),
+        "l0_step_s": statistics.median(with_l0),
+        "cost": statistics.median(ratios) - 1,
+        "block_costs": [r - 1 for r in ratios],
+        "saved_steps": stats.saves - saves0,
+        "steps": blocks * per_block,
+        "waits": stats.waits - waits0,
+    }
 
 
 def trainer_ab(args, work: Path) -> dict:
@@ -277,15 +304,41 @@ def trainer_ab(args, work: Path) -> dict:
 
     run_dir = work / "trainer"
     shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-trainer-", dir="/dev/shm"))
-    cfg = load_config(None, [f"train.run_dir={run_dir}", "checkpoint.l0_interval=1", f"checkpoint.l0_dir={shm}",
-                             "train.progress=false", "metrics.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            f"train.run_dir={run_dir}",
+            "checkpoint.l0_interval=1",
+            f"checkpoint.l0_dir={shm}",
+            "train.progress=false",
+            "metrics.enabled=false",
+        ],
+    )
     config_json = prepare_run(cfg)
     blocks, block_steps = (6, 5) if args.quick else (12, 5)
     out = work / "trainer-ab.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           __file__, "--trainer-worker", str(config_json), "--blocks", str(blocks),
-                           "--block-steps", str(block_steps), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            __file__,
+            "--trainer-worker",
+            str(config_json),
+            "--blocks",
+            str(blocks),
+            "--block-steps",
+            str(block_steps),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     shutil.rmtree(shm, ignore_errors=True)
     if proc.returncode:
         raise RuntimeError(f"trainer A/B failed:\n{proc.stderr[-3000:]}")
@@ -315,12 +368,12 @@ def trainer_worker(args) -> None:
             trainer.train_step(step)
             step += 1
 
-    run(4)                                   # warm up, with the first (planning) checkpoints
+    run(4)  # warm up, with the first (planning) checkpoints
     ckpt.manager.wait_durable()
     times = {"off": [], "on": []}
     blocked0 = ckpt.manager.stats.blocked_seconds
     for b in range(args.blocks):
-        for mode in (("off", "on") if b % 2 == 0 else ("on", "off")):
+        for mode in ("off", "on") if b % 2 == 0 else ("on", "off"):
             trainer.checkpoints = ckpt if mode == "on" else None
             dist.barrier()
             t0 = time.perf_counter()
@@ -335,20 +388,29 @@ def trainer_worker(args) -> None:
     shutdown_distributed()
     if world.rank == 0:
         ratios = [b / a for a, b in zip(times["off"], times["on"])]
-        Path(args.out).write_text(json.dumps({
-            "off_step_s": statistics.median(times["off"]), "on_step_s": statistics.median(times["on"]),
-            "cost": statistics.median(ratios) - 1, "mean_cost": statistics.mean(ratios) - 1,
-            "block_costs": [r - 1 for r in ratios], "saves": stats.saves, "waits": stats.waits,
-            "blocked_s_per_save": (stats.blocked_seconds - blocked0) / max(1, args.blocks * args.block_steps),
-            "block_steps": args.block_steps, "blocks": args.blocks}))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "off_step_s": statistics.median(times["off"]),
+                    "on_step_s": statistics.median(times["on"]),
+                    "cost": statistics.median(ratios) - 1,
+                    "mean_cost": statistics.mean(ratios) - 1,
+                    "block_costs": [r - 1 for r in ratios],
+                    "saves": stats.saves,
+                    "waits": stats.waits,
+                    "blocked_s_per_save": (stats.blocked_seconds - blocked0) / max(1, args.blocks * args.block_steps),
+                    "block_steps": args.block_steps,
+                    "blocks": args.blocks,
+                }
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- driver
 
 
 def run_child(extra: list[str], timeout: float = 1800) -> str:
-    proc = subprocess.run([sys.executable, __file__, *extra], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, __file__, *extra], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"benchmark child {extra} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout.strip().splitlines()[-1]
@@ -360,8 +422,15 @@ def reshard(args, work: Path) -> dict:
     root = work / "reshard"
     port = free_port()
     common = ["--size-mb", str(args.size_mb), "--dir", str(root), "--port", str(port)]
-    procs = [subprocess.Popen([sys.executable, __file__, "--reshard", "save", "--rank", str(r), "--world", "2",
-                               *common], cwd=REPO, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--reshard", "save", "--rank", str(r), "--world", "2", *common],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=1800)
         if p.returncode:
@@ -430,8 +499,12 @@ def drive(args) -> None:
     if args.only == "loop":
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"size_mb": args.size_mb, "loop": loop, "loop_targets": loop_targets,
-                                   "torch": torch.__version__}, indent=1))
+        out.write_text(
+            json.dumps(
+                {"size_mb": args.size_mb, "loop": loop, "loop_targets": loop_targets, "torch": torch.__version__},
+                indent=1,
+            )
+        )
         shutil.rmtree(work, ignore_errors=True)
         print(f"\nwrote {out}")
         return
@@ -441,8 +514,10 @@ def drive(args) -> None:
         print(f"... {method}", file=sys.stderr, flush=True)
         results[method] = json.loads(run_child(["--method", method, "--port", str(free_port()), *common]))
         shutil.rmtree(work / f"{method}-0", ignore_errors=True)
-    raw = {key: statistics.median(r[k] for r in results.values() for k in [key])
-           for key in ("raw_write_fsync_s", "raw_read_s")}
+    raw = {
+        key: statistics.median(r[k] for r in results.values() for k in [key])
+        for key in ("raw_write_fsync_s", "raw_read_s")
+    }
     raw = {"write_fsync_s": raw["raw_write_fsync_s"], "read_s": raw["raw_read_s"]}
     print("... reshard", file=sys.stderr, flush=True)
     rs = reshard(args, work)
@@ -454,16 +529,22 @@ def drive(args) -> None:
 
 def report(args, results: dict, raw: dict, rs: dict, l0: dict, loop: dict) -> None:
     gb = results["ecpt"]["bytes"] / 1e9
-    print(f"\nstate {gb:.2f} GB, training step {results['ecpt']['base_step_s'] * 1e3:.0f} ms "
-          f"(fixed matmul loop), second checkpoint of each method (first in JSON)\n")
+    print(
+        f"\nstate {gb:.2f} GB, training step {results['ecpt']['base_step_s'] * 1e3:.0f} ms "
+        f"(fixed matmul loop), second checkpoint of each method (first in JSON)\n"
+    )
     ours = results["ecpt"]
     print(f"{'method':<16}{'stall s':>9}{'durable s':>11}{'peak RSS +MB':>14}{'steps during':>14}{'step slowdown':>15}")
     for m in METHODS:
         r = results[m]
-        print(f"{m:<16}{r['stall_s']:>9.3f}{r['durable_s']:>11.2f}{r['peak_rss_over_state_mb']:>14.0f}"
-              f"{r['steps_during']:>14}{r['slowdown'] * 100:>14.0f}%")
+        print(
+            f"{m:<16}{r['stall_s']:>9.3f}{r['durable_s']:>11.2f}{r['peak_rss_over_state_mb']:>14.0f}"
+            f"{r['steps_during']:>14}{r['slowdown'] * 100:>14.0f}%"
+        )
     print(f"{'raw write+fsync':<16}{'':>9}{ours['raw_write_fsync_s']:>11.2f}   (in the ecpt child, just before)")
-    print(f"{'raw write+fsync':<16}{'':>9}{raw['write_fsync_s']:>11.2f}   ({gb / raw['write_fsync_s']:.2f} GB/s, median of all children)")
+    print(
+        f"{'raw write+fsync':<16}{'':>9}{raw['write_fsync_s']:>11.2f}   ({gb / raw['write_fsync_s']:.2f} GB/s, median of all children)"
+    )
     print(f"{'raw cold read':<16}{'':>9}{raw['read_s']:>11.2f}   ({gb / raw['read_s']:.2f} GB/s)")
     read_bw = rs["bytes"] / rs["load_s"] / 1e9
     targets = [
@@ -474,9 +555,11 @@ def report(args, results: dict, raw: dict, rs: dict, l0: dict, loop: dict) -> No
         ("reshard load 2->1 >= 70% of raw read bw", read_bw / (gb / raw["read_s"]), None),
     ]
     print(f"\nreshard load W=2 -> 1: {rs['load_s']:.2f} s, {read_bw:.2f} GB/s, bit-exact {rs['bit_exact']}")
-    print(f"L0 (/dev/shm) every step: {l0['plain_step_s'] * 1e3:.0f} -> {l0['l0_step_s'] * 1e3:.0f} ms/step "
-          f"(medians over alternating blocks; per block {', '.join(f'{c:+.1%}' for c in l0['block_costs'])}), "
-          f"{l0['saved_steps']}/{l0['steps']} steps checkpointed, {l0['waits']} waited for a staging buffer\n")
+    print(
+        f"L0 (/dev/shm) every step: {l0['plain_step_s'] * 1e3:.0f} -> {l0['l0_step_s'] * 1e3:.0f} ms/step "
+        f"(medians over alternating blocks; per block {', '.join(f'{c:+.1%}' for c in l0['block_costs'])}), "
+        f"{l0['saved_steps']}/{l0['steps']} steps checkpointed, {l0['waits']} waited for a staging buffer\n"
+    )
     met = {}
     for name, value, limit in targets:
         ok = value >= 0.7 if limit is None else value <= limit
@@ -484,8 +567,21 @@ def report(args, results: dict, raw: dict, rs: dict, l0: dict, loop: dict) -> No
         print(f"{'MET ' if ok else 'MISS'} {name:<42} measured {value:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size_mb": args.size_mb, "methods": results, "raw": raw, "reshard": rs,
-                               "l0_every_step": l0, "targets": met, "torch": torch.__version__, **loop}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "size_mb": args.size_mb,
+                "methods": results,
+                "raw": raw,
+                "reshard": rs,
+                "l0_every_step": l0,
+                "targets": met,
+                "torch": torch.__version__,
+                **loop,
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {out}")
 
 

@@ -19,6 +19,7 @@ growth over the state (VmHWM reset after the state is built), peak growth of the
 contention (matmuls short of the baseline rate, in step-seconds), per checkpoint. Reference: raw write+fsync of
 the same bytes, in the child.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,11 +73,13 @@ class DcpSaver:
     def __init__(self, root: Path, process: bool) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
         self.dcp, self.root = dcp, root
         self.stager = DefaultStager(StagingOptions(False, False, True, False))
         self.kwargs = {}
         if process:
             from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
             self.kwargs["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS
         self.staging: Future | None = None
         self.upload: Future | None = None
@@ -84,8 +87,9 @@ class DcpSaver:
     def save(self, step: int, state: dict, on_durable) -> None:
         if self.upload is not None:
             self.upload.result()
-        resp = self.dcp.async_save(state, checkpoint_id=str(self.root / f"step-{step}"), async_stager=self.stager,
-                                   **self.kwargs)
+        resp = self.dcp.async_save(
+            state, checkpoint_id=str(self.root / f"step-{step}"), async_stager=self.stager, **self.kwargs
+        )
         self.staging, self.upload = resp.staging_completion, resp.upload_completion
         self.upload.add_done_callback(lambda f: on_durable(f.exception()))
 
@@ -104,6 +108,7 @@ class DcpSaver:
 class EcptSaver:
     def __init__(self, root: Path) -> None:
         from checkpointing import CheckpointManager, LevelSpec
+
         self.mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, node_local=True)])
 
     def save(self, step: int, state: dict, on_durable) -> None:
@@ -178,6 +183,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
     shm = None
     if args.method.startswith("dcp"):
         import torch.distributed as dist
+
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=0, world_size=1)
         saver = DcpSaver(work / args.method, process=args.method == "dcp_async_process")
     elif args.method == "ecpt_shm":
@@ -185,7 +191,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
         saver = EcptSaver(shm)
     else:
         saver = EcptSaver(work / args.method)
-    Path("/proc/self/clear_refs").write_text("5")          # reset VmHWM: peak RSS from here on
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: peak RSS from here on
     base_rss = rss_mb()
     cache = PageCacheWatch()
     saves: list[dict] = []
@@ -194,16 +200,17 @@ def loop_child(args, build_state, rss_mb) -> dict:
         def cb(exc) -> None:
             rec["durable_s"] = time.perf_counter() - rec["t0"]
             rec["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
+
         return cb
 
     steps = args.every * args.checkpoints
     error = None
-    done_work: list[int] = []                      # matmuls done per loop step
+    done_work: list[int] = []  # matmuls done per loop step
     try:
         for i in range(1, steps + 1):
             done_work.append(compute.step())
             t0 = time.perf_counter()
-            saver.wait_staged()                    # before the optimizer update mutates the saved tensors
+            saver.wait_staged()  # before the optimizer update mutates the saved tensors
             if saves:
                 saves[-1]["blocked_s"] += time.perf_counter() - t0
             update()
@@ -213,9 +220,9 @@ def loop_child(args, build_state, rss_mb) -> dict:
                 rec["blocked_s"] = time.perf_counter() - rec["t0"]
                 saves.append(rec)
         saver.finish()
-    except (RuntimeError, OSError) as e:           # DCP's process checkpointer: "background process is dead"
+    except (RuntimeError, OSError) as e:  # DCP's process checkpointer: "background process is dead"
         error = f"{type(e).__name__}: {e}"
-    if error is None:       # the machine is shared: baseline steps after the loop too, the median of both
+    if error is None:  # the machine is shared: baseline steps after the loop too, the median of both
         baseline_steps(max(4, args.every))
         raw_after_s = raw_write_fsync(state, work / f"raw-{args.method}")
     else:
@@ -226,20 +233,29 @@ def loop_child(args, build_state, rss_mb) -> dict:
     if shm is not None:
         shutil.rmtree(shm, ignore_errors=True)
     shutil.rmtree(work / args.method, ignore_errors=True)
-    steady = saves[1:] or saves               # the first save of each method pays one-off allocations
+    steady = saves[1:] or saves  # the first save of each method pays one-off allocations
     failed = [s["error"] for s in saves if s.get("error")]
     blocked_s = sum(s["blocked_s"] for s in saves)
     base_work = statistics.median(base)
     lost_s = sum(1 - n / base_work for n in done_work) * args.loop_step_s
-    return {"method": args.method, "bytes": nbytes, "step_s": args.loop_step_s, "base_matmuls": base_work,
-            "update_s": statistics.median(base_update), "raw_write_fsync_s": [raw_s, raw_after_s],
-            "every": args.every, "checkpoints": len(saves), "error": error or (failed[0] if failed else None),
-            "blocked_s": statistics.median(s["blocked_s"] for s in steady) if steady else None,
-            "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
-            "first": saves[0] if saves else None,
-            "saves": [{k: s.get(k) for k in ("step", "blocked_s", "durable_s")} for s in saves],
-            "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
-            "peak_rss_over_state_mb": peak_rss, "page_cache_peak_mb": cache_mb}
+    return {
+        "method": args.method,
+        "bytes": nbytes,
+        "step_s": args.loop_step_s,
+        "base_matmuls": base_work,
+        "update_s": statistics.median(base_update),
+        "raw_write_fsync_s": [raw_s, raw_after_s],
+        "every": args.every,
+        "checkpoints": len(saves),
+        "error": error or (failed[0] if failed else None),
+        "blocked_s": statistics.median(s["blocked_s"] for s in steady) if steady else None,
+        "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
+        "first": saves[0] if saves else None,
+        "saves": [{k: s.get(k) for k in ("step", "blocked_s", "durable_s")} for s in saves],
+        "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
+        "peak_rss_over_state_mb": peak_rss,
+        "page_cache_peak_mb": cache_mb,
+    }
 
 
 def report_loop(results: dict) -> dict:
@@ -250,12 +266,16 @@ def report_loop(results: dict) -> dict:
         return {}
     state_mb = any_ok["bytes"] / (1 << 20)
     raw = statistics.median(x for r in results.values() if r.get("raw_write_fsync_s") for x in r["raw_write_fsync_s"])
-    print(f"\nperiodic loop: state {state_mb:.0f} MiB, compute step {any_ok['step_s']:.2f} s, then every tensor "
-          f"updated in place ({any_ok['update_s']:.2f} s), a checkpoint every {any_ok['every']} steps; medians over "
-          f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint; raw wr+fsync: the "
-          f"slower of the child's two (before/after its loop), {raw:.2f} s median over all children")
-    print(f"{'method':<19}{'blocked s':>10}{'durable s':>10}{'RSS +MB':>9}{'cache +MB':>10}{'slowdown s':>11}"
-          f"{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}")
+    print(
+        f"\nperiodic loop: state {state_mb:.0f} MiB, compute step {any_ok['step_s']:.2f} s, then every tensor "
+        f"updated in place ({any_ok['update_s']:.2f} s), a checkpoint every {any_ok['every']} steps; medians over "
+        f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint; raw wr+fsync: the "
+        f"slower of the child's two (before/after its loop), {raw:.2f} s median over all children"
+    )
+    print(
+        f"{'method':<19}{'blocked s':>10}{'durable s':>10}{'RSS +MB':>9}{'cache +MB':>10}{'slowdown s':>11}"
+        f"{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}"
+    )
     peer = results.get(PEER)
     peer_ok = peer is not None and not peer.get("error")
     for m, r in results.items():
@@ -264,23 +284,31 @@ def report_loop(results: dict) -> dict:
             continue
         ratio = ""
         if peer_ok:
-            ratio = (f"  {r['blocked_s'] / max(peer['blocked_s'], 1e-9):.1f}x / {r['durable_s'] / peer['durable_s']:.2f}x"
-                     f" / {r['peak_rss_over_state_mb'] / max(peer['peak_rss_over_state_mb'], 1):.2f}x")
-        print(f"{m:<19}{r['blocked_s']:>10.3f}{r['durable_s']:>10.2f}{r['peak_rss_over_state_mb']:>9.0f}"
-              f"{r['page_cache_peak_mb']:>10.0f}{r['slowdown_per_ckpt_s']:>11.2f}{max(r['raw_write_fsync_s']):>13.2f}{ratio}"
-              + (f"   (then failed: {r['error'][:120]})" if r.get("error") else ""))
+            ratio = (
+                f"  {r['blocked_s'] / max(peer['blocked_s'], 1e-9):.1f}x / {r['durable_s'] / peer['durable_s']:.2f}x"
+                f" / {r['peak_rss_over_state_mb'] / max(peer['peak_rss_over_state_mb'], 1):.2f}x"
+            )
+        print(
+            f"{m:<19}{r['blocked_s']:>10.3f}{r['durable_s']:>10.2f}{r['peak_rss_over_state_mb']:>9.0f}"
+            f"{r['page_cache_peak_mb']:>10.0f}{r['slowdown_per_ckpt_s']:>11.2f}{max(r['raw_write_fsync_s']):>13.2f}{ratio}"
+            + (f"   (then failed: {r['error'][:120]})" if r.get("error") else "")
+        )
     targets = {}
     for m in ("ecpt_disk", "ecpt_shm"):
         r = results.get(m)
         if r is None or r.get("blocked_s") is None:
             continue
-        checks = [("blocked <= 0.05 s", r["blocked_s"], 0.05),
-                  ("memory growth <= 1.1 x state", r["peak_rss_over_state_mb"] / state_mb, 1.1)]
+        checks = [
+            ("blocked <= 0.05 s", r["blocked_s"], 0.05),
+            ("memory growth <= 1.1 x state", r["peak_rss_over_state_mb"] / state_mb, 1.1),
+        ]
         if m == "ecpt_disk":
             checks.append(("durable <= 1.3 x raw write+fsync (median)", r["durable_s"] / raw, 1.3))
         if peer_ok:
-            checks += [("blocked <= DCP peer's", r["blocked_s"] / max(peer["blocked_s"], 1e-9), 1.0),
-                       ("durable <= 1.0 x DCP peer's", r["durable_s"] / peer["durable_s"], 1.0)]
+            checks += [
+                ("blocked <= DCP peer's", r["blocked_s"] / max(peer["blocked_s"], 1e-9), 1.0),
+                ("durable <= 1.0 x DCP peer's", r["durable_s"] / peer["durable_s"], 1.0),
+            ]
         for name, value, limit in checks:
             ok = value <= limit
             targets[f"{m}: {name}"] = {"value": value, "met": ok}
@@ -293,9 +321,22 @@ def run_loop(args, work: Path, run_child, free_port) -> tuple[dict, dict]:
     results = {}
     for method in LOOP_METHODS:
         print(f"... loop {method}", file=sys.stderr, flush=True)
-        cmd = ["--loop-method", method, "--port", str(free_port()), "--size-mb", str(args.size_mb),
-               "--loop-step-s", str(args.loop_step_s), "--dir", str(work), "--every", str(args.every),
-               "--checkpoints", str(args.checkpoints)]
+        cmd = [
+            "--loop-method",
+            method,
+            "--port",
+            str(free_port()),
+            "--size-mb",
+            str(args.size_mb),
+            "--loop-step-s",
+            str(args.loop_step_s),
+            "--dir",
+            str(work),
+            "--every",
+            str(args.every),
+            "--checkpoints",
+            str(args.checkpoints),
+        ]
         try:
             results[method] = json.loads(run_child(cmd, timeout=1800))
         except (RuntimeError, subprocess.TimeoutExpired) as e:

@@ -131,8 +131,12 @@ def worker_save(args) -> None:
     out["adapter"] = {"stall": stall, "durable": durable}
     engine.ds.checkpoint_engine.cleanup()
     engine.ds.checkpoint_engine = native_engine
-    mgr = CheckpointManager([LevelSpec(name="L1", root=str(work / "ecpt"), interval=1, keep_last=2, node_local=False)],
-                            rank=rank, world_size=world, group=ckpt_group)
+    mgr = CheckpointManager(
+        [LevelSpec(name="L1", root=str(work / "ecpt"), interval=1, keep_last=2, node_local=False)],
+        rank=rank,
+        world_size=world,
+        group=ckpt_group,
+    )
     tensors, stall, durable = engine.checkpoint_tensors(), [], []
     for i in range(args.saves):
         dist.barrier()
@@ -233,14 +237,18 @@ def worker_resume(args) -> None:
         cfg = _config(args.dim, args.layers, args.stage, str(extra))
         engine = _engine(cfg)
         t = time.perf_counter()
-        engine.ds.load_checkpoint(str(work / "native"), tag=f"global_step{args.saves}_universal",
-                                  load_module_strict=False)
+        engine.ds.load_checkpoint(
+            str(work / "native"), tag=f"global_step{args.saves}_universal", load_module_strict=False
+        )
         out["load_seconds"] = time.perf_counter() - t
     else:
         cfg = _config(args.dim, args.layers, args.stage)
         engine = _engine(cfg)
-        mgr = CheckpointManager([LevelSpec(name="L1", root=str(work / "ecpt"), interval=1, keep_last=2,
-                                           node_local=False)], rank=0, world_size=1)
+        mgr = CheckpointManager(
+            [LevelSpec(name="L1", root=str(work / "ecpt"), interval=1, keep_last=2, node_local=False)],
+            rank=0,
+            world_size=1,
+        )
         t = time.perf_counter()
         res = mgr.load(engine.checkpoint_tensors())
         engine.after_load(res.step)
@@ -263,11 +271,22 @@ def _spawn(world: int, argv: list[str], timeout: float = 900) -> None:
 
     port, procs = free_port(), []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     for rank, p in enumerate(procs):
         out, _ = p.communicate(timeout=timeout)
         if p.returncode:
@@ -295,8 +314,18 @@ def main() -> None:
     dim, layers = (128, 4) if args.quick else (384, 6)
     work = Path(tempfile.mkdtemp(prefix="ecpt-ds-bench-"))
     load_before = os.getloadavg()[0]
-    common = ["--work", str(work), "--dim", str(dim), "--layers", str(layers), "--stage", str(args.stage),
-              "--saves", str(args.saves)]
+    common = [
+        "--work",
+        str(work),
+        "--dim",
+        str(dim),
+        "--layers",
+        str(layers),
+        "--stage",
+        str(args.stage),
+        "--saves",
+        str(args.saves),
+    ]
     try:
         _spawn(2, ["--worker", "save", "--out", str(work / "save.json"), *common])
         save = json.loads((work / "save.json").read_text())
@@ -305,16 +334,31 @@ def main() -> None:
             _spawn(2, ["--worker", "save_decoupled", "--out", str(work / "decoupled.out.json"), *common])
             decoupled = json.loads((work / "decoupled.out.json").read_text())
             if abs(decoupled["fingerprint"] - save["fingerprint"]) > 1e-9 * max(abs(save["fingerprint"]), 1.0):
-                decoupled = {"error": f"not the same state: fingerprint {decoupled['fingerprint']} vs "
-                                      f"{save['fingerprint']}"}
+                decoupled = {
+                    "error": f"not the same state: fingerprint {decoupled['fingerprint']} vs {save['fingerprint']}"
+                }
         except SystemExit as exc:  # _spawn's report of a failed rank, with its output
             decoupled = {"error": str(exc)[-1500:]}
         t = time.perf_counter()
-        conv = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(work / "native" / f"global_step{args.saves}"), "--output_folder",
-                               str(work / "native" / f"global_step{args.saves}_universal"),
-                               "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        conv = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(work / "native" / f"global_step{args.saves}"),
+                "--output_folder",
+                str(work / "native" / f"global_step{args.saves}_universal"),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+                "--inject_missing_state",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         convert_seconds = time.perf_counter() - t
         resume = {}
         for method in ("native", "ecpt"):
@@ -331,36 +375,56 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     params = sum(12 * dim * dim for _ in range(layers)) + 256 * dim
-    result = {"params_approx": params, "stage": args.stage, "world_save": 2, "world_resume": 1,
-              "startup_seconds_w2": save["startup_seconds"],
-              "save": {**{k: save[k] for k in ("native", "adapter", "ecpt")},
-                       "decoupled": decoupled.get("decoupled", {"error": decoupled.get("error")})},
-              "decoupled_config": DECOUPLED_JSON,
-              "decoupled_checks": {k: decoupled[k] for k in ("decoupled_engine_load", "reloaded_matches_saved")
-                                   if k in decoupled},
-              "resume": resume, "fingerprint_saved": save["fingerprint"],
-              "load_average_1min": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count()}
+    result = {
+        "params_approx": params,
+        "stage": args.stage,
+        "world_save": 2,
+        "world_resume": 1,
+        "startup_seconds_w2": save["startup_seconds"],
+        "save": {
+            **{k: save[k] for k in ("native", "adapter", "ecpt")},
+            "decoupled": decoupled.get("decoupled", {"error": decoupled.get("error")}),
+        },
+        "decoupled_config": DECOUPLED_JSON,
+        "decoupled_checks": {
+            k: decoupled[k] for k in ("decoupled_engine_load", "reloaded_matches_saved") if k in decoupled
+        },
+        "resume": resume,
+        "fingerprint_saved": save["fingerprint"],
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "cpus": os.cpu_count(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     med = statistics.median
-    print(f"ZeRO-{args.stage}, ~{params / 1e6:.1f} M parameters, save at W=2, resume at W=1; "
-          f"DeepSpeed engine start at W=2: {save['startup_seconds']:.2f} s; load average "
-          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"ZeRO-{args.stage}, ~{params / 1e6:.1f} M parameters, save at W=2, resume at W=1; "
+        f"DeepSpeed engine start at W=2: {save['startup_seconds']:.2f} s; load average "
+        f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     print(f"{'save method':<34}{'stall s (median)':>18}{'durable s (median)':>20}{'first save stall s':>20}")
-    for key, label in (("native", "DeepSpeed save_checkpoint (torch)"), ("decoupled", "DeepSpeed decoupled engine"),
-                       ("adapter", "save_checkpoint via ecpt adapter"), ("ecpt", "ecpt trainer Shards")):
+    for key, label in (
+        ("native", "DeepSpeed save_checkpoint (torch)"),
+        ("decoupled", "DeepSpeed decoupled engine"),
+        ("adapter", "save_checkpoint via ecpt adapter"),
+        ("ecpt", "ecpt trainer Shards"),
+    ):
         s = result["save"][key]
         if "error" in s:
             print(f"{label:<34} FAILED: {_last_error(s['error'] or '')}")
         else:
             print(f"{label:<34}{med(s['stall']):>18.3f}{med(s['durable']):>20.3f}{s['stall'][0]:>20.3f}")
-    print(f"decoupled engine: DeepSpeed config {json.dumps(DECOUPLED_JSON)}, save_checkpoint under torch.no_grad(), "
-          f"CROSS_RANK/CROSS_SIZE set (see DECOUPLED_JSON in this file)")
+    print(
+        f"decoupled engine: DeepSpeed config {json.dumps(DECOUPLED_JSON)}, save_checkpoint under torch.no_grad(), "
+        f"CROSS_RANK/CROSS_SIZE set (see DECOUPLED_JSON in this file)"
+    )
     checks = result["decoupled_checks"]
     if checks:
-        print(f"decoupled checkpoint reloaded (torch engine) equals the saved state: "
-              f"{checks['reloaded_matches_saved']}; load through the decoupled engine itself: "
-              f"{checks['decoupled_engine_load']}")
+        print(
+            f"decoupled checkpoint reloaded (torch engine) equals the saved state: "
+            f"{checks['reloaded_matches_saved']}; load through the decoupled engine itself: "
+            f"{checks['decoupled_engine_load']}"
+        )
     base = med(save["native"]["stall"])
     print(f"stall ratio native/ecpt: {base / max(med(save['ecpt']['stall']), 1e-9):.1f}x")
     for method, r in resume.items():
@@ -369,8 +433,10 @@ def main() -> None:
         else:
             conv_s = r.get("convert_seconds", 0.0)
             ok = abs(r["fingerprint"] - save["fingerprint"]) <= 1e-6 * max(abs(save["fingerprint"]), 1.0)
-            print(f"resume {method}: convert {conv_s:.2f} s + load {r['load_seconds']:.2f} s = "
-                  f"{conv_s + r['load_seconds']:.2f} s; state matches saved: {ok}")
+            print(
+                f"resume {method}: convert {conv_s:.2f} s + load {r['load_seconds']:.2f} s = "
+                f"{conv_s + r['load_seconds']:.2f} s; state matches saved: {ok}"
+            )
     print(f"results: {args.out}")
 
 

@@ -83,9 +83,24 @@ class Job:
     def agent_cmd(self, node: str, nnodes: str, nproc: int) -> tuple[list[str], dict]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         if self.system == "ecpt":
-            cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(self.config_json),
-                   "--run-dir", str(self.run), "--nnodes", nnodes, "--nproc-per-node", str(nproc),
-                   "--rdzv-endpoint", self.endpoint, "--node-id", node]
+            cmd = [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "train",
+                "--config",
+                str(self.config_json),
+                "--run-dir",
+                str(self.run),
+                "--nnodes",
+                nnodes,
+                "--nproc-per-node",
+                str(nproc),
+                "--rdzv-endpoint",
+                self.endpoint,
+                "--node-id",
+                node,
+            ]
             if nnodes != "1":
                 cmd += ["--rdzv-store", "external"]
             return cmd, env
@@ -94,23 +109,41 @@ class Job:
         # --no-python + `python -P`: the script's own folder (benchmarks/, which has this elastic.py) must not
         # shadow the elastic package on sys.path.
         tuned = self.system == "baseline-tuned"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", "--max-restarts=100",
-               *([f"--rdzv-conf={RDZV_CONF}"] if tuned else []), "--no-python",
-               sys.executable, "-P", str(REPO / "benchmarks" / "baseline_worker.py"),
-               "--config-json", str(self.config_json)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            "--max-restarts=100",
+            *([f"--rdzv-conf={RDZV_CONF}"] if tuned else []),
+            "--no-python",
+            sys.executable,
+            "-P",
+            str(REPO / "benchmarks" / "baseline_worker.py"),
+            "--config-json",
+            str(self.config_json),
+        ]
         return cmd, env | (AGENT_ENV if tuned else {})
 
     def start_node(self, node: str, nnodes: str = "1", nproc: int = 2) -> None:
         cmd, env = self.agent_cmd(node, nnodes, nproc)
         log = open(self.run.parent / f"{self.system}-{node}-{len(self.nodes)}.log", "a")
-        self.nodes[node] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.nodes[node] = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def start_store(self) -> None:
         port = self.endpoint.rsplit(":", 1)[1]
-        self.store = subprocess.Popen([sys.executable, "-m", "launch.cli", "rdzv-store", "--port", port], cwd=REPO,
-                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.store = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "rdzv-store", "--port", port],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.store.stdout.readline()
 
     def kill_node(self, node: str) -> None:
@@ -167,9 +200,14 @@ def _descendants(pid: int) -> list[int]:
 def make_job(system: str, root: Path, steps_total: int, l0_dir: Path) -> Job:
     run = root / system / "run"
     run.mkdir(parents=True)
-    overrides = [f'train.run_dir="{run}"', f"train.max_steps={steps_total}", "train.progress=false",
-                 f'checkpoint.l0_dir="{l0_dir}"', "metrics.enabled=false",
-                 "launch.max_restarts=100"]  # the peers' --max-restarts: the goodput window has a fault every 2 min
+    overrides = [
+        f'train.run_dir="{run}"',
+        f"train.max_steps={steps_total}",
+        "train.progress=false",
+        f'checkpoint.l0_dir="{l0_dir}"',
+        "metrics.enabled=false",
+        "launch.max_restarts=100",
+    ]  # the peers' --max-restarts: the goodput window has a fault every 2 min
     cfg = load_config(None, overrides)
     for phase in cfg.data.phases:  # long phases: the benchmark, not the schedule, ends the run
         phase.tokens *= 100
@@ -182,28 +220,41 @@ def make_job(system: str, root: Path, steps_total: int, l0_dir: Path) -> Job:
     return Job(system=system, run=run, config_json=config_json, endpoint=f"127.0.0.1:{free_port()}")
 
 
-def recovery_after(job: Job, t_kill: float, last_before: int, world_size: int | None = None,
-                   timeout: float = 180) -> dict:
+def recovery_after(
+    job: Job, t_kill: float, last_before: int, world_size: int | None = None, timeout: float = 180
+) -> dict:
     """Seconds from the fault to the first step completed by the restarted group, and steps lost."""
+
     def first_new_step():
         rows = read_rows(job.run)
         resumed = [r for r in rows if r["kind"] == "resume" and r["time"] >= t_kill]
         if not resumed:
             return None
-        after = [r for r in rows if r["kind"] == "step" and r["time"] > resumed[0]["time"]
-                 and (world_size is None or r["world_size"] == world_size)]
+        after = [
+            r
+            for r in rows
+            if r["kind"] == "step"
+            and r["time"] > resumed[0]["time"]
+            and (world_size is None or r["world_size"] == world_size)
+        ]
         return (resumed[0], after[0]) if after else None
 
     def regained():
         """The first step past the progress made before the fault: lost steps replayed, training moving on."""
-        return next((r for r in read_rows(job.run) if r["kind"] == "step" and r["time"] > t_kill
-                     and r["step"] > last_before), None)
+        return next(
+            (r for r in read_rows(job.run) if r["kind"] == "step" and r["time"] > t_kill and r["step"] > last_before),
+            None,
+        )
 
     resumed, first = wait_until(first_new_step, timeout, f"{job.system} to recover")
     past = wait_until(regained, timeout, f"{job.system} to pass step {last_before}")
-    return {"recovery_seconds": round(first["time"] - t_kill, 2), "steps_lost": max(last_before - resumed["step"], 0),
-            "regain_seconds": round(past["time"] - t_kill, 2), "resumed_at": resumed["step"],
-            "world_size": first["world_size"]}
+    return {
+        "recovery_seconds": round(first["time"] - t_kill, 2),
+        "steps_lost": max(last_before - resumed["step"], 0),
+        "regain_seconds": round(past["time"] - t_kill, 2),
+        "resumed_at": resumed["step"],
+        "world_size": first["world_size"],
+    }
 
 
 def scenario_worker_kill(job: Job) -> dict:
@@ -224,14 +275,18 @@ def scenario_node_loss_and_join(job: Job) -> tuple[dict, dict]:
         # node we kill is not the one whose loss ends the whole job (a case only the standalone store survives)
         wait_until(lambda: port_open(job.endpoint), 120, f"{job.system} n0 to host the rendezvous store")
     job.start_node("n1", "1:2", 1)
-    wait_until(lambda: [r for r in steps(job.run) if r["world_size"] == 2 and r["step"] >= 25], 300,
-               "25 steps on 2 nodes")
+    wait_until(
+        lambda: [r for r in steps(job.run) if r["world_size"] == 2 and r["step"] >= 25], 300, "25 steps on 2 nodes"
+    )
     last = steps(job.run)[-1]["step"]
     t_kill = time.time()
     job.kill_node("n1")
     loss = recovery_after(job, t_kill, last, world_size=1)
-    wait_until(lambda: len(steps(job.run)) > 0 and steps(job.run)[-1]["step"] >= loss["resumed_at"] + 10, 300,
-               "10 steps on 1 node")
+    wait_until(
+        lambda: len(steps(job.run)) > 0 and steps(job.run)[-1]["step"] >= loss["resumed_at"] + 10,
+        300,
+        "10 steps on 1 node",
+    )
     last = steps(job.run)[-1]["step"]
     t_join = time.time()
     job.start_node("n1", "1:2", 1)
@@ -259,9 +314,13 @@ def goodput(job: Job, duration: float, fault_every: float, rate_fault_free: floa
     # Against the same run's own median step time too: fault-free runs measured minutes apart on a shared
     # machine differ by 10% and more, which would swamp a few seconds lost per fault.
     own_step = statistics.median(r["seconds"] for r in window) if window else float("nan")
-    return {"faults": faults, "duration_seconds": duration, "steps": done,
-            "goodput_ratio": round(done / (rate_fault_free * duration), 3),
-            "goodput_vs_own_step_time": round(done * own_step / duration, 3)}
+    return {
+        "faults": faults,
+        "duration_seconds": duration,
+        "steps": done,
+        "goodput_ratio": round(done / (rate_fault_free * duration), 3),
+        "goodput_vs_own_step_time": round(done * own_step / duration, 3),
+    }
 
 
 def fault_free_rate(job: Job, seconds: float = 60) -> float:
@@ -321,20 +380,37 @@ def table(results: dict) -> str:
         return f"{float(b) / float(e):.1f}x" if "error" not in (e, b) else "-"
 
     systems = list(results)
-    lines = ["| measure | " + " | ".join(systems) + " | " + " | ".join(f"{p} / ecpt" for p in peers) + " |",
-             "|---" * (1 + len(systems) + len(peers)) + "|"]
+    lines = [
+        "| measure | " + " | ".join(systems) + " | " + " | ".join(f"{p} / ecpt" for p in peers) + " |",
+        "|---" * (1 + len(systems) + len(peers)) + "|",
+    ]
     for key in ("worker_kill", "node_loss", "node_join"):
         name = key.replace("_", " ")
-        lines.append(f"| recovery after {name} (s) | " + " | ".join(cell(s, key, "recovery_seconds") for s in systems)
-                     + " | " + " | ".join(ratio(p, key) for p in peers) + " |")
-        lines.append(f"| steps lost, {name} | " + " | ".join(cell(s, key, "steps_lost") for s in systems)
-                     + " |" * (len(peers) + 1))
-        lines.append(f"| back past the pre-fault step, {name} (s) | "
-                     + " | ".join(cell(s, key, "regain_seconds") for s in systems) + " | "
-                     + " | ".join(ratio(p, key, "regain_seconds") for p in peers) + " |")
+        lines.append(
+            f"| recovery after {name} (s) | "
+            + " | ".join(cell(s, key, "recovery_seconds") for s in systems)
+            + " | "
+            + " | ".join(ratio(p, key) for p in peers)
+            + " |"
+        )
+        lines.append(
+            f"| steps lost, {name} | "
+            + " | ".join(cell(s, key, "steps_lost") for s in systems)
+            + " |" * (len(peers) + 1)
+        )
+        lines.append(
+            f"| back past the pre-fault step, {name} (s) | "
+            + " | ".join(cell(s, key, "regain_seconds") for s in systems)
+            + " | "
+            + " | ".join(ratio(p, key, "regain_seconds") for p in peers)
+            + " |"
+        )
     for field_ in ("goodput_ratio", "goodput_vs_own_step_time"):
-        lines.append(f"| {field_.replace('_', ' ')} | " + " | ".join(cell(s, "goodput", field_) for s in systems)
-                     + " |" * (len(peers) + 1))
+        lines.append(
+            f"| {field_.replace('_', ' ')} | "
+            + " | ".join(cell(s, "goodput", field_) for s in systems)
+            + " |" * (len(peers) + 1)
+        )
     return "\n".join(lines)
 
 
@@ -344,8 +420,9 @@ def main() -> None:
     parser.add_argument("--fault-every", type=float, default=120, help="seconds between faults in the window")
     parser.add_argument("--rate-seconds", type=float, default=45, help="fault-free measuring window, seconds")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
-    parser.add_argument("--scenarios", default="worker_kill,node,goodput",
-                        help="comma-separated subset of worker_kill,node,goodput")
+    parser.add_argument(
+        "--scenarios", default="worker_kill,node,goodput", help="comma-separated subset of worker_kill,node,goodput"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directories and agent logs")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "elastic.json"))
     args = parser.parse_args()

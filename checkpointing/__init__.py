@@ -8,6 +8,7 @@ Usable from any PyTorch training loop:
     ...
     res = mgr.load({"model/w": w, "optim/w/exp_avg": m})                  # fills in place
 """
+
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manager import CheckpointInfo, CheckpointManager, LoadResult, SaveHandle
 from checkpointing.manifest import MANIFEST_NAME, Manifest
@@ -17,9 +18,24 @@ from checkpointing.tiers import LevelSpec, committed_steps, newest_committed, st
 from checkpointing.zarr_store import chunk_files
 
 __all__ = [
-    "CheckpointManager", "LevelSpec", "Shard", "SaveHandle", "LoadResult", "CheckpointInfo", "Manifest",
-    "CheckpointError", "CheckpointCorruptError",
-    "list_checkpoints", "verify", "inspect", "read_tensor", "export_safetensors",
+    "CheckpointManager",
+    "LevelSpec",
+    "Shard",
+    "SaveHandle",
+    "LoadResult",
+    "CheckpointInfo",
+    "Manifest",
+    "CheckpointError",
+    "CheckpointCorruptError",
+    "list_checkpoints",
+    "verify",
+    "inspect",
+    "read_tensor",
+    "export_safetensors",
     # on-disk layout, for tools that look at checkpoint directories without loading them
-    "MANIFEST_NAME", "step_dir_name", "committed_steps", "newest_committed", "chunk_files",
+    "MANIFEST_NAME",
+    "step_dir_name",
+    "committed_steps",
+    "newest_committed",
+    "chunk_files",
 ]

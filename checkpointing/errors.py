@@ -3,6 +3,7 @@
 Every message names the level, path, file or rank involved and, where there is one, the fix: a caller that catches
 `CheckpointError` can log it as is and continue training.
 """
+
 from __future__ import annotations
 
 

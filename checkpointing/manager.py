@@ -18,6 +18,7 @@ drops that step everywhere instead of deadlocking.
 Per save the persister issues one all_gather to agree on the job plus two per level (records, outcome); tensor
 descriptions travel only when they changed, and layouts, plans and zarr metadata are computed once per layout.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,13 +43,31 @@ from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import MANIFEST_NAME, Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
-from checkpointing.persist import (ChunkWriter, LevelState, SaveContext, Source, _janitor_for, outcome_dict,
-                                   persist_level, unlink_outcome)
+from checkpointing.persist import (
+    ChunkWriter,
+    LevelState,
+    SaveContext,
+    Source,
+    _janitor_for,
+    outcome_dict,
+    persist_level,
+    unlink_outcome,
+)
 from checkpointing.plan import PlanCache, TensorLayout, global_layouts
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
-from checkpointing.staging import (BufferPool, BufferSet, Shard, Slot, SlotPool, StagedTensor, StagePlan,
-                                   StagingStats, describe, stage_into)
+from checkpointing.staging import (
+    BufferPool,
+    BufferSet,
+    Shard,
+    Slot,
+    SlotPool,
+    StagedTensor,
+    StagePlan,
+    StagingStats,
+    describe,
+    stage_into,
+)
 from checkpointing.tiers import Janitor, LevelSpec, committed_steps, retire_after, step_dir_name
 from checkpointing.zarr_store import check_tensor_name, dtype_name
 
@@ -115,13 +134,13 @@ class _WriteJob:
     described: _Described | None = None
     slot: Slot | None = None
     stage_plan: StagePlan | None = None
-    dsig: str | None = None         # the agreed layout the slot was staged for (None: host buffers)
-    pre: dict | None = None         # chunks already linked into the level's spare skeleton (see _prelink)
+    dsig: str | None = None  # the agreed layout the slot was staged for (None: host buffers)
+    pre: dict | None = None  # chunks already linked into the level's spare skeleton (see _prelink)
 
 
 @dataclass
 class _ControlJob:
-    kind: str          # "flush" | "emergency" | "stop"
+    kind: str  # "flush" | "emergency" | "stop"
     seq: int
     done: Future = field(default_factory=Future)
 
@@ -140,12 +159,24 @@ class CheckpointManager:
     """See the module docstring; the public surface is save/wait_staged/wait_durable/load/latest/list/
     emergency_save/close, plus the read-only stats and staging_stats()."""
 
-    def __init__(self, levels: list[LevelSpec], rank: int = 0, world_size: int = 1,
-                 group: dist.ProcessGroup | None = None, local_rank: int | None = None,
-                 local_world_size: int | None = None, local_group: dist.ProcessGroup | None = None,
-                 node_id: str = "node-0", chunk_bytes: int = 16 << 20, on_busy: str = "wait",
-                 registry: CollectorRegistry | None = None, logger: logging.Logger | None = None,
-                 *, staging_buffers: int = 2, read_threads: int = 2) -> None:
+    def __init__(
+        self,
+        levels: list[LevelSpec],
+        rank: int = 0,
+        world_size: int = 1,
+        group: dist.ProcessGroup | None = None,
+        local_rank: int | None = None,
+        local_world_size: int | None = None,
+        local_group: dist.ProcessGroup | None = None,
+        node_id: str = "node-0",
+        chunk_bytes: int = 16 << 20,
+        on_busy: str = "wait",
+        registry: CollectorRegistry | None = None,
+        logger: logging.Logger | None = None,
+        *,
+        staging_buffers: int = 2,
+        read_threads: int = 2,
+    ) -> None:
         if not levels:
             raise ValueError("CheckpointManager needs at least one LevelSpec")
         if len({lv.name for lv in levels}) != len(levels):
@@ -201,8 +232,10 @@ class CheckpointManager:
             return Comm(None, 0, 1)
         if lws == self.world_size:
             return self._world
-        raise ValueError(f"local_world_size={lws} < world_size={self.world_size} needs local_group (a gloo group "
-                         f"of this node's ranks)")
+        raise ValueError(
+            f"local_world_size={lws} < world_size={self.world_size} needs local_group (a gloo group "
+            f"of this node's ranks)"
+        )
 
     @property
     def stats(self) -> CheckpointStats:
@@ -211,14 +244,23 @@ class CheckpointManager:
     def staging_stats(self) -> StagingStats:
         """What this rank's staging holds now (slots per level, host buffers): read-only, see StagingStats."""
         buffers, nbytes, allocations = self._pool.held()
-        return StagingStats(levels={name: pool.stats() for name, pool in self._slots.items()},
-                            host_buffer_sets=self._pool.size, host_buffers=buffers, host_buffer_bytes=nbytes,
-                            host_buffer_allocations=allocations)
+        return StagingStats(
+            levels={name: pool.stats() for name, pool in self._slots.items()},
+            host_buffer_sets=self._pool.size,
+            host_buffers=buffers,
+            host_buffer_bytes=nbytes,
+            host_buffer_allocations=allocations,
+        )
 
     # ------------------------------------------------------------------------------------------------ saving
 
-    def save(self, step: int, tensors: dict[str, "torch.Tensor | Shard"], extra: dict | None = None,
-             levels: list[str] | None = None) -> SaveHandle | None:
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, "torch.Tensor | Shard"],
+        extra: dict | None = None,
+        levels: list[str] | None = None,
+    ) -> SaveHandle | None:
         """Record references and return at once; None if no level is due at this step (or skipped when busy).
 
         ``levels`` names the levels to write now whatever their intervals (an emergency save of the current step);
@@ -230,8 +272,10 @@ class CheckpointManager:
         if forced:
             unknown = sorted(set(levels) - {lv.name for lv in self.levels})
             if unknown:
-                raise CheckpointError(f"save(levels={levels}): no level named {unknown}; this manager has "
-                                      f"{[lv.name for lv in self.levels]}")
+                raise CheckpointError(
+                    f"save(levels={levels}): no level named {unknown}; this manager has "
+                    f"{[lv.name for lv in self.levels]}"
+                )
         levels = [lv for lv in self.levels if (lv.name in levels if forced else lv.due(step))]
         if not levels:
             return None
@@ -240,8 +284,9 @@ class CheckpointManager:
         try:
             json.dumps(extra)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"save(step={step}): extra is not JSON-serialisable ({e}); store RNG states as "
-                                  f"lists or base64 strings") from e
+            raise CheckpointError(
+                f"save(step={step}): extra is not JSON-serialisable ({e}); store RNG states as lists or base64 strings"
+            ) from e
         bufset = self._pool.acquire(block=False)
         if bufset is None:
             if self.on_busy == "skip" and not forced:
@@ -266,9 +311,12 @@ class CheckpointManager:
     def _describe(self, tensors: dict) -> _Described:
         """Validate and describe the tensors; reuse the last result when names, shapes, dtypes and devices match."""
         try:
-            key = tuple((name, v.global_shape, v.flat_range, v.local.shape, v.local.dtype, v.local.device.type)
-                        if isinstance(v, Shard) else (name, v.shape, v.dtype, v.device.type)
-                        for name, v in tensors.items())
+            key = tuple(
+                (name, v.global_shape, v.flat_range, v.local.shape, v.local.dtype, v.local.device.type)
+                if isinstance(v, Shard)
+                else (name, v.shape, v.dtype, v.device.type)
+                for name, v in tensors.items()
+            )
         except AttributeError:
             key = None
         if key is not None and key == self._described_key:
@@ -287,19 +335,21 @@ class CheckpointManager:
         if agreed is None or not job.described.all_cpu:
             return
         if agreed.tsigs[self.rank] != job.described.tsig:
-            return                                  # this rank's tensors changed: plan with everyone first
+            return  # this rank's tensors changed: plan with everyone first
         files = level.is_memory and (level.node_local or len(set(agreed.nodes)) == 1)  # else nothing to link into
         pool = self._slots.get(level.name)
         if pool is None:
             slots = level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING if files else self._pool.size + 1
-            pool = self._slots[level.name] = SlotPool(Path(level.root) if files else None,
-                                                      f"{self.node_id}-r{self.rank}", slots)
+            pool = self._slots[level.name] = SlotPool(
+                Path(level.root) if files else None, f"{self.node_id}-r{self.rank}", slots
+            )
         slot = pool.acquire()
         if slot is None:
             return
         job.slot = slot
-        job.stage_plan = self._plans.stage_plan(agreed.sig, agreed.layouts, self.rank,
-                                                agreed.nodes if level.node_local else None)
+        job.stage_plan = self._plans.stage_plan(
+            agreed.sig, agreed.layouts, self.rank, agreed.nodes if level.node_local else None
+        )
         job.dsig = agreed.sig
 
     def _validate(self, tensors: dict) -> list[StagedTensor]:
@@ -315,15 +365,17 @@ class CheckpointManager:
                 if not (0 <= st.start <= st.stop <= numel) or local.numel() != st.stop - st.start:
                     raise CheckpointError(
                         f"Shard {name}: flat_range {value.flat_range} must satisfy 0 <= start <= stop <= {numel} "
-                        f"(numel of global_shape {list(st.shape)}) and local.numel()={local.numel()} == stop - start")
+                        f"(numel of global_shape {list(st.shape)}) and local.numel()={local.numel()} == stop - start"
+                    )
             out.append(st)
         names = sorted(tensors)
         for a in names:
             prefix = a + "/"
-            i = bisect.bisect_left(names, prefix)        # names under a/ sort right after it
+            i = bisect.bisect_left(names, prefix)  # names under a/ sort right after it
             if i < len(names) and names[i].startswith(prefix):
-                raise CheckpointError(f"tensor names {a!r} and {names[i]!r} collide: {a!r} would be both array and "
-                                      f"group")
+                raise CheckpointError(
+                    f"tensor names {a!r} and {names[i]!r} collide: {a!r} would be both array and group"
+                )
         return out
 
     def wait_staged(self) -> float:
@@ -342,7 +394,7 @@ class CheckpointManager:
         failing rank, level and file. Returns the names of levels committed by the saves since the last call
         (saves that committed long ago may have been forgotten already). Collective."""
         for h in self._handles:
-            h.staged.exception()                # every save is queued for persisting before the flush marker
+            h.staged.exception()  # every save is queued for persisting before the flush marker
         self._control("flush")
         self._janitor.drain()
         handles, self._handles = self._handles, []
@@ -374,8 +426,9 @@ class CheckpointManager:
         job = _ControlJob("emergency", self._seq)
         self._persist_q.put(job)
         written = job.done.result()
-        self.log.warning("emergency checkpoint: wrote %s in %.2f s", written or "nothing (already durable)",
-                         time.perf_counter() - t0)
+        self.log.warning(
+            "emergency checkpoint: wrote %s in %.2f s", written or "nothing (already durable)", time.perf_counter() - t0
+        )
         return written
 
     def close(self) -> None:
@@ -395,7 +448,7 @@ class CheckpointManager:
         for pool in self._slots.values():
             pool.close()
         for state in self._states.values():
-            if state.spare is not None:                 # an empty skeleton kept for a next save that won't come
+            if state.spare is not None:  # an empty skeleton kept for a next save that won't come
                 shutil.rmtree(state.spare, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- threads
@@ -404,8 +457,8 @@ class CheckpointManager:
         while (item := self._stage_q.get()) is not None:
             job, tensors = item
             try:
-                if job.slot is not None:    # host buffers are not needed while saves stage into slots: freed
-                    job.bufset.drop_buffers()   # first, so one save in flight holds one copy of the state, not two
+                if job.slot is not None:  # host buffers are not needed while saves stage into slots: freed
+                    job.bufset.drop_buffers()  # first, so one save in flight holds one copy of the state, not two
                     self._slots[job.levels[0].name].open()
                     nbytes = job.slot.stage(tensors, job.stage_plan, job.step)
                 else:
@@ -418,7 +471,7 @@ class CheckpointManager:
                 continue
             job.bufset.step, job.bufset.slot = job.step, job.slot
             self._staged_meta[job.bufset.index] = job
-            self._persist_q.put(job)            # queued before `staged` resolves: a later control job queues after it
+            self._persist_q.put(job)  # queued before `staged` resolves: a later control job queues after it
             job.handle.staged.set_result(nbytes)
 
     def _release(self, job: _WriteJob, linked: bool) -> None:
@@ -449,7 +502,7 @@ class CheckpointManager:
                 job = None
                 continue
             if any(tuple(i["key"]) != target for i in infos):
-                continue        # others are dropping older jobs; agree again with the same job
+                continue  # others are dropping older jobs; agree again with the same job
             try:
                 if isinstance(job, _WriteJob):
                     self._run_write(job, infos)
@@ -462,7 +515,7 @@ class CheckpointManager:
                     if job.kind == "stop":
                         self._promoter.close()
                         return
-            except (RuntimeError, ValueError, OSError) as e:   # a broken process group or an unexpected file state
+            except (RuntimeError, ValueError, OSError) as e:  # a broken process group or an unexpected file state
                 self._fail(job, e)
             job = None
 
@@ -480,12 +533,25 @@ class CheckpointManager:
     def _job_info(self, job) -> dict:
         if isinstance(job, _ControlJob):
             newest = self._pool.newest() if job.kind == "emergency" else None
-            return {"key": [1, job.seq], "kind": job.kind, "node": self.node_id,
-                    "newest": None if newest is None else newest.step}
+            return {
+                "key": [1, job.seq],
+                "kind": job.kind,
+                "node": self.node_id,
+                "newest": None if newest is None else newest.step,
+            }
         d = job.described
-        return {"key": [0, job.step], "kind": "write", "node": self.node_id, "nonce": secrets.token_hex(6),
-                "tsig": d.tsig, "tensors": None if d.tsig == self._sent_tsig else d.describes,
-                "dsig": job.dsig, "pre": job.pre, "extra": job.extra, "levels": [lv.name for lv in job.levels]}
+        return {
+            "key": [0, job.step],
+            "kind": "write",
+            "node": self.node_id,
+            "nonce": secrets.token_hex(6),
+            "tsig": d.tsig,
+            "tensors": None if d.tsig == self._sent_tsig else d.describes,
+            "dsig": job.dsig,
+            "pre": job.pre,
+            "extra": job.extra,
+            "levels": [lv.name for lv in job.levels],
+        }
 
     def _prelink(self, job: _WriteJob) -> None:
         """Zero-copy save into a spare skeleton: link the staged files before the job's gather, so the records
@@ -493,8 +559,14 @@ class CheckpointManager:
         level = job.levels[0]
         state = self._states[level.name]
         sp = job.stage_plan
-        if job.slot is None or not job.slot.files or state.spare is None or state.spare_sig != job.dsig or sp.sends \
-                or not all(c.whole for c in sp.chunks):
+        if (
+            job.slot is None
+            or not job.slot.files
+            or state.spare is None
+            or state.spare_sig != job.dsig
+            or sp.sends
+            or not all(c.whole for c in sp.chunks)
+        ):
             return
         outcome = self._writer.prelink(level, job.slot, state.spare, self.rank, self.node_id)
         job.pre = outcome_dict(outcome, state.spare)
@@ -516,13 +588,17 @@ class CheckpointManager:
         if isinstance(job, _WriteJob):
             self._release(job, linked=False)
             self._metrics.skip([lv.name for lv in job.levels])
-            self.log.warning("checkpoint step %d dropped: %s", job.step,
-                             why or f"ranks {behind} did not stage it (busy)")
+            self.log.warning(
+                "checkpoint step %d dropped: %s", job.step, why or f"ranks {behind} did not stage it (busy)"
+            )
             job.handle.durable.set_result([])
         else:
-            job.done.set_exception(CheckpointError(
-                f"checkpoint control call {job.kind} #{job.seq} is out of step with ranks {behind}: "
-                f"call wait_durable/emergency_save/close the same number of times on every rank"))
+            job.done.set_exception(
+                CheckpointError(
+                    f"checkpoint control call {job.kind} #{job.seq} is out of step with ranks {behind}: "
+                    f"call wait_durable/emergency_save/close the same number of times on every rank"
+                )
+            )
 
     def _context(self, step: int, infos: list[dict], describes: list[dict] | None = None) -> SaveContext:
         """The agreed save context; layouts come from the cache when every rank's tensors are unchanged."""
@@ -539,9 +615,19 @@ class CheckpointManager:
             layouts = global_layouts([{"tensors": d} for d in describes], self.chunk_bytes)
             agreed = _Agreed(sig, layouts, nodes, tsigs)
             self._agreed = agreed
-        return SaveContext(step=step, nonce=infos[0]["nonce"], layouts=agreed.layouts,
-                           extras=[i["extra"] for i in infos], nodes=nodes, world=self._world, local=self._local,
-                           node_id=self.node_id, chunk_bytes=self.chunk_bytes, sig=sig, plans=self._plans)
+        return SaveContext(
+            step=step,
+            nonce=infos[0]["nonce"],
+            layouts=agreed.layouts,
+            extras=[i["extra"] for i in infos],
+            nodes=nodes,
+            world=self._world,
+            local=self._local,
+            node_id=self.node_id,
+            chunk_bytes=self.chunk_bytes,
+            sig=sig,
+            plans=self._plans,
+        )
 
     def _run_write(self, job: _WriteJob, infos: list[dict]) -> None:
         try:
@@ -551,7 +637,7 @@ class CheckpointManager:
             job.handle.durable.set_exception(CheckpointError(f"checkpoint step {job.step}: {e}"))
             return
         stale = [r for r, i in enumerate(infos) if i["dsig"] not in (None, ctx.sig)]
-        if stale:       # staged zero-copy for a layout that changed meanwhile: the chunks it holds are not the plan
+        if stale:  # staged zero-copy for a layout that changed meanwhile: the chunks it holds are not the plan
             self._drop(job, infos, f"ranks {stale} staged it for a tensor layout that changed")
             return
         first = Source(slot=job.slot, link=True) if job.slot is not None else Source(bufset=job.bufset)
@@ -560,14 +646,18 @@ class CheckpointManager:
 
         def done(committed: list[str], errors: list[str]) -> None:
             if errors:
-                handle.durable.set_exception(CheckpointError(
-                    f"checkpoint step {job.step} failed ({'; '.join(errors)}). Committed on: "
-                    f"{committed or 'no level'}; older checkpoints are intact and training can continue"))
+                handle.durable.set_exception(
+                    CheckpointError(
+                        f"checkpoint step {job.step} failed ({'; '.join(errors)}). Committed on: "
+                        f"{committed or 'no level'}; older checkpoints are intact and training can continue"
+                    )
+                )
             else:
                 handle.durable.set_result(committed)
 
-        self._write_levels(ctx, job.levels, job, first, job.t_save, pre if any(p is not None for p in pre) else None,
-                           done)
+        self._write_levels(
+            ctx, job.levels, job, first, job.t_save, pre if any(p is not None for p in pre) else None, done
+        )
         for pool in self._slots.values():
             pool.refresh()
 
@@ -579,8 +669,16 @@ class CheckpointManager:
             infos = self._world.all_gather_json({"promo": self._promoter.report()})
             self._promoter.advance(infos, self._world.rank)
 
-    def _write_levels(self, ctx: SaveContext, levels: list[LevelSpec], job: _WriteJob | None, first: Source,
-                      t_save: float, pre: list | None = None, done=None) -> tuple[list[str], list[str]]:
+    def _write_levels(
+        self,
+        ctx: SaveContext,
+        levels: list[LevelSpec],
+        job: _WriteJob | None,
+        first: Source,
+        t_save: float,
+        pre: list | None = None,
+        done=None,
+    ) -> tuple[list[str], list[str]]:
         """Write the first level from the staged data, release it, promote to the others by copying files.
 
         If a level fails, the next one is written from the still-held staged data instead of from a copy. With
@@ -592,20 +690,36 @@ class CheckpointManager:
                 if len(self._promoter.pending) >= Promoter.MAX_PENDING:
                     self.stats.waits += 1
                     self._drain_promotions(keep=Promoter.MAX_PENDING - 1)
-                self._promoter.add(Promotion(ctx.step, list(levels[i:]), source, source_level, ctx,
-                                             lambda c, e: done(committed + c, errors + e), t_save=t_save))
+                self._promoter.add(
+                    Promotion(
+                        ctx.step,
+                        list(levels[i:]),
+                        source,
+                        source_level,
+                        ctx,
+                        lambda c, e: done(committed + c, errors + e),
+                        t_save=t_save,
+                    )
+                )
                 return committed, errors
             if self._promoter.targets(level):
-                self._drain_promotions()        # this level is written here: no promotion may touch it meanwhile
+                self._drain_promotions()  # this level is written here: no promotion may touch it meanwhile
             t0 = time.perf_counter()
             if source is not None:
                 src = Source(src_dir=source)
             elif first.slot is not None and level is not levels[0]:
-                src = Source(slot=first.slot)          # the first level failed: write from the staging files
+                src = Source(slot=first.slot)  # the first level failed: write from the staging files
             else:
                 src = first
-            res = persist_level(level, ctx, self._writer, src, self._states[level.name], self._janitor,
-                                pre if level is levels[0] else None)
+            res = persist_level(
+                level,
+                ctx,
+                self._writer,
+                src,
+                self._states[level.name],
+                self._janitor,
+                pre if level is levels[0] else None,
+            )
             if res.retention_error:
                 self.log.warning("checkpoint retention on %s failed: %s", level.name, res.retention_error)
             if res.errors:
@@ -619,10 +733,16 @@ class CheckpointManager:
             # res is the job's agreed outcome (errors gathered from every rank, every node): one line says it all,
             # so rank 0 logs it and the other ranks keep theirs at DEBUG (also on node-local levels: a commit there
             # means every node committed its copy, and a line per node would flood a large job the same way).
-            self.log.log(logging.INFO if self.rank == 0 and not level.is_memory else logging.DEBUG,
-                         "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s", ctx.step, level.name,
-                         res.path, ", on every node" if level.node_local else "", res.total_nbytes / 1e6,
-                         time.perf_counter() - t0)
+            self.log.log(
+                logging.INFO if self.rank == 0 and not level.is_memory else logging.DEBUG,
+                "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s",
+                ctx.step,
+                level.name,
+                res.path,
+                ", on every node" if level.node_local else "",
+                res.total_nbytes / 1e6,
+                time.perf_counter() - t0,
+            )
             if source is None and job is not None:
                 self._release(job, linked=first.slot is not None and first.slot.files)
             if source is None:
@@ -643,16 +763,27 @@ class CheckpointManager:
         step = steps.pop()
         last = self.levels[-1]
         faster = [lv for lv in self.levels[:-1] if (Path(lv.root) / step_dir_name(step) / MANIFEST_NAME).exists()]
-        have = self._world.all_gather_json({"last": any(s == step for s, _ in committed_steps(Path(last.root))),
-                                            "fast": faster[0].name if faster else None})
+        have = self._world.all_gather_json(
+            {
+                "last": any(s == step for s, _ in committed_steps(Path(last.root))),
+                "fast": faster[0].name if faster else None,
+            }
+        )
         if all(h["last"] for h in have):
             return []
         bufset = self._pool.newest()
         staged = self._staged_meta[bufset.index]
         d = staged.described
-        ctx_infos = self._world.all_gather_json({
-            "key": [0, step], "node": self.node_id, "nonce": secrets.token_hex(6), "extra": staged.extra,
-            "tsig": d.tsig, "tensors": d.describes})
+        ctx_infos = self._world.all_gather_json(
+            {
+                "key": [0, step],
+                "node": self.node_id,
+                "nonce": secrets.token_hex(6),
+                "extra": staged.extra,
+                "tsig": d.tsig,
+                "tensors": d.describes,
+            }
+        )
         ctx = self._context(step, ctx_infos, [i["tensors"] for i in ctx_infos])
         held = self._pool.acquire_specific(bufset)
         fast = {h["fast"] for h in have}
@@ -693,8 +824,13 @@ class CheckpointManager:
                 except (CheckpointCorruptError, OSError):
                     out.append((step, order, CheckpointInfo(step, level.name, str(path), complete=False)))
                     continue
-                out.append((step, order, CheckpointInfo(step, level.name, str(path), m.nbytes, m.complete,
-                                                        m.node_id, m.created_unix)))
+                out.append(
+                    (
+                        step,
+                        order,
+                        CheckpointInfo(step, level.name, str(path), m.nbytes, m.complete, m.node_id, m.created_unix),
+                    )
+                )
         return [info for _, _, info in sorted(out, key=lambda x: (x[0], x[1]))]
 
     def latest(self) -> CheckpointInfo | None:
@@ -735,13 +871,14 @@ class CheckpointManager:
                 return f"this copy lacks chunks {holes[:4]} of {t.name} needed by this rank"
         return None
 
-    def load(self, tensors: dict[str, "torch.Tensor | Shard"], step: int | None = None,
-             strict: bool = True) -> LoadResult:
+    def load(
+        self, tensors: dict[str, "torch.Tensor | Shard"], step: int | None = None, strict: bool = True
+    ) -> LoadResult:
         """Fill `tensors` in place from the newest checkpoint every rank can serve (or `step`); fall back to older
         valid checkpoints on a missing or corrupt chunk. Collective over the checkpoint group."""
         t0 = time.perf_counter()
         try:
-            self.wait_durable()         # collective: every rank drains its queue, so load's collectives line up
+            self.wait_durable()  # collective: every rank drains its queue, so load's collectives line up
         except CheckpointError as e:
             self.log.error("pending checkpoint saves failed before load: %s", e)
         targets = [Target.of(name, value) for name, value in tensors.items()]
@@ -756,7 +893,8 @@ class CheckpointManager:
                 fallbacks += [reasons[s] for s in sorted(reasons, reverse=True)]
                 raise CheckpointError(
                     f"rank {self.rank}: no checkpoint{'' if step is None else f' at step {step}'} that every rank can "
-                    f"load in {[lv.root for lv in self.levels]}. Skipped: {fallbacks or 'none found'}")
+                    f"load in {[lv.root for lv in self.levels]}. Skipped: {fallbacks or 'none found'}"
+                )
             chosen = max(common)
             level, path, manifest = mine[chosen][0]
             error, nread = self._read_all(path, manifest, targets)
@@ -773,10 +911,16 @@ class CheckpointManager:
         missing = [t.name for t in targets if t.name not in manifest.tensors]
         rank_extra = manifest.rank_extra.get(self.rank, manifest.extra) if self.rank < manifest.world_size else None
         seconds = time.perf_counter() - t0
-        self.log.info("restored step %d from %s (%s) in %.2f s, %.1f MB read%s", chosen, level.name, path, seconds,
-                      nread / 1e6, f", {len(fallbacks)} newer skipped" if fallbacks else "")
-        return LoadResult(chosen, manifest.extra, level.name, str(path), seconds, nread, fallbacks, rank_extra,
-                          missing)
+        self.log.info(
+            "restored step %d from %s (%s) in %.2f s, %.1f MB read%s",
+            chosen,
+            level.name,
+            path,
+            seconds,
+            nread / 1e6,
+            f", {len(fallbacks)} newer skipped" if fallbacks else "",
+        )
+        return LoadResult(chosen, manifest.extra, level.name, str(path), seconds, nread, fallbacks, rank_extra, missing)
 
     def discard_after(self, step: int) -> list[str]:
         """The run continues from ``step`` (just loaded): retire committed checkpoints of later steps on the levels
@@ -791,11 +935,19 @@ class CheckpointManager:
         for level in self.levels:
             committer = (self._local.rank if level.node_local else self.rank) == 0
             if committer:
-                retired += [str(p) for p in retire_after(Path(level.root), step, secrets.token_hex(4),
-                                                         _janitor_for(level, self._janitor))]
+                retired += [
+                    str(p)
+                    for p in retire_after(
+                        Path(level.root), step, secrets.token_hex(4), _janitor_for(level, self._janitor)
+                    )
+                ]
         if retired:
-            self.log.warning("continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",
-                             step, len(retired), retired)
+            self.log.warning(
+                "continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",
+                step,
+                len(retired),
+                retired,
+            )
         return retired
 
     def _read_all(self, path: Path, manifest: Manifest, targets: list[Target]) -> tuple[str | None, int]:

@@ -5,6 +5,7 @@ rename, fsync dir) and the directory carries its final name `step-XXXXXXXX`. The
 with its size and crc32c, so readers detect missing chunks (which zarr would silently read as fill values) and
 corrupt bytes, and it carries the non-tensor state (`extra`) as JSON: nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ class TensorEntry:
 
     shape: list[int]
     dtype: str
-    layout: str                     # "replica" (plain tensors) or "shard" (saved from Shard partitions)
+    layout: str  # "replica" (plain tensors) or "shard" (saved from Shard partitions)
     chunk_rows: int
     n_chunks: int
     chunks: dict[int, ChunkRecord] = field(default_factory=dict)
@@ -65,7 +66,7 @@ class Manifest:
     chunk_bytes: int
     tensors: dict[str, TensorEntry]
     extra: dict
-    rank_extra: dict[int, dict] = field(default_factory=dict)   # per-rank extras that differ from rank 0's
+    rank_extra: dict[int, dict] = field(default_factory=dict)  # per-rank extras that differ from rank 0's
     files: dict[str, ChunkRecord] = field(default_factory=dict)  # zarr.json metadata files
     created_unix: float = field(default_factory=time.time)
 
@@ -82,14 +83,30 @@ class Manifest:
             return {"file": r.file, "nbytes": r.nbytes, "crc32c": r.crc32c}
 
         return {
-            "format": FORMAT, "version": VERSION, "complete": self.complete, "step": self.step, "level": self.level,
-            "node_id": self.node_id, "node_local": self.node_local, "world_size": self.world_size,
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": self.complete,
+            "step": self.step,
+            "level": self.level,
+            "node_id": self.node_id,
+            "node_local": self.node_local,
+            "world_size": self.world_size,
             "chunk_bytes": self.chunk_bytes,
-            "tensors": {n: {"shape": t.shape, "dtype": t.dtype, "layout": t.layout, "chunk_rows": t.chunk_rows,
-                            "n_chunks": t.n_chunks, "chunks": {str(c): rec(r) for c, r in t.chunks.items()}}
-                        for n, t in self.tensors.items()},
-            "extra": self.extra, "rank_extra": {str(r): e for r, e in self.rank_extra.items()},
-            "files": {p: rec(r) for p, r in self.files.items()}, "created_unix": self.created_unix,
+            "tensors": {
+                n: {
+                    "shape": t.shape,
+                    "dtype": t.dtype,
+                    "layout": t.layout,
+                    "chunk_rows": t.chunk_rows,
+                    "n_chunks": t.n_chunks,
+                    "chunks": {str(c): rec(r) for c, r in t.chunks.items()},
+                }
+                for n, t in self.tensors.items()
+            },
+            "extra": self.extra,
+            "rank_extra": {str(r): e for r, e in self.rank_extra.items()},
+            "files": {p: rec(r) for p, r in self.files.items()},
+            "created_unix": self.created_unix,
         }
 
     @staticmethod
@@ -98,23 +115,39 @@ class Manifest:
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise CheckpointCorruptError(
                 f"{where}: not an {FORMAT} v{VERSION} manifest (format={doc.get('format')!r}, "
-                f"version={doc.get('version')!r})")
+                f"version={doc.get('version')!r})"
+            )
         try:
             tensors = {
                 name: TensorEntry(
-                    shape=[int(s) for s in t["shape"]], dtype=str(t["dtype"]), layout=str(t["layout"]),
-                    chunk_rows=int(t["chunk_rows"]), n_chunks=int(t["n_chunks"]),
-                    chunks={int(c): ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
-                            for c, r in t["chunks"].items()})
-                for name, t in doc["tensors"].items()}
+                    shape=[int(s) for s in t["shape"]],
+                    dtype=str(t["dtype"]),
+                    layout=str(t["layout"]),
+                    chunk_rows=int(t["chunk_rows"]),
+                    n_chunks=int(t["n_chunks"]),
+                    chunks={
+                        int(c): ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
+                        for c, r in t["chunks"].items()
+                    },
+                )
+                for name, t in doc["tensors"].items()
+            }
             return Manifest(
-                step=int(doc["step"]), level=str(doc["level"]), node_id=str(doc["node_id"]),
-                node_local=bool(doc["node_local"]), world_size=int(doc["world_size"]),
-                chunk_bytes=int(doc["chunk_bytes"]), tensors=tensors, extra=dict(doc["extra"]),
+                step=int(doc["step"]),
+                level=str(doc["level"]),
+                node_id=str(doc["node_id"]),
+                node_local=bool(doc["node_local"]),
+                world_size=int(doc["world_size"]),
+                chunk_bytes=int(doc["chunk_bytes"]),
+                tensors=tensors,
+                extra=dict(doc["extra"]),
                 rank_extra={int(r): dict(e) for r, e in doc.get("rank_extra", {}).items()},
-                files={p: ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
-                       for p, r in doc.get("files", {}).items()},
-                created_unix=float(doc["created_unix"]))
+                files={
+                    p: ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
+                    for p, r in doc.get("files", {}).items()
+                },
+                created_unix=float(doc["created_unix"]),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointCorruptError(f"{where}: malformed manifest field ({type(e).__name__}: {e})") from e
 
@@ -145,25 +178,50 @@ class ManifestEncoder:
 
     def __init__(self, tensors: dict[str, tuple[list[int], str, str, int, int]]) -> None:
         """tensors: name -> (shape, dtype, layout, chunk_rows, n_chunks)."""
-        self.heads = {name: (json.dumps(name) + ':{"shape":' + json.dumps(list(shape)) + ',"dtype":'
-                             + json.dumps(dtype) + ',"layout":' + json.dumps(layout) + f',"chunk_rows":{rows}'
-                             + f',"n_chunks":{n},"chunks":{{')
-                      for name, (shape, dtype, layout, rows, n) in tensors.items()}
+        self.heads = {
+            name: (
+                json.dumps(name)
+                + ':{"shape":'
+                + json.dumps(list(shape))
+                + ',"dtype":'
+                + json.dumps(dtype)
+                + ',"layout":'
+                + json.dumps(layout)
+                + f',"chunk_rows":{rows}'
+                + f',"n_chunks":{n},"chunks":{{'
+            )
+            for name, (shape, dtype, layout, rows, n) in tensors.items()
+        }
         self.n_chunks = {name: t[4] for name, t in tensors.items()}
 
-    def encode(self, *, step: int, level: str, node_id: str, node_local: bool, world_size: int, chunk_bytes: int,
-               records: list[list], extra: dict, rank_extra: dict[int, dict], files: dict[str, ChunkRecord]) -> bytes:
+    def encode(
+        self,
+        *,
+        step: int,
+        level: str,
+        node_id: str,
+        node_local: bool,
+        world_size: int,
+        chunk_bytes: int,
+        records: list[list],
+        extra: dict,
+        rank_extra: dict[int, dict],
+        files: dict[str, ChunkRecord],
+    ) -> bytes:
         chunks: dict[str, list[str]] = {name: [] for name in self.heads}
         for name, chunk, rel, nbytes, crc in records:
             chunks[name].append(f'"{int(chunk)}":{{"file":"{rel}","nbytes":{int(nbytes)},"crc32c":{int(crc)}}}')
         complete = all(len(chunks[n]) == k for n, k in self.n_chunks.items())
         body = ",".join(head + ",".join(chunks[name]) + "}}" for name, head in self.heads.items())
-        files_json = ",".join(f'"{rel}":{{"file":"{r.file}","nbytes":{r.nbytes},"crc32c":{r.crc32c}}}'
-                              for rel, r in files.items())
-        doc = (f'{{"format":"{FORMAT}","version":{VERSION},"complete":{"true" if complete else "false"},'
-               f'"step":{int(step)},"level":{json.dumps(level)},"node_id":{json.dumps(node_id)},'
-               f'"node_local":{"true" if node_local else "false"},"world_size":{int(world_size)},'
-               f'"chunk_bytes":{int(chunk_bytes)},"tensors":{{{body}}},"extra":{json.dumps(extra)},'
-               f'"rank_extra":{json.dumps({str(r): e for r, e in rank_extra.items()})},"files":{{{files_json}}},'
-               f'"created_unix":{time.time()!r}}}')
+        files_json = ",".join(
+            f'"{rel}":{{"file":"{r.file}","nbytes":{r.nbytes},"crc32c":{r.crc32c}}}' for rel, r in files.items()
+        )
+        doc = (
+            f'{{"format":"{FORMAT}","version":{VERSION},"complete":{"true" if complete else "false"},'
+            f'"step":{int(step)},"level":{json.dumps(level)},"node_id":{json.dumps(node_id)},'
+            f'"node_local":{"true" if node_local else "false"},"world_size":{int(world_size)},'
+            f'"chunk_bytes":{int(chunk_bytes)},"tensors":{{{body}}},"extra":{json.dumps(extra)},'
+            f'"rank_extra":{json.dumps({str(r): e for r, e in rank_extra.items()})},"files":{{{files_json}}},'
+            f'"created_unix":{time.time()!r}}}'
+        )
         return doc.encode()

@@ -1,4 +1,5 @@
 """Prometheus metrics of the checkpoint manager (optional) plus plain counters that tests and logs can read."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,10 +14,10 @@ class CheckpointStats:
     """Counters kept whether or not a registry is given (CheckpointManager.stats)."""
 
     saves: int = 0
-    waits: int = 0                 # save() found every staging buffer busy and waited (on_busy="wait")
-    skips: int = 0                 # save() found every staging buffer busy and skipped (on_busy="skip"), or dropped
+    waits: int = 0  # save() found every staging buffer busy and waited (on_busy="wait")
+    skips: int = 0  # save() found every staging buffer busy and skipped (on_busy="skip"), or dropped
     failures: int = 0
-    blocked_seconds: float = 0.0   # total time the caller spent in save() + wait_staged()
+    blocked_seconds: float = 0.0  # total time the caller spent in save() + wait_staged()
     bytes_written: dict[str, int] = field(default_factory=dict)
 
 
@@ -28,17 +29,32 @@ class Metrics:
         self._on = registry is not None
         if not self._on:
             return
-        self.blocked = Histogram("ecpt_checkpoint_blocked_seconds",
-                                 "Time the training loop was blocked in save() and wait_staged()",
-                                 ["level"], registry=registry, buckets=_BUCKETS)
-        self.durable = Histogram("ecpt_checkpoint_durable_seconds", "Time from save() to committed on a level",
-                                 ["level"], registry=registry, buckets=_BUCKETS)
-        self.bytes = Counter("ecpt_checkpoint_bytes_total", "Checkpoint bytes written by this rank",
-                             ["level"], registry=registry)
-        self.failures = Counter("ecpt_checkpoint_failures_total", "Checkpoint saves that failed on a level",
-                                ["level"], registry=registry)
-        self.skipped = Counter("ecpt_checkpoint_skipped_total", "Checkpoint saves skipped because one was in flight",
-                               ["level"], registry=registry)
+        self.blocked = Histogram(
+            "ecpt_checkpoint_blocked_seconds",
+            "Time the training loop was blocked in save() and wait_staged()",
+            ["level"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
+        self.durable = Histogram(
+            "ecpt_checkpoint_durable_seconds",
+            "Time from save() to committed on a level",
+            ["level"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
+        self.bytes = Counter(
+            "ecpt_checkpoint_bytes_total", "Checkpoint bytes written by this rank", ["level"], registry=registry
+        )
+        self.failures = Counter(
+            "ecpt_checkpoint_failures_total", "Checkpoint saves that failed on a level", ["level"], registry=registry
+        )
+        self.skipped = Counter(
+            "ecpt_checkpoint_skipped_total",
+            "Checkpoint saves skipped because one was in flight",
+            ["level"],
+            registry=registry,
+        )
 
     def observe_blocked(self, level: str, seconds: float) -> None:
         self.stats.blocked_seconds += seconds

@@ -1,4 +1,5 @@
 """Offline tools (no process group): list, verify, inspect, read one tensor, export to safetensors."""
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,26 @@ def inspect(path: str | Path) -> dict:
     """A JSON-friendly summary: step, level, node, world size, extra keys, and per tensor shape/dtype/coverage."""
     manifest = read_manifest(Path(path))
     return {
-        "path": str(path), "step": manifest.step, "level": manifest.level, "node_id": manifest.node_id,
-        "node_local": manifest.node_local, "world_size": manifest.world_size, "complete": manifest.complete,
-        "nbytes": manifest.nbytes, "created_unix": manifest.created_unix, "extra_keys": sorted(manifest.extra),
-        "tensors": {name: {"shape": t.shape, "dtype": t.dtype, "layout": t.layout, "nbytes": t.nbytes,
-                           "chunks": f"{len(t.chunks)}/{t.n_chunks}"} for name, t in manifest.tensors.items()},
+        "path": str(path),
+        "step": manifest.step,
+        "level": manifest.level,
+        "node_id": manifest.node_id,
+        "node_local": manifest.node_local,
+        "world_size": manifest.world_size,
+        "complete": manifest.complete,
+        "nbytes": manifest.nbytes,
+        "created_unix": manifest.created_unix,
+        "extra_keys": sorted(manifest.extra),
+        "tensors": {
+            name: {
+                "shape": t.shape,
+                "dtype": t.dtype,
+                "layout": t.layout,
+                "nbytes": t.nbytes,
+                "chunks": f"{len(t.chunks)}/{t.n_chunks}",
+            }
+            for name, t in manifest.tensors.items()
+        },
     }
 
 
@@ -84,7 +100,7 @@ def export_safetensors(path: str | Path, out_dir: str | Path, prefix: str = "mod
     names = [n for n in manifest.tensors if n.startswith(prefix)]
     if not names:
         raise CheckpointError(f"{path}: no tensor name starts with {prefix!r}; pass the prefix the trainer used")
-    tensors = {n[len(prefix):]: read_tensor(path, n).contiguous() for n in names}
+    tensors = {n[len(prefix) :]: read_tensor(path, n).contiguous() for n in names}
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.safetensors"
     save_file(tensors, str(out), metadata={"format": "pt", "ecpt_step": str(manifest.step)})

@@ -9,6 +9,7 @@ all_gather in the common case. The per-save fixed cost is kept small: plans, zar
 computed once per layout; fsync runs only on disk levels, several files at a time; retiring old checkpoints is a
 rename (deletion happens on the janitor thread, except on memory levels where it is a few unlinks).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ from checkpointing.plan import PlanCache, RankPlan, TensorLayout
 from checkpointing.reshard import Scratch, read_chunk_checked
 from checkpointing.staging import BufferSet, Slot, StagePlan
 from checkpointing.tiers import Janitor, LevelSpec, partial_dir, publish, retain, step_dir_name
-from checkpointing.zarr_store import (array_metadata, fault_pause_hook, fsync_many, group_metadata, group_paths,
-                                      write_bytes_atomic, write_file)
+from checkpointing.zarr_store import (
+    array_metadata,
+    fault_pause_hook,
+    fsync_many,
+    group_metadata,
+    group_paths,
+    write_bytes_atomic,
+    write_file,
+)
 
 
 @dataclass
@@ -59,7 +67,7 @@ class SaveContext:
 class RankOutcome:
     """One rank's result on one level: chunk records, errors (each naming rank and file), bytes written."""
 
-    records: list[list] = field(default_factory=list)      # [name, chunk, file, nbytes, crc32c]
+    records: list[list] = field(default_factory=list)  # [name, chunk, file, nbytes, crc32c]
     errors: list[str] = field(default_factory=list)
     nbytes: int = 0
 
@@ -121,11 +129,13 @@ class ChunkWriter:
     def _assembly_buffer(self, name: str, chunk: int, nbytes: int) -> torch.Tensor:
         buf = self._assembly.get((name, chunk))
         if buf is None or buf.numel() != nbytes:
-            buf = torch.zeros(nbytes, dtype=torch.uint8)   # zero padding stays zero: pieces only fill real bytes
+            buf = torch.zeros(nbytes, dtype=torch.uint8)  # zero padding stays zero: pieces only fill real bytes
             self._assembly[(name, chunk)] = buf
         return buf
 
-    def exchange_pieces(self, ctx: SaveContext, plan: RankPlan, bufset: BufferSet) -> dict[tuple[str, int], torch.Tensor]:
+    def exchange_pieces(
+        self, ctx: SaveContext, plan: RankPlan, bufset: BufferSet
+    ) -> dict[tuple[str, int], torch.Tensor]:
         """Send our boundary pieces to their chunk writers, receive the pieces of chunks we write."""
         sends, recvs, assembled = [], [], {}
         rank = ctx.world.rank
@@ -133,7 +143,7 @@ class ChunkWriter:
             t = ctx.layouts[name]
             my_start = t.ranges[rank][1]
             isz = t.grid.itemsize
-            sends.append((bufset.flat(name).view(torch.uint8)[(a - my_start) * isz:(b - my_start) * isz], dst, tag))
+            sends.append((bufset.flat(name).view(torch.uint8)[(a - my_start) * isz : (b - my_start) * isz], dst, tag))
         for task in plan.writes:
             if len(task.pieces) == 1:
                 continue
@@ -142,17 +152,25 @@ class ChunkWriter:
             buf = self._assembly_buffer(task.name, task.chunk, t.grid.chunk_nbytes)
             assembled[(task.name, task.chunk)] = buf
             for src, a, b, tag in task.pieces:
-                dst_view = buf[(a - cs) * isz:(b - cs) * isz]
+                dst_view = buf[(a - cs) * isz : (b - cs) * isz]
                 if src == rank:
                     my_start = t.ranges[rank][1]
-                    dst_view.copy_(bufset.flat(task.name).view(torch.uint8)[(a - my_start) * isz:(b - my_start) * isz])
+                    dst_view.copy_(
+                        bufset.flat(task.name).view(torch.uint8)[(a - my_start) * isz : (b - my_start) * isz]
+                    )
                 else:
                     recvs.append((dst_view, src, tag))
         ctx.world.exchange(sends, recvs)
         return assembled
 
-    def write_level(self, level: LevelSpec, ctx: SaveContext, bufset: BufferSet, out_dir: Path,
-                    assembled: dict[tuple[str, int], torch.Tensor]) -> RankOutcome:
+    def write_level(
+        self,
+        level: LevelSpec,
+        ctx: SaveContext,
+        bufset: BufferSet,
+        out_dir: Path,
+        assembled: dict[tuple[str, int], torch.Tensor],
+    ) -> RankOutcome:
         """Write every chunk this rank owns on this level from the staged buffers into out_dir (boundary chunks:
         from `assembled`, see exchange_pieces)."""
         plan = ctx.rank_plan(level)
@@ -189,7 +207,7 @@ class ChunkWriter:
             t = ctx.layouts[task.name]
             isz, (cs, _) = t.grid.itemsize, t.grid.chunk_range(task.chunk)
             buf = torch.from_numpy(slot.assembly[i])
-            recvs += [(buf[(a - cs) * isz:(b - cs) * isz], src, tag) for src, a, b, tag in task.pieces if src != rank]
+            recvs += [(buf[(a - cs) * isz : (b - cs) * isz], src, tag) for src, a, b, tag in task.pieces if src != rank]
         ctx.world.exchange(sends, recvs)
         try:
             slot.finish_assembled()
@@ -206,9 +224,9 @@ class ChunkWriter:
             dst = f"{base}/{c.rel}"
             try:
                 if slot.files:
-                    crc = slot.checksum(i)          # the file being linked: the checksum covers its bytes
+                    crc = slot.checksum(i)  # the file being linked: the checksum covers its bytes
                     _link(slot.names[i], dst)
-                else:                               # checksummed block by block while written
+                else:  # checksummed block by block while written
                     crc = slot.crcs[i] = _write_new(Path(dst), [slot.read(i)], slot.crcs[i])
             except OSError as e:
                 outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {dst}: {e}")
@@ -241,8 +259,10 @@ class ChunkWriter:
         wanted = [(task.name, task.chunk) for task in ctx.rank_plan(level).writes]
         missing = [key for key in wanted if key not in mine]
         if missing:
-            outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: the faster level failed and "
-                                  f"this rank did not stage chunks {missing[:3]} it writes here")
+            outcome.errors.append(
+                f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: the faster level failed and "
+                f"this rank did not stage chunks {missing[:3]} it writes here"
+            )
             return outcome
         for key in wanted:
             i = mine[key]
@@ -260,7 +280,7 @@ class ChunkWriter:
         my_start = t.ranges[ctx.world.rank][1]
         isz = t.grid.itemsize
         a, b = t.grid.chunk_range(chunk)
-        data = memoryview(bufset.flat(t.name).view(torch.uint8).numpy())[(a - my_start) * isz:(b - my_start) * isz]
+        data = memoryview(bufset.flat(t.name).view(torch.uint8).numpy())[(a - my_start) * isz : (b - my_start) * isz]
         pad = t.grid.chunk_nbytes - len(data)
         return [data, self._pad(pad)] if pad else [data]
 
@@ -276,15 +296,19 @@ class ChunkWriter:
         for task in plan.writes:
             record = source.tensors[task.name].chunks.get(task.chunk)
             if record is None:
-                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: chunk {task.chunk} of "
-                                      f"{task.name} is not in the source copy {src_dir}")
+                outcome.errors.append(
+                    f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: chunk {task.chunk} of "
+                    f"{task.name} is not in the source copy {src_dir}"
+                )
                 break
             try:
                 buf = self.scratch.view(record.nbytes)
                 read_chunk_checked(src_dir / record.file, record, [buf])
                 new = ChunkRecord(record.file, record.nbytes, _write_new(out_dir / record.file, [buf]))
             except (OSError, CheckpointError) as e:
-                outcome.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / record.file}: {e}")
+                outcome.errors.append(
+                    f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir / record.file}: {e}"
+                )
                 break
             outcome.records.append([task.name, task.chunk, new.file, new.nbytes, new.crc32c])
             outcome.nbytes += new.nbytes
@@ -302,15 +326,25 @@ def level_comm(level: LevelSpec, ctx: SaveContext) -> Comm:
 
 def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> Manifest:
     """The manifest as an object (the commit path encodes it directly: MetadataCache.encoder)."""
-    tensors = {name: TensorEntry(list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
-               for name, t in ctx.layouts.items()}
+    tensors = {
+        name: TensorEntry(list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
+        for name, t in ctx.layouts.items()
+    }
     for name, chunk, rel, nbytes, crc in records:
         tensors[name].chunks[int(chunk)] = ChunkRecord(rel, int(nbytes), int(crc))
     extra = ctx.extras[0]
     rank_extra = {r: e for r, e in enumerate(ctx.extras) if r and e != extra}
-    return Manifest(step=ctx.step, level=level.name, node_id=ctx.node_id if level.node_local else "",
-                    node_local=level.node_local, world_size=ctx.world.size, chunk_bytes=ctx.chunk_bytes,
-                    tensors=tensors, extra=extra, rank_extra=rank_extra)
+    return Manifest(
+        step=ctx.step,
+        level=level.name,
+        node_id=ctx.node_id if level.node_local else "",
+        node_local=level.node_local,
+        world_size=ctx.world.size,
+        chunk_bytes=ctx.chunk_bytes,
+        tensors=tensors,
+        extra=extra,
+        rank_extra=rank_extra,
+    )
 
 
 class MetadataCache:
@@ -332,8 +366,12 @@ class MetadataCache:
         for name, t in layouts.items():
             docs.append((f"{name}/zarr.json", _json_bytes(array_metadata(tuple(t.shape), t.dtype, t.grid))))
         self._docs = [(rel, data, crc32c.crc32c(data)) for rel, data in docs]
-        self._encoder = ManifestEncoder({name: (list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
-                                         for name, t in layouts.items()})
+        self._encoder = ManifestEncoder(
+            {
+                name: (list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
+                for name, t in layouts.items()
+            }
+        )
         self._sig = sig
 
     def docs(self, sig: str, layouts: dict[str, TensorLayout]) -> list[tuple[str, bytes, int]]:
@@ -349,9 +387,15 @@ def _json_bytes(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def write_zarr_metadata(out_dir: Path, step: int, level_name: str, layouts: dict[str, TensorLayout],
-                        cache: MetadataCache, sig: str = "", only_root: bool = False
-                        ) -> tuple[dict[str, ChunkRecord], list[Path]]:
+def write_zarr_metadata(
+    out_dir: Path,
+    step: int,
+    level_name: str,
+    layouts: dict[str, TensorLayout],
+    cache: MetadataCache,
+    sig: str = "",
+    only_root: bool = False,
+) -> tuple[dict[str, ChunkRecord], list[Path]]:
     """zarr.json for the root group, every intermediate group and every array (so zarr.open reads the checkpoint);
     returns their records for the manifest and the files written (to fsync). only_root: the others are already in
     out_dir (a reused tree of the same layout): only record them."""
@@ -366,23 +410,38 @@ def write_zarr_metadata(out_dir: Path, step: int, level_name: str, layouts: dict
         try:
             view = memoryview(data)
             while len(view):
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         written.append(path)
     return files, written
 
 
-def commit_level(level: LevelSpec, ctx: SaveContext, out_dir: Path, records: list[list], files: dict[str, ChunkRecord],
-                 cache: MetadataCache | None = None, janitor: Janitor | None = None) -> Path:
+def commit_level(
+    level: LevelSpec,
+    ctx: SaveContext,
+    out_dir: Path,
+    records: list[list],
+    files: dict[str, ChunkRecord],
+    cache: MetadataCache | None = None,
+    janitor: Janitor | None = None,
+) -> Path:
     """Committer only, once every chunk and the zarr metadata (`files`) are written and synced: the manifest (the
     commit point), the rename to the final name, latest."""
     cache = cache or MetadataCache()
     extra = ctx.extras[0]
     data = cache.encoder(ctx.sig, ctx.layouts).encode(
-        step=ctx.step, level=level.name, node_id=ctx.node_id if level.node_local else "", node_local=level.node_local,
-        world_size=ctx.world.size, chunk_bytes=ctx.chunk_bytes, records=records, extra=extra,
-        rank_extra={r: e for r, e in enumerate(ctx.extras) if r and e != extra}, files=files)
+        step=ctx.step,
+        level=level.name,
+        node_id=ctx.node_id if level.node_local else "",
+        node_local=level.node_local,
+        world_size=ctx.world.size,
+        chunk_bytes=ctx.chunk_bytes,
+        records=records,
+        extra=extra,
+        rank_extra={r: e for r, e in enumerate(ctx.extras) if r and e != extra},
+        files=files,
+    )
     write_bytes_atomic(out_dir / MANIFEST_NAME, data, level.sync)
     return publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.sync, _janitor_for(level, janitor))
 
@@ -407,13 +466,18 @@ class LevelState:
     token: str = field(default_factory=lambda: secrets.token_hex(4))
     spare: Path | None = None
     spare_sig: str | None = None
-    created: dict[str, str] = field(default_factory=dict)     # committer: dir name -> layout sig of its saves
-    pinned: set[str] = field(default_factory=set)              # committed dirs a pending promotion still reads
+    created: dict[str, str] = field(default_factory=dict)  # committer: dir name -> layout sig of its saves
+    pinned: set[str] = field(default_factory=set)  # committed dirs a pending promotion still reads
 
 
-def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None = None,
-                    state: LevelState | None = None, chunk_files: list[str] | None = None, others: bool = True
-                    ) -> None:
+def apply_retention(
+    level: LevelSpec,
+    ctx: SaveContext,
+    janitor: Janitor | None = None,
+    state: LevelState | None = None,
+    chunk_files: list[str] | None = None,
+    others: bool = True,
+) -> None:
     """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints,
     and the newest retired one of this layout as the next save's skeleton (LevelState)."""
     if level_comm(level, ctx).rank != 0:
@@ -421,6 +485,7 @@ def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None 
     root = Path(level.root)
     reuse = None
     if state is not None and chunk_files is not None:
+
         def as_spare(path: Path) -> Path | None:
             if state.created.get(path.name) != ctx.sig or state.spare is not None:
                 return None
@@ -440,9 +505,16 @@ def apply_retention(level: LevelSpec, ctx: SaveContext, janitor: Janitor | None 
             return spare
 
         reuse = as_spare
-    retain(root, level.keep_last, ctx.nonce, _janitor_for(level, janitor), reuse,
-           keep=None if state is None or state.spare is None else state.spare.name,
-           pinned=set() if state is None else state.pinned, others=others)
+    retain(
+        root,
+        level.keep_last,
+        ctx.nonce,
+        _janitor_for(level, janitor),
+        reuse,
+        keep=None if state is None or state.spare is None else state.spare.name,
+        pinned=set() if state is None else state.pinned,
+        others=others,
+    )
     if state is not None:
         state.created = {n: sig for n, sig in state.created.items() if (root / n).is_dir()}
 
@@ -491,8 +563,7 @@ def unlink_outcome(o: dict, out_dir: Path) -> None:
             pass
 
 
-def sync_written(level: LevelSpec, ctx: SaveContext, mine: RankOutcome, out_dir: Path, meta_paths: list[Path]
-                 ) -> None:
+def sync_written(level: LevelSpec, ctx: SaveContext, mine: RankOutcome, out_dir: Path, meta_paths: list[Path]) -> None:
     """On a level that syncs: fsync the chunk files this rank wrote, its metadata files and their directories
     (before the commit makes them visible); a failure joins this rank's errors."""
     if not level.sync or mine.errors:
@@ -504,8 +575,15 @@ def sync_written(level: LevelSpec, ctx: SaveContext, mine: RankOutcome, out_dir:
         mine.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
 
 
-def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, source: Source, state: LevelState,
-                  janitor: Janitor | None = None, pre: list[dict | None] | None = None) -> LevelResult:
+def persist_level(
+    level: LevelSpec,
+    ctx: SaveContext,
+    writer: ChunkWriter,
+    source: Source,
+    state: LevelState,
+    janitor: Janitor | None = None,
+    pre: list[dict | None] | None = None,
+) -> LevelResult:
     """Write, link or copy this level, commit it and retire old checkpoints; errors come from every rank.
 
     Collectives: one gather of records on the level's group, one gather of outcomes on the world group. The first
@@ -537,8 +615,9 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
             if not reused:
                 out_dir.mkdir(parents=True, exist_ok=True)
             if committer:
-                files, meta_paths = write_zarr_metadata(out_dir, ctx.step, level.name, ctx.layouts, state.meta,
-                                                        ctx.sig, reused)
+                files, meta_paths = write_zarr_metadata(
+                    out_dir, ctx.step, level.name, ctx.layouts, state.meta, ctx.sig, reused
+                )
         except OSError as e:
             mine = RankOutcome(errors=[f"rank {me} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
         else:
@@ -563,9 +642,10 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
     if committer and not errors:
         records = [r for g in gathered for r in g["records"]]
         try:
-            if not files:        # pre-linked: the metadata is written now (memory levels: nothing to sync)
-                files, meta_paths = write_zarr_metadata(out_dir, ctx.step, level.name, ctx.layouts, state.meta,
-                                                        ctx.sig, reused)
+            if not files:  # pre-linked: the metadata is written now (memory levels: nothing to sync)
+                files, meta_paths = write_zarr_metadata(
+                    out_dir, ctx.step, level.name, ctx.layouts, state.meta, ctx.sig, reused
+                )
                 if level.sync:
                     fsync_many(meta_paths, _ancestors(meta_paths, out_dir))
             final = commit_level(level, ctx, out_dir, records, files, state.meta, janitor)
@@ -576,21 +656,22 @@ def persist_level(level: LevelSpec, ctx: SaveContext, writer: ChunkWriter, sourc
                 state.spare = state.spare_sig = None
             state.created[final.name] = ctx.sig
             try:
-                if state.spare is not None and state.spare_sig != ctx.sig:     # a skeleton of an older layout
+                if state.spare is not None and state.spare_sig != ctx.sig:  # a skeleton of an older layout
                     shutil.rmtree(state.spare, ignore_errors=True)
                     state.spare = state.spare_sig = None
                 apply_retention(level, ctx, janitor, state, [r[2] for r in records])
             except OSError as e:
                 retention_error = f"{level.name} ({level.root}): {e}"
     if committer and errors:
-        shutil.rmtree(out_dir, ignore_errors=True)   # free the space a failed save took; older ones stay intact
+        shutil.rmtree(out_dir, ignore_errors=True)  # free the space a failed save took; older ones stay intact
         if reused:
             state.spare = state.spare_sig = None
     announce = None
     if committer:
         announce = {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
-    everyone = ctx.world.all_gather_json({"errors": errors if committer else mine.errors, "nbytes": mine.nbytes,
-                                          "node": ctx.node_id, "next": announce})
+    everyone = ctx.world.all_gather_json(
+        {"errors": errors if committer else mine.errors, "nbytes": mine.nbytes, "node": ctx.node_id, "next": announce}
+    )
     for g in everyone:
         if g["next"] is not None and (g["node"] == ctx.node_id if level.node_local else True):
             nxt = g["next"]

@@ -6,6 +6,7 @@ Shard tensors: a chunk lying inside one rank's flat range is written by that ran
 boundary is written once per copy, by the copy's rank holding most of it, after the other holders send it their few
 pieces point-to-point (never the whole tensor to one rank).
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,7 +25,7 @@ class TensorLayout:
     dtype: str
     layout: str
     grid: Grid
-    ranges: tuple[tuple[int, int, int], ...]    # (rank, start, stop) of every rank's flat range (shard layout)
+    ranges: tuple[tuple[int, int, int], ...]  # (rank, start, stop) of every rank's flat range (shard layout)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ChunkTask:
 
     name: str
     chunk: int
-    pieces: tuple[tuple[int, int, int, int], ...]     # (src rank, start, stop, tag)
+    pieces: tuple[tuple[int, int, int, int], ...]  # (src rank, start, stop, tag)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class RankPlan:
     """This rank's work on one level: chunks to write and boundary pieces to send to their chunk's writer."""
 
     writes: list[ChunkTask] = field(default_factory=list)
-    sends: list[tuple[str, int, int, int, int]] = field(default_factory=list)   # (name, dst, start, stop, tag)
+    sends: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (name, dst, start, stop, tag)
 
 
 def global_layouts(infos: list[dict], chunk_bytes: int) -> dict[str, TensorLayout]:
@@ -60,15 +61,17 @@ def global_layouts(infos: list[dict], chunk_bytes: int) -> dict[str, TensorLayou
             if (tuple(r_shape), r_dtype, r_layout) != (shape, dtype, layout):
                 raise ValueError(
                     f"tensor {name}: rank {rank} has {r_layout} {r_dtype}{list(r_shape)} but rank 0 has "
-                    f"{layout} {dtype}{list(shape)}")
+                    f"{layout} {dtype}{list(shape)}"
+                )
             ranges.append((rank, int(start), int(stop)))
         grid = Grid.for_shape(shape, torch_dtype(dtype).itemsize, chunk_bytes)
         layouts[name] = TensorLayout(name, shape, dtype, layout, grid, tuple(ranges))
     return layouts
 
 
-def _shard_chunk_pieces(t: TensorLayout, chunk: int, load: dict[int, int],
-                        copy_ranks: set[int] | None) -> tuple[int, list[tuple[int, int, int]]] | None:
+def _shard_chunk_pieces(
+    t: TensorLayout, chunk: int, load: dict[int, int], copy_ranks: set[int] | None
+) -> tuple[int, list[tuple[int, int, int]]] | None:
     """(writer rank, pieces) for one chunk of a Shard tensor in one copy, or None if no rank of the copy holds any of
     it. The writer is a rank of the copy (`copy_ranks`, None = every rank); pieces may come from any rank."""
     cs, ce = t.grid.chunk_range(chunk)
@@ -76,8 +79,9 @@ def _shard_chunk_pieces(t: TensorLayout, chunk: int, load: dict[int, int],
     local = [h for h in holders if copy_ranks is None or h[0] in copy_ranks]
     if not local:
         if copy_ranks is None:
-            raise ValueError(f"tensor {t.name}: elements [{cs}, {ce}) are held by no rank (Shard flat ranges leave "
-                             f"a gap)")
+            raise ValueError(
+                f"tensor {t.name}: elements [{cs}, {ce}) are held by no rank (Shard flat ranges leave a gap)"
+            )
         return None
     full = [r for r, a, b in local if a == cs and b == ce]
     if full:
@@ -146,7 +150,7 @@ class PlanCache:
         self._sig: str | None = None
         self._plans: dict[tuple, RankPlan] = {}
         self._stage: dict[tuple, StagePlan] = {}
-        self._lock = threading.RLock()      # the caller's thread plans zero-copy staging, the persister writes
+        self._lock = threading.RLock()  # the caller's thread plans zero-copy staging, the persister writes
 
     def _key(self, sig: str, rank: int, nodes: list[str] | None) -> tuple:
         if sig != self._sig:
@@ -161,8 +165,7 @@ class PlanCache:
                 plan = self._plans[key] = plan_for_rank(layouts, rank, nodes)
             return plan
 
-    def stage_plan(self, sig: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None
-                   ) -> StagePlan:
+    def stage_plan(self, sig: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None) -> StagePlan:
         with self._lock:
             key = self._key(sig, rank, nodes)
             sp = self._stage.get(key)
@@ -181,11 +184,17 @@ def stage_plan(key: str, layouts: dict[str, TensorLayout], rank: int, plan: Rank
         cs, ce = t.grid.chunk_range(task.chunk)
         rel = f"{task.name}/{t.grid.chunk_key(task.chunk)}"
         if len(task.pieces) == 1 and task.pieces[0][0] == rank:
-            chunks.append(OwnedChunk(task.name, task.chunk, rel, t.grid.chunk_nbytes, True,
-                                     (cs - my_start) * isz, (ce - my_start) * isz))
+            chunks.append(
+                OwnedChunk(
+                    task.name, task.chunk, rel, t.grid.chunk_nbytes, True, (cs - my_start) * isz, (ce - my_start) * isz
+                )
+            )
         else:
-            own = tuple(((a - my_start) * isz, (b - my_start) * isz, (a - cs) * isz)
-                        for src, a, b, _ in task.pieces if src == rank)
+            own = tuple(
+                ((a - my_start) * isz, (b - my_start) * isz, (a - cs) * isz)
+                for src, a, b, _ in task.pieces
+                if src == rank
+            )
             chunks.append(OwnedChunk(task.name, task.chunk, rel, t.grid.chunk_nbytes, False, own=own))
     sends = []
     for name, _, a, b, _ in plan.sends:

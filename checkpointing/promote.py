@@ -17,6 +17,7 @@ except what the promoter thread fills in for the head promotion (`mine`, `commit
 reads only after the promoter said it finished (`idle()`), and the level's LevelState, which only the promoter uses
 while that level has a promotion in flight.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointing.persist import (ChunkWriter, LevelState, RankOutcome, SaveContext, apply_retention, commit_level,
-                                   level_comm, outcome_dict, sync_written, target_dir, write_zarr_metadata)
+from checkpointing.persist import (
+    ChunkWriter,
+    LevelState,
+    RankOutcome,
+    SaveContext,
+    apply_retention,
+    commit_level,
+    level_comm,
+    outcome_dict,
+    sync_written,
+    target_dir,
+    write_zarr_metadata,
+)
 from checkpointing.tiers import Janitor, LevelSpec, step_dir_name
 
 
@@ -41,7 +53,7 @@ class Promotion:
     src: Path
     src_level: LevelSpec
     ctx: SaveContext
-    on_done: object                  # callable(committed levels, errors) run by the persist thread
+    on_done: object  # callable(committed levels, errors) run by the persist thread
     committed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     t_save: float = 0.0
@@ -118,8 +130,7 @@ class Promoter:
         if head.phase == "copy":
             if any(r["copied"] is None for r in reports):
                 return
-            group = [r for rank, r in enumerate(reports)
-                     if not level.node_local or ctx.nodes[rank] == ctx.node_id]
+            group = [r for rank, r in enumerate(reports) if not level.node_local or ctx.nodes[rank] == ctx.node_id]
             head.copy_errors = [e for r in reports for e in r["copied"]["errors"]]
             dirs = {r["copied"]["dir"] for r in group}
             if len(dirs) > 1:
@@ -127,8 +138,9 @@ class Promoter:
             head.phase = "commit"
             if level_comm(level, ctx).rank == 0:
                 records = [rec for r in group for rec in r["copied"]["records"]]
-                group_errors = [e for r in group for e in r["copied"]["errors"]] + \
-                    ([head.copy_errors[-1]] if len(dirs) > 1 else [])
+                group_errors = [e for r in group for e in r["copied"]["errors"]] + (
+                    [head.copy_errors[-1]] if len(dirs) > 1 else []
+                )
                 self._submit(("commit", head, records, group_errors))
             else:
                 head.commit_result = {"errors": [], "next": None, "node": ctx.node_id}
@@ -153,11 +165,17 @@ class Promoter:
             self._metrics.add_bytes(level.name, head.mine.nbytes)
             total = sum(r["copied"]["nbytes"] for r in reports)
             # every rank reached this with the same reports: rank 0 speaks for the job (see CheckpointManager)
-            self._log.log(logging.INFO if world_rank == 0 and not level.is_memory else logging.DEBUG,
-                          "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s (promoted from %s)",
-                          head.step, level.name, Path(level.root) / step_dir_name(head.step),
-                          ", on every node" if level.node_local else "", total / 1e6,
-                          time.perf_counter() - head.t_level, head.src_level.name)
+            self._log.log(
+                logging.INFO if world_rank == 0 and not level.is_memory else logging.DEBUG,
+                "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s (promoted from %s)",
+                head.step,
+                level.name,
+                Path(level.root) / step_dir_name(head.step),
+                ", on every node" if level.node_local else "",
+                total / 1e6,
+                time.perf_counter() - head.t_level,
+                head.src_level.name,
+            )
         head.levels.pop(0)
         if head.levels:
             self._start_copy(head)
@@ -165,8 +183,8 @@ class Promoter:
         self.pending.pop(0)
         src_state = self._states[head.src_level.name]
         src_state.pinned = self.pinned(head.src_level.name)
-        if level_comm(head.src_level, ctx).rank == 0:        # retire what the promotion kept beyond keep_last
-            try:     # only committed ones: another rank may already be writing the next save on that level
+        if level_comm(head.src_level, ctx).rank == 0:  # retire what the promotion kept beyond keep_last
+            try:  # only committed ones: another rank may already be writing the next save on that level
                 apply_retention(head.src_level, ctx, self._janitor, src_state, others=False)
             except OSError as e:
                 self._log.warning("checkpoint retention on %s failed: %s", head.src_level.name, e)
@@ -204,8 +222,10 @@ class Promoter:
                     self._commit(*task[1:])
             except Exception as e:  # noqa: BLE001 (thread boundary: reported as this rank's error, so no rank waits)
                 promo = task[1]
-                msg = f"rank {promo.ctx.world.rank} ({promo.ctx.node_id}) {promo.levels[0].name}: promotion " \
-                      f"failed: {type(e).__name__}: {e}"
+                msg = (
+                    f"rank {promo.ctx.world.rank} ({promo.ctx.node_id}) {promo.levels[0].name}: promotion "
+                    f"failed: {type(e).__name__}: {e}"
+                )
                 if task[0] == "copy":
                     promo.mine = RankOutcome(errors=[msg])
                     promo.out_dir = promo.out_dir or Path(promo.levels[0].root)
@@ -226,8 +246,9 @@ class Promoter:
             if not reused:
                 out_dir.mkdir(parents=True, exist_ok=True)
             if level_comm(level, ctx).rank == 0:
-                files, meta_paths = write_zarr_metadata(out_dir, ctx.step, level.name, ctx.layouts, state.meta,
-                                                        ctx.sig, reused)
+                files, meta_paths = write_zarr_metadata(
+                    out_dir, ctx.step, level.name, ctx.layouts, state.meta, ctx.sig, reused
+                )
         except OSError as e:
             mine = RankOutcome(errors=[f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
         else:

@@ -5,6 +5,7 @@ for a partition. The chunks overlapping that range are read (no others), each ch
 and crc32c before it counts. Chunks lying wholly inside the range are read straight into the destination tensor's
 memory (no intermediate copy); boundary chunks go through one reused scratch buffer.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,17 @@ class Target:
     @staticmethod
     def of(name: str, value: "torch.Tensor | Shard") -> "Target":
         if isinstance(value, Shard):
-            return Target(name, tuple(value.global_shape), str(value.local.dtype).removeprefix("torch."),
-                          int(value.flat_range[0]), int(value.flat_range[1]), value.local)
-        return Target(name, tuple(value.shape), str(value.dtype).removeprefix("torch."), 0,
-                      math.prod(value.shape), value)
+            return Target(
+                name,
+                tuple(value.global_shape),
+                str(value.local.dtype).removeprefix("torch."),
+                int(value.flat_range[0]),
+                int(value.flat_range[1]),
+                value.local,
+            )
+        return Target(
+            name, tuple(value.shape), str(value.dtype).removeprefix("torch."), 0, math.prod(value.shape), value
+        )
 
 
 class Scratch:
@@ -74,7 +82,8 @@ def verify_record(path: Path, record: ChunkRecord, crc: int, size: int) -> None:
         raise CheckpointCorruptError(f"chunk {path}: {size} bytes on disk, manifest says {record.nbytes} (truncated)")
     if crc != record.crc32c:
         raise CheckpointCorruptError(
-            f"chunk {path}: crc32c {crc:#010x} does not match the manifest's {record.crc32c:#010x} (corrupt bytes)")
+            f"chunk {path}: crc32c {crc:#010x} does not match the manifest's {record.crc32c:#010x} (corrupt bytes)"
+        )
 
 
 def read_chunk_checked(path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
@@ -85,8 +94,9 @@ def read_chunk_checked(path: Path, record: ChunkRecord, views: list[memoryview])
     verify_record(path, record, crc, size)
 
 
-def read_range(ckpt_dir: Path, manifest: Manifest, t: Target, scratch: Scratch, pool: ThreadPoolExecutor | None = None
-               ) -> int:
+def read_range(
+    ckpt_dir: Path, manifest: Manifest, t: Target, scratch: Scratch, pool: ThreadPoolExecutor | None = None
+) -> int:
     """Fill t.dest with elements [t.start, t.stop) of the saved tensor; return bytes read.
 
     With a pool, chunks are read concurrently (disjoint parts of the destination): keeps several reads in flight
@@ -107,7 +117,7 @@ def read_range(ckpt_dir: Path, manifest: Manifest, t: Target, scratch: Scratch, 
             raise CheckpointCorruptError(f"chunk {path}: not in this copy's manifest")
         cs, ce = grid.chunk_range(c)
         a, b = max(cs, t.start), min(ce, t.stop)
-        dest = out[(a - t.start) * isz:(b - t.start) * isz]
+        dest = out[(a - t.start) * isz : (b - t.start) * isz]
         jobs.append((path, record, dest, (a - cs) * isz if (a, b) != (cs, ce) else None))
     if pool is None or len(jobs) < 2:
         for job in jobs:
@@ -127,7 +137,7 @@ def _read_one(path: Path, record: ChunkRecord, dest: memoryview, offset: int | N
         return
     buf = (scratch or Scratch()).view(record.nbytes)
     read_chunk_checked(path, record, [buf])
-    dest[:] = buf[offset:offset + len(dest)]
+    dest[:] = buf[offset : offset + len(dest)]
 
 
 def copy_chunk(src_dir: Path, dst_dir: Path, record: ChunkRecord, scratch: Scratch, fsync: bool) -> ChunkRecord:

@@ -19,6 +19,7 @@ staged bytes, right before it links them or while it writes them: the manifest's
 that became the checkpoint, and load() verifies them. Damage to a staged buffer between the copy and that read
 is not detected (the checksum is taken after it); any damage from that read on is.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -51,7 +52,7 @@ class StagedTensor:
     """What a rank contributes for one name: the global tensor's description and its flat element range."""
 
     name: str
-    layout: str                 # "replica" | "shard"
+    layout: str  # "replica" | "shard"
     shape: tuple[int, ...]
     dtype: str
     start: int
@@ -173,9 +174,8 @@ class BufferPool:
 
     def held(self) -> tuple[int, int, int]:
         """(buffers held, bytes held, allocations so far) over every set."""
-        buffers = [b for s in self.sets for b in tuple(s.buffers.values())]   # a snapshot: the stager may be busy
-        return (len(buffers), sum(b.numel() * b.element_size() for b in buffers),
-                sum(s.allocations for s in self.sets))
+        buffers = [b for s in self.sets for b in tuple(s.buffers.values())]  # a snapshot: the stager may be busy
+        return (len(buffers), sum(b.numel() * b.element_size() for b in buffers), sum(s.allocations for s in self.sets))
 
 
 def describe(name: str, value: "torch.Tensor | Shard", dtype: str) -> StagedTensor:
@@ -188,9 +188,9 @@ def describe(name: str, value: "torch.Tensor | Shard", dtype: str) -> StagedTens
 
 # ------------------------------------------------------------------------------------------- zero-copy slots
 
-_BLOCK = 1 << 20       # pwrite + crc32c granularity: the block is still in cache when it is checksummed
-_MMAP_MIN = 64 << 10   # chunk files at least this big are written through a shared mapping (a plain memcpy, about
-                       # twice as fast as pwrite into tmpfs); smaller ones with one pwrite (no mapping per file)
+_BLOCK = 1 << 20  # pwrite + crc32c granularity: the block is still in cache when it is checksummed
+_MMAP_MIN = 64 << 10  # chunk files at least this big are written through a shared mapping (a plain memcpy, about
+# twice as fast as pwrite into tmpfs); smaller ones with one pwrite (no mapping per file)
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -> int | None:
@@ -199,7 +199,7 @@ def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -
     pos = 0
     n = len(view)
     while pos < n:
-        block = view[pos:pos + _BLOCK]
+        block = view[pos : pos + _BLOCK]
         done = 0
         while done < len(block):
             done += os.pwrite(fd, block[done:], offset + pos + done)
@@ -212,7 +212,7 @@ def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -
 def crc32c_blocks(view: memoryview, crc: int = 0) -> int:
     """crc32c of `view` in blocks (each call releases the GIL, the blocks stay in cache)."""
     for pos in range(0, len(view), _BLOCK):
-        crc = crc32c.crc32c(view[pos:pos + _BLOCK], crc)
+        crc = crc32c.crc32c(view[pos : pos + _BLOCK], crc)
     return crc
 
 
@@ -261,7 +261,7 @@ class Slot:
         self.plan: StagePlan | None = None
         self.fds: list[int] = []
         self.paths: list[Path] = []
-        self.names: list[str] = []          # str(paths): hard-linked every save
+        self.names: list[str] = []  # str(paths): hard-linked every save
         self.maps: list[mmap.mmap | None] = []
         self.views: list[np.ndarray | None] = []
         self.crcs: list[int | None] = []
@@ -279,7 +279,7 @@ class Slot:
             return
         if self.key == plan.key:
             for fd, c in zip(self.fds, plan.chunks):
-                if os.fstat(fd).st_size != c.nbytes:        # someone truncated a committed copy by hand
+                if os.fstat(fd).st_size != c.nbytes:  # someone truncated a committed copy by hand
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, c.nbytes)
                     os.posix_fallocate(fd, 0, c.nbytes)
@@ -293,14 +293,14 @@ class Slot:
         for i, c in enumerate(plan.chunks if self.files else ()):
             path = self.dir / str(i)
             if path.exists():
-                path.unlink()                # may still be linked into a checkpoint: never write through it
+                path.unlink()  # may still be linked into a checkpoint: never write through it
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self.fds.append(fd)
             self.paths.append(path)
             self.names.append(str(path))
             os.ftruncate(fd, c.nbytes)
             if c.nbytes:
-                os.posix_fallocate(fd, 0, c.nbytes)     # a full tmpfs is ENOSPC here, never SIGBUS in a mapped write
+                os.posix_fallocate(fd, 0, c.nbytes)  # a full tmpfs is ENOSPC here, never SIGBUS in a mapped write
             mapped = mmap.mmap(fd, c.nbytes) if c.whole and c.nbytes >= _MMAP_MIN else None
             self.maps.append(mapped)
             self.views.append(None if mapped is None else np.frombuffer(mapped, dtype=np.uint8))
@@ -325,17 +325,17 @@ class Slot:
                 src = flats[c.name] = flat_bytes(tensors[c.name])
             self.crcs[i] = None
             if c.whole:
-                view = src[c.src_lo:c.src_hi]
+                view = src[c.src_lo : c.src_hi]
                 mapped = self.views[i]
                 if mapped is None:
                     pwrite_all(self.fds[i], memoryview(view.numpy()), 0)
                 else:
-                    torch.from_numpy(mapped[:len(view)]).copy_(view)
+                    torch.from_numpy(mapped[: len(view)]).copy_(view)
                 copied += len(view)
             else:
                 buf = torch.from_numpy(self.assembly[i])
                 for lo, hi, off in c.own:
-                    buf[off:off + hi - lo].copy_(src[lo:hi])
+                    buf[off : off + hi - lo].copy_(src[lo:hi])
                     copied += hi - lo
         for buf, (name, lo, hi) in zip(self.sendbufs, plan.sends):
             src = flats.get(name)
@@ -457,8 +457,9 @@ class SlotPool:
 
     def stats(self) -> LevelStaging:
         with self._lock:
-            return LevelStaging(slots=len(self._slots), in_files=self.dir is not None,
-                                chunk_files=sum(len(s.fds) for s in self._slots))
+            return LevelStaging(
+                slots=len(self._slots), in_files=self.dir is not None, chunk_files=sum(len(s.fds) for s in self._slots)
+            )
 
     def refresh(self) -> None:
         """Free the slots whose checkpoints were all retired. Persist thread, after each save."""
@@ -486,7 +487,7 @@ class SlotPool:
             except OSError:
                 continue
             try:
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)     # succeeds only if its owner is gone
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds only if its owner is gone
             except OSError:
                 continue
             else:

@@ -10,6 +10,7 @@ node loss), L1 node-local disk, L2 shared storage. Directory states on a level r
   .staging/                        memory levels: per-process zero-copy staging files (staging.SlotPool)
   latest                           JSON {"step", "dir"} of the newest committed checkpoint (for people and tools)
 """
+
 from __future__ import annotations
 
 import logging
@@ -124,9 +125,16 @@ def publish(root: Path, partial: Path, step: int, nonce: str, fsync: bool, janit
     return final
 
 
-def retain(root: Path, keep_last: int, current_nonce: str, janitor: "Janitor | None" = None,
-           reuse: "Callable[[Path], Path | None] | None" = None, keep: str | None = None,
-           pinned: set[str] = frozenset(), others: bool = True) -> list[Path]:
+def retain(
+    root: Path,
+    keep_last: int,
+    current_nonce: str,
+    janitor: "Janitor | None" = None,
+    reuse: "Callable[[Path], Path | None] | None" = None,
+    keep: str | None = None,
+    pinned: set[str] = frozenset(),
+    others: bool = True,
+) -> list[Path]:
     """Retire committed checkpoints beyond the newest `keep_last`, abandoned partial dirs, spare skeletons of other
     processes (`.next-*` except `keep`) and trash.
 
@@ -221,7 +229,7 @@ class Janitor:
         while (path := self._q.get()) is not None:
             try:
                 shutil.rmtree(path, ignore_errors=True)
-            except OSError as e:        # the janitor must outlive a failed delete: the next retention retries
+            except OSError as e:  # the janitor must outlive a failed delete: the next retention retries
                 self._log.warning("checkpoint janitor could not delete %s: %s", path, e)
             finally:
                 with self._lock:

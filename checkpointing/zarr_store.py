@@ -6,6 +6,7 @@ it without a create-then-barrier round, and avoid zarr's silent fill values. The
 hierarchy (`compressors=None`, regular grid chunked along dim 0, `bytes` codec little endian) that `zarr.open`
 reads; tests check that.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,8 +26,16 @@ from checkpointing.errors import CheckpointError
 
 # torch dtype name -> zarr data_type. bfloat16 has no zarr/numpy dtype: stored as uint16 plus `torch_dtype`.
 _ZARR_DTYPE: dict[str, str] = {
-    "float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "uint16",
-    "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
+    "float64": "float64",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "uint16",
+    "int64": "int64",
+    "int32": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "bool": "bool",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _PAUSE_ENV = "ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK"
@@ -51,7 +60,8 @@ def check_tensor_name(name: str) -> None:
     if not _NAME_RE.match(name) or any(part in (".", "..") or part.startswith(".") for part in name.split("/")):
         raise CheckpointError(
             f"tensor name {name!r} is not a valid checkpoint path: use letters, digits, '_', '-', '.', "
-            f"separated by '/', no empty parts and no part starting with '.'")
+            f"separated by '/', no empty parts and no part starting with '.'"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,11 +129,16 @@ def array_metadata(shape: tuple[int, ...], dtype: str, grid: Grid) -> dict:
     if grid.itemsize > 1:
         bytes_codec["configuration"] = {"endian": "little"}
     return {
-        "zarr_format": 3, "node_type": "array", "shape": list(shape), "data_type": zdtype,
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": zdtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid.chunk_shape()}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": False if zdtype == "bool" else (0.0 if zdtype.startswith("float") else 0),
-        "codecs": [bytes_codec], "attributes": {"torch_dtype": dtype}, "storage_transformers": [],
+        "codecs": [bytes_codec],
+        "attributes": {"torch_dtype": dtype},
+        "storage_transformers": [],
     }
 
 
@@ -149,11 +164,11 @@ def chunk_files(ckpt_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- raw file I/O
 
 
-_MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}      # statfs f_type magic numbers (linux/magic.h)
+_MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}  # statfs f_type magic numbers (linux/magic.h)
 _memory_cache: dict[str, bool] = {}
 _fsync_pool: ThreadPoolExecutor | None = None
 _fsync_lock = threading.Lock()
-_CRC_BLOCK = 1 << 20    # write_file checksums and writes this much at a time
+_CRC_BLOCK = 1 << 20  # write_file checksums and writes this much at a time
 
 
 def is_memory_fs(path: str | Path) -> bool:
@@ -174,7 +189,7 @@ def is_memory_fs(path: str | Path) -> bool:
 def _statfs_type(path: Path) -> int | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(256)            # struct statfs starts with f_type (a long on Linux)
+        buf = ctypes.create_string_buffer(256)  # struct statfs starts with f_type (a long on Linux)
         if libc.statfs(os.fsencode(str(path)), buf) != 0:
             return None
         return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
@@ -226,7 +241,7 @@ def write_file(path: Path, parts: list[memoryview], fsync: bool, crc: int | None
     try:
         for part in parts:
             for pos in range(0, len(part), _CRC_BLOCK):
-                view = part[pos:pos + _CRC_BLOCK]
+                view = part[pos : pos + _CRC_BLOCK]
                 if known is None:
                     crc = crc32c.crc32c(view, crc)
                 while len(view):

@@ -46,13 +46,18 @@ def join_job(cfg: Config, world: WorldInfo | None = None, logger: logging.Logger
     """Show third-party warnings once per job (``elastic.warnings_once``), set threads and determinism, join the
     process group (a no-op for a world of one) and pick the device."""
     world = world or detect_world()
-    warnings_once.install(world.rank)      # before the engine imports DeepSpeed, whose torch calls warn every step
+    warnings_once.install(world.rank)  # before the engine imports DeepSpeed, whose torch calls warn every step
     threads = configure_threads(cfg.train.threads_per_worker, world.local_world_size)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
     groups = init_distributed(world)
     phases = {"rendezvous": time.perf_counter() - started}
-    return WorkerContext(world=world, groups=groups, device=device_for(world),
-                         log=RankLogger(logger or logging.getLogger("ecpt"), world.rank), threads=threads,
-                         phases=phases)
+    return WorkerContext(
+        world=world,
+        groups=groups,
+        device=device_for(world),
+        log=RankLogger(logger or logging.getLogger("ecpt"), world.rank),
+        threads=threads,
+        phases=phases,
+    )

@@ -45,17 +45,26 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
     levels = []
     if c.l0_interval:
         root = memory_entry(cfg) / node_id()
-        levels.append(LevelSpec(name="L0", root=str(root), interval=c.l0_interval, keep_last=c.l0_keep_last,
-                                node_local=True))
+        levels.append(
+            LevelSpec(name="L0", root=str(root), interval=c.l0_interval, keep_last=c.l0_keep_last, node_local=True)
+        )
     if c.interval:
         root = Path(cfg.train.run_dir) / c.dir if not Path(c.dir).is_absolute() else Path(c.dir)
         if c.l1_node_local:
             root = root / node_id()
-        levels.append(LevelSpec(name="L1", root=str(root), interval=c.interval, keep_last=c.keep_last,
-                                node_local=c.l1_node_local))
+        levels.append(
+            LevelSpec(name="L1", root=str(root), interval=c.interval, keep_last=c.keep_last, node_local=c.l1_node_local)
+        )
     if c.l2_interval:
-        levels.append(LevelSpec(name="L2", root=str(Path(c.l2_dir) / run_key(cfg)), interval=c.l2_interval,
-                                keep_last=c.l2_keep_last, node_local=False))
+        levels.append(
+            LevelSpec(
+                name="L2",
+                root=str(Path(c.l2_dir) / run_key(cfg)),
+                interval=c.l2_interval,
+                keep_last=c.l2_keep_last,
+                node_local=False,
+            )
+        )
     return levels
 
 
@@ -68,8 +77,10 @@ def claim_memory_level(cfg: Config, launcher: str, log) -> None:
     memory_levels.claim(entry, node_id(), cfg.train.run_dir, run_id, owner)
     earlier = memory_levels.foreign_entries(cfg.checkpoint.l0_dir, run_key(cfg), run_id)
     if earlier:
-        log.warning(f"ignoring memory checkpoints of an earlier run in {cfg.train.run_dir} (another run identity; "
-                    f"the run directory was recreated): {[str(e.path) for e in earlier]}; starting without them")
+        log.warning(
+            f"ignoring memory checkpoints of an earlier run in {cfg.train.run_dir} (another run identity; "
+            f"the run directory was recreated): {[str(e.path) for e in earlier]}; starting without them"
+        )
     memory_levels.reap_stale(cfg.checkpoint.l0_dir, cfg.checkpoint.l0_stale_after_s, spare=entry, log=log)
 
 
@@ -102,9 +113,18 @@ class TrainerCheckpoints:
         if cfg.checkpoint.l0_interval and world.local_rank == 0:
             claim_memory_level(cfg, world.launcher, trainer.log)
         self.manager = CheckpointManager(
-            self.levels, rank=world.rank, world_size=world.world_size, group=groups.ckpt,
-            local_rank=groups.node_rank, local_world_size=groups.node_size, local_group=groups.node,
-            node_id=node_id(), on_busy=cfg.checkpoint.on_busy, registry=registry, logger=trainer.log)
+            self.levels,
+            rank=world.rank,
+            world_size=world.world_size,
+            group=groups.ckpt,
+            local_rank=groups.node_rank,
+            local_world_size=groups.node_size,
+            local_group=groups.node,
+            node_id=node_id(),
+            on_busy=cfg.checkpoint.on_busy,
+            registry=registry,
+            logger=trainer.log,
+        )
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()
         self.newest_saved: int | None = None  # the newest step handed to the manager
@@ -112,10 +132,14 @@ class TrainerCheckpoints:
     def _extra(self, completed: int) -> dict:
         t = self.trainer
         return {
-            "step": completed, "tokens": t.state.tokens, "cursor": completed * t.cfg.train.global_batch,
-            "global_batch": t.cfg.train.global_batch, "world_size": t.world.world_size,
+            "step": completed,
+            "tokens": t.state.tokens,
+            "cursor": completed * t.cfg.train.global_batch,
+            "global_batch": t.cfg.train.global_batch,
+            "world_size": t.world.world_size,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "config": t.cfg.to_dict(), "hf_config": hf_config(t.cfg.model),
+            "config": t.cfg.to_dict(),
+            "hf_config": hf_config(t.cfg.model),
             "counters": t.state.counters.to_json(),
         }
 
@@ -150,9 +174,11 @@ class TrainerCheckpoints:
         self.manager.discard_after(res.step)  # later copies some nodes still hold are from the abandoned trajectory
         extra = res.extra
         if extra["global_batch"] != t.cfg.train.global_batch:
-            raise CheckpointError(f"{res.path} was saved with train.global_batch={extra['global_batch']} but the "
-                                  f"config says {t.cfg.train.global_batch}; the data cursor depends on it: use the "
-                                  f"same train.global_batch to resume")
+            raise CheckpointError(
+                f"{res.path} was saved with train.global_batch={extra['global_batch']} but the "
+                f"config says {t.cfg.train.global_batch}; the data cursor depends on it: use the "
+                f"same train.global_batch to resume"
+            )
         step = extra["step"]
         t.engine.after_load(step)  # AdamW step counters; ZeRO: refresh working params from the fp32 masters
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(extra["torch_rng"])), dtype=torch.uint8))
@@ -164,14 +190,30 @@ class TrainerCheckpoints:
         counters.restarts += 1
         counters.membership_changes += int(extra["world_size"] != t.world.world_size)
         counters.steps_lost += lost
-        restored = Restored(step=step, level=res.level, path=res.path, seconds=res.seconds,
-                            saved_world_size=extra["world_size"], steps_lost=lost)
+        restored = Restored(
+            step=step,
+            level=res.level,
+            path=res.path,
+            seconds=res.seconds,
+            saved_world_size=extra["world_size"],
+            steps_lost=lost,
+        )
         t.log.step = step
-        t.log.info(f"restored step {step} from {res.level} ({res.path}) in {res.seconds:.2f} s; world "
-                   f"{restored.saved_world_size} -> {t.world.world_size}, cursor {extra['cursor']}"
-                   + (f"; skipped {res.fallbacks}" if res.fallbacks else ""))
-        t.jsonl.write("resume", step=step, level=res.level, seconds=round(res.seconds, 3),
-                      world_size=t.world.world_size, saved_world_size=restored.saved_world_size,
-                      restarts=t.world.restart_count, steps_lost=lost, fallbacks=res.fallbacks,
-                      process_started=float(os.environ.get(PROCESS_STARTED_ENV, time.time())))
+        t.log.info(
+            f"restored step {step} from {res.level} ({res.path}) in {res.seconds:.2f} s; world "
+            f"{restored.saved_world_size} -> {t.world.world_size}, cursor {extra['cursor']}"
+            + (f"; skipped {res.fallbacks}" if res.fallbacks else "")
+        )
+        t.jsonl.write(
+            "resume",
+            step=step,
+            level=res.level,
+            seconds=round(res.seconds, 3),
+            world_size=t.world.world_size,
+            saved_world_size=restored.saved_world_size,
+            restarts=t.world.restart_count,
+            steps_lost=lost,
+            fallbacks=res.fallbacks,
+            process_started=float(os.environ.get(PROCESS_STARTED_ENV, time.time())),
+        )
         return restored

@@ -55,8 +55,10 @@ def resolve_config(config: str | Path | None, default: str = DEFAULT_CONFIG_NAME
         name = path.name.removesuffix(".toml")
         if name in bundled_config_names():
             return bundled_config(name)
-    raise ConfigError(f"config file {config} does not exist and is not the name of a bundled config; pass --config "
-                      f"with an existing TOML file or one of: {', '.join(bundled_config_names())}")
+    raise ConfigError(
+        f"config file {config} does not exist and is not the name of a bundled config; pass --config "
+        f"with an existing TOML file or one of: {', '.join(bundled_config_names())}"
+    )
 
 
 @dataclass
@@ -87,13 +89,18 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "seq_len"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.dim % self.n_heads == 0,
-                 f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
-        _require((self.dim // self.n_heads) % 2 == 0,
-                 f"model.dim / model.n_heads must be even for rotary embeddings, got {self.dim // self.n_heads}")
+        _require(
+            self.dim % self.n_heads == 0, f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})"
+        )
+        _require(
+            (self.dim // self.n_heads) % 2 == 0,
+            f"model.dim / model.n_heads must be even for rotary embeddings, got {self.dim // self.n_heads}",
+        )
         kv = self.kv_heads
-        _require(kv >= 1 and self.n_heads % kv == 0,
-                 f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads}); 0 means n_heads")
+        _require(
+            kv >= 1 and self.n_heads % kv == 0,
+            f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads}); 0 means n_heads",
+        )
         _require(self.ffn_dim >= 0, f"model.ffn_dim must be >= 0 (0 = automatic), got {self.ffn_dim}")
 
     @property
@@ -121,17 +128,19 @@ class PhaseConfig:
         _require(self.tokens > 0, f"{where}.tokens must be > 0, got {self.tokens}")
         _require(bool(self.mixture), f"{where}.mixture must name at least one domain from {domains}")
         for domain, weight in self.mixture.items():
-            _require(domain in domains,
-                     f"{where}.mixture names unknown domain {domain!r}; known domains: {domains} "
-                     f"(add it to data.sources)")
+            _require(
+                domain in domains,
+                f"{where}.mixture names unknown domain {domain!r}; known domains: {domains} (add it to data.sources)",
+            )
             _require(weight >= 0, f"{where}.mixture.{domain} must be >= 0, got {weight}")
         _require(sum(self.mixture.values()) > 0, f"{where}.mixture weights must not all be 0")
 
 
 @dataclass
 class DataConfig:
-    sources: dict[str, list[str]] = field(default_factory=lambda: {
-        "prose": ["builtin:prose"], "python": ["builtin:python"], "c": ["builtin:c"]})
+    sources: dict[str, list[str]] = field(
+        default_factory=lambda: {"prose": ["builtin:prose"], "python": ["builtin:python"], "c": ["builtin:c"]}
+    )
     """Domain name -> list of sources: 'builtin:prose|python|c' (the embedded corpus), text files or globs, or
     pre-tokenized token arrays (.npy of uint16/uint32, or a zarr array directory ending in .zarr)."""
     phases: list[PhaseConfig] = field(default_factory=list)
@@ -146,8 +155,10 @@ class DataConfig:
     def validate(self) -> None:
         _require(bool(self.sources), "data.sources must name at least one domain")
         for domain, items in self.sources.items():
-            _require(isinstance(items, list) and bool(items) and all(isinstance(s, str) for s in items),
-                     f"data.sources.{domain} must be a non-empty list of paths, globs or 'builtin:NAME'")
+            _require(
+                isinstance(items, list) and bool(items) and all(isinstance(s, str) for s in items),
+                f"data.sources.{domain} must be a non-empty list of paths, globs or 'builtin:NAME'",
+            )
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(bool(self.phases), "data.phases must list at least one phase ([[data.phases]] in TOML)")
         for i, phase in enumerate(self.phases):
@@ -207,15 +218,23 @@ class ScheduleConfig:
         _require(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("cooldown_steps", "anneal_steps", "decay_steps"):
             _require(getattr(self, name) >= 0, f"schedule.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.cooldown_shape in DECAY_SHAPES,
-                 f"schedule.cooldown_shape must be one of {DECAY_SHAPES}, got {self.cooldown_shape!r}")
-        _require(self.decay_shape in DECAY_SHAPES,
-                 f"schedule.decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}")
+        _require(
+            self.cooldown_shape in DECAY_SHAPES,
+            f"schedule.cooldown_shape must be one of {DECAY_SHAPES}, got {self.cooldown_shape!r}",
+        )
+        _require(
+            self.decay_shape in DECAY_SHAPES,
+            f"schedule.decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}",
+        )
         if self.kind == "infinite":
-            _require(self.lr_min <= self.lr_const <= self.lr_max,
-                     f"schedule.lr_const ({self.lr_const}) must lie in [lr_min, lr_max]")
-            _require(self.lr_min > 0 or self.anneal_steps == 0,
-                     "schedule.lr_min must be > 0 for the infinite schedule's exponential anneal")
+            _require(
+                self.lr_min <= self.lr_const <= self.lr_max,
+                f"schedule.lr_const ({self.lr_const}) must lie in [lr_min, lr_max]",
+            )
+            _require(
+                self.lr_min > 0 or self.anneal_steps == 0,
+                "schedule.lr_min must be > 0 for the infinite schedule's exponential anneal",
+            )
 
 
 ENGINES = ("ddp", "deepspeed")
@@ -281,9 +300,11 @@ class DeepSpeedConfig:
 
     def validate(self, train: "TrainConfig | None" = None, optim: "OptimConfig | None" = None) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _require(not (self.bf16 and self.zero_stage == 0),
-                 "deepspeed.bf16 needs deepspeed.zero_stage >= 1 (stage 0 bf16 keeps its fp32 masters in a "
-                 "separate optimizer wrapper that ecpt checkpoints do not map); raise zero_stage or set bf16 = false")
+        _require(
+            not (self.bf16 and self.zero_stage == 0),
+            "deepspeed.bf16 needs deepspeed.zero_stage >= 1 (stage 0 bf16 keeps its fp32 masters in a "
+            "separate optimizer wrapper that ecpt checkpoints do not map); raise zero_stage or set bf16 = false",
+        )
         if self.config_json:
             check_deepspeed_json(self.user_json(), self, train or TrainConfig(), optim or OptimConfig())
 
@@ -306,19 +327,27 @@ def check_deepspeed_json(user: dict, ds: DeepSpeedConfig, train: TrainConfig, op
     where = f"deepspeed.config_json ({ds.config_json})"
 
     def same(key: str, theirs, ours, our_field: str) -> None:
-        _require(theirs == ours or (isinstance(theirs, (int, float)) and isinstance(ours, (int, float))
-                                    and float(theirs) == float(ours)),
-                 f"{where} sets {key} = {theirs!r} but {our_field} = {ours!r}; remove {key} from the JSON "
-                 f"(ecpt generates it) or change {our_field}")
+        _require(
+            theirs == ours
+            or (isinstance(theirs, (int, float)) and isinstance(ours, (int, float)) and float(theirs) == float(ours)),
+            f"{where} sets {key} = {theirs!r} but {our_field} = {ours!r}; remove {key} from the JSON "
+            f"(ecpt generates it) or change {our_field}",
+        )
 
     if "train_batch_size" in user:
         same("train_batch_size", user["train_batch_size"], train.global_batch, "train.global_batch")
     if "train_micro_batch_size_per_gpu" in user:
-        same("train_micro_batch_size_per_gpu", user["train_micro_batch_size_per_gpu"], train.micro_batch,
-             "train.micro_batch")
-    _require("gradient_accumulation_steps" not in user,
-             f"{where} sets gradient_accumulation_steps but ecpt derives it from train.global_batch and "
-             f"train.micro_batch for each world size; remove it and set train.micro_batch instead")
+        same(
+            "train_micro_batch_size_per_gpu",
+            user["train_micro_batch_size_per_gpu"],
+            train.micro_batch,
+            "train.micro_batch",
+        )
+    _require(
+        "gradient_accumulation_steps" not in user,
+        f"{where} sets gradient_accumulation_steps but ecpt derives it from train.global_batch and "
+        f"train.micro_batch for each world size; remove it and set train.micro_batch instead",
+    )
     if "gradient_clipping" in user:
         same("gradient_clipping", user["gradient_clipping"], optim.grad_clip, "optim.grad_clip")
     params = (user.get("optimizer") or {}).get("params", {})
@@ -327,16 +356,22 @@ def check_deepspeed_json(user: dict, ds: DeepSpeedConfig, train: TrainConfig, op
     for key, ours in (("eps", "eps"), ("weight_decay", "weight_decay")):
         if key in params:
             same(f"optimizer.params.{key}", params[key], getattr(optim, ours), f"optim.{ours}")
-    _require("optimizer" not in user,
-             f"{where} has an optimizer section; ecpt passes its own AdamW (optim.* with decay on matrices only): "
-             f"remove the section and set optim.beta1/beta2/eps/weight_decay")
-    _require("scheduler" not in user,
-             f"{where} has a scheduler section; ecpt sets the learning rate every step from [schedule]: remove it")
+    _require(
+        "optimizer" not in user,
+        f"{where} has an optimizer section; ecpt passes its own AdamW (optim.* with decay on matrices only): "
+        f"remove the section and set optim.beta1/beta2/eps/weight_decay",
+    )
+    _require(
+        "scheduler" not in user,
+        f"{where} has a scheduler section; ecpt sets the learning rate every step from [schedule]: remove it",
+    )
     zero = user.get("zero_optimization") or {}
     if "stage" in zero:
         same("zero_optimization.stage", zero["stage"], ds.zero_stage, "deepspeed.zero_stage")
-    _require(not (user.get("fp16") or {}).get("enabled", False),
-             f"{where} enables fp16; ecpt supports fp32 and bf16 (deepspeed.bf16), which need no loss scaling")
+    _require(
+        not (user.get("fp16") or {}).get("enabled", False),
+        f"{where} enables fp16; ecpt supports fp32 and bf16 (deepspeed.bf16), which need no loss scaling",
+    )
     if "enabled" in (user.get("bf16") or {}):
         same("bf16.enabled", bool(user["bf16"]["enabled"]), ds.bf16, "deepspeed.bf16")
 
@@ -377,11 +412,14 @@ class CheckpointConfig:
             _require(getattr(self, name) >= 0, f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("keep_last", "l0_keep_last", "l2_keep_last"):
             _require(getattr(self, name) >= 1, f"checkpoint.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.l0_stale_after_s > 0,
-                 f"checkpoint.l0_stale_after_s must be > 0 seconds, got {self.l0_stale_after_s}")
+        _require(
+            self.l0_stale_after_s > 0, f"checkpoint.l0_stale_after_s must be > 0 seconds, got {self.l0_stale_after_s}"
+        )
         _require(self.on_busy in ("wait", "skip"), f"checkpoint.on_busy must be 'wait' or 'skip', got {self.on_busy!r}")
-        _require(not (self.l2_interval and not self.l2_dir),
-                 "checkpoint.l2_interval is set but checkpoint.l2_dir is empty; set l2_dir or l2_interval = 0")
+        _require(
+            not (self.l2_interval and not self.l2_dir),
+            "checkpoint.l2_interval is set but checkpoint.l2_dir is empty; set l2_dir or l2_interval = 0",
+        )
 
 
 @dataclass
@@ -413,8 +451,10 @@ class LaunchConfig:
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, f"launch.nproc_per_node must be >= 1, got {self.nproc_per_node}")
         parts = self.nnodes.split(":")
-        _require(len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts),
-                 f"launch.nnodes must be N or MIN:MAX with positive integers, got {self.nnodes!r}")
+        _require(
+            len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts),
+            f"launch.nnodes must be N or MIN:MAX with positive integers, got {self.nnodes!r}",
+        )
         _require(int(parts[0]) <= int(parts[-1]), f"launch.nnodes MIN must be <= MAX, got {self.nnodes!r}")
         _require(":" in self.rdzv_endpoint, f"launch.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
         _require(self.max_restarts >= 0, f"launch.max_restarts must be >= 0, got {self.max_restarts}")
@@ -456,10 +496,12 @@ class Config:
                 getattr(self, section.name).validate()
         self.deepspeed.validate(self.train, self.optim)
         max_world = self.launch.max_nodes * self.launch.nproc_per_node
-        _require(self.train.global_batch >= max_world,
-                 f"train.global_batch ({self.train.global_batch}) cannot be covered by up to {max_world} ranks "
-                 f"(launch.nnodes max {self.launch.max_nodes} x launch.nproc_per_node {self.launch.nproc_per_node}): "
-                 f"every rank needs at least one sequence; raise train.global_batch or lower the world size")
+        _require(
+            self.train.global_batch >= max_world,
+            f"train.global_batch ({self.train.global_batch}) cannot be covered by up to {max_world} ranks "
+            f"(launch.nnodes max {self.launch.max_nodes} x launch.nproc_per_node {self.launch.nproc_per_node}): "
+            f"every rank needs at least one sequence; raise train.global_batch or lower the world size",
+        )
         return self
 
     def to_dict(self) -> dict:
@@ -474,8 +516,9 @@ def _coerce(value, annotation, where: str):
     """Check ``value`` against a field's type annotation and convert where TOML is looser (int for float)."""
     origin = typing.get_origin(annotation)
     if annotation is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool),
-                 f"{where} must be a number, got {value!r}")
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}"
+        )
         return float(value)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
@@ -499,8 +542,11 @@ def _build(cls, values: dict, where: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
-    _require(not unknown, f"unknown key(s) {[f'{where}.{k}' if where else k for k in unknown]}; "
-                          f"valid keys{' of ' + where if where else ''}: {sorted(known)}")
+    _require(
+        not unknown,
+        f"unknown key(s) {[f'{where}.{k}' if where else k for k in unknown]}; "
+        f"valid keys{' of ' + where if where else ''}: {sorted(known)}",
+    )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -129,8 +129,10 @@ def _token_array_splits(path: Path, val_fraction: float, where: str) -> tuple[np
 
         tokens = zarr.open_array(str(path), mode="r")[:]
     if tokens.ndim != 1 or tokens.dtype not in (np.uint8, np.uint16, np.uint32):
-        raise ConfigError(f"{where}: {path} must be a 1-D uint8/uint16/uint32 token array, "
-                          f"got shape {tokens.shape} dtype {tokens.dtype}")
+        raise ConfigError(
+            f"{where}: {path} must be a 1-D uint8/uint16/uint32 token array, "
+            f"got shape {tokens.shape} dtype {tokens.dtype}"
+        )
     cut = int(len(tokens) * (1 - val_fraction))
     return np.asarray(tokens[:cut]), np.asarray(tokens[cut:])
 
@@ -159,8 +161,9 @@ def _domain_splits(domain: str, sources: list[str], val_fraction: float) -> tupl
         if src.startswith("builtin:"):
             name = src.removeprefix("builtin:")
             if name not in BUILTIN_SOURCES:
-                raise ConfigError(f"{where}: unknown builtin {src!r}; use one of "
-                                  f"{['builtin:' + b for b in BUILTIN_DOMAINS]}")
+                raise ConfigError(
+                    f"{where}: unknown builtin {src!r}; use one of {['builtin:' + b for b in BUILTIN_DOMAINS]}"
+                )
             text_docs += _take_until(BUILTIN_SOURCES[name](), BUILTIN_MAX_BYTES)
             continue
         for path in _expand(src, where):
@@ -175,8 +178,13 @@ def _domain_splits(domain: str, sources: list[str], val_fraction: float) -> tupl
 
 
 def _cache_key(cfg: Config) -> str:
-    stamp = {"version": CORPUS_VERSION, "python": sys.version, "val_fraction": cfg.data.val_fraction,
-             "cap": BUILTIN_MAX_BYTES, "sources": {}}
+    stamp = {
+        "version": CORPUS_VERSION,
+        "python": sys.version,
+        "val_fraction": cfg.data.val_fraction,
+        "cap": BUILTIN_MAX_BYTES,
+        "sources": {},
+    }
     for domain, sources in sorted(cfg.data.sources.items()):
         entries = []
         for src in sources:
@@ -214,11 +222,15 @@ def build_corpus(cfg: Config, log=print) -> Path:
         for domain, sources in cfg.data.sources.items():
             train, val = _domain_splits(domain, sources, cfg.data.val_fraction)
             if len(val) <= cfg.model.seq_len + 1 or len(train) <= cfg.model.seq_len + 1:
-                raise ConfigError(f"data.sources.{domain}: only {len(train)} train / {len(val)} validation tokens, "
-                                  f"fewer than model.seq_len + 2 = {cfg.model.seq_len + 2}; add more text")
+                raise ConfigError(
+                    f"data.sources.{domain}: only {len(train)} train / {len(val)} validation tokens, "
+                    f"fewer than model.seq_len + 2 = {cfg.model.seq_len + 2}; add more text"
+                )
             if int(train.max(initial=0)) >= cfg.model.vocab_size or int(val.max(initial=0)) >= cfg.model.vocab_size:
-                raise ConfigError(f"data.sources.{domain}: token ids reach {max(train.max(), val.max())} but "
-                                  f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size")
+                raise ConfigError(
+                    f"data.sources.{domain}: token ids reach {max(train.max(), val.max())} but "
+                    f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size"
+                )
             _atomic_save(out / f"{domain}.train.npy", train)
             _atomic_save(out / f"{domain}.val.npy", val)
             log(f"corpus: {domain}: {len(train):,} train + {len(val):,} validation tokens -> {out}")
@@ -282,7 +294,7 @@ class Corpus:
         domain = names[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(names) - 1)]
         tokens = self.train[domain]
         offset = int(rng.integers(0, len(tokens) - self.seq_len - 1))
-        return np.asarray(tokens[offset: offset + self.seq_len + 1], dtype=np.int64), domain
+        return np.asarray(tokens[offset : offset + self.seq_len + 1], dtype=np.int64), domain
 
     def batch(self, first: int, count: int) -> tuple[np.ndarray, list[str]]:
         rows = [self.sample(i) for i in range(first, first + count)]
@@ -293,4 +305,4 @@ class Corpus:
         tokens = self.val[domain]
         span = len(tokens) - self.seq_len - 1
         offsets = np.linspace(0, span, num=count).astype(np.int64)
-        return np.stack([np.asarray(tokens[o: o + self.seq_len + 1], dtype=np.int64) for o in offsets])
+        return np.stack([np.asarray(tokens[o : o + self.seq_len + 1], dtype=np.int64) for o in offsets])

@@ -43,8 +43,14 @@ class Fault:
 
     def describe(self) -> str:
         """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
-        subject = {"kill": f"kill rank {self.rank}", "kill_node": f"kill node {self.node}", "sigterm": "sigterm all",
-                   "stall": f"stall rank {self.rank}", "corrupt": "corrupt newest", "fill_disk": "fill disk"}
+        subject = {
+            "kill": f"kill rank {self.rank}",
+            "kill_node": f"kill node {self.node}",
+            "sigterm": "sigterm all",
+            "stall": f"stall rank {self.rank}",
+            "corrupt": "corrupt newest",
+            "fill_disk": "fill disk",
+        }
         return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
 
 
@@ -56,14 +62,23 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
             m = pattern.match(norm)
             if m:
                 g = m.groupdict()
-                faults.append(Fault(index=i, kind=kind, step=int(g["step"]),
-                                    rank=int(g["rank"]) if g.get("rank") else None, node=g.get("node"),
-                                    seconds=float(g.get("seconds") or 0)))
+                faults.append(
+                    Fault(
+                        index=i,
+                        kind=kind,
+                        step=int(g["step"]),
+                        rank=int(g["rank"]) if g.get("rank") else None,
+                        node=g.get("node"),
+                        seconds=float(g.get("seconds") or 0),
+                    )
+                )
                 break
         else:
-            raise ConfigError(f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
-                              f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
-                              f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'")
+            raise ConfigError(
+                f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
+                f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
+                f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'"
+            )
     return faults
 
 
@@ -74,8 +89,9 @@ def random_plan(seed: int, total_steps: int, count: int, ranks: int) -> list[str
     plan = []
     for step in steps:
         rank = rng.randrange(ranks)
-        plan.append(f"kill rank {rank} at step {step}" if rng.random() < 0.7
-                    else f"stall rank {rank} at step {step} for 600s")
+        plan.append(
+            f"kill rank {rank} at step {step}" if rng.random() < 0.7 else f"stall rank {rank} at step {step} for 600s"
+        )
     return plan
 
 

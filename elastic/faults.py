@@ -33,8 +33,16 @@ def agent_pid() -> int:
 class FaultInjector:
     """Runs inside every worker; ``at_step(step)`` fires the faults that target this rank at this step."""
 
-    def __init__(self, faults: list[Fault], run_dir: Path, rank: int, local_rank: int, node_id: str,
-                 checkpoint_levels: list[tuple[Path, int]], log):
+    def __init__(
+        self,
+        faults: list[Fault],
+        run_dir: Path,
+        rank: int,
+        local_rank: int,
+        node_id: str,
+        checkpoint_levels: list[tuple[Path, int]],
+        log,
+    ):
         self.faults, self.rank, self.local_rank, self.node_id = faults, rank, local_rank, node_id
         self.run_dir = run_dir
         (run_dir / FIRED_DIR).mkdir(parents=True, exist_ok=True)
@@ -56,8 +64,20 @@ class FaultInjector:
             fd = os.open(fired_marker(self.run_dir, f, self.node_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
-        os.write(fd, json.dumps({"fault": f.describe(), "index": f.index, "kind": f.kind, "step": f.step,
-                                 "rank": self.rank, "node": self.node_id, "time": time.time()}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "fault": f.describe(),
+                    "index": f.index,
+                    "kind": f.kind,
+                    "step": f.step,
+                    "rank": self.rank,
+                    "node": self.node_id,
+                    "time": time.time(),
+                }
+            ).encode(),
+        )
         os.close(fd)
         return True
 
@@ -135,8 +155,10 @@ def fill_file_system(directory: Path) -> Path:
     st = os.statvfs(directory)
     free = st.f_bavail * st.f_frsize
     if free > FILL_DISK_MAX_BYTES:
-        raise ConfigError(f"fill disk: {directory} has {free / 2**30:.1f} GiB free; this fault only fills small test "
-                          f"file systems (<= {FILL_DISK_MAX_BYTES >> 30} GiB), e.g. a tmpfs mounted for the test")
+        raise ConfigError(
+            f"fill disk: {directory} has {free / 2**30:.1f} GiB free; this fault only fills small test "
+            f"file systems (<= {FILL_DISK_MAX_BYTES >> 30} GiB), e.g. a tmpfs mounted for the test"
+        )
     filler = directory / ".ecpt-fill"
     with open(filler, "wb") as fh:
         try:

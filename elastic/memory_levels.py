@@ -63,6 +63,7 @@ class MemoryLevelError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ rule 1: identity
 
+
 def run_identity(run_dir: str | Path, create: bool = True) -> str | None:
     """This run's id from ``<run_dir>/run-id``, created (exclusively, complete or not at all) if absent, or None
     if absent and not ``create``."""
@@ -82,8 +83,10 @@ def run_identity(run_dir: str | Path, create: bool = True) -> str | None:
             tmp.unlink()
     run_id = path.read_text().strip()
     if not _RUN_ID.match(run_id):
-        raise MemoryLevelError(f"{path} holds {run_id!r}, not a run id (12 hex digits); it identifies this run's "
-                               f"memory checkpoints: restore it, or delete it to start the run over")
+        raise MemoryLevelError(
+            f"{path} holds {run_id!r}, not a run id (12 hex digits); it identifies this run's "
+            f"memory checkpoints: restore it, or delete it to start the run over"
+        )
     return run_id
 
 
@@ -92,6 +95,7 @@ def entry_name(run_key: str, run_id: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ rule 2: owners
+
 
 def process_start_ticks(pid: int) -> int | None:
     """When ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), or None if no such live process
@@ -146,8 +150,16 @@ def claim(entry: Path, node: str, run_dir: str | Path, run_id: str, pid: int) ->
     started = process_start_ticks(pid)
     if started is None:
         raise MemoryLevelError(f"cannot claim {entry} for process {pid}: no such live process")
-    owner = Owner(run_dir=str(run_dir), run_id=run_id, node=node, host=os.uname().nodename,
-                  pid_namespace=pid_namespace(), pid=pid, pid_started=started, claimed_unix=time.time())
+    owner = Owner(
+        run_dir=str(run_dir),
+        run_id=run_id,
+        node=node,
+        host=os.uname().nodename,
+        pid_namespace=pid_namespace(),
+        pid=pid,
+        pid_started=started,
+        claimed_unix=time.time(),
+    )
     entry.mkdir(parents=True, exist_ok=True)
     for leftover in entry.glob(f"{REAPING_PREFIX}*"):  # a release of this node that a crash interrupted
         remove_entry(leftover)
@@ -173,6 +185,7 @@ def read_owners(entry: Path) -> tuple[list[Owner], list[Path]]:
 
 
 # --------------------------------------------------------------------------------------------- rule 4: staleness
+
 
 @dataclass(frozen=True)
 class MemoryEntry:
@@ -229,15 +242,26 @@ def scan(l0_root: str | Path) -> list[MemoryEntry]:
             if not path.is_dir():
                 continue
             if path.name.startswith(REAPING_PREFIX):
-                entries.append(MemoryEntry(path, "", None, [], [], _last_change(path), _nbytes(path),
-                                           path.stat().st_uid))
+                entries.append(
+                    MemoryEntry(path, "", None, [], [], _last_change(path), _nbytes(path), path.stat().st_uid)
+                )
                 continue
             match = _ENTRY.match(path.name)
             if not match or (match["id"] is None and not _is_legacy_entry(path)):
                 continue
             owners, unreadable = read_owners(path)
-            entries.append(MemoryEntry(path, match["key"], match["id"], owners, unreadable, _last_change(path),
-                                       _nbytes(path), path.stat().st_uid))
+            entries.append(
+                MemoryEntry(
+                    path,
+                    match["key"],
+                    match["id"],
+                    owners,
+                    unreadable,
+                    _last_change(path),
+                    _nbytes(path),
+                    path.stat().st_uid,
+                )
+            )
         except FileNotFoundError:
             continue  # removed by a concurrent reaper or release
     return entries
@@ -257,16 +281,24 @@ def stale_reason(entry: MemoryEntry, stale_after_s: float, now: float | None = N
         return "no live owner: " + ", ".join(f"process {o.pid} on node {o.node} has ended" for o, _ in known)
     age = (time.time() if now is None else now) - entry.last_change_unix
     if age > stale_after_s:
-        why = ("unreadable owner records" if entry.unreadable_owners else "no owner record" if not known
-               else "owners on another host or pid namespace")
+        why = (
+            "unreadable owner records"
+            if entry.unreadable_owners
+            else "no owner record"
+            if not known
+            else "owners on another host or pid namespace"
+        )
         return f"{why} and unchanged for {age:.0f} s (> checkpoint.l0_stale_after_s = {stale_after_s:g})"
     return None
 
 
 def remove_entry(path: Path) -> bool:
     """Rename ``path`` aside (atomic: one concurrent remover wins), then delete it. False if someone else won."""
-    target = path if path.name.startswith(REAPING_PREFIX) else \
-        path.with_name(f"{REAPING_PREFIX}{path.name}-{secrets.token_hex(4)}")
+    target = (
+        path
+        if path.name.startswith(REAPING_PREFIX)
+        else path.with_name(f"{REAPING_PREFIX}{path.name}-{secrets.token_hex(4)}")
+    )
     if target != path:
         try:
             os.rename(path, target)
@@ -282,8 +314,9 @@ def _ignore_vanished(_function, _path, exc_info) -> None:
         raise exc_info[1]
 
 
-def reap_stale(l0_root: str | Path, stale_after_s: float, spare: Path | None = None, dry_run: bool = False,
-               log=None) -> list[tuple[MemoryEntry, str]]:
+def reap_stale(
+    l0_root: str | Path, stale_after_s: float, spare: Path | None = None, dry_run: bool = False, log=None
+) -> list[tuple[MemoryEntry, str]]:
     """Remove (or with ``dry_run`` only list) the stale entries under ``l0_root``, except ``spare`` (the caller's
     own entry). Returns (entry, reason) for each."""
     found = []
@@ -307,6 +340,7 @@ def foreign_entries(l0_root: str | Path, run_key: str, run_id: str) -> list[Memo
 
 # ------------------------------------------------------------------------------------------------ rule 3: release
 
+
 def release(entry: Path, node: str, slower_roots: list[str | Path], log) -> bool:
     """Free ``node``'s memory in ``entry`` if its newest step is committed on a slower level; True if freed."""
     node_dir, owner = entry / node, entry / f"{OWNER_PREFIX}{node}.json"
@@ -315,11 +349,16 @@ def release(entry: Path, node: str, slower_roots: list[str | Path], log) -> bool
     in_memory = [c.step for c in list_checkpoints(node_dir) if c.complete] if node_dir.is_dir() else []
     durable = {c.step for root in slower_roots for c in list_checkpoints(root) if c.complete}
     if in_memory and in_memory[-1] not in durable:
-        where = ("no slower level is configured" if not slower_roots else
-                 f"the slower levels' newest is {max(durable) if durable else 'nothing'}")
-        log.warning(f"keeping memory checkpoints {node_dir}: their newest step {in_memory[-1]} is only in memory "
-                    f"({where}); they are freed by the next run on this node once this run's owner has ended, or "
-                    f"by `ecpt ckpt gc`")
+        where = (
+            "no slower level is configured"
+            if not slower_roots
+            else f"the slower levels' newest is {max(durable) if durable else 'nothing'}"
+        )
+        log.warning(
+            f"keeping memory checkpoints {node_dir}: their newest step {in_memory[-1]} is only in memory "
+            f"({where}); they are freed by the next run on this node once this run's owner has ended, or "
+            f"by `ecpt ckpt gc`"
+        )
         return False
     if node_dir.exists():
         remove_entry(node_dir)
@@ -331,6 +370,8 @@ def release(entry: Path, node: str, slower_roots: list[str | Path], log) -> bool
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else another node of this run still has memory here
             raise
-    log.info(f"freed memory checkpoints {node_dir}"
-             + (f": step {in_memory[-1]} is durable on a slower level" if in_memory else ""))
+    log.info(
+        f"freed memory checkpoints {node_dir}"
+        + (f": step {in_memory[-1]} is durable on a slower level" if in_memory else "")
+    )
     return True

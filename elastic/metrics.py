@@ -33,15 +33,22 @@ class WorkerMetrics:
         self._lr = Gauge("ecpt_lr", "Learning rate of the last step", lbl, registry=r)
         self._tokens = Counter("ecpt_tokens", "Tokens processed by this rank", lbl, registry=r)
         self._tps = Gauge("ecpt_tokens_per_second", "Global tokens per second over the last step", lbl, registry=r)
-        self._step_s = Histogram("ecpt_step_seconds", "Wall time of one optimizer step", lbl,
-                                 buckets=STEP_BUCKETS, registry=r)
+        self._step_s = Histogram(
+            "ecpt_step_seconds", "Wall time of one optimizer step", lbl, buckets=STEP_BUCKETS, registry=r
+        )
         self._phase = Gauge("ecpt_phase", "Index of the current data phase", lbl, registry=r)
         self._world = Gauge("ecpt_world_size", "Ranks in the current worker group", lbl, registry=r)
         self._eval = Gauge("ecpt_eval_loss", "Validation loss per domain", ("rank", "domain"), registry=r)
-        self._recovery = Histogram("ecpt_recovery_seconds", "Process start to first completed step after a restart",
-                                   lbl, buckets=RECOVERY_BUCKETS, registry=r)
-        self._steps_lost = Counter("ecpt_steps_lost", "Steps recomputed because they were not checkpointed",
-                                   lbl, registry=r)
+        self._recovery = Histogram(
+            "ecpt_recovery_seconds",
+            "Process start to first completed step after a restart",
+            lbl,
+            buckets=RECOVERY_BUCKETS,
+            registry=r,
+        )
+        self._steps_lost = Counter(
+            "ecpt_steps_lost", "Steps recomputed because they were not checkpointed", lbl, registry=r
+        )
         self.port: int | None = None
 
     def serve(self, host: str, port: int) -> int:
@@ -56,13 +63,23 @@ class WorkerMetrics:
         path = target_dir / f"rank-{self.rank}.json"
         scrape_host = host if host not in ("0.0.0.0", "") else node
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"targets": [f"{scrape_host}:{self.port}"],
-                                    "labels": {"job": "ecpt", "rank": self.rank}}]))
+        tmp.write_text(
+            json.dumps([{"targets": [f"{scrape_host}:{self.port}"], "labels": {"job": "ecpt", "rank": self.rank}}])
+        )
         os.replace(tmp, path)
         return path
 
-    def on_step(self, step: int, loss: float, lr: float, local_tokens: int, global_tokens: int,
-                seconds: float, phase: int, world_size: int) -> None:
+    def on_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        local_tokens: int,
+        global_tokens: int,
+        seconds: float,
+        phase: int,
+        world_size: int,
+    ) -> None:
         self._step.labels(self.rank).set(step)
         self._loss.labels(self.rank).set(loss)
         self._lr.labels(self.rank).set(lr)
@@ -101,14 +118,19 @@ class RunCounters:
 
     def collect(self):
         c = self.counters
-        restarts = CounterMetricFamily("ecpt_restarts", "Worker-group restarts (resumes from a checkpoint) in this run",
-                                       labels=["rank"])
+        restarts = CounterMetricFamily(
+            "ecpt_restarts", "Worker-group restarts (resumes from a checkpoint) in this run", labels=["rank"]
+        )
         restarts.add_metric([self.rank], c.restarts)
-        changes = CounterMetricFamily("ecpt_membership_changes", "Resumes at a different world size (shrink or grow)",
-                                      labels=["rank"])
+        changes = CounterMetricFamily(
+            "ecpt_membership_changes", "Resumes at a different world size (shrink or grow)", labels=["rank"]
+        )
         changes.add_metric([self.rank], c.membership_changes)
-        goodput = GaugeMetricFamily("ecpt_goodput_ratio", "Time in steps that were kept / wall time since the run "
-                                    "first started", labels=["rank"])
+        goodput = GaugeMetricFamily(
+            "ecpt_goodput_ratio",
+            "Time in steps that were kept / wall time since the run first started",
+            labels=["rank"],
+        )
         goodput.add_metric([self.rank], c.goodput())
         return [restarts, changes, goodput]
 

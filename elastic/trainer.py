@@ -43,8 +43,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.schedule.lr_max, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                             eps=cfg.optim.eps, foreach=False)
+    return torch.optim.AdamW(
+        groups, lr=cfg.schedule.lr_max, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False
+    )
 
 
 @dataclass
@@ -92,8 +93,15 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world: WorldInfo, groups: ProcessGroups, device: torch.device,
-                 metrics: WorkerMetrics | None = None, log: RankLogger | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        world: WorldInfo,
+        groups: ProcessGroups,
+        device: torch.device,
+        metrics: WorkerMetrics | None = None,
+        log: RankLogger | None = None,
+    ):
         self.cfg, self.world, self.groups, self.device = cfg, world, groups, device
         self.log = log or RankLogger(logging.getLogger("ecpt"), world.rank)
         self.metrics = metrics
@@ -111,15 +119,23 @@ class Trainer:
         if metrics:
             metrics.track_run(self.state.counters)
         self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
-        self.samples_log = (open(self.run_dir / "samples" / f"rank-{world.rank}.jsonl", "a", buffering=1)
-                            if cfg.train.log_samples else None)
+        self.samples_log = (
+            open(self.run_dir / "samples" / f"rank-{world.rank}.jsonl", "a", buffering=1)
+            if cfg.train.log_samples
+            else None
+        )
         self.stop_signal: int | None = None
         self.checkpoints = None
         if checkpoint_levels(cfg):
             self.checkpoints = TrainerCheckpoints(self, registry=metrics.registry if metrics else None)
         levels = [(Path(lv.root), lv.interval) for lv in checkpoint_levels(cfg)]
-        self.faults = FaultInjector(parse_plan(cfg.faults.plan), self.run_dir, world.rank, world.local_rank,
-                                    node_id(), levels, self.log) if cfg.faults.plan else None
+        self.faults = (
+            FaultInjector(
+                parse_plan(cfg.faults.plan), self.run_dir, world.rank, world.local_rank, node_id(), levels, self.log
+            )
+            if cfg.faults.plan
+            else None
+        )
         self.watchdog = Watchdog(cfg.train.hang_timeout, self.log)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -130,10 +146,21 @@ class Trainer:
         g = self.cfg.train.global_batch
         share = rank_batch(step, g, self.cfg.train.micro_batch, self.world.rank, self.world.world_size)
         if self.samples_log:
-            self.samples_log.write(json.dumps({"step": step, "start": share.start, "count": share.count,
-                                               "world_size": self.world.world_size, "time": time.time()}) + "\n")
-        batches = (torch.from_numpy(self.corpus.batch(first, size)[0]).to(self.device)
-                   for first, size in share.micro_batches)
+            self.samples_log.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "start": share.start,
+                        "count": share.count,
+                        "world_size": self.world.world_size,
+                        "time": time.time(),
+                    }
+                )
+                + "\n"
+            )
+        batches = (
+            torch.from_numpy(self.corpus.batch(first, size)[0]).to(self.device) for first, size in share.micro_batches
+        )
         return self.engine.forward_backward(batches, len(share.micro_batches), g)
 
     def _reduce_loss_and_stop(self, local_sum: float) -> tuple[float, bool]:
@@ -179,8 +206,9 @@ class Trainer:
         self.state.tokens += self.cfg.train.global_batch * self.cfg.model.seq_len
         if self.checkpoints:
             self.checkpoints.after_optimizer_step(step + 1)
-        return StepResult(step=step, loss=loss, lr=lr, seconds=time.perf_counter() - start,
-                          phase=self.plan.phase_of(step), stop=stop)
+        return StepResult(
+            step=step, loss=loss, lr=lr, seconds=time.perf_counter() - start, phase=self.plan.phase_of(step), stop=stop
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # Evaluation.
@@ -196,7 +224,7 @@ class Trainer:
             windows = self.corpus.validation_windows(domain, count)
             total = 0.0
             for first, size in share.micro_batches:
-                batch = torch.from_numpy(windows[first: first + size]).to(self.device)
+                batch = torch.from_numpy(windows[first : first + size]).to(self.device)
                 total += float(self.model.sequence_losses(batch).sum())
             sums.append(total)
         t = torch.tensor(sums, dtype=torch.float64, device=self.device)
@@ -215,8 +243,10 @@ class Trainer:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGUSR1 (preemption, torchrun shutdown) stop the loop at the next step boundary."""
+
         def handler(signum, _frame):
             self.stop_signal = signum
+
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
@@ -225,8 +255,14 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                    mininterval=1.0, desc="train")
+        return tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            desc="train",
+        )
 
     @staticmethod
     def _logs_through(bar):
@@ -241,23 +277,36 @@ class Trainer:
     def _log_step(self, r: StepResult) -> None:
         tokens_step = self.cfg.train.global_batch * self.cfg.model.seq_len
         if self.metrics:
-            local_tokens = rank_batch(r.step, self.cfg.train.global_batch, 1, self.world.rank,
-                                      self.world.world_size).count * self.cfg.model.seq_len
-            self.metrics.on_step(r.step + 1, r.loss, r.lr, local_tokens, tokens_step, r.seconds, r.phase,
-                                 self.world.world_size)
+            local_tokens = (
+                rank_batch(r.step, self.cfg.train.global_batch, 1, self.world.rank, self.world.world_size).count
+                * self.cfg.model.seq_len
+            )
+            self.metrics.on_step(
+                r.step + 1, r.loss, r.lr, local_tokens, tokens_step, r.seconds, r.phase, self.world.world_size
+            )
         if (r.step + 1) % self.cfg.train.log_interval == 0 or r.step + 1 == self.total_steps:
-            self.jsonl.write("step", step=r.step + 1, phase=r.phase, phase_name=self.plan.names[r.phase],
-                             loss=r.loss, lr=r.lr, seconds=round(r.seconds, 4),
-                             tokens=self.state.tokens, tokens_per_second=round(tokens_step / r.seconds, 1),
-                             world_size=self.world.world_size, cursor=self.state.step * self.cfg.train.global_batch)
+            self.jsonl.write(
+                "step",
+                step=r.step + 1,
+                phase=r.phase,
+                phase_name=self.plan.names[r.phase],
+                loss=r.loss,
+                lr=r.lr,
+                seconds=round(r.seconds, 4),
+                tokens=self.state.tokens,
+                tokens_per_second=round(tokens_step / r.seconds, 1),
+                world_size=self.world.world_size,
+                cursor=self.state.step * self.cfg.train.global_batch,
+            )
 
     def _log_eval(self, completed: int, losses: dict[str, float]) -> None:
         phase = self.plan.phase_of(completed - 1)
         phase_end = completed == self.plan.end_of(phase) or completed == self.total_steps
         if self.metrics:
             self.metrics.on_eval(losses)
-        self.jsonl.write("eval", step=completed, phase=phase, phase_name=self.plan.names[phase],
-                         phase_end=phase_end, losses=losses)
+        self.jsonl.write(
+            "eval", step=completed, phase=phase, phase_name=self.plan.names[phase], phase_end=phase_end, losses=losses
+        )
         if self.is_main and phase_end:
             text = "  ".join(f"{d} {v:.4f}" for d, v in losses.items())
             self.log.info(f"end of phase {phase} ({self.plan.names[phase]}): validation loss per domain: {text}")
@@ -273,12 +322,19 @@ class Trainer:
     def run(self) -> TrainState:
         self.log.step = self.state.step
         if self.is_main:
-            self.log.info(f"model {count_parameters(self.model) / 1e6:.2f} M parameters, world size "
-                          f"{self.world.world_size}, {self.total_steps} steps in {len(self.plan.starts)} phases "
-                          f"{list(self.plan.names)}, global batch {self.cfg.train.global_batch} x "
-                          f"{self.cfg.model.seq_len} tokens")
-            self.jsonl.write("start", step=self.state.step, world_size=self.world.world_size,
-                             restarts=self.world.restart_count, parameters=count_parameters(self.model))
+            self.log.info(
+                f"model {count_parameters(self.model) / 1e6:.2f} M parameters, world size "
+                f"{self.world.world_size}, {self.total_steps} steps in {len(self.plan.starts)} phases "
+                f"{list(self.plan.names)}, global batch {self.cfg.train.global_batch} x "
+                f"{self.cfg.model.seq_len} tokens"
+            )
+            self.jsonl.write(
+                "start",
+                step=self.state.step,
+                world_size=self.world.world_size,
+                restarts=self.world.restart_count,
+                parameters=count_parameters(self.model),
+            )
         bar = self._progress()
         try:
             with self._logs_through(bar):
@@ -303,9 +359,11 @@ class Trainer:
                 raise FloatingPointError(f"loss became {r.loss} at step {step}; lower schedule.lr_max")
             self._log_step(r)
             if bar:
-                bar.set_postfix_str(f"phase {self.plan.names[r.phase]} loss {r.loss:.3f} lr {r.lr:.2e} "
-                                    f"tok/s {self.cfg.train.global_batch * self.cfg.model.seq_len / r.seconds:,.0f}",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"phase {self.plan.names[r.phase]} loss {r.loss:.3f} lr {r.lr:.2e} "
+                    f"tok/s {self.cfg.train.global_batch * self.cfg.model.seq_len / r.seconds:,.0f}",
+                    refresh=False,
+                )
                 bar.update(1)
             if r.stop:
                 self._stop_for_signal()
@@ -335,8 +393,10 @@ class Trainer:
         self.stop_signal = self.stop_signal or signal.SIGTERM  # a peer's signal counts as ours
         if self.checkpoints:
             levels = self.checkpoints.emergency_save(self.state.step)
-            self.log.info(f"stop requested: emergency checkpoint of step {self.state.step} "
-                          + (f"written to {levels}" if levels else "was already durable"))
+            self.log.info(
+                f"stop requested: emergency checkpoint of step {self.state.step} "
+                + (f"written to {levels}" if levels else "was already durable")
+            )
         self.jsonl.write("stop", step=self.state.step, signal=int(self.stop_signal))
 
     def close(self) -> None:

@@ -42,11 +42,11 @@ class WarningsOnce:
 
     def __init__(self, rank: int, to_file=None):
         self.rank = rank
-        self._to_file = to_file or warnings.showwarning    # for a warning whose caller named a file to write to
+        self._to_file = to_file or warnings.showwarning  # for a warning whose caller named a file to write to
         self._shown = logging.getLogger("py.warnings")
         self._hidden = logging.getLogger("ecpt.warnings")
         self._seen: set[tuple[type, str, str]] = set()
-        self._lock = threading.Lock()      # DeepSpeed and the checkpoint threads may warn concurrently
+        self._lock = threading.Lock()  # DeepSpeed and the checkpoint threads may warn concurrently
 
     def _show(self, message, category, filename, lineno, file, line) -> None:
         if file is not None:

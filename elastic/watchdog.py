@@ -38,7 +38,9 @@ class Watchdog:
         while not self._stop:
             idle = time.monotonic() - self.last
             if idle > self.timeout:
-                self.log.error(f"watchdog: no step completed for {idle:.1f} s (> train.hang_timeout "
-                               f"{self.timeout:g} s); exiting so the agent restarts the worker group")
+                self.log.error(
+                    f"watchdog: no step completed for {idle:.1f} s (> train.hang_timeout "
+                    f"{self.timeout:g} s); exiting so the agent restarts the worker group"
+                )
                 os._exit(self.EXIT_CODE)
             time.sleep(min(1.0, self.timeout / 4))  # polling interval of the watchdog thread, not synchronisation

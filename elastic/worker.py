@@ -52,9 +52,19 @@ def write_rank_file(run_dir: Path, world, metrics_port: int | None) -> Path:
     path = run_dir / "ranks" / f"rank-{world.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"rank": world.rank, "pid": os.getpid(), "host": os.uname().nodename,
-                               "local_rank": world.local_rank, "world_size": world.world_size,
-                               "restart_count": world.restart_count, "metrics_port": metrics_port}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "rank": world.rank,
+                "pid": os.getpid(),
+                "host": os.uname().nodename,
+                "local_rank": world.local_rank,
+                "world_size": world.world_size,
+                "restart_count": world.restart_count,
+                "metrics_port": metrics_port,
+            }
+        )
+    )
     os.replace(tmp, path)
     return path
 
@@ -92,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.resume(started)
         phases["restore"] = time.perf_counter() - t
         log.step = trainer.state.step  # the step training starts at (0, or the restored one)
-        log.info("ready " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
-                 f" (process started {time.time() - float(os.environ[PROCESS_STARTED_ENV]):.2f} s ago)")
+        log.info(
+            "ready "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+            + f" (process started {time.time() - float(os.environ[PROCESS_STARTED_ENV]):.2f} s ago)"
+        )
         trainer.run()
     except BaseException:
         # Peers may be blocked in a collective with us: a collective clean-up here would hang them and us. Exit

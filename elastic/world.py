@@ -30,8 +30,13 @@ from elastic.process_env import node_id
 # (rank, world size, local rank, local world size) variable names per launcher, most specific first.
 ENV_SCHEMES = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    (
+        "openmpi",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
 )
@@ -94,11 +99,19 @@ def detect_world(env: dict[str, str] | None = None) -> WorldInfo:
     for name, rank_key, size_key, local_key, local_size_key in ENV_SCHEMES:
         if rank_key in env and size_key in env:
             world_size = int(env[size_key])
-            local_size = (_slurm_local_size(env, world_size) if name == "slurm"
-                          else _local_size(env.get(local_size_key), world_size))
-            return WorldInfo(rank=int(env[rank_key]), world_size=world_size,
-                             local_rank=int(env.get(local_key, "0")), local_world_size=local_size,
-                             launcher=_launcher_name(name, env), restart_count=restarts)
+            local_size = (
+                _slurm_local_size(env, world_size)
+                if name == "slurm"
+                else _local_size(env.get(local_size_key), world_size)
+            )
+            return WorldInfo(
+                rank=int(env[rank_key]),
+                world_size=world_size,
+                local_rank=int(env.get(local_key, "0")),
+                local_world_size=local_size,
+                launcher=_launcher_name(name, env),
+                restart_count=restarts,
+            )
     return WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
 
 
@@ -130,8 +143,8 @@ def first_host(nodelist: str) -> str:
     while "[" in host:
         start = host.index("[")
         stop = host.index("]", start)
-        first = host[start + 1:stop].split(",")[0].split("-")[0]
-        host = host[:start] + first + host[stop + 1:]
+        first = host[start + 1 : stop].split(",")[0].split("-")[0]
+        host = host[:start] + first + host[stop + 1 :]
     return host
 
 
@@ -140,8 +153,10 @@ def slurm_master(env: dict[str, str]) -> tuple[str, int]:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
     if not nodelist or not job_id:
-        raise RuntimeError("srun started this worker but SLURM_JOB_NODELIST/SLURM_JOB_ID are missing; set "
-                           "MASTER_ADDR and MASTER_PORT for every rank, or start workers with `ecpt launch slurm`")
+        raise RuntimeError(
+            "srun started this worker but SLURM_JOB_NODELIST/SLURM_JOB_ID are missing; set "
+            "MASTER_ADDR and MASTER_PORT for every rank, or start workers with `ecpt launch slurm`"
+        )
     return first_host(nodelist), SLURM_PORT_BASE + int(job_id[-4:])
 
 
@@ -164,7 +179,8 @@ def mpi_master(world: WorldInfo, comm=None) -> tuple[str, int]:
         raise RuntimeError(
             f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but the {world.launcher} launcher says rank "
             f"{world.rank} of {world.world_size}: mpi4py is linked to a different MPI than this mpiexec; use the "
-            f"mpiexec of the MPI mpi4py was built with (python -c 'import mpi4py; print(mpi4py.get_config())')")
+            f"mpiexec of the MPI mpi4py was built with (python -c 'import mpi4py; print(mpi4py.get_config())')"
+        )
     payload = None
     if world.rank == 0:
         single_node = world.local_world_size >= world.world_size
@@ -184,9 +200,11 @@ def ensure_master_env(world: WorldInfo, env: dict[str, str] | None = None) -> di
     elif world.launcher == "slurm":
         host, port = slurm_master(dict(env))
     else:
-        raise RuntimeError(f"MASTER_PORT is not set for a {world.launcher} world of {world.world_size} ranks: start "
-                           f"workers with torchrun (ecpt train), srun (ecpt launch slurm) or mpiexec "
-                           f"(ecpt launch mpi), which provide it, or export MASTER_ADDR and MASTER_PORT")
+        raise RuntimeError(
+            f"MASTER_PORT is not set for a {world.launcher} world of {world.world_size} ranks: start "
+            f"workers with torchrun (ecpt train), srun (ecpt launch slurm) or mpiexec "
+            f"(ecpt launch mpi), which provide it, or export MASTER_ADDR and MASTER_PORT"
+        )
     added = {"MASTER_ADDR": env.get("MASTER_ADDR") or host, "MASTER_PORT": str(port)}
     env.update(added)
     return added
@@ -254,8 +272,7 @@ def init_distributed(world: WorldInfo, timeout_s: float = 600.0) -> ProcessGroup
     ensure_master_env(world)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=training_backend(), rank=world.rank, world_size=world.world_size,
-                            timeout=timeout)
+    dist.init_process_group(backend=training_backend(), rank=world.rank, world_size=world.world_size, timeout=timeout)
     ckpt = dist.new_group(backend="gloo", timeout=timeout)
     # JSON over the gloo group (no pickled objects): every rank learns every rank's node id
     node_ids = Comm(ckpt, world.rank, world.world_size).all_gather_json(node_id())
@@ -267,8 +284,13 @@ def init_distributed(world: WorldInfo, timeout_s: float = 600.0) -> ProcessGroup
             group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
             if index == placement.node_index:
                 node = group
-    return ProcessGroups(ckpt=ckpt, node=node, node_rank=placement.node_rank, node_size=placement.node_size,
-                         node_index=placement.node_index)
+    return ProcessGroups(
+        ckpt=ckpt,
+        node=node,
+        node_rank=placement.node_rank,
+        node_size=placement.node_size,
+        node_index=placement.node_index,
+    )
 
 
 def shutdown_distributed() -> None:

@@ -13,18 +13,28 @@ from elastic.config import DEFAULT_CONFIG_NAME
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help=f"TOML config: a file, or the name of a bundled config such as {DEFAULT_CONFIG_NAME} "
-                        f"(default: {DEFAULT_CONFIG_NAME})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable, e.g. --set train.max_steps=20")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"TOML config: a file, or the name of a bundled config such as {DEFAULT_CONFIG_NAME} "
+        f"(default: {DEFAULT_CONFIG_NAME})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable, e.g. --set train.max_steps=20",
+    )
 
 
 def add_train_shape_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``ecpt train`` that are shorthands for ``--set`` (see ``train_overrides``)."""
     p.add_argument("--nnodes", help="N or MIN:MAX (elastic); shorthand for --set launch.nnodes=...")
-    p.add_argument("--nproc-per-node", type=int,
-                   help="workers on this node; shorthand for --set launch.nproc_per_node=...")
+    p.add_argument(
+        "--nproc-per-node", type=int, help="workers on this node; shorthand for --set launch.nproc_per_node=..."
+    )
     p.add_argument("--run-dir", help="where logs, metrics and local checkpoints go")
     p.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous")
 

@@ -30,10 +30,13 @@ def fault_report(run_dir: Path) -> list[dict]:
         if after:
             resume = after[0]
             first = next((s for s in steps if s["time"] > resume["time"]), None)
-            entry |= {"restart_seconds": round(resume.get("process_started", resume["time"]) - fault["time"], 2),
-                      "recovery_seconds": round(first["time"] - fault["time"], 2) if first else None,
-                      "resumed_from": f"{resume['level']} step {resume['step']}", "steps_lost": resume["steps_lost"],
-                      "world_size": f"{resume['saved_world_size']} -> {resume['world_size']}"}
+            entry |= {
+                "restart_seconds": round(resume.get("process_started", resume["time"]) - fault["time"], 2),
+                "recovery_seconds": round(first["time"] - fault["time"], 2) if first else None,
+                "resumed_from": f"{resume['level']} step {resume['step']}",
+                "steps_lost": resume["steps_lost"],
+                "world_size": f"{resume['saved_world_size']} -> {resume['world_size']}",
+            }
         report.append(entry)
     return report
 
@@ -45,8 +48,10 @@ def format_report(report: list[dict]) -> str:
         if not e["resumed"]:
             lines.append(f"| {e['fault']} | - | - | (no restart recorded) | - | - |")
             continue
-        lines.append(f"| {e['fault']} | {e['restart_seconds']} | {e['recovery_seconds']} | {e['resumed_from']} | "
-                     f"{e['steps_lost']} | {e['world_size']} |")
+        lines.append(
+            f"| {e['fault']} | {e['restart_seconds']} | {e['recovery_seconds']} | {e['resumed_from']} | "
+            f"{e['steps_lost']} | {e['world_size']} |"
+        )
     return "\n".join(lines)
 
 
@@ -75,8 +80,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 def add_chaos_parser(sub) -> None:
     p = sub.add_parser("chaos", help="train under a fault plan and report detection, recovery and steps lost")
     add_config_args(p)
-    p.add_argument("--plan", action="append", default=[], metavar="SENTENCE",
-                   help="a fault, e.g. 'kill rank 1 at step 30' (repeatable)")
+    p.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="SENTENCE",
+        help="a fault, e.g. 'kill rank 1 at step 30' (repeatable)",
+    )
     p.add_argument("--random", type=int, default=0, metavar="N", help="add N random worker kills/stalls")
     p.add_argument("--seed", type=int, default=0, help="seed of --random")
     p.add_argument("--run-dir", default=None)

@@ -22,9 +22,11 @@ def add_ckpt_parser(subparsers) -> None:
     """``ecpt ckpt ...`` on an argparse subparsers object; every parser sets ``func=run_ckpt``."""
     ckpt = subparsers.add_parser("ckpt", help="list, verify, inspect or export checkpoints")
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,verify,inspect,export,gc}")
-    for name, help_text in [("list", "committed checkpoints under a level root"),
-                            ("verify", "check every chunk's size and crc32c against the manifest"),
-                            ("inspect", "step, level, extra keys and tensors of one checkpoint (JSON)")]:
+    for name, help_text in [
+        ("list", "committed checkpoints under a level root"),
+        ("verify", "check every chunk's size and crc32c against the manifest"),
+        ("inspect", "step, level, extra keys and tensors of one checkpoint (JSON)"),
+    ]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("dir", help="a level root or one checkpoint directory")
         p.set_defaults(func=run_ckpt)
@@ -36,9 +38,12 @@ def add_ckpt_parser(subparsers) -> None:
     gc = sub.add_parser("gc", help="list and remove memory (L0) checkpoints of runs that have ended")
     gc.add_argument("root", nargs="?", help="L0 root (default: checkpoint.l0_dir of --config, or /dev/shm/ecpt)")
     gc.add_argument("--config", help="TOML config whose checkpoint.l0_dir and l0_stale_after_s to use")
-    gc.add_argument("--stale-after", type=float, metavar="SECONDS",
-                    help="age after which memory whose owner cannot be checked is stale "
-                         "(default: checkpoint.l0_stale_after_s)")
+    gc.add_argument(
+        "--stale-after",
+        type=float,
+        metavar="SECONDS",
+        help="age after which memory whose owner cannot be checked is stale (default: checkpoint.l0_stale_after_s)",
+    )
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(func=run_gc)
 
@@ -61,7 +66,9 @@ def run_gc(args: argparse.Namespace) -> int:
         print(f"{'stale' if args.dry_run else 'removed'}  {entry.nbytes / 1e6:>10.1f} MB  {entry.path}  ({reason})")
     total = sum(e.nbytes for e, _ in found) / 1e6
     verb = "would free" if args.dry_run else "freed"
-    print(f"{root}: {verb} {total:.1f} MB in {len(found)} stale memory checkpoint entr{'y' if len(found) == 1 else 'ies'}")
+    print(
+        f"{root}: {verb} {total:.1f} MB in {len(found)} stale memory checkpoint entr{'y' if len(found) == 1 else 'ies'}"
+    )
     return 0
 
 
@@ -119,6 +126,8 @@ def _list(path: Path) -> int:
     print(f"{'step':>10}  {'level':<6}{'MB':>10}  {'complete':<9}{'node':<10}{'created':<20}path")
     for i in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_unix)) if i.created_unix else "?"
-        print(f"{i.step:>10}  {i.level:<6}{i.nbytes / 1e6:>10.1f}  {str(i.complete):<9}{i.node_id or '-':<10}"
-              f"{created:<20}{i.path}")
+        print(
+            f"{i.step:>10}  {i.level:<6}{i.nbytes / 1e6:>10.1f}  {str(i.complete):<9}{i.node_id or '-':<10}"
+            f"{created:<20}{i.path}"
+        )
     return 0

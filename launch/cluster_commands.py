@@ -42,17 +42,32 @@ def _job_name(args: argparse.Namespace) -> str:
 def slurm_spec(args: argparse.Namespace) -> tuple[LaunchSpec, SlurmOptions]:
     from launch.slurm import SlurmOptions
 
-    opts = SlurmOptions(time=args.time, partition=args.partition or "", account=args.account or "",
-                        signal_seconds=args.signal_seconds, cpus_per_node=args.cpus_per_node,
-                        requeue_on_signal=not args.no_requeue, extra_sbatch=list(args.sbatch))
+    opts = SlurmOptions(
+        time=args.time,
+        partition=args.partition or "",
+        account=args.account or "",
+        signal_seconds=args.signal_seconds,
+        cpus_per_node=args.cpus_per_node,
+        requeue_on_signal=not args.no_requeue,
+        extra_sbatch=list(args.sbatch),
+    )
     opts.validate()
-    shape = JobShape(max_nodes=args.nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node,
-                     nproc_per_node=args.nproc_per_node, run_dir=args.run_dir or "",
-                     metrics_host="0.0.0.0" if args.nodes > 1 else "")
+    shape = JobShape(
+        max_nodes=args.nodes,
+        min_nodes=args.min_nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=args.nproc_per_node,
+        run_dir=args.run_dir or "",
+        metrics_host="0.0.0.0" if args.nodes > 1 else "",
+    )
     cfg = load_with_shape(args.config, args.overrides, shape)
     cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())
-    spec = LaunchSpec(cfg=cfg, config_json=str(Path(cfg.train.run_dir) / "config.json"), job_name=_job_name(args),
-                      gpus_per_node=args.gpus_per_node)
+    spec = LaunchSpec(
+        cfg=cfg,
+        config_json=str(Path(cfg.train.run_dir) / "config.json"),
+        job_name=_job_name(args),
+        gpus_per_node=args.gpus_per_node,
+    )
     return spec, opts
 
 
@@ -69,8 +84,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         print(f"ecpt: wrote {path} and {config_json}; submit with: sbatch {path}", file=sys.stderr)
         return 0
     if not shutil.which("sbatch"):
-        raise ConfigError("sbatch is not on PATH: run `ecpt launch slurm --submit` on a Slurm login node, or use "
-                          "--print and submit the script there")
+        raise ConfigError(
+            "sbatch is not on PATH: run `ecpt launch slurm --submit` on a Slurm login node, or use "
+            "--print and submit the script there"
+        )
     try:
         job_id = submit(path)
     except RuntimeError as exc:
@@ -88,25 +105,37 @@ def cmd_mpi(args: argparse.Namespace) -> int:
     from launch.local import run_agent
     from launch.mpi import MpiOptions, find_mpiexec, mpi_flavour, mpiexec_command, threads_per_rank
 
-    opts = MpiOptions(nprocs=args.n, hostfile=args.hostfile or "", mpiexec=args.mpiexec or "",
-                      extra_args=list(args.mpi_arg))
+    opts = MpiOptions(
+        nprocs=args.n, hostfile=args.hostfile or "", mpiexec=args.mpiexec or "", extra_args=list(args.mpi_arg)
+    )
     opts.validate()
-    shape = JobShape(max_nodes=1, min_nodes=1, nproc_per_node=args.n, run_dir=args.run_dir or "",
-                     metrics_host="0.0.0.0" if args.hostfile else "")
+    shape = JobShape(
+        max_nodes=1,
+        min_nodes=1,
+        nproc_per_node=args.n,
+        run_dir=args.run_dir or "",
+        metrics_host="0.0.0.0" if args.hostfile else "",
+    )
     cfg = load_with_shape(args.config, args.overrides, shape)
     mpiexec = find_mpiexec(opts.mpiexec)
     flavour = mpi_flavour(mpiexec)
     config_json = prepare_run(cfg)
     spec = LaunchSpec(cfg=cfg, config_json=str(config_json), job_name=_job_name(args))
     cmd = mpiexec_command(spec, opts, mpiexec, flavour)
-    print(f"run dir {cfg.train.run_dir}; {flavour} mpiexec: {args.n} ranks"
-          f"{f' over {opts.hostfile}' if opts.hostfile else ' on this machine'}", flush=True)
+    print(
+        f"run dir {cfg.train.run_dir}; {flavour} mpiexec: {args.n} ranks"
+        f"{f' over {opts.hostfile}' if opts.hostfile else ' on this machine'}",
+        flush=True,
+    )
     if args.print:
         print(shlex.join(cmd))
         return 0
     code = run_agent(cmd, threads_per_worker=threads_per_rank(spec, opts))
-    print(f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
-          f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}", flush=True)
+    print(
+        f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
+        f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}",
+        flush=True,
+    )
     return code
 
 
@@ -117,16 +146,30 @@ def cmd_mpi(args: argparse.Namespace) -> int:
 def k8s_spec(args: argparse.Namespace) -> tuple[LaunchSpec, K8sOptions]:
     from launch.k8s import K8sOptions
 
-    opts = K8sOptions(image=args.image, namespace=args.namespace or "", cpus_per_node=args.cpus_per_node or "",
-                      memory_per_node=args.memory_per_node or "", shm_size=args.shm_size, storage=args.storage,
-                      storage_class=args.storage_class or "", existing_claim=args.pvc or "",
-                      metrics_port=args.metrics_port)
+    opts = K8sOptions(
+        image=args.image,
+        namespace=args.namespace or "",
+        cpus_per_node=args.cpus_per_node or "",
+        memory_per_node=args.memory_per_node or "",
+        shm_size=args.shm_size,
+        storage=args.storage,
+        storage_class=args.storage_class or "",
+        existing_claim=args.pvc or "",
+        metrics_port=args.metrics_port,
+    )
     opts.validate()
-    shape = JobShape(max_nodes=args.max_nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node,
-                     nproc_per_node=args.nproc_per_node, metrics_host="0.0.0.0", metrics_port=args.metrics_port)
+    shape = JobShape(
+        max_nodes=args.max_nodes,
+        min_nodes=args.min_nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=args.nproc_per_node,
+        metrics_host="0.0.0.0",
+        metrics_port=args.metrics_port,
+    )
     cfg = load_with_shape(args.config, args.overrides, shape)
-    spec = LaunchSpec(cfg=cfg, config_json="/etc/ecpt/config.json", job_name=_job_name(args),
-                      gpus_per_node=args.gpus_per_node)
+    spec = LaunchSpec(
+        cfg=cfg, config_json="/etc/ecpt/config.json", job_name=_job_name(args), gpus_per_node=args.gpus_per_node
+    )
     return spec, opts
 
 
@@ -150,27 +193,43 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--job-name", help="job name (default: ecpt-<config file name>)")
-    p.add_argument("--nproc-per-node", type=int, help="workers per node (default: one per GPU, or the config's "
-                                                      "launch.nproc_per_node on CPU nodes)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="workers per node (default: one per GPU, or the config's launch.nproc_per_node on CPU nodes)",
+    )
 
 
 def _slurm_parser(sub) -> None:
     p = sub.add_parser("slurm", help="render (and submit) an sbatch script: one torchrun agent per node")
     _common(p)
     p.add_argument("--nodes", type=int, required=True, help="nodes to allocate (torchrun's MAX)")
-    p.add_argument("--min-nodes", type=int, default=None,
-                   help="fewest nodes training continues with (default: the config's launch.nnodes MIN, else 1)")
+    p.add_argument(
+        "--min-nodes",
+        type=int,
+        default=None,
+        help="fewest nodes training continues with (default: the config's launch.nnodes MIN, else 1)",
+    )
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node; 0 = CPU nodes (gloo)")
     p.add_argument("--time", required=True, help="wall-time limit, e.g. 30, 4:00:00, 1-12:00:00")
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--run-dir", help="run directory on storage every node sees (default: the config's)")
-    p.add_argument("--signal-seconds", type=int, default=120,
-                   help="USR1 (checkpoint and requeue) this many seconds before the time limit (default 120)")
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        help="USR1 (checkpoint and requeue) this many seconds before the time limit (default 120)",
+    )
     p.add_argument("--cpus-per-node", type=int, default=0, help="CPUs per node (default: --exclusive)")
     p.add_argument("--no-requeue", action="store_true", help="stop after USR1 instead of requeueing the job")
-    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="extra #SBATCH option, repeatable, e.g. --sbatch=--qos=high")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH option, repeatable, e.g. --sbatch=--qos=high",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--submit", action="store_true", help="submit with sbatch")
     mode.add_argument("--print", action="store_true", help="print the script (default)")
@@ -184,8 +243,13 @@ def _mpi_parser(sub) -> None:
     p.add_argument("--hostfile", help="hosts file (default: all ranks on this machine)")
     p.add_argument("--run-dir", help="run directory (default: the config's)")
     p.add_argument("--mpiexec", help="mpiexec to use (default: the venv's, else the first on PATH)")
-    p.add_argument("--mpi-arg", action="append", default=[], metavar="FLAG",
-                   help="extra mpiexec flag, repeatable, e.g. --mpi-arg=--bind-to --mpi-arg=none")
+    p.add_argument(
+        "--mpi-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra mpiexec flag, repeatable, e.g. --mpi-arg=--bind-to --mpi-arg=none",
+    )
     p.add_argument("--print", action="store_true", help="prepare the run and print the mpiexec command only")
     p.set_defaults(func=cmd_mpi)
 
@@ -204,8 +268,12 @@ def _k8s_parser(sub) -> None:
     p.add_argument("--storage", default="100Gi", help="size of the shared ReadWriteMany volume (default 100Gi)")
     p.add_argument("--storage-class", help="StorageClass of the shared volume (default: the cluster's)")
     p.add_argument("--pvc", help="use this existing PersistentVolumeClaim instead of creating one")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                   help=f"base metrics port; local rank r serves port + r (default {DEFAULT_METRICS_PORT})")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"base metrics port; local rank r serves port + r (default {DEFAULT_METRICS_PORT})",
+    )
     p.add_argument("--output", "-o", help="write the manifests here instead of stdout")
     p.set_defaults(func=cmd_k8s)
 
@@ -217,4 +285,3 @@ def add_launch_parser(subparsers) -> None:
     _slurm_parser(sub)
     _mpi_parser(sub)
     _k8s_parser(sub)
-

@@ -31,10 +31,16 @@ def cmd_experiment_cpt(args: argparse.Namespace) -> int:
     out = Path(args.out or exp.spec.out)
     argv = ["ecpt", "experiment", "cpt"] + (["--config", str(args.config)] if args.config else [])
     argv += (["--out", str(args.out)] if args.out else []) + (["--arms", ",".join(args.arms)] if args.arms else [])
-    argv += (["--parallel", str(args.parallel)] if args.parallel else [])
+    argv += ["--parallel", str(args.parallel)] if args.parallel else []
     argv += [f"--set={o}" for o in args.overrides]
-    return run_experiment(exp, out, arm_names=args.arms, parallel=args.parallel, command=shlex.join(argv),
-                          say=lambda msg: print(msg, flush=True))
+    return run_experiment(
+        exp,
+        out,
+        arm_names=args.arms,
+        parallel=args.parallel,
+        command=shlex.join(argv),
+        say=lambda msg: print(msg, flush=True),
+    )
 
 
 def add_experiment_parser(sub) -> None:
@@ -42,17 +48,37 @@ def add_experiment_parser(sub) -> None:
     experiment = sub.add_parser("experiment", help="run a research experiment and write a table, plots and JSON")
     which = experiment.add_subparsers(dest="experiment", required=True)
     cpt = which.add_parser(
-        "cpt", help="continual pre-training: LR schedules (repeated cosine, infinite, WSD, constant) x replay",
+        "cpt",
+        help="continual pre-training: LR schedules (repeated cosine, infinite, WSD, constant) x replay",
         description="Train the same model through the same data phases under every arm of the experiment config, "
-                    "then print a Markdown table and write results.md, results.json and curves.png to --out. "
-                    "Arms with a result in --out are skipped; an unfinished arm resumes from its newest checkpoint.")
-    cpt.add_argument("--config", default=None, help=f"experiment TOML file or bundled config name (default: {CPT_CONFIG})")
+        "then print a Markdown table and write results.md, results.json and curves.png to --out. "
+        "Arms with a result in --out are skipped; an unfinished arm resumes from its newest checkpoint.",
+    )
+    cpt.add_argument(
+        "--config", default=None, help=f"experiment TOML file or bundled config name (default: {CPT_CONFIG})"
+    )
     cpt.add_argument("--out", default=None, help="output directory (default: experiment.out of the config)")
-    cpt.add_argument("--arms", type=_arm_list, default=None, metavar="A,B",
-                     help="train only these arms (the report still covers every finished arm)")
-    cpt.add_argument("--parallel", type=_positive, default=None, metavar="N",
-                     help="arms trained at once, each in its own process (default: experiment.parallel)")
-    cpt.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a base-config or experiment value, e.g. --set train.eval_interval=10; "
-                          "arms apply their schedule on top")
+    cpt.add_argument(
+        "--arms",
+        type=_arm_list,
+        default=None,
+        metavar="A,B",
+        help="train only these arms (the report still covers every finished arm)",
+    )
+    cpt.add_argument(
+        "--parallel",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="arms trained at once, each in its own process (default: experiment.parallel)",
+    )
+    cpt.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a base-config or experiment value, e.g. --set train.eval_interval=10; "
+        "arms apply their schedule on top",
+    )
     cpt.set_defaults(func=cmd_experiment_cpt)

@@ -16,8 +16,10 @@ import torch
 from elastic.worker import die_with_parent
 
 if torch.cuda.is_initialized():
-    raise RuntimeError("a module preloaded into launch.agent's fork server initialised CUDA; forked workers could "
-                       "not use it: remove it from launch.agent.preload_modules")
+    raise RuntimeError(
+        "a module preloaded into launch.agent's fork server initialised CUDA; forked workers could "
+        "not use it: remove it from launch.agent.preload_modules"
+    )
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -51,8 +51,12 @@ class K8sOptions:
     def validate(self) -> None:
         if not self.image:
             raise ConfigError("--image is required: a container image with ecpt installed (deploy/docker/Dockerfile)")
-        for flag, value in (("--cpus-per-node", self.cpus_per_node), ("--memory-per-node", self.memory_per_node),
-                            ("--shm-size", self.shm_size), ("--storage", self.storage)):
+        for flag, value in (
+            ("--cpus-per-node", self.cpus_per_node),
+            ("--memory-per-node", self.memory_per_node),
+            ("--shm-size", self.shm_size),
+            ("--storage", self.storage),
+        ):
             if value and not _QUANTITY_RE.match(value):
                 raise ConfigError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
         if not 1024 <= self.metrics_port <= 65000:
@@ -81,22 +85,37 @@ def _resources(spec: LaunchSpec, opts: K8sOptions) -> dict:
 
 def _container(spec: LaunchSpec, opts: K8sOptions) -> dict:
     ports = [{"name": RDZV_PORT_NAME, "containerPort": spec.rdzv_port, "protocol": "TCP"}]
-    ports += [{"name": f"metrics-{r}", "containerPort": opts.metrics_port + r, "protocol": "TCP"}
-              for r in range(spec.nproc_per_node)]
-    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1",
-           "PET_MONITOR_INTERVAL": str(spec.cfg.launch.monitor_interval), **spec.env}
+    ports += [
+        {"name": f"metrics-{r}", "containerPort": opts.metrics_port + r, "protocol": "TCP"}
+        for r in range(spec.nproc_per_node)
+    ]
+    env = {
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PET_MONITOR_INTERVAL": str(spec.cfg.launch.monitor_interval),
+        **spec.env,
+    }
     return {
         "name": CONTAINER_NAME,
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "launch.agent", "-m", "elastic.worker",
-                    "--config-json", f"{CONFIG_MOUNT}/config.json"],
+        "command": [
+            "python",
+            "-m",
+            "launch.agent",
+            "-m",
+            "elastic.worker",
+            "--config-json",
+            f"{CONFIG_MOUNT}/config.json",
+        ],
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "ports": ports,
         "resources": _resources(spec, opts),
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-                         {"name": "shared", "mountPath": SHARED_MOUNT},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "shared", "mountPath": SHARED_MOUNT},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
     }
 
 
@@ -116,8 +135,11 @@ def pytorchjob(spec: LaunchSpec, opts: K8sOptions) -> dict:
     pod = {
         "metadata": {
             "labels": {"app.kubernetes.io/name": "ecpt", "app.kubernetes.io/instance": spec.job_name},
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(opts.metrics_port),
-                            "prometheus.io/path": "/metrics"},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(opts.metrics_port),
+                "prometheus.io/path": "/metrics",
+            },
         },
         "spec": {
             "containers": [_container(spec, opts)],
@@ -133,29 +155,43 @@ def pytorchjob(spec: LaunchSpec, opts: K8sOptions) -> dict:
         "kind": "PyTorchJob",
         "metadata": _metadata(spec.job_name, spec, opts),
         "spec": {
-            "elasticPolicy": {"rdzvBackend": "c10d", "rdzvId": spec.job_name, "minReplicas": spec.min_nodes,
-                              "maxReplicas": spec.max_nodes, "maxRestarts": spec.cfg.launch.max_restarts,
-                              "rdzvConf": rdzv_conf},
+            "elasticPolicy": {
+                "rdzvBackend": "c10d",
+                "rdzvId": spec.job_name,
+                "minReplicas": spec.min_nodes,
+                "maxReplicas": spec.max_nodes,
+                "maxRestarts": spec.cfg.launch.max_restarts,
+                "rdzvConf": rdzv_conf,
+            },
             "nprocPerNode": str(spec.nproc_per_node),
             "runPolicy": {"cleanPodPolicy": "None"},
-            "pytorchReplicaSpecs": {"Worker": {"replicas": spec.max_nodes, "restartPolicy": "OnFailure",
-                                               "template": pod}},
+            "pytorchReplicaSpecs": {
+                "Worker": {"replicas": spec.max_nodes, "restartPolicy": "OnFailure", "template": pod}
+            },
         },
     }
 
 
 def configmap(spec: LaunchSpec, opts: K8sOptions) -> dict:
     text = json.dumps(container_config(spec, opts), indent=2) + "\n"
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(f"{spec.job_name}-config", spec, opts),
-            "data": {"config.json": text}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(f"{spec.job_name}-config", spec, opts),
+        "data": {"config.json": text},
+    }
 
 
 def shared_claim(spec: LaunchSpec, opts: K8sOptions) -> dict:
     claim = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": opts.storage}}}
     if opts.storage_class:
         claim["storageClassName"] = opts.storage_class
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": _metadata(_claim_name(spec, opts), spec, opts), "spec": claim}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(_claim_name(spec, opts), spec, opts),
+        "spec": claim,
+    }
 
 
 def manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict]:
@@ -197,8 +233,14 @@ def _key(key: str) -> str:
 
 def _literal_ok(text: str) -> bool:
     lines = text.split("\n")
-    return "\n" in text.rstrip("\n") and text.endswith("\n") and not text.endswith("\n\n") \
-        and not text[0].isspace() and all(line == line.rstrip() for line in lines) and "\t" not in text
+    return (
+        "\n" in text.rstrip("\n")
+        and text.endswith("\n")
+        and not text.endswith("\n\n")
+        and not text[0].isspace()
+        and all(line == line.rstrip() for line in lines)
+        and "\t" not in text
+    )
 
 
 def _emit(value, indent: int) -> list[str]:
@@ -216,7 +258,7 @@ def _emit(value, indent: int) -> list[str]:
         out = []
         for item in value:
             lines = _emit(item, indent + 2)
-            out.append(pad + "- " + lines[0][indent + 2:])
+            out.append(pad + "- " + lines[0][indent + 2 :])
             out += lines[1:]
         return out
     return [pad + _scalar(value)]

@@ -97,17 +97,21 @@ class LauncherCollector:
             c.add_metric(values, value)
             return c
 
-        hist = HistogramMetricFamily("ecpt_recovery_seconds", "Seconds without a completed step around a restart "
-                                     "(last step before it to the first after it)",
-                                     labels=labels)
+        hist = HistogramMetricFamily(
+            "ecpt_recovery_seconds",
+            "Seconds without a completed step around a restart (last step before it to the first after it)",
+            labels=labels,
+        )
         buckets = [(str(b), sum(1 for r in f.recoveries if r <= b)) for b in RECOVERY_BUCKETS]
         hist.add_metric(values, buckets + [("+Inf", len(f.recoveries))], sum(f.recoveries))
-        return [gauge("ecpt_world_size", "Ranks in the current worker group", f.world_size),
-                counter("ecpt_restarts", "Worker-group restarts (resumes) in this run", f.restarts),
-                counter("ecpt_membership_changes", "Resumes at a different world size", f.membership_changes),
-                counter("ecpt_steps_lost", "Steps computed again after restarts", f.steps_lost),
-                gauge("ecpt_goodput_ratio", "Time in kept steps / wall time since the run started", f.goodput()),
-                hist]
+        return [
+            gauge("ecpt_world_size", "Ranks in the current worker group", f.world_size),
+            counter("ecpt_restarts", "Worker-group restarts (resumes) in this run", f.restarts),
+            counter("ecpt_membership_changes", "Resumes at a different world size", f.membership_changes),
+            counter("ecpt_steps_lost", "Steps computed again after restarts", f.steps_lost),
+            gauge("ecpt_goodput_ratio", "Time in kept steps / wall time since the run started", f.goodput()),
+            hist,
+        ]
 
 
 def serve_launcher_metrics(run_dir: Path, host: str, port: int, node: str) -> int:

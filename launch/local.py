@@ -26,23 +26,39 @@ def resolve_endpoint(cfg: Config) -> str:
     host, _, port = cfg.launch.rdzv_endpoint.rpartition(":")
     if port == "0":
         if cfg.launch.max_nodes > 1:
-            raise ValueError("launch.rdzv_endpoint needs an explicit port for a multi-node job "
-                             "(every node must reach the same host:port)")
+            raise ValueError(
+                "launch.rdzv_endpoint needs an explicit port for a multi-node job "
+                "(every node must reach the same host:port)"
+            )
         port = str(free_port(host or "127.0.0.1"))
     return f"{host or '127.0.0.1'}:{port}"
 
 
-def torchrun_command(cfg: Config, config_json: Path, endpoint: str, node_rank: int | None = None,
-                     run_id: str = "ecpt", external_store: bool = False) -> list[str]:
+def torchrun_command(
+    cfg: Config,
+    config_json: Path,
+    endpoint: str,
+    node_rank: int | None = None,
+    run_id: str = "ecpt",
+    external_store: bool = False,
+) -> list[str]:
     """The elastic agent's command line (torchrun's flags). ``external_store``: the c10d store runs in its own process
     (``ecpt rdzv-store``), so losing the node whose agent would otherwise host it does not end the job."""
     rdzv_conf = RDZV_CONF + (",is_host=false" if external_store else "")
     # launch.agent is torchrun (same parser, same elastic agent) with workers forked from a preloaded server.
-    cmd = [sys.executable, "-m", "launch.agent",
-           f"--nnodes={cfg.launch.nnodes}", f"--nproc-per-node={cfg.launch.nproc_per_node}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
-           f"--rdzv-conf={rdzv_conf}", f"--max-restarts={cfg.launch.max_restarts}",
-           f"--monitor-interval={cfg.launch.monitor_interval}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.agent",
+        f"--nnodes={cfg.launch.nnodes}",
+        f"--nproc-per-node={cfg.launch.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={run_id}",
+        f"--rdzv-conf={rdzv_conf}",
+        f"--max-restarts={cfg.launch.max_restarts}",
+        f"--monitor-interval={cfg.launch.monitor_interval}",
+    ]
     if node_rank is not None:
         cmd.append(f"--node-rank={node_rank}")
     return cmd + ["-m", "elastic.worker", "--config-json", str(config_json)]
@@ -86,8 +102,7 @@ def serve_rendezvous_store(host: str, port: int) -> None:
 
     from torch.distributed import TCPStore
 
-    store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(hours=24),
-                     multi_tenant=True)
+    store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(hours=24), multi_tenant=True)
     print(f"rendezvous store listening on {host}:{port}; stop it with Ctrl-C", flush=True)
     stop = signal.sigwait({signal.SIGINT, signal.SIGTERM})
     print(f"rendezvous store stopping on signal {stop}", flush=True)

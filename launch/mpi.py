@@ -38,8 +38,10 @@ class MpiOptions:
         if self.nprocs < 1:
             raise ConfigError(f"-n must be >= 1, got {self.nprocs}")
         if self.hostfile and not Path(self.hostfile).is_file():
-            raise ConfigError(f"--hostfile {self.hostfile} does not exist; write one host per line "
-                              f"(MPICH: host:slots, Open MPI: host slots=N)")
+            raise ConfigError(
+                f"--hostfile {self.hostfile} does not exist; write one host per line "
+                f"(MPICH: host:slots, Open MPI: host slots=N)"
+            )
 
 
 def find_mpiexec(requested: str = "") -> str:
@@ -52,8 +54,10 @@ def find_mpiexec(requested: str = "") -> str:
     beside = Path(sys.executable).parent / "mpiexec"
     found = str(beside) if beside.is_file() else shutil.which("mpiexec")
     if not found:
-        raise ConfigError("no mpiexec found: pip install 'ecpt[mpi]' (brings the mpich wheel's mpiexec), "
-                          "load your cluster's MPI module, or pass --mpiexec PATH")
+        raise ConfigError(
+            "no mpiexec found: pip install 'ecpt[mpi]' (brings the mpich wheel's mpiexec), "
+            "load your cluster's MPI module, or pass --mpiexec PATH"
+        )
     return found
 
 
@@ -73,8 +77,9 @@ def worker_command(spec: LaunchSpec) -> list[str]:
     return [sys.executable, "-m", "elastic.worker", "--config-json", str(spec.config_json)]
 
 
-def mpiexec_command(spec: LaunchSpec, opts: MpiOptions, mpiexec: str, flavour: str,
-                    is_root: bool | None = None) -> list[str]:
+def mpiexec_command(
+    spec: LaunchSpec, opts: MpiOptions, mpiexec: str, flavour: str, is_root: bool | None = None
+) -> list[str]:
     opts.validate()
     cmd = [mpiexec, "-n", str(opts.nprocs)]
     if flavour == "openmpi":

@@ -33,8 +33,9 @@ def parse_slurm_time(text: str) -> int:
     """Seconds in a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch --time formats)."""
     m = _TIME_RE.match(text.strip())
     if not m:
-        raise ConfigError(f"--time {text!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
-                          f"D-HH:MM:SS")
+        raise ConfigError(
+            f"--time {text!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+        )
     days, a, b, c = m.groups()
     if days is not None:  # D-H[:M[:S]]
         return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
@@ -67,8 +68,10 @@ class SlurmOptions:
         if limit <= 0:
             raise ConfigError(f"--time must be positive, got {self.time!r}")
         if not 0 < self.signal_seconds < limit:
-            raise ConfigError(f"--signal-seconds ({self.signal_seconds}) must be > 0 and below the time limit "
-                              f"--time {self.time} = {limit} s, or the checkpoint warning would never fit")
+            raise ConfigError(
+                f"--signal-seconds ({self.signal_seconds}) must be > 0 and below the time limit "
+                f"--time {self.time} = {limit} s, or the checkpoint warning would never fit"
+            )
         if self.cpus_per_node < 0:
             raise ConfigError(f"--cpus-per-node must be >= 0 (0 = whole node), got {self.cpus_per_node}")
 
@@ -110,22 +113,30 @@ def _directives(spec: LaunchSpec, opts: SlurmOptions) -> list[str]:
         lines.append(f"--partition={opts.partition}")
     if opts.account:
         lines.append(f"--account={opts.account}")
-    lines += [f"--output={spec.run_dir / 'slurm-%j.out'}", "--open-mode=append",
-              f"--signal=B:USR1@{opts.signal_seconds}", "--requeue"]
+    lines += [
+        f"--output={spec.run_dir / 'slurm-%j.out'}",
+        "--open-mode=append",
+        f"--signal=B:USR1@{opts.signal_seconds}",
+        "--requeue",
+    ]
     if spec.elastic:
         lines.append("--no-kill")  # a failed node must not end the allocation: the agents continue with MIN nodes
     return [f"#SBATCH {line}" for line in lines + list(opts.extra_sbatch)]
 
 
 def _srun_line(spec: LaunchSpec) -> str:
-    flags = ['--nodes="$SLURM_JOB_NUM_NODES"', "--ntasks-per-node=1",
-             '--cpus-per-task="${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}"', "--kill-on-bad-exit=0"]
+    flags = [
+        '--nodes="$SLURM_JOB_NUM_NODES"',
+        "--ntasks-per-node=1",
+        '--cpus-per-task="${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}"',
+        "--kill-on-bad-exit=0",
+    ]
     if spec.gpus_per_node:
         flags.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.elastic:
         flags.append("--no-kill")
     agent = " \\\n        ".join(_command_lines(agent_command(spec)))
-    return (f"srun {' '.join(flags)} \\\n    bash -c 'trap \"\" USR1; exec \"$@\"' ecpt-agent \\\n        {agent} &")
+    return f'srun {" ".join(flags)} \\\n    bash -c \'trap "" USR1; exec "$@"\' ecpt-agent \\\n        {agent} &'
 
 
 def _port_line(spec: LaunchSpec) -> str:
@@ -189,8 +200,7 @@ fi
 
 def submit(script: Path, env: dict[str, str] | None = None) -> str:
     """``sbatch --parsable``; returns the job id. The script's #SBATCH lines carry every option."""
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
-                          timeout=60)
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, timeout=60)
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch {script} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]

@@ -110,8 +110,10 @@ def default_job_name(config_path: str | None) -> str:
 
 def check_job_name(name: str) -> str:
     if not JOB_NAME_RE.match(name):
-        raise ConfigError(f"--job-name {name!r} must be lower-case letters, digits and '-', start and end with a "
-                          f"letter or digit, at most 52 characters (it names Kubernetes objects and the rendezvous)")
+        raise ConfigError(
+            f"--job-name {name!r} must be lower-case letters, digits and '-', start and end with a "
+            f"letter or digit, at most 52 characters (it names Kubernetes objects and the rendezvous)"
+        )
     return name
 
 

@@ -45,15 +45,19 @@ def prepare_run(cfg: Config) -> Path:
     return config_json
 
 
-def train_on_this_machine(cfg: Config, node_id: str | None = None, node_rank: int | None = None,
-                          external_store: bool = False) -> int:
+def train_on_this_machine(
+    cfg: Config, node_id: str | None = None, node_rank: int | None = None, external_store: bool = False
+) -> int:
     """Prepare the run, start the elastic agent and wait for it; the exit code of ``ecpt train``."""
     from launch.local import resolve_endpoint, run_agent, torchrun_command  # imports torch: not on every ecpt start
 
     config_json = prepare_run(cfg)
     endpoint = resolve_endpoint(cfg)
-    print(f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
-          f"workers per node, rendezvous c10d at {endpoint}", flush=True)
+    print(
+        f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
+        f"workers per node, rendezvous c10d at {endpoint}",
+        flush=True,
+    )
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
     node_env = {NODE_ID_ENV: node_id} if node_id else {}
     if cfg.metrics.enabled:
@@ -66,8 +70,11 @@ def train_on_this_machine(cfg: Config, node_id: str | None = None, node_rank: in
     code = run_agent(cmd, extra_env=node_env, threads_per_worker=threads)
     if code == 0:
         code = _checkpoint_failure_code(Path(cfg.train.run_dir) / "metrics.jsonl")
-    print(f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
-          f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}", flush=True)
+    print(
+        f"training {'finished' if code == 0 else f'failed with exit code {code}'}; "
+        f"metrics log: {Path(cfg.train.run_dir) / 'metrics.jsonl'}",
+        flush=True,
+    )
     return code
 
 
@@ -80,16 +87,20 @@ def _checkpoint_failure_code(metrics_jsonl: Path) -> int:
     errors = [r for r in rows[last_start:] if r["kind"] == "checkpoint_error"]
     if not errors:
         return 0
-    print(f"ecpt: training reached step {errors[-1]['step']} but checkpoint saves failed: {errors[-1]['error']}\n"
-          f"ecpt: older checkpoints are intact (ecpt ckpt list {Path(metrics_jsonl).parent}); free space and rerun "
-          f"to resume", file=sys.stderr)
+    print(
+        f"ecpt: training reached step {errors[-1]['step']} but checkpoint saves failed: {errors[-1]['error']}\n"
+        f"ecpt: older checkpoints are intact (ecpt ckpt list {Path(metrics_jsonl).parent}); free space and rerun "
+        f"to resume",
+        file=sys.stderr,
+    )
     return CHECKPOINT_FAILED_EXIT
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = with_faults(load_config(args.config, train_overrides(args)), args.fault)
-    return train_on_this_machine(cfg, node_id=args.node_id, node_rank=args.node_rank,
-                                 external_store=args.rdzv_store == "external")
+    return train_on_this_machine(
+        cfg, node_id=args.node_id, node_rank=args.node_rank, external_store=args.rdzv_store == "external"
+    )
 
 
 def cmd_rdzv_store(args: argparse.Namespace) -> int:
@@ -104,13 +115,25 @@ def add_train_parser(sub) -> None:
     add_config_args(train)
     add_train_shape_args(train)
     train.add_argument("--node-rank", type=int, default=None, help="fixed node rank (default: assigned by rendezvous)")
-    train.add_argument("--node-id", help="this node's identity (its own L0 memory directory); default: hostname. "
-                                         "Give each agent its own when simulating several nodes on one machine")
-    train.add_argument("--rdzv-store", choices=("agent", "external"), default="agent",
-                       help="external: the c10d store is an `ecpt rdzv-store` process, not hosted by an agent, so "
-                            "losing any one node does not end the job")
-    train.add_argument("--fault", action="append", default=[], metavar="SENTENCE",
-                       help="inject a fault, e.g. 'kill rank 1 at step 30' (repeatable; see elastic/fault_plan.py)")
+    train.add_argument(
+        "--node-id",
+        help="this node's identity (its own L0 memory directory); default: hostname. "
+        "Give each agent its own when simulating several nodes on one machine",
+    )
+    train.add_argument(
+        "--rdzv-store",
+        choices=("agent", "external"),
+        default="agent",
+        help="external: the c10d store is an `ecpt rdzv-store` process, not hosted by an agent, so "
+        "losing any one node does not end the job",
+    )
+    train.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SENTENCE",
+        help="inject a fault, e.g. 'kill rank 1 at step 30' (repeatable; see elastic/fault_plan.py)",
+    )
     train.set_defaults(func=cmd_train)
 
 

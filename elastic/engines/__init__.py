@@ -43,8 +43,9 @@ class TrainEngine(Protocol):
     def zero_grad(self) -> None: ...
 
 
-def build_engine(cfg, world, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device) -> TrainEngine:
+def build_engine(
+    cfg, world, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> TrainEngine:
     """The engine ``train.engine`` names. DeepSpeed is imported only when used (it takes seconds to import)."""
     if cfg.train.engine == "deepspeed":
         from elastic.engines.deepspeed_engine import DeepSpeedEngine

@@ -51,8 +51,9 @@ class DDPEngine:
         self.grad_clip = cfg.optim.grad_clip
         self.wrapped = model
         if world.world_size > 1:
-            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          forward_sync_buffers=False)  # rotary tables are derived, identical
+            ddp = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+            )  # rotary tables are derived, identical
             ddp.register_comm_hook(state=None, hook=sum_allreduce_hook)
             self.wrapped = ddp
 

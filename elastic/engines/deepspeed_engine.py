@@ -76,8 +76,12 @@ def deepspeed_config(cfg: Config, world_size: int, parameters: int = DEFAULT_BUC
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "reduce_bucket_size": bucket,
-                              "allgather_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket},
+        "zero_optimization": {
+            "stage": cfg.deepspeed.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": bucket,
+        },
         "zero_allow_untested_optimizer": True,  # ecpt's torch AdamW as the client optimizer
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "steps_per_print": 1 << 30,
@@ -112,8 +116,9 @@ def _piece(flat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, world, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device):
+    def __init__(
+        self, cfg: Config, world, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ):
         import deepspeed
 
         if cfg.deepspeed.bf16 and device.type == "cpu":
@@ -129,8 +134,9 @@ class DeepSpeedEngine:
         self.ds_config = deepspeed_config(cfg, self.world_size, sum(p.numel() for p in model.parameters()))
         self.names = {p: n for n, p in model.named_parameters()}  # before ZeRO-3 replaces .data
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
-                                                dist_init_required=False)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
         self.model = model
         self.optimizer = optimizer  # the client AdamW; ZeRO points its param groups at the fp32 partitions
         self.zero = self.ds.optimizer if self.stage > 0 else None
@@ -181,8 +187,9 @@ class DeepSpeedEngine:
                 self._tensors = self._zero3_shards()
         return self._tensors
 
-    def _add(self, tensors: dict, name: str, master: torch.Tensor, flat_state: dict, a: int, b: int,
-             lo: int, hi: int) -> None:
+    def _add(
+        self, tensors: dict, name: str, master: torch.Tensor, flat_state: dict, a: int, b: int, lo: int, hi: int
+    ) -> None:
         """Elements [lo, hi) of parameter ``name`` live at [a, b) of this rank's flat fp32 master partition."""
         shape = self.shapes[name]
         tensors[f"model/{name}"] = Shard(_piece(master, a, b), shape, (lo, hi))

@@ -66,22 +66,28 @@ class _Flattener:
         if isinstance(value, enum.Enum):
             return {"__enum__": _class_path(value, where), "value": self.encode(value.value, where)}
         if isinstance(value, dict):
-            return {"__dict__": [[self.encode(k, where), self.encode(v, f"{where}.{k}")] for k, v in value.items()],
-                    "ordered": isinstance(value, OrderedDict)}
+            return {
+                "__dict__": [[self.encode(k, where), self.encode(v, f"{where}.{k}")] for k, v in value.items()],
+                "ordered": isinstance(value, OrderedDict),
+            }
         if isinstance(value, (list, tuple, set, frozenset)):
             items = [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
             return items if isinstance(value, list) else {"__" + type(value).__name__ + "__": items}
         if hasattr(value, "__dict__"):
             return {"__object__": _class_path(value, where), "state": self.encode(vars(value), where)}
-        raise CheckpointError(f"DeepSpeed state {where} holds a {type(value).__name__}, which ecpt checkpoints "
-                              f"cannot store without pickle")
+        raise CheckpointError(
+            f"DeepSpeed state {where} holds a {type(value).__name__}, which ecpt checkpoints "
+            f"cannot store without pickle"
+        )
 
 
 def _class_path(value, where: str) -> str:
     cls = type(value)
     if not cls.__module__.startswith(_TRUSTED_MODULES) and not isinstance(value, enum.Enum):
-        raise CheckpointError(f"DeepSpeed state {where} holds a {cls.__module__}.{cls.__qualname__}; only DeepSpeed's "
-                              f"own objects are stored (rebuilding arbitrary classes would be pickle by another name)")
+        raise CheckpointError(
+            f"DeepSpeed state {where} holds a {cls.__module__}.{cls.__qualname__}; only DeepSpeed's "
+            f"own objects are stored (rebuilding arbitrary classes would be pickle by another name)"
+        )
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
@@ -135,9 +141,12 @@ class EcptCheckpointEngine(CheckpointEngine):
         self.name = "ecpt"
         self.root = Path(root)
         self.rank, self.world_size, self.group = rank, world_size, group
-        self.manager = CheckpointManager([LevelSpec(name="L1", root=str(self.root), interval=1, keep_last=keep_last,
-                                                    node_local=False)],
-                                         rank=rank, world_size=world_size, group=group)
+        self.manager = CheckpointManager(
+            [LevelSpec(name="L1", root=str(self.root), interval=1, keep_last=keep_last, node_local=False)],
+            rank=rank,
+            world_size=world_size,
+            group=group,
+        )
         self._files: dict[str, tuple[object, dict]] = {}
         self._saves = 0
         self._handles: dict[int, object] = {}
@@ -178,16 +187,22 @@ class EcptCheckpointEngine(CheckpointEngine):
             for name, (shape, dtype) in names.items():
                 if owner == self.rank:
                     t = mine[name]
-                    tensors[name] = Shard(t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1),
-                                          tuple(shape), (0, t.numel()))
+                    tensors[name] = Shard(
+                        t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1), tuple(shape), (0, t.numel())
+                    )
                 else:  # another rank's file: this rank holds none of it
                     tensors[name] = Shard(torch.empty(0, dtype=dtype), tuple(shape), (0, 0))
         handle = self.manager.save(step, tensors, {"deepspeed_tag": str(info.tag)})
         self.manager.wait_staged()
         self._handles[step] = handle
         for path, (skeleton, _) in self._files.items():
-            stub = {"format": STUB_FORMAT, "root": str(self.root), "step": step, "tag": str(info.tag),
-                    "skeleton": skeleton}
+            stub = {
+                "format": STUB_FORMAT,
+                "root": str(self.root),
+                "step": step,
+                "tag": str(info.tag),
+                "skeleton": skeleton,
+            }
             tmp = Path(f"{path}.tmp")
             tmp.write_text(json.dumps(stub))
             os.replace(tmp, path)
@@ -206,7 +221,9 @@ class EcptCheckpointEngine(CheckpointEngine):
         try:
             stub = json.loads(Path(path).read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is not an ecpt DeepSpeed stub (saved by another checkpoint engine?)") from exc
+            raise CheckpointError(
+                f"{path} is not an ecpt DeepSpeed stub (saved by another checkpoint engine?)"
+            ) from exc
         if not isinstance(stub, dict) or stub.get("format") != STUB_FORMAT:
             raise CheckpointError(f"{path} is not an ecpt DeepSpeed stub ({STUB_FORMAT})")
         step = stub["step"]

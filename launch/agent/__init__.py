@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.prog = "python -m launch.agent"  # argparse's default would be this package's "__main__.py"
     args = parser.parse_args(argv)
     if not args.module or args.training_script != WORKER_MODULE:
-        raise SystemExit(f"launch.agent starts only `-m {WORKER_MODULE}`, got {args.training_script!r}; "
-                         f"run other scripts with torchrun")
+        raise SystemExit(
+            f"launch.agent starts only `-m {WORKER_MODULE}`, got {args.training_script!r}; "
+            f"run other scripts with torchrun"
+        )
     config, _cmd, _cmd_args = config_from_args(args)
     config.start_method = "forkserver"
     multiprocessing.set_forkserver_preload(preload_modules(args.training_script_args))
@@ -114,4 +116,3 @@ def release_node_memory(worker_args: list[str]) -> None:
         log.setLevel(logging.INFO)
         log.propagate = False
     release_memory_level(config_from_json(worker_args[worker_args.index("--config-json") + 1]), log)
-

@@ -57,8 +57,9 @@ class LossCurves:
         try:
             return self.losses[domain][self.steps.index(step)]
         except ValueError:
-            raise CurveError(f"no evaluation at step {step} (a phase end must be evaluated); "
-                             f"evaluated steps: {list(self.steps)}") from None
+            raise CurveError(
+                f"no evaluation at step {step} (a phase end must be evaluated); evaluated steps: {list(self.steps)}"
+            ) from None
 
     def window(self, domain: str, after: int, until: int) -> list[tuple[int, float]]:
         """(step, loss) of the evaluations with ``after < step <= until``."""
@@ -137,8 +138,10 @@ def _check_phases(curves: LossCurves, phase_domains: list[str], phase_ends: list
     if any(b <= a for a, b in zip(phase_ends, phase_ends[1:])):
         raise CurveError(f"phase ends must be strictly increasing, got {phase_ends}")
     if phase_ends and phase_ends[-1] != curves.end:
-        raise CurveError(f"the last evaluation (step {curves.end}) is not the end of the last phase "
-                         f"(step {phase_ends[-1]}): the run did not finish")
+        raise CurveError(
+            f"the last evaluation (step {curves.end}) is not the end of the last phase "
+            f"(step {phase_ends[-1]}): the run did not finish"
+        )
 
 
 def phase_end_losses(curves: LossCurves, phase_ends: list[int]) -> list[dict[str, float]]:
@@ -155,10 +158,19 @@ def forgetting(curves: LossCurves, phase_domains: list[str], phase_ends: list[in
         values = curves.losses[domain]
         best_index = min(range(len(values)), key=values.__getitem__)
         after = [v for _, v in curves.window(domain, tau, curves.end)]
-        out.append(Forgetting(domain=domain, phase=j, loss_at_phase_end=at_end, final_loss=final,
-                              forgetting=final - at_end, best_loss=values[best_index],
-                              best_step=curves.steps[best_index], rise_from_best=final - values[best_index],
-                              worst_after=max(after) if after else None))
+        out.append(
+            Forgetting(
+                domain=domain,
+                phase=j,
+                loss_at_phase_end=at_end,
+                final_loss=final,
+                forgetting=final - at_end,
+                best_loss=values[best_index],
+                best_step=curves.steps[best_index],
+                rise_from_best=final - values[best_index],
+                worst_after=max(after) if after else None,
+            )
+        )
     return out
 
 
@@ -198,8 +210,10 @@ def average_final_loss(curves: LossCurves, domains: list[str] | None = None) -> 
 def cpt_metrics(curves: LossCurves, phase_domains: list[str], phase_ends: list[int]) -> CptMetrics:
     """All metrics of one run."""
     _check_phases(curves, phase_domains, phase_ends)
-    return CptMetrics(phase_end_losses=phase_end_losses(curves, phase_ends),
-                      final_losses={d: curves.at(d, curves.end) for d in curves.losses},
-                      average_final_loss=average_final_loss(curves),
-                      forgetting=forgetting(curves, phase_domains, phase_ends),
-                      stability_gaps=stability_gaps(curves, phase_domains, phase_ends))
+    return CptMetrics(
+        phase_end_losses=phase_end_losses(curves, phase_ends),
+        final_losses={d: curves.at(d, curves.end) for d in curves.losses},
+        average_final_loss=average_final_loss(curves),
+        forgetting=forgetting(curves, phase_domains, phase_ends),
+        stability_gaps=stability_gaps(curves, phase_domains, phase_ends),
+    )

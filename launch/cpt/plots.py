@@ -63,8 +63,9 @@ def _mark_phases(ax, ends: list[int], names: list[str]) -> None:
     for s in ends[:-1]:
         ax.axvline(s, color="grey", ls="--", lw=0.9)
     for s, e, n in zip(starts, ends, names):
-        ax.text((s + e) / 2, 1.0, n, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
-                color="grey")
+        ax.text(
+            (s + e) / 2, 1.0, n, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="grey"
+        )
 
 
 def _y_range(reports: list[ArmReport]) -> tuple[float, float]:

@@ -54,20 +54,39 @@ def summary_table(reports: list[ArmReport], domains: list[str], phase_domains: l
 def phase_table(reports: list[ArmReport], domains: list[str], phase_names: list[str]) -> str:
     """Validation loss of every domain after every phase (the last column group is the end of the run)."""
     header = ["arm"] + [f"after {name}: " + " / ".join(domains) for name in phase_names]
-    rows = [[r.name] + [" / ".join(f"{losses[d]:.3f}" for d in domains) for losses in r.metrics.phase_end_losses]
-            for r in reports]
+    rows = [
+        [r.name] + [" / ".join(f"{losses[d]:.3f}" for d in domains) for losses in r.metrics.phase_end_losses]
+        for r in reports
+    ]
     return _md_table(header, rows)
 
 
 def forgetting_table(reports: list[ArmReport]) -> str:
-    header = ["arm", "domain", "L at its phase end", "L at end", "F = end - phase end", "best (step)",
-              "rise from best", "worst after its phase"]
+    header = [
+        "arm",
+        "domain",
+        "L at its phase end",
+        "L at end",
+        "F = end - phase end",
+        "best (step)",
+        "rise from best",
+        "worst after its phase",
+    ]
     rows = []
     for r in reports:
         for f in r.metrics.forgetting[:-1]:
-            rows.append([r.name, f.domain, f"{f.loss_at_phase_end:.3f}", f"{f.final_loss:.3f}",
-                         f"{f.forgetting:+.3f}", f"{f.best_loss:.3f} ({f.best_step})", f"{f.rise_from_best:+.3f}",
-                         f"{f.worst_after:.3f}" if f.worst_after is not None else "-"])
+            rows.append(
+                [
+                    r.name,
+                    f.domain,
+                    f"{f.loss_at_phase_end:.3f}",
+                    f"{f.final_loss:.3f}",
+                    f"{f.forgetting:+.3f}",
+                    f"{f.best_loss:.3f} ({f.best_step})",
+                    f"{f.rise_from_best:+.3f}",
+                    f"{f.worst_after:.3f}" if f.worst_after is not None else "-",
+                ]
+            )
     return _md_table(header, rows)
 
 
@@ -77,8 +96,17 @@ def gap_table(reports: list[ArmReport], phase_names: list[str]) -> str:
     for r in reports:
         for g in r.metrics.stability_gaps:
             rec = str(g.recovery_steps) if g.recovered else "not recovered"
-            rows.append([r.name, f"{phase_names[g.shift - 1]}→{phase_names[g.shift]} (step {g.ref_step})", g.domain,
-                         f"{g.ref_loss:.3f}", f"{g.peak_rise:+.3f}", str(g.peak_step), rec])
+            rows.append(
+                [
+                    r.name,
+                    f"{phase_names[g.shift - 1]}→{phase_names[g.shift]} (step {g.ref_step})",
+                    g.domain,
+                    f"{g.ref_loss:.3f}",
+                    f"{g.peak_rise:+.3f}",
+                    str(g.peak_step),
+                    rec,
+                ]
+            )
     return _md_table(header, rows)
 
 
@@ -88,29 +116,46 @@ def markdown_report(exp: Experiment, reports: list[ArmReport], command: str, tot
     domains = list(base.data.sources)
     names = list(plan.names)
     steps = [plan.end_of(k) - plan.starts[k] for k in range(len(plan.starts))]
-    model = (f"model {reports[0].result['parameters'] / 1e6:.2f} M parameters" if reports
-             else f"model dim {base.model.dim} x {base.model.n_layers} layers")
+    model = (
+        f"model {reports[0].result['parameters'] / 1e6:.2f} M parameters"
+        if reports
+        else f"model dim {base.model.dim} x {base.model.n_layers} layers"
+    )
     intro = [
-        "# Continual pre-training experiment", "",
+        "# Continual pre-training experiment",
+        "",
         f"Command: `{command}`  ",
         f"Config: `{exp.path}`; {model}, phases "
         + ", ".join(f"{n} ({s} steps)" for n, s in zip(names, steps))
         + f", global batch {base.train.global_batch} x {base.model.seq_len} tokens, validation every "
-          f"{base.train.eval_interval} steps on {base.train.eval_batches * base.train.micro_batch} fixed windows "
-          f"per domain, seed {base.train.seed}.  ",
+        f"{base.train.eval_interval} steps on {base.train.eval_batches * base.train.micro_batch} fixed windows "
+        f"per domain, seed {base.train.seed}.  ",
         f"Arms finished: {len(reports)}/{len(exp.spec.arms)}"
-        + (f"; wall time of this invocation {format_duration(total_wall)}" if total_wall is not None else "") + ".",
+        + (f"; wall time of this invocation {format_duration(total_wall)}" if total_wall is not None else "")
+        + ".",
         "",
         "Losses are validation cross-entropy (nats per byte). F = L(end) - L(end of the domain's own phase); "
         "gap = peak rise of the domain just left over its value at the shift, the step of the peak, and the steps "
-        "from the shift until the rise falls below 10% of the peak (\"not rec.\" = not within the next phase).",
+        'from the shift until the rise falls below 10% of the peak ("not rec." = not within the next phase).',
         "",
     ]
     sections = [
-        "## Summary", "", summary_table(reports, domains, exp.phase_domains), "",
-        "## Validation loss after each phase", "", phase_table(reports, domains, names), "",
-        "## Forgetting", "", forgetting_table(reports), "",
-        "## Stability gap after every shift (all earlier domains)", "", gap_table(reports, names), "",
+        "## Summary",
+        "",
+        summary_table(reports, domains, exp.phase_domains),
+        "",
+        "## Validation loss after each phase",
+        "",
+        phase_table(reports, domains, names),
+        "",
+        "## Forgetting",
+        "",
+        forgetting_table(reports),
+        "",
+        "## Stability gap after every shift (all earlier domains)",
+        "",
+        gap_table(reports, names),
+        "",
     ]
     return "\n".join(intro + sections)
 
@@ -126,16 +171,29 @@ def write_report(exp: Experiment, out: Path, command: str, total_wall: float | N
     plan = phase_plan(exp.base)
     md = markdown_report(exp, reports, command, total_wall)
     (out / "results.md").write_text(md + "\n")
-    payload = {"command": command, "config": str(exp.path), "base_config": exp.base.to_dict(),
-               "domains": list(exp.base.data.sources), "phase_names": list(plan.names),
-               "phase_domains": exp.phase_domains, "phase_ends": [plan.end_of(k) for k in range(len(plan.starts))],
-               "arms": {r.name: {"arm": r.arm, "wall_seconds": r.result["wall_seconds"],
-                                 "parameters": r.result["parameters"], "total_steps": r.result["total_steps"],
-                                 "metrics": r.metrics.to_dict(), "curves": r.result["curves"]} for r in reports}}
+    payload = {
+        "command": command,
+        "config": str(exp.path),
+        "base_config": exp.base.to_dict(),
+        "domains": list(exp.base.data.sources),
+        "phase_names": list(plan.names),
+        "phase_domains": exp.phase_domains,
+        "phase_ends": [plan.end_of(k) for k in range(len(plan.starts))],
+        "arms": {
+            r.name: {
+                "arm": r.arm,
+                "wall_seconds": r.result["wall_seconds"],
+                "parameters": r.result["parameters"],
+                "total_steps": r.result["total_steps"],
+                "metrics": r.metrics.to_dict(),
+                "curves": r.result["curves"],
+            }
+            for r in reports
+        },
+    }
     write_json_atomic(out / "results.json", payload)
     if reports:
         plot_curves(reports, out / "curves.png", list(plan.names))
     say(md)
-    say(f"[cpt] wrote {out / 'results.md'}, {out / 'results.json'}"
-        + (f", {out / 'curves.png'}" if reports else ""))
+    say(f"[cpt] wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'curves.png'}" if reports else ""))
     return payload

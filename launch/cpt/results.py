@@ -32,10 +32,13 @@ def read_curves(metrics_jsonl: Path) -> dict:
     evals = sorted(_last_per_step(read_jsonl(metrics_jsonl, "eval")), key=lambda r: r["step"])
     steps = sorted(_last_per_step(read_jsonl(metrics_jsonl, "step")), key=lambda r: r["step"])
     domains = list(evals[0]["losses"]) if evals else []
-    return {"eval_steps": [r["step"] for r in evals],
-            "losses": {d: [r["losses"][d] for r in evals] for d in domains},
-            "steps": [r["step"] for r in steps], "lr": [r["lr"] for r in steps],
-            "train_loss": [r["loss"] for r in steps]}
+    return {
+        "eval_steps": [r["step"] for r in evals],
+        "losses": {d: [r["losses"][d] for r in evals] for d in domains},
+        "steps": [r["step"] for r in steps],
+        "lr": [r["lr"] for r in steps],
+        "train_loss": [r["loss"] for r in steps],
+    }
 
 
 def load_result(run_dir: Path, digest: str) -> dict | None:
@@ -48,8 +51,10 @@ def load_result(run_dir: Path, digest: str) -> dict | None:
     if result.get("version") != RESULT_VERSION:
         return None
     if result.get("digest") != digest:
-        raise ConfigError(f"{path} was produced by a different config (digest {result.get('digest')} != {digest}); "
-                          f"use another --out, or delete {run_dir} to rerun that arm")
+        raise ConfigError(
+            f"{path} was produced by a different config (digest {result.get('digest')} != {digest}); "
+            f"use another --out, or delete {run_dir} to rerun that arm"
+        )
     return result
 
 
@@ -72,8 +77,12 @@ def arm_report(result: dict) -> ArmReport:
     """Recompute the metrics of a finished arm from its curves (so metric fixes apply to old runs too)."""
     c, phases = result["curves"], result["phases"]
     curves = LossCurves.from_lists(c["eval_steps"], c["losses"])
-    return ArmReport(name=result["name"], arm=result["arm"], result=result,
-                     metrics=cpt_metrics(curves, phases["domains"], phases["ends"]))
+    return ArmReport(
+        name=result["name"],
+        arm=result["arm"],
+        result=result,
+        metrics=cpt_metrics(curves, phases["domains"], phases["ends"]),
+    )
 
 
 def schedule_label(result: dict) -> str:

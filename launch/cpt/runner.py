@@ -55,8 +55,9 @@ def run_arm(job: ArmJob) -> dict:
         trainer.resume(started)
         if trainer.state.step == 0:
             # Step 0 evaluation: the common starting point of every arm (evaluation draws no randomness).
-            trainer.jsonl.write("eval", step=0, phase=0, phase_name=trainer.plan.names[0], phase_end=False,
-                                losses=trainer.evaluate())
+            trainer.jsonl.write(
+                "eval", step=0, phase=0, phase_name=trainer.plan.names[0], phase_end=False, losses=trainer.evaluate()
+            )
         trainer.run()
     finally:
         trainer.close()
@@ -64,12 +65,23 @@ def run_arm(job: ArmJob) -> dict:
         raise RuntimeError(f"arm {job.name} stopped at step {trainer.state.step} of {trainer.total_steps}")
     wall = time.perf_counter() - started
     plan = trainer.plan
-    result = {"version": RESULT_VERSION, "name": job.name, "arm": job.arm, "digest": job.digest,
-              "wall_seconds": wall, "threads": cfg.train.threads_per_worker, "schedule": asdict(cfg.schedule),
-              "parameters": count_parameters(trainer.model), "total_steps": trainer.total_steps,
-              "phases": {"names": list(plan.names), "domains": job.phase_domains,
-                         "ends": [plan.end_of(k) for k in range(len(plan.starts))]},
-              "curves": read_curves(run_dir / "metrics.jsonl")}
+    result = {
+        "version": RESULT_VERSION,
+        "name": job.name,
+        "arm": job.arm,
+        "digest": job.digest,
+        "wall_seconds": wall,
+        "threads": cfg.train.threads_per_worker,
+        "schedule": asdict(cfg.schedule),
+        "parameters": count_parameters(trainer.model),
+        "total_steps": trainer.total_steps,
+        "phases": {
+            "names": list(plan.names),
+            "domains": job.phase_domains,
+            "ends": [plan.end_of(k) for k in range(len(plan.starts))],
+        },
+        "curves": read_curves(run_dir / "metrics.jsonl"),
+    }
     write_json_atomic(run_dir / "result.json", result)
     return result
 
@@ -109,8 +121,16 @@ def _jobs(exp: Experiment, arms: list[ArmSpec], out: Path, threads: int, progres
     for arm in arms:
         run_dir = out / "arms" / arm.name
         cfg = arm_config(exp, arm, run_dir=run_dir, threads=threads, progress=progress)
-        jobs.append(ArmJob(name=arm.name, config=cfg.to_dict(), run_dir=str(run_dir), digest=config_digest(cfg),
-                           arm=asdict(arm), phase_domains=exp.phase_domains))
+        jobs.append(
+            ArmJob(
+                name=arm.name,
+                config=cfg.to_dict(),
+                run_dir=str(run_dir),
+                digest=config_digest(cfg),
+                arm=asdict(arm),
+                phase_domains=exp.phase_domains,
+            )
+        )
     return jobs
 
 
@@ -138,8 +158,10 @@ def run_arms(jobs: list[ArmJob], parallel: int, say=print) -> tuple[dict[str, di
         started_count = 0
         while started_count < min(parallel, len(jobs)):
             started_count += 1
-            say(f"[cpt] start {jobs[started_count - 1].name} ({started_count}/{len(jobs)}), "
-                f"{steps_of[jobs[started_count - 1].name]} steps")
+            say(
+                f"[cpt] start {jobs[started_count - 1].name} ({started_count}/{len(jobs)}), "
+                f"{steps_of[jobs[started_count - 1].name]} steps"
+            )
         while pending:
             finished, _ = cf.wait(pending, timeout=STATUS_INTERVAL_S, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
@@ -149,8 +171,10 @@ def run_arms(jobs: list[ArmJob], parallel: int, say=print) -> tuple[dict[str, di
                 eta = progress.eta(sum(_running_steps(pending).values()))
                 if exc is None:
                     results[job.name] = fut.result()
-                    say(f"[cpt] done {job.name} in {format_duration(results[job.name]['wall_seconds'])} "
-                        f"({len(results) + len(errors)}/{len(jobs)} finished); ETA {eta}")
+                    say(
+                        f"[cpt] done {job.name} in {format_duration(results[job.name]['wall_seconds'])} "
+                        f"({len(results) + len(errors)}/{len(jobs)} finished); ETA {eta}"
+                    )
                 else:
                     errors[job.name] = f"{type(exc).__name__}: {exc}"
                     say(f"[cpt] FAILED {job.name}: {errors[job.name]}")
@@ -161,13 +185,21 @@ def run_arms(jobs: list[ArmJob], parallel: int, say=print) -> tuple[dict[str, di
             if not finished:
                 counts = _running_steps(pending)
                 status = ", ".join(f"{n} {c}/{steps_of[n]}" for n, c in counts.items())
-                say(f"[cpt] {format_duration(time.perf_counter() - progress.started)}: {status or 'starting'}; "
-                    f"ETA {progress.eta(sum(counts.values()))}")
+                say(
+                    f"[cpt] {format_duration(time.perf_counter() - progress.started)}: {status or 'starting'}; "
+                    f"ETA {progress.eta(sum(counts.values()))}"
+                )
     return results, errors
 
 
-def run_experiment(exp: Experiment, out: Path, arm_names: list[str] | None = None, parallel: int | None = None,
-                   command: str = "ecpt experiment cpt", say=print) -> int:
+def run_experiment(
+    exp: Experiment,
+    out: Path,
+    arm_names: list[str] | None = None,
+    parallel: int | None = None,
+    command: str = "ecpt experiment cpt",
+    say=print,
+) -> int:
     """Train the selected arms that have no result yet, then write the report over every finished arm.
 
     Returns 0 when every selected arm finished, 1 when some failed (the report still covers the others).
@@ -189,8 +221,10 @@ def run_experiment(exp: Experiment, out: Path, arm_names: list[str] | None = Non
     errors: dict[str, str] = {}
     if todo:
         build_corpus(exp.base, log=lambda msg: say(f"[cpt] {msg}"))  # once, before the workers memory-map it
-        say(f"[cpt] training {len(todo)} arm(s) {[j.name for j in todo]} in {min(parallel, len(todo))} process(es) "
-            f"x {threads} thread(s); output {out}")
+        say(
+            f"[cpt] training {len(todo)} arm(s) {[j.name for j in todo]} in {min(parallel, len(todo))} process(es) "
+            f"x {threads} thread(s); output {out}"
+        )
         _, errors = run_arms(todo, min(parallel, len(todo)), say=say)
     write_report(exp, out, command, time.perf_counter() - started, say=say)
     if errors:

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from elastic.config import (Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict,
-                            resolve_config)
+from elastic.config import Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict, resolve_config
 
 CPT_CONFIG = "cpt-experiment"
 """The bundled experiment config used without --config (configs/cpt-experiment.toml)."""
@@ -39,8 +38,10 @@ class ArmSpec:
     """Overrides of the base ``[schedule]`` table (kind, lr_max, warmup_steps, ...)."""
 
     def validate(self, where: str) -> None:
-        require(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
-                 f"{where}.name must be non-empty and use only letters, digits, '-', '_', '.'; got {self.name!r}")
+        require(
+            bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+            f"{where}.name must be non-empty and use only letters, digits, '-', '_', '.'; got {self.name!r}",
+        )
         require(0.0 <= self.replay < 1.0, f"{where}.replay must be in [0, 1), got {self.replay}")
         known = {f for f in ScheduleConfig.__dataclass_fields__}
         unknown = sorted(set(self.schedule) - known)
@@ -82,12 +83,18 @@ def _parse_arm(raw: object, where: str) -> ArmSpec:
     unknown = sorted(set(raw) - allowed)
     require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {sorted(allowed)}")
     replay = raw.get("replay", 0.0)
-    require(isinstance(replay, (int, float)) and not isinstance(replay, bool),
-             f"{where}.replay must be a number, got {replay!r}")
+    require(
+        isinstance(replay, (int, float)) and not isinstance(replay, bool),
+        f"{where}.replay must be a number, got {replay!r}",
+    )
     schedule = raw.get("schedule", {})
     require(isinstance(schedule, dict), f"{where}.schedule must be a table of [schedule] overrides")
-    return ArmSpec(name=str(raw.get("name", "")), description=str(raw.get("description", "")),
-                   replay=float(replay), schedule=dict(schedule))
+    return ArmSpec(
+        name=str(raw.get("name", "")),
+        description=str(raw.get("description", "")),
+        replay=float(replay),
+        schedule=dict(schedule),
+    )
 
 
 def parse_experiment(raw: object) -> ExperimentSpec:
@@ -99,11 +106,14 @@ def parse_experiment(raw: object) -> ExperimentSpec:
     arms_raw = raw.get("arms", [])
     require(isinstance(arms_raw, list), "experiment.arms must be an array of tables ([[experiment.arms]])")
     parallel, out = raw.get("parallel", 2), raw.get("out", "runs/cpt-experiment")
-    require(isinstance(parallel, int) and not isinstance(parallel, bool),
-             f"experiment.parallel must be an integer, got {parallel!r}")
+    require(
+        isinstance(parallel, int) and not isinstance(parallel, bool),
+        f"experiment.parallel must be an integer, got {parallel!r}",
+    )
     require(isinstance(out, str) and bool(out), f"experiment.out must be a non-empty path, got {out!r}")
-    spec = ExperimentSpec(arms=[_parse_arm(a, f"experiment.arms[{i}]") for i, a in enumerate(arms_raw)],
-                          parallel=parallel, out=out)
+    spec = ExperimentSpec(
+        arms=[_parse_arm(a, f"experiment.arms[{i}]") for i, a in enumerate(arms_raw)], parallel=parallel, out=out
+    )
     spec.validate()
     return spec
 
@@ -127,8 +137,11 @@ def phase_domains(cfg: Config) -> list[str]:
     for i, phase in enumerate(cfg.data.phases):
         top = max(phase.mixture.values())
         leaders = [d for d, w in phase.mixture.items() if w == top]
-        require(len(leaders) == 1, f"data.phases[{i}].mixture has no single largest domain ({leaders}); the CPT "
-                                    f"experiment needs one own domain per phase")
+        require(
+            len(leaders) == 1,
+            f"data.phases[{i}].mixture has no single largest domain ({leaders}); the CPT "
+            f"experiment needs one own domain per phase",
+        )
         out.append(leaders[0])
     return out
 
@@ -160,8 +173,9 @@ def arm_raw(exp: Experiment, arm: ArmSpec) -> dict:
     return raw
 
 
-def arm_config(exp: Experiment, arm: ArmSpec, run_dir: Path | None = None, threads: int | None = None,
-               progress: bool | None = None) -> Config:
+def arm_config(
+    exp: Experiment, arm: ArmSpec, run_dir: Path | None = None, threads: int | None = None, progress: bool | None = None
+) -> Config:
     """A validated Config for one arm; errors name the arm as well as the field."""
     raw = arm_raw(exp, arm)
     train = raw.setdefault("train", {})
@@ -188,8 +202,11 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     raw = apply_overrides(raw, overrides or [])
     spec = parse_experiment(raw.pop("experiment", None))
     base = config_from_dict(copy.deepcopy(raw))
-    require(base.train.max_steps == 0, f"train.max_steps must be 0 in a CPT experiment (every arm runs all its "
-                                        f"phases, or forgetting cannot be measured), got {base.train.max_steps}")
+    require(
+        base.train.max_steps == 0,
+        f"train.max_steps must be 0 in a CPT experiment (every arm runs all its "
+        f"phases, or forgetting cannot be measured), got {base.train.max_steps}",
+    )
     exp = Experiment(path=path, base_raw=raw, base=base, spec=spec, phase_domains=phase_domains(base))
     for arm in spec.arms:
         arm_config(exp, arm)

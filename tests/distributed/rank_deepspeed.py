@@ -60,9 +60,15 @@ def checkpoint_engine_round_trip(trainer: Trainer, world, groups, root: Path) ->
     if world.world_size > 1:
         torch.distributed.all_reduce(counts)
     ds.checkpoint_engine.wait()
-    return {"losses": losses, "loss_after_load": again, "mismatched": int(counts[0]), "moved": int(counts[1]),
-            "stall_seconds": stall, "files": stubs,
-            "largest_file_bytes": max((root / "ds" / "global_step2" / f).stat().st_size for f in stubs)}
+    return {
+        "losses": losses,
+        "loss_after_load": again,
+        "mismatched": int(counts[0]),
+        "moved": int(counts[1]),
+        "stall_seconds": stall,
+        "files": stubs,
+        "largest_file_bytes": max((root / "ds" / "global_step2" / f).stat().st_size for f in stubs),
+    }
 
 
 def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
@@ -88,11 +94,19 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
         state = trainer.run()
     trainer.close()  # also closes the metrics log that run_losses reads
     if mode == "train" and world.rank == 0:
-        Path(out).write_text(json.dumps({
-            "losses": run_losses(trainer.run_dir), "first_step": first, "startup_seconds": startup,
-            "restored_step": restored.step if restored else None,
-            "saved_world_size": restored.saved_world_size if restored else None,
-            "lr_next": trainer.lr_for(first), "tokens": state.tokens}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "losses": run_losses(trainer.run_dir),
+                    "first_step": first,
+                    "startup_seconds": startup,
+                    "restored_step": restored.step if restored else None,
+                    "saved_world_size": restored.saved_world_size if restored else None,
+                    "lr_next": trainer.lr_for(first),
+                    "tokens": state.tokens,
+                }
+            )
+        )
     shutdown_distributed()
 
 

@@ -38,8 +38,9 @@ def global_mean_loss(local_sum: float, global_batch: int, world_size: int) -> fl
 def require_every_step_logged(cfg: Config) -> None:
     """run_losses reads the run's metrics log, which has a row per step only with train.log_interval = 1."""
     if cfg.train.log_interval != 1:
-        raise SystemExit(f"the rank scripts need train.log_interval = 1 to see every step's loss, got "
-                         f"{cfg.train.log_interval}")
+        raise SystemExit(
+            f"the rank scripts need train.log_interval = 1 to see every step's loss, got {cfg.train.log_interval}"
+        )
 
 
 def run_losses(run_dir: Path) -> list[float]:
@@ -49,7 +50,7 @@ def run_losses(run_dir: Path) -> list[float]:
     starts = [i for i, r in enumerate(rows) if r["kind"] == "start"]
     if not starts:
         raise SystemExit(f"{run_dir / 'metrics.jsonl'} has no start row: the trainer did not run")
-    return [r["loss"] for r in rows[starts[-1]:] if r["kind"] == "step"]
+    return [r["loss"] for r in rows[starts[-1] :] if r["kind"] == "step"]
 
 
 def parameters_digest(model: torch.nn.Module) -> str:

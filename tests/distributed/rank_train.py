@@ -16,8 +16,7 @@ import numpy as np
 
 from elastic.trainer import Trainer
 from elastic.world import shutdown_distributed
-from rank_results import (global_mean_loss, join_as_rank, parameters_digest, require_every_step_logged,
-                          run_losses)
+from rank_results import global_mean_loss, join_as_rank, parameters_digest, require_every_step_logged, run_losses
 
 
 def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
@@ -38,8 +37,11 @@ def main(mode: str, config_json: str, out: str, step: int = 0) -> None:
         trainer.run()
     trainer.close()  # also closes the metrics log that run_losses reads
     if mode == "train" and world.rank == 0:
-        Path(out).write_text(json.dumps({"losses": run_losses(trainer.run_dir), "first_step": first,
-                                         "digest": parameters_digest(trainer.model)}))
+        Path(out).write_text(
+            json.dumps(
+                {"losses": run_losses(trainer.run_dir), "first_step": first, "digest": parameters_digest(trainer.model)}
+            )
+        )
     shutdown_distributed()
 
 

@@ -1,4 +1,5 @@
 """Real gloo processes: save at one world size and layout, load at another; node-local levels; gathered errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from support.ckpt_workers import WORKER_TIMEOUT, run_workers
 
 pytestmark = pytest.mark.slow
 
-UNEVEN3 = [0, 0.17, 0.71, 1.0]       # three Shards of very different sizes, cutting rows and chunks
+UNEVEN3 = [0, 0.17, 0.71, 1.0]  # three Shards of very different sizes, cutting rows and chunks
 UNEVEN2 = [0, 0.62, 1.0]
 
 
@@ -42,7 +43,7 @@ def test_replicas_saved_by_two_load_at_one_and_three_in_any_layout(tmp_path):
         assert_loaded(results, 4)
         assert results[0][-1]["extra"] == {"step": 4, "rank": 0}
         total = sum(c["nbytes"] for t in manifest["tensors"].values() for c in t["chunks"].values())
-        if layout == UNEVEN3:        # each rank reads only the chunks overlapping its range, not the whole tensor
+        if layout == UNEVEN3:  # each rank reads only the chunks overlapping its range, not the whole tensor
             assert results[0][-1]["bytes_read"] < 0.4 * total
             assert sum(r[-1]["bytes_read"] for r in results) < 1.3 * total
         else:
@@ -68,13 +69,30 @@ def test_shards_saved_by_three_load_as_replicas_at_two(tmp_path):
 def test_node_local_levels_two_nodes_and_load_agreement(tmp_path):
     """2 simulated nodes of 1 rank: each L0 holds a full replica copy, but after a Shard save each L0 holds only its
     own rank's chunks; a load whose new layout needs chunks a node does not have must agree on the shared level."""
+
     def cfg(ops):
-        return lambda rank: {"node_id": f"node-{rank}", "local_world_size": 1, "local_rank": 0, "ops": ops,
-                             "levels": [{"name": "L0", "root": str(tmp_path / f"shm-node{rank}"), "interval": 1,
-                                         "keep_last": 3, "node_local": True},
-                                        shared(tmp_path, "L2", interval=2, keep=2)]}
-    saved = run_workers(tmp_path, 2, cfg([{"op": "save", "steps": [2], "layout": "replica"},
-                                          {"op": "save", "steps": [3, 4], "layout": UNEVEN2}]))
+        return lambda rank: {
+            "node_id": f"node-{rank}",
+            "local_world_size": 1,
+            "local_rank": 0,
+            "ops": ops,
+            "levels": [
+                {
+                    "name": "L0",
+                    "root": str(tmp_path / f"shm-node{rank}"),
+                    "interval": 1,
+                    "keep_last": 3,
+                    "node_local": True,
+                },
+                shared(tmp_path, "L2", interval=2, keep=2),
+            ],
+        }
+
+    saved = run_workers(
+        tmp_path,
+        2,
+        cfg([{"op": "save", "steps": [2], "layout": "replica"}, {"op": "save", "steps": [3, 4], "layout": UNEVEN2}]),
+    )
     assert saved[0][0]["committed"] == ["L0", "L2"] and saved[0][1]["committed"] == ["L0", "L0", "L2"]
     for rank in range(2):
         m = json.loads((tmp_path / f"shm-node{rank}" / "step-00000002" / "manifest.json").read_text())
@@ -95,6 +113,7 @@ def test_node_local_levels_two_nodes_and_load_agreement(tmp_path):
     assert [r[-1]["level"] for r in res] == ["L2", "L2"]
     # node 1 lost its memory and L2 is gone too: only step 2 (full replicas in node 0's L0)... is not on node 1
     import shutil
+
     shutil.rmtree(tmp_path / "shm-node1")
     shutil.rmtree(tmp_path / "L2" / "step-00000004")
     lost = tmp_path / "lost"
@@ -108,10 +127,14 @@ def test_errors_from_two_ranks_are_gathered_into_one_exception(tmp_path):
     def cfg(rank):
         bad = tmp_path / f"not-a-dir-{rank}"
         bad.write_text("a file where the level root should be")
-        return {"node_id": f"node-{rank}", "local_world_size": 1, "local_rank": 0,
-                "levels": [{"name": "L1", "root": str(bad / "ckpt"), "interval": 1, "keep_last": 1,
-                            "node_local": True}],
-                "ops": [{"op": "save", "steps": [1], "layout": "replica"}]}
+        return {
+            "node_id": f"node-{rank}",
+            "local_world_size": 1,
+            "local_rank": 0,
+            "levels": [{"name": "L1", "root": str(bad / "ckpt"), "interval": 1, "keep_last": 1, "node_local": True}],
+            "ops": [{"op": "save", "steps": [1], "layout": "replica"}],
+        }
+
     results = run_workers(tmp_path, 2, cfg)
     for res in results:
         err = res[0]["error"]

@@ -32,8 +32,12 @@ def _config(raw: dict, path: Path, run_dir: Path, engine: str, stage: int, **tra
     raw["train"].update(run_dir=str(run_dir), engine=engine, global_batch=GLOBAL_BATCH, **train)
     raw["launch"]["nproc_per_node"] = 3
     raw["deepspeed"] = {"zero_stage": stage}
-    raw["checkpoint"] = {"interval": SEGMENT, "keep_last": 2, "l0_interval": SEGMENT,
-                         "l0_dir": str(path.parent / "shm")}
+    raw["checkpoint"] = {
+        "interval": SEGMENT,
+        "keep_last": 2,
+        "l0_interval": SEGMENT,
+        "l0_dir": str(path.parent / "shm"),
+    }
     save_config(config_from_dict(raw), path)
     return path
 
@@ -72,16 +76,19 @@ def _chain(raw: dict, tmp_path: Path, layouts: list[tuple[str, int, int]], strai
         losses += seg["losses"]
         outs.append(seg)
     # same samples (cursor), same LR per step, same state: the uninterrupted trajectory
-    assert losses == pytest.approx(straight[:len(losses)], rel=1e-4)
+    assert losses == pytest.approx(straight[: len(losses)], rel=1e-4)
     return outs
 
 
 @pytest.mark.timeout((1 + 4) * RUN_TIMEOUT + MARGIN)
 def test_zero3_w2_to_zero1_w1_to_zero0_w2_to_zero1_w2(raw, straight, tmp_path):
-    outs = _chain(raw, tmp_path, [("deepspeed", 3, 2), ("deepspeed", 1, 1), ("deepspeed", 0, 2),
-                                  ("deepspeed", 1, 2)], straight)
-    print(f"DeepSpeed ZeRO-3 start at W=2 (Trainer construction incl. deepspeed.initialize): "
-          f"{outs[0]['startup_seconds']:.2f} s")
+    outs = _chain(
+        raw, tmp_path, [("deepspeed", 3, 2), ("deepspeed", 1, 1), ("deepspeed", 0, 2), ("deepspeed", 1, 2)], straight
+    )
+    print(
+        f"DeepSpeed ZeRO-3 start at W=2 (Trainer construction incl. deepspeed.initialize): "
+        f"{outs[0]['startup_seconds']:.2f} s"
+    )
 
 
 @pytest.mark.timeout((1 + 2) * RUN_TIMEOUT + MARGIN)

@@ -1,4 +1,5 @@
 """Process-level faults: SIGKILL in the middle of a write, SIGTERM leading to an emergency save."""
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,17 @@ def worker(tmp_path):
 
 def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path, worker):
     marker = tmp_path / "paused"
-    proc = worker({"levels": [level(tmp_path, "L1", 1)], "chunk_bytes": 128,
-                   "ops": [{"op": "save", "steps": [1], "layout": "replica"},
-                           {"op": "save", "steps": [2], "layout": "replica"}]},
-                  env={"ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK": f"2:{marker}"})
+    proc = worker(
+        {
+            "levels": [level(tmp_path, "L1", 1)],
+            "chunk_bytes": 128,
+            "ops": [
+                {"op": "save", "steps": [1], "layout": "replica"},
+                {"op": "save", "steps": [2], "layout": "replica"},
+            ],
+        },
+        env={"ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK": f"2:{marker}"},
+    )
     wait_for(marker.exists, 30, f"{marker} (step 2 paused after one chunk)", proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -52,7 +60,7 @@ def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path, worker):
     target = make_state(0, "replica", 0, zero=True)
     res = mgr.load(target)
     assert res.step == 1 and res.fallbacks == [] and matches(target, 1) == []
-    mgr.save(2, make_state(0, "replica", 2), {"step": 2})      # the restarted run saves step 2 again
+    mgr.save(2, make_state(0, "replica", 2), {"step": 2})  # the restarted run saves step 2 again
     assert mgr.wait_durable() == ["L1"]
     assert not list((tmp_path / "L1").glob("*.partial-*"))
     assert mgr.load(target).step == 2 and matches(target, 2) == []
@@ -61,11 +69,17 @@ def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path, worker):
 
 def test_sigterm_emergency_save_makes_newest_step_durable(tmp_path, worker):
     ready = tmp_path / "ready"
-    proc = worker({"levels": [level(tmp_path, "L0", 1), level(tmp_path, "L2", 100, 1, False)],
-                   "ops": [{"op": "save", "steps": [1, 2, 3], "layout": "replica"},
-                           {"op": "wait_sigterm", "ready": str(ready)}]})
+    proc = worker(
+        {
+            "levels": [level(tmp_path, "L0", 1), level(tmp_path, "L2", 100, 1, False)],
+            "ops": [
+                {"op": "save", "steps": [1, 2, 3], "layout": "replica"},
+                {"op": "wait_sigterm", "ready": str(ready)},
+            ],
+        }
+    )
     wait_for(ready.exists, 30, f"{ready} (the worker waits for SIGTERM)", proc)
-    assert not (tmp_path / "L2").exists()                      # step 3 is only in node memory (L0)
+    assert not (tmp_path / "L2").exists()  # step 3 is only in node memory (L0)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

@@ -38,8 +38,18 @@ def clean_run(text_corpus, tmp_path_factory) -> dict[int, float]:
 @pytest.mark.timeout(CLEAN_RUN + TRAIN_TIMEOUT + MARGIN)
 def test_killed_worker_restarts_from_memory_bit_exactly(tiny_raw, tmp_path, clean_run):
     run = tmp_path / "faulty"
-    result = run_ecpt(["chaos", "--config", str(recovery_config(tiny_raw, tmp_path)), "--run-dir", str(run),
-                       "--plan", "kill rank 1 at step 5"], timeout=TRAIN_TIMEOUT)
+    result = run_ecpt(
+        [
+            "chaos",
+            "--config",
+            str(recovery_config(tiny_raw, tmp_path)),
+            "--run-dir",
+            str(run),
+            "--plan",
+            "kill rank 1 at step 5",
+        ],
+        timeout=TRAIN_TIMEOUT,
+    )
     check_ok(result)
     report_row = next(line for line in result.stdout.splitlines() if line.startswith("| kill rank 1 at step 5"))
     cells = [c.strip() for c in report_row.strip("|").split("|")]
@@ -87,8 +97,9 @@ def test_corrupted_newest_checkpoint_falls_back_to_an_older_one(tiny_raw, tmp_pa
 def test_hung_rank_is_detected_by_the_watchdog(tiny_raw, tmp_path, clean_run):
     run = tmp_path / "hung"
     config = recovery_config(tiny_raw, tmp_path)
-    result = ecpt_train(config, run, "--set", "train.hang_timeout=4", "--fault", "stall rank 0 at step 5 for 600s",
-                        timeout=HUNG_RUN)
+    result = ecpt_train(
+        config, run, "--set", "train.hang_timeout=4", "--fault", "stall rank 0 at step 5 for 600s", timeout=HUNG_RUN
+    )
     check_ok(result)
     assert "watchdog: no step completed" in result.stderr
     resumes = read_jsonl(run / "metrics.jsonl", "resume")
@@ -120,8 +131,13 @@ def small_disk(tmp_path):
     """A 3 MiB tmpfs: room for a few checkpoints of the tiny model, then a real ENOSPC."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs needs root (CI runs as root); without it disk-full cannot be made real")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -43,8 +43,9 @@ def test_node_loss_and_rejoin_under_zero(tiny_raw, tmp_path, zero_stage):
     reference = tmp_path / "uninterrupted"
     check_ok(ecpt_train(config, reference))  # one agent, 2 workers: the world size the job starts with
     run = tmp_path / "nodes"
-    lose_and_rejoin_node(config, run, tmp_path, kill_step=KILL_STEP,
-                         extra_faults=(f"stall rank 0 at step {HOLD_STEP} for 600s",))
+    lose_and_rejoin_node(
+        config, run, tmp_path, kill_step=KILL_STEP, extra_faults=(f"stall rank 0 at step {HOLD_STEP} for 600s",)
+    )
 
     late_start = read_jsonl(run / "metrics.jsonl", "step")[0]["world_size"] == 1  # see node_resizes
     assert node_resizes(run) == [2, 1, 2]
@@ -52,8 +53,12 @@ def test_node_loss_and_rejoin_under_zero(tiny_raw, tmp_path, zero_stage):
     # a late first join grows 1 -> 2 with a resume only if a checkpoint was already committed by then
     assert len(resumes) in ((2, 3) if late_start else (2,)), resumes
     shrink, grow = resumes[-2:]
-    assert (shrink["saved_world_size"], shrink["world_size"], grow["saved_world_size"], grow["world_size"]) == \
-        (2, 1, 1, 2), resumes
+    assert (shrink["saved_world_size"], shrink["world_size"], grow["saved_world_size"], grow["world_size"]) == (
+        2,
+        1,
+        1,
+        2,
+    ), resumes
     assert shrink["step"] <= KILL_STEP < grow["step"] <= HOLD_STEP  # resharded 2 -> 1 after the kill, 1 -> 2 after
     total = 3 * STEPS_PER_PHASE
     global_batch = raw["train"]["global_batch"]

@@ -48,8 +48,13 @@ def _config(raw: dict, path: Path, l0_root: Path, steps_per_phase: int = 1, **ch
 
 
 def _train(config: Path, run: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run(_ecpt(["train", "--config", str(config), "--run-dir", str(run), *extra]), cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        _ecpt(["train", "--config", str(config), "--run-dir", str(run), *extra]),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -69,11 +74,24 @@ def _crash_mid_run(config: Path, run: Path, l0_root: Path) -> int:
     """Start a long run, and once a step is committed in memory SIGKILL its agent's session (agent, fork server;
     the workers die with their parent) and the launcher: a node crash, nothing gets to clean up. Returns the last
     step the run logged."""
-    proc = subprocess.Popen(_ecpt(["train", "--config", str(config), "--run-dir", str(run)]), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _ecpt(["train", "--config", str(config), "--run-dir", str(run)]),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: (run / "metrics.jsonl").exists() and len(read_jsonl(run / "metrics.jsonl", "step")) >= 2
-                 and list(l0_root.glob("*/*/step-*/manifest.json")), 120, "two steps and a memory checkpoint", proc)
+        wait_for(
+            lambda: (
+                (run / "metrics.jsonl").exists()
+                and len(read_jsonl(run / "metrics.jsonl", "step")) >= 2
+                and list(l0_root.glob("*/*/step-*/manifest.json"))
+            ),
+            120,
+            "two steps and a memory checkpoint",
+            proc,
+        )
         workers = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
         environ = Path(f"/proc/{workers[0]}/environ").read_text().split("\0")
         agent = int(next(kv for kv in environ if kv.startswith("ECPT_AGENT_PID=")).split("=", 1)[1])
@@ -110,9 +128,13 @@ def test_finished_and_stopped_runs_leave_nothing_in_memory(tiny_raw, tmp_path, l
     assert not any(l0_root.iterdir())
     config = _config(tiny_raw, tmp_path / "long.toml", l0_root, steps_per_phase=100, interval=50)
     stopped = tmp_path / "stopped"
-    result = subprocess.run(_ecpt(["train", "--config", str(config), "--run-dir", str(stopped),
-                                   "--fault", "sigterm all at step 2"]), cwd=REPO, capture_output=True, text=True,
-                            timeout=180)
+    result = subprocess.run(
+        _ecpt(["train", "--config", str(config), "--run-dir", str(stopped), "--fault", "sigterm all at step 2"]),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode != 0  # preempted: the job did not finish
     stop = read_jsonl(stopped / "metrics.jsonl", "stop")[-1]["step"]
     assert list((stopped / "checkpoints").glob(f"step-{stop:08d}"))  # the emergency save made it durable

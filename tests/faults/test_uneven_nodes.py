@@ -41,18 +41,45 @@ def _run_job(config: Path, run: Path, logs: Path, max_steps: int) -> None:
     standalone rendezvous store of its own; both agents must finish with exit code 0."""
     port = free_port()
     endpoint = f"127.0.0.1:{port}"
-    store = subprocess.Popen(ecpt_command(["rdzv-store", "--port", str(port)]), cwd=REPO, stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    store = subprocess.Popen(
+        ecpt_command(["rdzv-store", "--port", str(port)]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     agents: dict[str, subprocess.Popen] = {}
     try:
         assert "listening" in store.stdout.readline()
         for node, nproc in NODES.items():
             log = logs / f"{node}-max{max_steps}.log"
             agents[node] = subprocess.Popen(
-                ecpt_command(["train", "--config", str(config), "--run-dir", str(run), "--nnodes", "2",
-                              "--nproc-per-node", str(nproc), "--rdzv-endpoint", endpoint, "--rdzv-store",
-                              "external", "--node-id", node, "--set", f"train.max_steps={max_steps}"]),
-                cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                ecpt_command(
+                    [
+                        "train",
+                        "--config",
+                        str(config),
+                        "--run-dir",
+                        str(run),
+                        "--nnodes",
+                        "2",
+                        "--nproc-per-node",
+                        str(nproc),
+                        "--rdzv-endpoint",
+                        endpoint,
+                        "--rdzv-store",
+                        "external",
+                        "--node-id",
+                        node,
+                        "--set",
+                        f"train.max_steps={max_steps}",
+                    ]
+                ),
+                cwd=REPO,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         for node, agent in agents.items():
             log = logs / f"{node}-max{max_steps}.log"
             assert agent.wait(timeout=JOB_TIMEOUT) == 0, f"agent of {node} failed:\n{log.read_text()[-4000:]}"

@@ -17,8 +17,9 @@ from support.slurm import start_slurm_cluster, stop_slurm_cluster
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A private single-node Slurm cluster (slurmctld + slurmd + munged on 127.0.0.1) for the whole session."""
-    ensure_debian_packages(["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged", "mungekey"],
-                           ["slurm-wlm", "munge"])
+    ensure_debian_packages(
+        ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged", "mungekey"], ["slurm-wlm", "munge"]
+    )
     if os.geteuid() != 0:
         pytest.skip("a private Slurm cluster needs root (slurmd runs jobs as their users)")
     cluster = start_slurm_cluster()

@@ -42,10 +42,14 @@ def test_workers_do_not_rerun_the_agent_module(tiny_raw, tmp_path):
     """multiprocessing re-ran the agent's main module in every forked worker, where the fork server had already
     imported it: runpy warned "'launch.agent' found in sys.modules ..." once per worker on every run."""
     cfg = write_toml(tiny_raw, tmp_path / "tiny.toml")
-    result = subprocess.run(ecpt_command(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
-                                   "--set", "train.max_steps=1"]),
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"})
+    result = subprocess.run(
+        ecpt_command(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", "train.max_steps=1"]),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "RuntimeWarning" not in result.stderr, result.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl", "step")] == [1]
@@ -66,8 +70,13 @@ def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[in
         phase["tokens"] *= 500  # long enough that the test, not the schedule, ends it
     cfg = write_toml(raw, tmp_path / "long.toml")
     run = tmp_path / "run"
-    proc = subprocess.Popen(ecpt_command(["train", "--config", str(cfg), "--run-dir", str(run)]), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ecpt_command(["train", "--config", str(cfg), "--run-dir", str(run)]),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for(lambda: step_rows(run), 120, "the first training step", proc)
     pids = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
     assert all(pid_alive(p) for p in pids)
@@ -79,8 +88,9 @@ def test_ctrl_c_stops_every_worker(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
     proc.wait(timeout=60)
-    wait_for(lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 30,
-             "agent, fork server and workers to exit")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 30, "agent, fork server and workers to exit"
+    )
 
 
 def _parent(pid: int) -> int:
@@ -100,8 +110,9 @@ def test_killing_the_agent_leaves_no_orphans(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     assert _parent(agent) == proc.pid
     os.kill(agent, signal.SIGKILL)
-    wait_for(lambda: not any(pid_alive(p) for p in [server, *pids]), 30,
-             "fork server and workers to die with the agent")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in [server, *pids]), 30, "fork server and workers to die with the agent"
+    )
     proc.wait(timeout=30)
 
 
@@ -110,5 +121,8 @@ def test_killing_the_launcher_stops_agent_and_workers(tiny_raw, tmp_path):
     agent, server = _agent_and_fork_server(pids[0])
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher: the agent runs in its own session
     proc.wait(timeout=10)
-    wait_for(lambda: not any(pid_alive(p) for p in [agent, server, *pids]), 60,
-             "agent, fork server and workers to stop with the launcher")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in [agent, server, *pids]),
+        60,
+        "agent, fork server and workers to stop with the launcher",
+    )

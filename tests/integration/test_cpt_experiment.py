@@ -25,10 +25,23 @@ TWO_RUNS = pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
 def ecpt_cpt(out: Path, corpus: dict[str, Path], *extra: str) -> subprocess.CompletedProcess:
     """``python -m launch.cli experiment cpt`` on the miniature config and the session's small text corpus."""
     sources = [f'--set=data.sources.{d}=["{p}/*.txt"]' for d, p in corpus.items()]
-    cmd = [sys.executable, "-m", "launch.cli", "experiment", "cpt", "--config", str(MINI), "--out", str(out),
-           f'--set=data.cache_dir="{out.parent / "cache"}"', *sources, *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "experiment",
+        "cpt",
+        "--config",
+        str(MINI),
+        "--out",
+        str(out),
+        f'--set=data.cache_dir="{out.parent / "cache"}"',
+        *sources,
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -70,13 +83,21 @@ def test_writes_table_plot_and_json(first_run):
     for arm in ARMS:
         a = res["arms"][arm]
         assert set(a) >= {"arm", "wall_seconds", "metrics", "curves"}
-        assert set(a["metrics"]) == {"phase_end_losses", "final_losses", "average_final_loss", "forgetting",
-                                     "stability_gaps"}
+        assert set(a["metrics"]) == {
+            "phase_end_losses",
+            "final_losses",
+            "average_final_loss",
+            "forgetting",
+            "stability_gaps",
+        }
         curves = a["curves"]
         assert curves["eval_steps"] == [0, 2, 4, 6, 8, 10, 12]  # step 0, every 2 steps, and every phase end
         assert curves["steps"] == list(range(1, 13)) and len(curves["lr"]) == 12
-        assert [(g["shift"], g["domain"]) for g in a["metrics"]["stability_gaps"]] == \
-            [(1, "prose"), (2, "prose"), (2, "python")]
+        assert [(g["shift"], g["domain"]) for g in a["metrics"]["stability_gaps"]] == [
+            (1, "prose"),
+            (2, "prose"),
+            (2, "python"),
+        ]
         assert a["metrics"]["final_losses"] == {d: v[-1] for d, v in curves["losses"].items()}
     # Re-warming: the cosine arm's LR jumps back up at each phase start, the infinite one never rises again.
     cos_lr, inf_lr = res["arms"]["cosine"]["curves"]["lr"], res["arms"]["infinite-replay"]["curves"]["lr"]

@@ -44,8 +44,14 @@ def clean_env() -> dict[str, str]:
 
 def test_mpiexec_ranks_build_a_gloo_world_without_torchrun(tmp_path):
     mpiexec = find_mpiexec()
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", RANK_PROBE], capture_output=True, text=True,
-                          timeout=120, env=clean_env() | {"PROBE_OUT": str(tmp_path)}, cwd=REPO)
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, "-c", RANK_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env() | {"PROBE_OUT": str(tmp_path)},
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.glob("rank-*.json")) == ["rank-0.json", "rank-1.json"], proc.stderr
     rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
@@ -65,14 +71,37 @@ def test_mpi_training_is_identical_to_torchrun(tiny_raw, tmp_path):
     config = write_toml(tiny_raw, tmp_path / "tiny.toml")
     common = ["--config", str(config), "--set", "train.max_steps=5"]
     runs = {
-        "mpi": [sys.executable, "-m", "launch.cli", "launch", "mpi", "-n", "2", "--run-dir", str(tmp_path / "mpi"),
-                *common],
-        "torchrun": [sys.executable, "-m", "launch.cli", "train", "--nproc-per-node", "2",
-                     "--run-dir", str(tmp_path / "torchrun"), *common],
+        "mpi": [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "launch",
+            "mpi",
+            "-n",
+            "2",
+            "--run-dir",
+            str(tmp_path / "mpi"),
+            *common,
+        ],
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "train",
+            "--nproc-per-node",
+            "2",
+            "--run-dir",
+            str(tmp_path / "torchrun"),
+            *common,
+        ],
     }
     # Both at once: each worker uses one thread, so they share the cores without changing any result.
-    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True) for name, cmd in runs.items()}
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name, cmd in runs.items()
+    }
     done = communicate_all(list(procs.values()), 240, "the mpi and torchrun runs")
     outputs = {name: out for name, (_, out, _) in zip(procs, done)}
     for name, p in procs.items():

@@ -28,8 +28,7 @@ pytestmark = pytest.mark.timeout(INSTALL_BUDGET + 3 * PROMTOOL_TIMEOUT + MARGIN)
 
 
 def promtool_run(promtool: str, *args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=PROMTOOL_TIMEOUT)
+    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd, timeout=PROMTOOL_TIMEOUT)
 
 
 def test_scrape_config_and_alert_rules_pass_promtool(promtool):
@@ -45,8 +44,9 @@ def test_kubernetes_scrape_config_passes_promtool(promtool, tmp_path):
     text = (PROM_DIR / "prometheus-k8s.yml").read_text()
     proc = promtool_run(promtool, "check", "config", "prometheus-k8s.yml")
     if proc.returncode != 0 and "kubernetes_sd_configs not found" in proc.stdout + proc.stderr:
-        stand_in = text.replace("kubernetes_sd_configs:\n      - role: pod",
-                                "file_sd_configs:\n      - files: [pods.json]")
+        stand_in = text.replace(
+            "kubernetes_sd_configs:\n      - role: pod", "file_sd_configs:\n      - files: [pods.json]"
+        )
         assert stand_in != text
         (tmp_path / "prometheus-k8s.yml").write_text(stand_in)
         (tmp_path / "alerts.yml").write_text((PROM_DIR / "alerts.yml").read_text())
@@ -61,17 +61,26 @@ def test_every_alert_fires_and_resolves_in_promtool_unit_tests(promtool):
     tests = (PROM_DIR / "alerts_test.yml").read_text()
     for alert in alerts:
         checks = re.findall(rf"alertname: {alert}\n\s+exp_alerts:(.*)", tests)
-        assert any(c.strip() == "[]" for c in checks) and any(c.strip() == "" for c in checks), \
+        assert any(c.strip() == "[]" for c in checks) and any(c.strip() == "" for c in checks), (
             f"{alert}: needs a test where it fires and one where it is quiet/resolved"
+        )
 
 
 def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
     """Grafana's variables replaced by values, every panel expression must parse as PromQL."""
     doc = json.loads((REPO / "deploy" / "grafana" / "ecpt-dashboard.json").read_text())
     exprs = [t["expr"] for p in doc["panels"] if p["type"] != "row" for t in p["targets"]]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:expr_{i}", "expr": e.replace("$__rate_interval", "1m").replace("$job", ".*")}
-        for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:expr_{i}", "expr": e.replace("$__rate_interval", "1m").replace("$job", ".*")}
+                    for i, e in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     (tmp_path / "dashboard_rules.yml").write_text(json.dumps(rules))  # JSON is YAML
     proc = promtool_run(promtool, "check", "rules", str(tmp_path / "dashboard_rules.yml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -82,11 +91,13 @@ def scrape_config_for(run_dir: Path, out: Path) -> Path:
     text = (PROM_DIR / "prometheus.yml").read_text()
     for needle in (SHIPPED_TARGET_GLOB, "scrape_interval: 15s", "- alerts.yml", "refresh_interval: 30s"):
         assert needle in text, f"deploy/prometheus/prometheus.yml changed: {needle!r} not found"
-    text = (text.replace(SHIPPED_TARGET_GLOB, str(run_dir / "prometheus" / "*.json"))
-            .replace("scrape_interval: 15s", "scrape_interval: 1s")
-            .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
-            .replace("refresh_interval: 30s", "refresh_interval: 1s")
-            .replace("- alerts.yml", f"- {PROM_DIR / 'alerts.yml'}"))
+    text = (
+        text.replace(SHIPPED_TARGET_GLOB, str(run_dir / "prometheus" / "*.json"))
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+        .replace("refresh_interval: 30s", "refresh_interval: 1s")
+        .replace("- alerts.yml", f"- {PROM_DIR / 'alerts.yml'}")
+    )
     out.write_text(text)
     return out
 
@@ -103,9 +114,15 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
     server = prometheus_server(scrape_config_for(run_dir, tmp_path / "prometheus.yml"))
     started = time.monotonic()
     log = tmp_path / "train.log"
-    train = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--config", str(config)], cwd=REPO,
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    train = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", "--config", str(config)],
+        cwd=REPO,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
+
         def both_ranks(promql: str):
             # worker series carry a rank label; the launcher's job-level series (role="launcher") do not
             result = [r for r in server.query(promql) if "rank" in r["metric"]]
@@ -116,12 +133,21 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
             return both_ranks('ecpt_step{job="ecpt"} > 0')
 
         steps = wait_for(stepped, 90, "ecpt_step from ranks 0 and 1 in Prometheus", interval=QUERY_POLL)
-        for promql in ('ecpt_loss{job="ecpt"}', 'ecpt_world_size{job="ecpt"} == 2', 'ecpt_lr{job="ecpt"}',
-                       'rate(ecpt_tokens_total{job="ecpt"}[5s]) > 0', 'ecpt_step_seconds_count{job="ecpt"} > 0',
-                       'up{job="ecpt"} == 1'):
+        for promql in (
+            'ecpt_loss{job="ecpt"}',
+            'ecpt_world_size{job="ecpt"} == 2',
+            'ecpt_lr{job="ecpt"}',
+            'rate(ecpt_tokens_total{job="ecpt"}[5s]) > 0',
+            'ecpt_step_seconds_count{job="ecpt"} > 0',
+            'up{job="ecpt"} == 1',
+        ):
             wait_for(lambda: both_ranks(promql), 30, f"{promql} for both ranks", interval=QUERY_POLL)
-        wait_for(lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'), 30,
-                 "the launcher's job-level series", interval=QUERY_POLL)
+        wait_for(
+            lambda: server.query('ecpt_restarts_total{job="ecpt",role="launcher"} == 0'),
+            30,
+            "the launcher's job-level series",
+            interval=QUERY_POLL,
+        )
         targets = [t for t in server.targets() if t["labels"]["job"] == "ecpt"]
         workers = [t for t in targets if "rank" in t["labels"]]
         launchers = [t for t in targets if t["labels"].get("role") == "launcher"]

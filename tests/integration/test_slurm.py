@@ -47,10 +47,12 @@ def test_srun_started_workers_find_their_rank_and_rendezvous(slurm_cluster):
     """Workers started by srun itself (no torchrun): ranks from SLURM_*, rendezvous from the job's first node."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK")
     env = {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = slurm_cluster.run("srun", "-n", "2", "--job-name=rank-probe", sys.executable, "-c", RANK_PROBE,
-                             env=env, timeout=120)
-    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    proc = slurm_cluster.run(
+        "srun", "-n", "2", "--job-name=rank-probe", sys.executable, "-c", RANK_PROBE, env=env, timeout=120
+    )
+    rows = sorted(
+        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
+    )
     assert [(r["rank"], r["local_rank"]) for r in rows] == [(0, 0), (1, 1)], proc.stdout + proc.stderr
     assert all(r["world"] == 2 and r["local_world"] == 2 and r["launcher"] == "slurm" for r in rows)
     assert rows[0]["master"] == rows[1]["master"] and rows[0]["master"][0] == slurm_cluster.host
@@ -92,10 +94,34 @@ def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_clu
     run_dir = tmp_path / "run"
     started = time.monotonic()
     submit = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "launch", "slurm", "--config", str(slurm_config), "--run-dir",
-         str(run_dir), "--nodes", "1", "--gpus-per-node", "0", "--time", "10", "--job-name", "ecpt-slurm-test",
-         "--set", f"train.max_steps={MAX_STEPS}", "--submit"],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "launch",
+            "slurm",
+            "--config",
+            str(slurm_config),
+            "--run-dir",
+            str(run_dir),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--time",
+            "10",
+            "--job-name",
+            "ecpt-slurm-test",
+            "--set",
+            f"train.max_steps={MAX_STEPS}",
+            "--submit",
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"submitted batch job (\d+)", submit.stdout).group(1)
     out_file = run_dir / f"slurm-{job_id}.out"
@@ -104,27 +130,40 @@ def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_clu
     def output() -> str:
         return out_file.read_text() if out_file.exists() else ""
 
-    def job(): return cluster.job(job_id)
+    def job():
+        return cluster.job(job_id)
 
     # 1. It trains under Slurm; then the time-limit warning arrives (sent now instead of minutes before --time).
-    wait_for(lambda: last_step(run_dir) >= SIGNAL_AFTER_STEP, 120,
-             f"step {SIGNAL_AFTER_STEP} in metrics.jsonl (job state {job().get('JobState')}):\n{output()}",
-             interval=SLURM_POLL)
+    wait_for(
+        lambda: last_step(run_dir) >= SIGNAL_AFTER_STEP,
+        120,
+        f"step {SIGNAL_AFTER_STEP} in metrics.jsonl (job state {job().get('JobState')}):\n{output()}",
+        interval=SLURM_POLL,
+    )
     assert job()["JobState"] == "RUNNING"
     signalled_at = time.monotonic()
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
     # 2. Every worker stops at one step boundary after an emergency checkpoint, and the job requeues itself.
-    stop = wait_for(lambda: next((r for r in jsonl(run_dir) if r["kind"] == "stop"), None), 60,
-                    f"a stop record in metrics.jsonl:\n{output()}", interval=SLURM_POLL)
+    stop = wait_for(
+        lambda: next((r for r in jsonl(run_dir) if r["kind"] == "stop"), None),
+        60,
+        f"a stop record in metrics.jsonl:\n{output()}",
+        interval=SLURM_POLL,
+    )
     stopped_at = stop["step"]
     assert SIGNAL_AFTER_STEP <= stopped_at < MAX_STEPS, "stopped by the signal, before the end of training"
-    wait_for(lambda: "agents exited with code" in output(), 60, f"the first run to end:\n{output()}",
-             interval=SLURM_POLL)
+    wait_for(
+        lambda: "agents exited with code" in output(), 60, f"the first run to end:\n{output()}", interval=SLURM_POLL
+    )
     saved = newest_committed_step(run_dir / "checkpoints")
     assert saved == stopped_at, (saved, stopped_at)  # the emergency save wrote the step it stopped at
-    wait_for(lambda: "SLURM_RESTART_COUNT=1" in output(), 90,
-             f"the requeued job to start again (job {job()}):\n{output()}", interval=SLURM_POLL)
+    wait_for(
+        lambda: "SLURM_RESTART_COUNT=1" in output(),
+        90,
+        f"the requeued job to start again (job {job()}):\n{output()}",
+        interval=SLURM_POLL,
+    )
     requeued_after = time.monotonic() - signalled_at
     first_run = output().split("SLURM_RESTART_COUNT=1")[0]
     assert "USR1 received" in first_run and "requeueing job" in first_run and "emergency checkpoint" in first_run
@@ -133,14 +172,20 @@ def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_clu
     assert "agents exited with code 0" in first_run, "the agents ignore USR1; their workers exit cleanly"
 
     # 3. The rerun resumes from the checkpoint saved at the stop and finishes.
-    wait_for(lambda: job()["JobState"] == "COMPLETED", 180, f"the rerun to complete (job {job()}):\n{output()}",
-             interval=SLURM_POLL)
+    wait_for(
+        lambda: job()["JobState"] == "COMPLETED",
+        180,
+        f"the rerun to complete (job {job()}):\n{output()}",
+        interval=SLURM_POLL,
+    )
     final = job()
     assert final["Restarts"] == "1" and final["ExitCode"] == "0:0", final
     records = jsonl(run_dir)
     resume = [r for r in records if r["kind"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == saved, (resume, saved)
-    after = [r["step"] for r in records[records.index(resume[0]):] if r["kind"] == "step"]
+    after = [r["step"] for r in records[records.index(resume[0]) :] if r["kind"] == "step"]
     assert after == list(range(saved + 1, MAX_STEPS + 1)), "continues at the step after the checkpoint"
-    print(f"slurm: stopped at step {stopped_at}, checkpoint {saved}, rerun started {requeued_after:.1f} s after "
-          f"USR1, whole test {time.monotonic() - started:.1f} s")
+    print(
+        f"slurm: stopped at step {stopped_at}, checkpoint {saved}, rerun started {requeued_after:.1f} s after "
+        f"USR1, whole test {time.monotonic() - started:.1f} s"
+    )

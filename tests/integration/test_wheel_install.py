@@ -37,15 +37,31 @@ def test_installed_wheel_trains_outside_the_source_tree(tmp_path):
         else:
             shutil.copy2(REPO / name, src / name)
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", str(src),
-          "-w", str(wheels)], timeout=300)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            str(src),
+            "-w",
+            str(wheels),
+        ],
+        timeout=300,
+    )
     (wheel,) = wheels.glob("ecpt-*.whl")
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
     python = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-          str(wheel)], timeout=300)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        timeout=300,
+    )
     # torch and the other pinned dependencies come from this test's venv, appended after the new venv's own
     # site-packages (so the installed ecpt is found first). Written after the install: pip must not see (and try to
     # replace) this venv's editable ecpt. The editable finder's .pth is not run from a directory added this way.
@@ -55,15 +71,39 @@ def test_installed_wheel_trains_outside_the_source_tree(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = _run([str(python), "-c", "import configs, elastic, launch; "
-                                     "print(configs.__file__, elastic.__file__, launch.__file__)"],
-                 cwd=work, env=env, timeout=60).stdout.split()
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import configs, elastic, launch; print(configs.__file__, elastic.__file__, launch.__file__)",
+        ],
+        cwd=work,
+        env=env,
+        timeout=60,
+    ).stdout.split()
     assert all(Path(f).is_relative_to(site) for f in where), where
 
-    result = subprocess.run([str(venv / "bin" / "ecpt"), "train", "--nproc-per-node", "1",
-                             "--set", "train.max_steps=2", "--set", "train.progress=false",
-                             "--set", "metrics.enabled=false", "--set", f'checkpoint.l0_dir="{tmp_path / "l0"}"'],
-                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(venv / "bin" / "ecpt"),
+            "train",
+            "--nproc-per-node",
+            "1",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "metrics.enabled=false",
+            "--set",
+            f'checkpoint.l0_dir="{tmp_path / "l0"}"',
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "training finished" in result.stdout
     run_dir = work / "runs" / "tiny-cpu"  # the bundled config's relative train.run_dir, under the working directory

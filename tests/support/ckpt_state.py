@@ -1,5 +1,6 @@
 """Deterministic checkpoint tensors for the checkpointing tests: the same values in every process for a given name
 and step, cut into replica or (uneven, row-crossing) Shard layouts, and a bit-exact check of loaded values."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import zlib
 
 import torch
 
-SPECS = {   # name -> (shape, dtype): small, with rows that do not divide the chunk size and a 0-d tensor
+SPECS = {  # name -> (shape, dtype): small, with rows that do not divide the chunk size and a 0-d tensor
     "model/model.embed_tokens.weight": ((37, 16), "float32"),
     "model/model.layers.0.mlp.up_proj.weight": ((29, 24), "bfloat16"),
     "optim/model.embed_tokens.weight/exp_avg": ((37, 16), "float32"),

@@ -4,6 +4,7 @@ A worker (`python -m support.ckpt_workers <config.json>`, with subprocess_env's 
 127.0.0.1 when its world is larger than one, runs a list of ops (save / load / emergency / wait_sigterm) and writes
 its results as JSON for the test to assert on.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,23 +26,37 @@ def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Po
     cfg = {"port": 0, "rank": 0, "world": 1, "out": str(tmp / "result-0.json"), **cfg}
     cfg_path = tmp / "config-0.json"
     cfg_path.write_text(json.dumps(cfg))
-    return subprocess.Popen(WORKER_COMMAND + [str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(env))
+    return subprocess.Popen(
+        WORKER_COMMAND + [str(cfg_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(env),
+    )
 
 
-def run_workers(tmp: Path, world: int, rank_config, timeout: float = WORKER_TIMEOUT,
-                env: dict | None = None) -> list[dict]:
+def run_workers(
+    tmp: Path, world: int, rank_config, timeout: float = WORKER_TIMEOUT, env: dict | None = None
+) -> list[dict]:
     """Start `world` worker processes (rank_config(rank) -> dict of that rank's config), wait for all of them
     with a deadline, return each rank's result dict. A worker that fails raises with its stderr."""
     port = free_port()
     procs = []
     for rank in range(world):
-        cfg = {"port": port, "rank": rank, "world": world, "out": str(tmp / f"result-{rank}.json"),
-               **rank_config(rank)}
+        cfg = {"port": port, "rank": rank, "world": world, "out": str(tmp / f"result-{rank}.json"), **rank_config(rank)}
         cfg_path = tmp / f"config-{rank}.json"
         cfg_path.write_text(json.dumps(cfg))
-        procs.append(subprocess.Popen(WORKER_COMMAND + [str(cfg_path)], cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=subprocess_env(env)))
+        procs.append(
+            subprocess.Popen(
+                WORKER_COMMAND + [str(cfg_path)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=subprocess_env(env),
+            )
+        )
     for rank, (code, _, err) in enumerate(communicate_all(procs, timeout, f"{world} checkpoint workers")):
         if code != 0:
             raise AssertionError(f"worker rank {rank} exited with {code}:\n{err[-4000:]}")
@@ -55,15 +70,23 @@ def _manager(cfg: dict):
 
     group = None
     if cfg["world"] > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=cfg["rank"],
-                                world_size=cfg["world"])
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=cfg["rank"], world_size=cfg["world"]
+        )
         group = dist.new_group(backend="gloo")
     levels = [LevelSpec(**lv) for lv in cfg["levels"]]
     lws = cfg.get("local_world_size", cfg["world"])
-    return CheckpointManager(levels, rank=cfg["rank"], world_size=cfg["world"], group=group,
-                             local_rank=cfg.get("local_rank", cfg["rank"]), local_world_size=lws,
-                             node_id=cfg.get("node_id", "node-0"), chunk_bytes=cfg.get("chunk_bytes", 256),
-                             on_busy=cfg.get("on_busy", "wait"))
+    return CheckpointManager(
+        levels,
+        rank=cfg["rank"],
+        world_size=cfg["world"],
+        group=group,
+        local_rank=cfg.get("local_rank", cfg["rank"]),
+        local_world_size=lws,
+        node_id=cfg.get("node_id", "node-0"),
+        chunk_bytes=cfg.get("chunk_bytes", 256),
+        on_busy=cfg.get("on_busy", "wait"),
+    )
 
 
 def _run_op(mgr, cfg: dict, op: dict) -> dict:
@@ -84,14 +107,23 @@ def _run_op(mgr, cfg: dict, op: dict) -> dict:
             res = mgr.load(state, step=op.get("step"))
         except CheckpointError as e:
             return {"error": str(e)}
-        return {"step": res.step, "level": res.level, "path": res.path, "extra": res.extra,
-                "rank_extra": res.rank_extra, "fallbacks": res.fallbacks, "bytes_read": res.bytes_read,
-                "mismatched": matches(state, res.step), "error": None}
+        return {
+            "step": res.step,
+            "level": res.level,
+            "path": res.path,
+            "extra": res.extra,
+            "rank_extra": res.rank_extra,
+            "fallbacks": res.fallbacks,
+            "bytes_read": res.bytes_read,
+            "mismatched": matches(state, res.step),
+            "error": None,
+        }
     if op["op"] == "emergency":
         return {"written": mgr.emergency_save()}
-    if op["op"] == "wait_sigterm":       # what a trainer does on preemption: note the signal, then save
+    if op["op"] == "wait_sigterm":  # what a trainer does on preemption: note the signal, then save
         import signal
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # (already blocked in every thread: worker_main)
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (already blocked in every thread: worker_main)
         Path(op["ready"]).write_text("ready")
         signal.sigwait({signal.SIGTERM})
         return {"written": mgr.emergency_save()}
@@ -102,6 +134,7 @@ def worker_main(cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     if any(op["op"] == "wait_sigterm" for op in cfg["ops"]):
         import signal
+
         # Block SIGTERM before the manager starts its threads (they inherit the mask): a SIGTERM arriving before
         # the main thread reaches sigwait stays pending instead of killing the process through another thread.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -110,6 +143,7 @@ def worker_main(cfg_path: str) -> None:
     mgr.close()
     if cfg["world"] > 1:
         import torch.distributed as dist
+
         dist.destroy_process_group()
     Path(cfg["out"]).write_text(json.dumps(results))
 

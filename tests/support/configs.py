@@ -16,8 +16,10 @@ def write_text_corpus(root: Path) -> dict[str, Path]:
     sources = {
         "prose": "\n\n".join(topics.topics[k] for k in sorted(topics.topics)[:60]),
         "python": "\n\n".join((stdlib / f).read_text() for f in ("argparse.py", "json/decoder.py", "textwrap.py")),
-        "c": "\n\n".join((Path(sysconfig.get_paths()["include"]) / f).read_text()
-                         for f in ("object.h", "listobject.h", "dictobject.h", "pyport.h")),
+        "c": "\n\n".join(
+            (Path(sysconfig.get_paths()["include"]) / f).read_text()
+            for f in ("object.h", "listobject.h", "dictobject.h", "pyport.h")
+        ),
     }
     paths = {}
     for domain, text in sources.items():
@@ -26,7 +28,7 @@ def write_text_corpus(root: Path) -> dict[str, Path]:
         # Several documents per domain, so the hash-based validation split has something to hold out.
         chunk = max(len(text) // 8, 1)
         for i in range(8):
-            (d / f"doc{i}.txt").write_text(text[i * chunk:(i + 1) * chunk])
+            (d / f"doc{i}.txt").write_text(text[i * chunk : (i + 1) * chunk])
         paths[domain] = d
     return paths
 
@@ -47,8 +49,15 @@ def tiny_config_dict(corpus: dict[str, Path], tmp_path: Path, steps_per_phase: i
             ],
         },
         "schedule": {"kind": "cosine", "lr_max": 3e-3, "lr_min": 3e-4, "warmup_steps": 2},
-        "train": {"global_batch": global_batch, "micro_batch": 2, "eval_interval": 0, "eval_batches": 1,
-                  "run_dir": str(tmp_path / "run"), "progress": False, "threads_per_worker": 1},
+        "train": {
+            "global_batch": global_batch,
+            "micro_batch": 2,
+            "eval_interval": 0,
+            "eval_batches": 1,
+            "run_dir": str(tmp_path / "run"),
+            "progress": False,
+            "threads_per_worker": 1,
+        },
         "checkpoint": {"interval": 0, "l0_interval": 0},
         "launch": {"nproc_per_node": 2},
     }
@@ -62,14 +71,14 @@ def recovery_config(raw: dict, tmp_path: Path, steps_per_phase: int = 4, **check
     for phase in raw["data"]["phases"]:
         phase["tokens"] = steps_per_phase * raw["train"]["global_batch"] * raw["model"]["seq_len"]
     raw["train"]["log_samples"] = True
-    raw["checkpoint"] = {"interval": 3, "keep_last": 2, "l0_interval": 1, "l0_dir": str(tmp_path / "shm"),
-                         **checkpoint}
+    raw["checkpoint"] = {"interval": 3, "keep_last": 2, "l0_interval": 1, "l0_dir": str(tmp_path / "shm"), **checkpoint}
     raw["launch"]["monitor_interval"] = 0.2
     return write_toml(raw, tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.toml")
 
 
 def write_toml(raw: dict, path: Path) -> Path:
     """A minimal TOML writer for test configs (tables, arrays of tables, inline tables of scalars)."""
+
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -85,8 +94,11 @@ def write_toml(raw: dict, path: Path) -> Path:
 
     lines = []
     for section, body in raw.items():
-        scalars = {k: v for k, v in body.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))
-                   and not isinstance(v, dict)}
+        scalars = {
+            k: v
+            for k, v in body.items()
+            if not (isinstance(v, list) and v and isinstance(v[0], dict)) and not isinstance(v, dict)
+        }
         lines.append(f"[{section}]")
         lines += [f"{k} = {value(v)}" for k, v in scalars.items()]
         for k, v in body.items():

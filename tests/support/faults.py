@@ -27,15 +27,37 @@ def node_loss_budget(wait: float = NODE_WAIT) -> float:
 def start_node(config: Path, run: Path, node: str, endpoint: str, log: Path, faults: list[str]) -> subprocess.Popen:
     """One simulated node: its own `ecpt train` agent with one worker, joining the job at the external store
     ``endpoint``, with the fault plan ``faults`` (every node gets the same plan; each fault fires once per run)."""
-    return subprocess.Popen(ecpt_command(["train", "--config", str(config), "--run-dir", str(run), "--nnodes", "1:2",
-                                          "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
-                                          "--rdzv-store", "external", "--node-id", node,
-                                          *(arg for f in faults for arg in ("--fault", f))]),
-                            cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        ecpt_command(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--run-dir",
+                str(run),
+                "--nnodes",
+                "1:2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-store",
+                "external",
+                "--node-id",
+                node,
+                *(arg for f in faults for arg in ("--fault", f)),
+            ]
+        ),
+        cwd=REPO,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
-def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, extra_faults: tuple[str, ...] = (),
-                         timeout: float = NODE_WAIT) -> None:
+def lose_and_rejoin_node(
+    config: Path, run: Path, logs: Path, kill_step: int, extra_faults: tuple[str, ...] = (), timeout: float = NODE_WAIT
+) -> None:
     """The node-loss scenario: a standalone rendezvous store and two simulated nodes n0, n1 (one worker each);
     n1 is killed at ``kill_step``, the job must shrink to world 1, n1's command is started again, the job must grow
     back to world 2 and both agents must finish with exit code 0. ``extra_faults`` join the plan of every node.
@@ -43,8 +65,13 @@ def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, ex
     port = free_port()
     endpoint = f"127.0.0.1:{port}"
     agent_logs = [logs / "n0.log", logs / "n1.log", logs / "n1-again.log"]
-    store = subprocess.Popen(ecpt_command(["rdzv-store", "--port", str(port)]), cwd=REPO, stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    store = subprocess.Popen(
+        ecpt_command(["rdzv-store", "--port", str(port)]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     nodes = []
     try:
         assert "listening" in store.stdout.readline()
@@ -53,11 +80,19 @@ def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, ex
         assert nodes[1].wait(timeout=timeout) != 0, "node n1's agent outlived its kill"
         killed = time.time()
         # after the kill: a late first join can also give world-1 steps at the start (see node_resizes)
-        wait_for(lambda: any(r["world_size"] == 1 and r["time"] > killed for r in step_rows(run)), timeout,
-                 "the job to shrink to 1 node", nodes[0])
+        wait_for(
+            lambda: any(r["world_size"] == 1 and r["time"] > killed for r in step_rows(run)),
+            timeout,
+            "the job to shrink to 1 node",
+            nodes[0],
+        )
         nodes[1] = start_node(config, run, "n1", endpoint, agent_logs[2], faults)
-        wait_for(lambda: [r for r in step_rows(run) if r["world_size"] == 2 and r["step"] > kill_step], timeout,
-                 "the job to grow back to 2 nodes", nodes[0])
+        wait_for(
+            lambda: [r for r in step_rows(run) if r["world_size"] == 2 and r["step"] > kill_step],
+            timeout,
+            "the job to grow back to 2 nodes",
+            nodes[0],
+        )
         assert nodes[0].wait(timeout=2 * timeout) == 0, "node n0's agent failed"
         assert nodes[1].wait(timeout=timeout / 2) == 0, "node n1's restarted agent failed"
     except (AssertionError, subprocess.TimeoutExpired) as exc:
@@ -69,5 +104,8 @@ def lose_and_rejoin_node(config: Path, run: Path, logs: Path, kill_step: int, ex
 
 
 def _tails(logs: list[Path], chars: int = 3000) -> str:
-    return "".join(f"\n--- {log.name} (last {chars} characters) ---\n{log.read_text(errors='replace')[-chars:]}"
-                   for log in logs if log.exists())
+    return "".join(
+        f"\n--- {log.name} (last {chars} characters) ---\n{log.read_text(errors='replace')[-chars:]}"
+        for log in logs
+        if log.exists()
+    )

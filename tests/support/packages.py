@@ -25,8 +25,9 @@ def which(name: str) -> str | None:
 
 def _apt(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=180", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        ["apt-get", "-o", "DPkg::Lock::Timeout=180", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def ensure_debian_packages(binaries: list[str], packages: list[str]) -> dict[str, str]:

@@ -36,8 +36,9 @@ def subprocess_env(extra: dict | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **(extra or {})}
 
 
-def spawn_ranks(script: Path, world_size: int, args: list[str], timeout: float = RANKS_TIMEOUT,
-                extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+def spawn_ranks(
+    script: Path, world_size: int, args: list[str], timeout: float = RANKS_TIMEOUT, extra_env: dict | None = None
+) -> list[subprocess.CompletedProcess]:
     """Run ``script`` as ``world_size`` real processes joined by env:// gloo rendezvous on 127.0.0.1.
 
     Waits for all of them with a deadline; on timeout kills the rest and fails with their output.
@@ -45,13 +46,31 @@ def spawn_ranks(script: Path, world_size: int, args: list[str], timeout: float =
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = subprocess_env({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                              "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(extra_env or {})})
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    results = [subprocess.CompletedProcess(p.args, code, out, "")
-               for p, (code, out, _) in zip(procs, communicate_all(procs, timeout, f"ranks of {script.name}"))]
+        env = subprocess_env(
+            {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                **(extra_env or {}),
+            }
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    results = [
+        subprocess.CompletedProcess(p.args, code, out, "")
+        for p, (code, out, _) in zip(procs, communicate_all(procs, timeout, f"ranks of {script.name}"))
+    ]
     for rank, r in enumerate(results):
         assert r.returncode == 0, f"rank {rank} of {script.name} failed ({r.returncode}):\n{r.stdout[-4000:]}"
     return results
@@ -68,8 +87,10 @@ def communicate_all(procs: list[subprocess.Popen], timeout: float, what: str) ->
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            tails = "".join(f"\n--- process {i} ---\n{''.join(o or '' for o in q.communicate())[-2000:]}"
-                            for i, q in enumerate(procs))
+            tails = "".join(
+                f"\n--- process {i} ---\n{''.join(o or '' for o in q.communicate())[-2000:]}"
+                for i, q in enumerate(procs)
+            )
             raise AssertionError(f"{what} did not finish within {timeout} s:{tails}") from None
         done.append((p.returncode, out or "", err or ""))
     return done
@@ -86,8 +107,10 @@ def run_ecpt(args: list[str], timeout: float = TRAIN_TIMEOUT) -> subprocess.Comp
     try:
         return subprocess.run(ecpt_command(args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"`ecpt {args[0]}` did not finish within {timeout} s:\n"
-                             f"{_text(exc.stdout)[-3000:]}{_text(exc.stderr)[-5000:]}") from exc
+        raise AssertionError(
+            f"`ecpt {args[0]}` did not finish within {timeout} s:\n"
+            f"{_text(exc.stdout)[-3000:]}{_text(exc.stderr)[-5000:]}"
+        ) from exc
 
 
 def _text(output: bytes | str | None) -> str:

@@ -59,13 +59,22 @@ def start_prometheus(config: Path, workdir: Path) -> PrometheusServer:
     it (one that never gets ready is stopped here, and the failure shows its log)."""
     port = free_port()
     log = workdir / f"prometheus-{port}.log"
-    cmd = [which("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / f'tsdb-{port}'}",
-           f"--web.listen-address=127.0.0.1:{port}", "--log.level=info"]
+    cmd = [
+        which("prometheus"),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / f'tsdb-{port}'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=info",
+    ]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     server = PrometheusServer(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
     try:
-        wait_for(lambda: _ready(server.url) or proc.poll() is not None, READY_TIMEOUT, "Prometheus to be ready",
-                 interval=QUERY_POLL)
+        wait_for(
+            lambda: _ready(server.url) or proc.poll() is not None,
+            READY_TIMEOUT,
+            "Prometheus to be ready",
+            interval=QUERY_POLL,
+        )
         assert proc.poll() is None, f"prometheus exited ({proc.returncode})"
     except AssertionError as exc:
         server.stop()

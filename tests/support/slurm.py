@@ -64,14 +64,17 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.env_vars}
 
-    def run(self, *args: str, timeout: float = CLIENT_TIMEOUT, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, timeout: float = CLIENT_TIMEOUT, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster; ``timeout`` guards against a dead slurmctld."""
-        proc = subprocess.run(list(args), capture_output=True, text=True, env={**(env or os.environ), **self.env_vars},
-                              timeout=timeout)
+        proc = subprocess.run(
+            list(args), capture_output=True, text=True, env={**(env or os.environ), **self.env_vars}, timeout=timeout
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}\n"
-                                 f"{self.daemon_logs()}")
+            raise AssertionError(
+                f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}\n{self.daemon_logs()}"
+            )
         return proc
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -106,15 +109,21 @@ def _start_munge(root: Path) -> tuple[Path, Path]:
         d.mkdir()
         _chown(d, "munge", mode)
     key = key_dir / "munge.key"
-    subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30,
-                   env={**os.environ, "PATH": SBIN_PATH})
+    subprocess.run(
+        ["mungekey", "--create", f"--keyfile={key}"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+        env={**os.environ, "PATH": SBIN_PATH},
+    )
     _chown(key, "munge", 0o600)
     sock, pid_file = run_dir / "munge.sock", run_dir / "munged.pid"
-    cmd = (f"{which('munged')} --socket={sock} --key-file={key} --pid-file={pid_file} "
-           f"--log-file={log_dir / 'munged.log'} --seed-file={log_dir / 'munged.seed'}")
+    cmd = (
+        f"{which('munged')} --socket={sock} --key-file={key} --pid-file={pid_file} "
+        f"--log-file={log_dir / 'munged.log'} --seed-file={log_dir / 'munged.seed'}"
+    )
     subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", cmd], check=True, capture_output=True, timeout=30)
-    wait_for(lambda: sock.exists() and pid_file.exists(), 15, "munged's socket and pid file",
-             interval=SLURM_POLL)
+    wait_for(lambda: sock.exists() and pid_file.exists(), 15, "munged's socket and pid file", interval=SLURM_POLL)
     return sock, pid_file
 
 
@@ -174,12 +183,12 @@ def start_slurm_cluster() -> SlurmCluster:
     cluster = SlurmCluster(root=root, conf=conf, host=host, pid_files=[munge_pid])
     for daemon, pid_name in (("slurmctld", "slurmctld.pid"), ("slurmd", "slurmd.pid")):
         cluster.pid_files.append(root / "run" / pid_name)
-        subprocess.run([which(daemon), "-f", str(conf)], check=True, capture_output=True, timeout=30,
-                       env=cluster.env)
+        subprocess.run([which(daemon), "-f", str(conf)], check=True, capture_output=True, timeout=30, env=cluster.env)
 
     def idle():
-        proc = subprocess.run(["timeout", "10", "sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                              env=cluster.env)
+        proc = subprocess.run(
+            ["timeout", "10", "sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=cluster.env
+        )
         return proc.stdout.strip() == "idle"
 
     try:
@@ -198,8 +207,7 @@ def stop_slurm_cluster(cluster: SlurmCluster) -> None:
         subprocess.run(["timeout", "10", "scancel", "--user=root"], capture_output=True, env=cluster.env)
 
         def drained():
-            proc = subprocess.run(["timeout", "10", "squeue", "-h"], capture_output=True, text=True,
-                                  env=cluster.env)
+            proc = subprocess.run(["timeout", "10", "squeue", "-h"], capture_output=True, text=True, env=cluster.env)
             return proc.returncode == 0 and not proc.stdout.strip()
 
         try:

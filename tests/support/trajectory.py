@@ -24,8 +24,9 @@ def final_samples(run: Path) -> list[int]:
     """Global sample ids of the surviving trajectory, from every rank's sample log (later runs of a step win)."""
     rows = []
     for path in (run / "samples").glob("rank-*.jsonl"):
-        rows += [json.loads(line) | {"order": i, "file": path.name}
-                 for i, line in enumerate(path.read_text().splitlines())]
+        rows += [
+            json.loads(line) | {"order": i, "file": path.name} for i, line in enumerate(path.read_text().splitlines())
+        ]
     by_step: dict[int, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["time"] if "time" in r else 0):
         by_step.setdefault(r["step"], []).append(r)

@@ -7,8 +7,13 @@ import time
 from typing import Callable
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen | None = None,
-             interval: float = 0.05):
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    interval: float = 0.05,
+):
     """Poll ``predicate`` until it returns something truthy and return that; fail naming ``what`` after ``timeout``
     seconds, or at once if ``proc`` exits first (with its stderr when that is a pipe).
 
@@ -20,7 +25,9 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, proc: s
             return value
         if proc is not None and proc.poll() is not None:
             stderr = proc.stderr.read() if proc.stderr is not None else ""
-            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}"
-                                 + (f":\n{stderr[-4000:]}" if stderr else ""))
+            raise AssertionError(
+                f"process exited ({proc.returncode}) while waiting for {what}"
+                + (f":\n{stderr[-4000:]}" if stderr else "")
+            )
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -3,8 +3,9 @@ import pytest
 from elastic.batch import rank_batch, split_evenly
 
 
-@pytest.mark.parametrize("total,parts,expected", [(10, 3, [4, 3, 3]), (16, 2, [8, 8]), (7, 4, [2, 2, 2, 1]),
-                                                  (5, 1, [5])])
+@pytest.mark.parametrize(
+    "total,parts,expected", [(10, 3, [4, 3, 3]), (16, 2, [8, 8]), (7, 4, [2, 2, 2, 1]), (5, 1, [5])]
+)
 def test_split_evenly(total, parts, expected):
     assert split_evenly(total, parts) == expected
 

@@ -6,6 +6,7 @@ the checkpoint. These tests check the two guarantees that move implies: a chunk 
 persisted (after its checksum was taken, before the commit) is caught on load like any later damage, and the
 checkpoint is the state at save() time even when the caller mutates every tensor right after wait_staged().
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,11 @@ def level_root(request, tmp_path):
 
 def state_at(step: int) -> dict[str, torch.Tensor]:
     """Several tensors, one chunk-sized and some with padded edge chunks, all holding `step` everywhere."""
-    return {"w": torch.full((256, 64), float(step)), "b": torch.full((1000,), float(step)),
-            "optim/m": torch.full((300, 7), float(step), dtype=torch.float64)}
+    return {
+        "w": torch.full((256, 64), float(step)),
+        "b": torch.full((1000,), float(step)),
+        "optim/m": torch.full((300, 7), float(step), dtype=torch.float64),
+    }
 
 
 def flip_first_byte(path: Path) -> None:
@@ -54,10 +58,10 @@ def test_snapshot_is_the_state_at_save_time_when_every_tensor_is_mutated_after_w
     for step in range(1, 7):
         mgr.save(step, state, {"step": step})
         mgr.wait_staged()
-        for t in state.values():                     # the optimizer step, on every saved tensor, right away
+        for t in state.values():  # the optimizer step, on every saved tensor, right away
             t.add_(1.0)
         if step == 1:
-            mgr.wait_durable()                       # later saves stage into slots planned by this one
+            mgr.wait_durable()  # later saves stage into slots planned by this one
     mgr.wait_durable()
     assert mgr.staging_stats().levels["L"].slots, "the saves after the first did not stage into slots"
     for step in range(3, 7):
@@ -84,8 +88,11 @@ def test_chunk_damaged_while_the_save_persists_is_caught_on_load(level_root, mon
         in the checkpoint directory being written (a partial directory or a skeleton, not a committed step-N)."""
         if step != 3 or chunks_written != 1:
             return
-        in_progress = [p.relative_to(root) for p in root.rglob("*") if p.is_file() and CHUNK_DIR in p.parts
-                       and not re.fullmatch(r"step-\d+", p.relative_to(root).parts[0])]
+        in_progress = [
+            p.relative_to(root)
+            for p in root.rglob("*")
+            if p.is_file() and CHUNK_DIR in p.parts and not re.fullmatch(r"step-\d+", p.relative_to(root).parts[0])
+        ]
         found.append(in_progress)
         if len(in_progress) == 1:
             flip_first_byte(root / in_progress[0])
@@ -106,4 +113,3 @@ def test_chunk_damaged_while_the_save_persists_is_caught_on_load(level_root, mon
     assert res.step == 2 and str(damaged) in res.fallbacks[0], res.fallbacks
     assert all(torch.equal(v, torch.full_like(v, 2.0)) for v in out.values())
     mgr.close()
-

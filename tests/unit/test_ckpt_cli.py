@@ -1,4 +1,5 @@
 """`ecpt ckpt list|verify|inspect|export` through the argparse wiring the ecpt CLI uses."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Single-process behaviour of CheckpointManager: round trip, lazy staging, buffers, levels, commit, corruption."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ import torch
 import zarr
 from prometheus_client import CollectorRegistry
 
-from checkpointing import (CheckpointCorruptError, CheckpointError, CheckpointManager, LevelSpec, Shard,
-                           export_safetensors, inspect, list_checkpoints, read_tensor, verify)
+from checkpointing import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointManager,
+    LevelSpec,
+    Shard,
+    export_safetensors,
+    inspect,
+    list_checkpoints,
+    read_tensor,
+    verify,
+)
 from support.ckpt_state import SPECS, full_tensor, make_state, matches
 
 
@@ -53,7 +64,7 @@ def test_values_are_those_at_save_time(mgr):
     w = torch.zeros(64, 8)
     mgr.save(1, {"w": w})
     mgr.wait_staged()
-    w.add_(5.0)            # the optimizer step, right after wait_staged()
+    w.add_(5.0)  # the optimizer step, right after wait_staged()
     mgr.wait_durable()
     out = torch.full((64, 8), -1.0)
     mgr.load({"w": out})
@@ -62,7 +73,7 @@ def test_values_are_those_at_save_time(mgr):
 
 def test_staging_buffers_are_reused_and_memory_stays_flat(tmp_path):
     mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 1)), chunk_bytes=1 << 20, staging_buffers=2)
-    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096)}      # 4 MB
+    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096)}  # 4 MB
     held = []
     rss = []
     for step in range(1, 21):
@@ -98,7 +109,8 @@ def test_latest_over_levels_and_load_from_slower_level(tmp_path):
     mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 1), ("L1", 2, 2)), chunk_bytes=256)
     save_steps(mgr, [1, 2, 3])
     import shutil
-    shutil.rmtree(tmp_path / "L0")       # node memory lost (node reboot): L1 still has step 2
+
+    shutil.rmtree(tmp_path / "L0")  # node memory lost (node reboot): L1 still has step 2
     target = make_state(0, "replica", 0, zero=True)
     res = mgr.load(target)
     assert (res.step, res.level) == (2, "L1") and matches(target, 2) == []
@@ -115,7 +127,7 @@ def test_directory_without_manifest_is_ignored(mgr, tmp_path):
     assert [i.step for i in mgr.list()] == [1]
     res = mgr.load(make_state(0, "replica", 0, zero=True))
     assert res.step == 1
-    save_steps(mgr, [2])                  # the next commit cleans abandoned partial directories
+    save_steps(mgr, [2])  # the next commit cleans abandoned partial directories
     assert not partial.exists()
 
 
@@ -179,7 +191,7 @@ def test_shards_round_trip_and_reshard_to_replica(tmp_path):
     out = torch.zeros(30, 10)
     mgr.load({"w": out})
     assert torch.equal(out, full)
-    part = Shard(torch.zeros(77), (30, 10), (101, 178))       # any flat range, crossing rows and chunks
+    part = Shard(torch.zeros(77), (30, 10), (101, 178))  # any flat range, crossing rows and chunks
     mgr.load({"w": part})
     assert torch.equal(part.local, full.reshape(-1)[101:178])
     mgr.close()
@@ -187,11 +199,12 @@ def test_shards_round_trip_and_reshard_to_replica(tmp_path):
 
 def test_metrics_and_skip_policy(tmp_path):
     reg = CollectorRegistry()
-    mgr = CheckpointManager(levels(tmp_path, ("L1", 1, 2)), chunk_bytes=256, registry=reg, on_busy="skip",
-                            staging_buffers=1)
+    mgr = CheckpointManager(
+        levels(tmp_path, ("L1", 1, 2)), chunk_bytes=256, registry=reg, on_busy="skip", staging_buffers=1
+    )
     state = make_state(0, "replica", 1)
     first = mgr.save(1, state)
-    second = mgr.save(2, state)         # the only buffer set is still busy with step 1
+    second = mgr.save(2, state)  # the only buffer set is still busy with step 1
     assert first is not None and second is None
     mgr.wait_staged()
     mgr.wait_durable()
@@ -218,8 +231,10 @@ def tiny_tmpfs(tmp_path):
     """A 1 MiB tmpfs: a real ENOSPC. Needs root (mount); skipped otherwise."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)
@@ -227,10 +242,10 @@ def tiny_tmpfs(tmp_path):
 
 def test_disk_full_is_a_clear_error_and_older_checkpoints_survive(tiny_tmpfs):
     mgr = CheckpointManager([LevelSpec("L1", str(tiny_tmpfs / "ckpt"), 1, 5, node_local=True)], chunk_bytes=64 << 10)
-    small = {"w": torch.randn(32, 1024)}                           # 128 KB
+    small = {"w": torch.randn(32, 1024)}  # 128 KB
     mgr.save(1, small, {"step": 1})
     mgr.wait_durable()
-    mgr.save(2, {"w": torch.randn(32, 1024), "big": torch.randn(512, 1024)}, {"step": 2})   # 2 MB > 1 MiB
+    mgr.save(2, {"w": torch.randn(32, 1024), "big": torch.randn(512, 1024)}, {"step": 2})  # 2 MB > 1 MiB
     with pytest.raises(CheckpointError) as info:
         mgr.wait_durable()
     msg = str(info.value)
@@ -238,7 +253,7 @@ def test_disk_full_is_a_clear_error_and_older_checkpoints_survive(tiny_tmpfs):
     assert not list((tiny_tmpfs / "ckpt").glob("*.partial-*")), "the failed save's files were not cleaned up"
     out = {"w": torch.zeros(32, 1024)}
     assert mgr.load(out).step == 1 and torch.equal(out["w"], small["w"])
-    mgr.save(3, small, {"step": 3})                                # training continues and saving works again
+    mgr.save(3, small, {"step": 3})  # training continues and saving works again
     assert mgr.wait_durable() == ["L1"]
     mgr.close()
 
@@ -252,11 +267,14 @@ def test_offline_list_inspect_and_export(mgr, tmp_path):
     info = inspect(ckpt)
     assert info["step"] == 5 and info["tensors"]["optim/step"]["shape"] == []
     from safetensors.torch import load_file
+
     out = export_safetensors(ckpt, tmp_path / "hf", prefix="model/")
     loaded = load_file(str(out))
     assert sorted(loaded) == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
-    assert torch.equal(loaded["model.layers.0.mlp.up_proj.weight"],
-                       full_tensor("model/model.layers.0.mlp.up_proj.weight", (29, 24), "bfloat16", 5))
+    assert torch.equal(
+        loaded["model.layers.0.mlp.up_proj.weight"],
+        full_tensor("model/model.layers.0.mlp.up_proj.weight", (29, 24), "bfloat16", 5),
+    )
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == hf_config
 
 
@@ -281,9 +299,10 @@ def test_emergency_save_writes_newest_staged_step_to_most_durable_level(tmp_path
     assert [i.step for i in mgr.list() if i.level == "L2"] == []
     assert mgr.emergency_save() == ["L2"]
     assert [i.step for i in mgr.list() if i.level == "L2"] == [3]
-    assert mgr.emergency_save() == []                               # already durable: nothing to do
+    assert mgr.emergency_save() == []  # already durable: nothing to do
     target = make_state(0, "replica", 0, zero=True)
     import shutil
+
     shutil.rmtree(tmp_path / "L0")
     assert mgr.load(target).level == "L2" and matches(target, 3) == []
     mgr.close()

@@ -1,4 +1,5 @@
 """Chunk ownership: every chunk written exactly once, boundary chunks assembled from pieces, balanced replicas."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,15 +32,15 @@ def test_every_chunk_written_once_and_pieces_cover_it():
             assert pos == ce
     sends = {(tag) for p in ps for *_, tag in p.sends}
     recvs = {tag for p in ps for t in p.writes for src, *_, tag in t.pieces if tag >= 0}
-    assert sends == recvs and len(sends) == 2          # one foreign piece per boundary chunk
+    assert sends == recvs and len(sends) == 2  # one foreign piece per boundary chunk
 
 
 def test_replica_chunks_are_balanced_over_writers():
-    _, ps = plans(infos([(0, 100)] * 3, layout="replica"), 40)   # 10 chunks over 3 ranks
+    _, ps = plans(infos([(0, 100)] * 3, layout="replica"), 40)  # 10 chunks over 3 ranks
     counts = sorted(len(p.writes) for p in ps)
     assert counts == [3, 3, 4]
     _, local = plans(infos([(0, 100)] * 3, layout="replica"), 40, nodes=["a", "b", "b"])
-    assert [len(p.writes) for p in local] == [10, 5, 5]          # every node writes a whole copy
+    assert [len(p.writes) for p in local] == [10, 5, 5]  # every node writes a whole copy
 
 
 def test_node_local_copies_write_boundary_chunks_on_every_node_holding_a_piece():

@@ -6,6 +6,7 @@ These tests check that this changes nothing a user can observe (values, laziness
 levels, emergency saves) and that memory stays flat. Most run on /dev/shm; `memory=True` forces the behaviour on
 any filesystem.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ def chunk_files(ckpt: Path) -> list[Path]:
 
 
 def test_memory_levels_are_detected_and_skip_fsync(shm, tmp_path):
-    assert LevelSpec("L0", str(shm / "L0"), 1, 2, True).is_memory          # not created yet: its parent decides
+    assert LevelSpec("L0", str(shm / "L0"), 1, 2, True).is_memory  # not created yet: its parent decides
     assert not LevelSpec("L1", str(tmp_path), 1, 2, True).is_memory or is_memory_fs(tmp_path)
     level = LevelSpec("L0", str(tmp_path), 1, 2, True, memory=True)
     assert level.is_memory and not level.sync
@@ -81,7 +82,7 @@ def test_saves_are_staged_into_the_checkpoint_files_and_values_are_exact(shm):
     mgr.close()
     assert not list((root / ".staging").iterdir()), "close() left staging files behind"
     assert [p for p in root.iterdir() if p.name.startswith(".next-")] == []
-    assert committed(root) == ["step-00000005", "step-00000006"]           # the checkpoints outlive the process
+    assert committed(root) == ["step-00000005", "step-00000006"]  # the checkpoints outlive the process
     again = CheckpointManager([LevelSpec("L0", str(root), 1, 2, node_local=True)], chunk_bytes=256)
     target = make_state(0, "replica", 0, zero=True)
     assert again.load(target).step == 6 and matches(target, 6) == []
@@ -90,17 +91,18 @@ def test_saves_are_staged_into_the_checkpoint_files_and_values_are_exact(shm):
 
 def test_values_are_those_at_save_time_with_large_mapped_chunks(shm):
     mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=1 << 20)
-    w = torch.zeros(1024, 700)                       # 2.8 MB: three 1 MB chunks, the last one padded
+    w = torch.zeros(1024, 700)  # 2.8 MB: three 1 MB chunks, the last one padded
     for step in range(1, 5):
         mgr.save(step, {"w": w}, {"step": step})
         mgr.wait_staged()
-        w.add_(1.0)                                  # the optimizer step right after wait_staged()
+        w.add_(1.0)  # the optimizer step right after wait_staged()
         if step == 1:
             mgr.wait_durable()
     mgr.wait_durable()
     staged = mgr.staging_stats().levels
-    assert "L0" in staged and staged["L0"].slots and staged["L0"].in_files, \
+    assert "L0" in staged and staged["L0"].slots and staged["L0"].in_files, (
         f"the saves after the first were not staged zero-copy: {staged}"
+    )
     out = torch.full((1024, 700), -1.0)
     assert mgr.load({"w": out}).step == 4 and torch.equal(out, torch.full((1024, 700), 3.0))
     assert mgr.load({"w": out}, step=3).step == 3 and torch.equal(out, torch.full((1024, 700), 2.0))
@@ -109,7 +111,7 @@ def test_values_are_those_at_save_time_with_large_mapped_chunks(shm):
 
 def test_staging_files_are_reused_and_memory_stays_flat(shm):
     mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=1 << 20)
-    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096)}      # 4 MB
+    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096)}  # 4 MB
     inodes, shm_used = [], []
     for step in range(1, 21):
         mgr.save(step, state, {"step": step})
@@ -146,7 +148,7 @@ def test_damaged_newest_copy_falls_back_and_later_saves_are_clean(shm, damage):
     if damage == "corrupt":
         data = bytearray(chunk.read_bytes())
         data[3] ^= 0xFF
-        chunk.write_bytes(bytes(data))               # writes through the hard link into a staging file
+        chunk.write_bytes(bytes(data))  # writes through the hard link into a staging file
     elif damage == "truncated":
         chunk.write_bytes(chunk.read_bytes()[:3])
     else:
@@ -154,7 +156,7 @@ def test_damaged_newest_copy_falls_back_and_later_saves_are_clean(shm, damage):
     target = make_state(0, "replica", 0, zero=True)
     res = mgr.load(target)
     assert res.step == 1 and matches(target, 1) == [] and str(chunk) in res.fallbacks[0]
-    save_steps(mgr, range(3, 9))                     # the damaged files' slots are retired and reused
+    save_steps(mgr, range(3, 9))  # the damaged files' slots are retired and reused
     for step in (7, 8):
         assert verify(shm / "L0" / f"step-{step:08d}") == []
     assert mgr.load(target).step == 8 and matches(target, 8) == []
@@ -179,7 +181,7 @@ def test_layout_change_mid_run_and_other_filesystems(tmp_path):
     mgr = CheckpointManager([LevelSpec("L0", str(tmp_path / "L0"), 1, 3, True, memory=True)], chunk_bytes=256)
     save_steps(mgr, [1, 2, 3])
     bigger = {**SPECS, "extra/w": ((9, 5), "float32")}
-    save_steps(mgr, [4, 5, 6], specs=bigger)          # a new tensor: plan again, then zero-copy again
+    save_steps(mgr, [4, 5, 6], specs=bigger)  # a new tensor: plan again, then zero-copy again
     save_steps(mgr, [7, 8], specs=SPECS)
     for step in (6, 7, 8):
         assert verify(tmp_path / "L0" / f"step-{step:08d}") == []
@@ -192,16 +194,18 @@ def test_layout_change_mid_run_and_other_filesystems(tmp_path):
 
 
 def test_memory_level_promotes_to_disk_and_emergency_save(shm, tmp_path):
-    levels = [LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True),
-              LevelSpec("L1", str(tmp_path / "L1"), 3, 2, node_local=False),
-              LevelSpec("L2", str(tmp_path / "L2"), 100, 1, node_local=False)]
+    levels = [
+        LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True),
+        LevelSpec("L1", str(tmp_path / "L1"), 3, 2, node_local=False),
+        LevelSpec("L2", str(tmp_path / "L2"), 100, 1, node_local=False),
+    ]
     mgr = CheckpointManager(levels, chunk_bytes=256)
     assert save_steps(mgr, range(1, 8)).count("L1") == 2
     assert [i.step for i in mgr.list() if i.level == "L1"] == [3, 6]
     assert verify(tmp_path / "L1" / "step-00000006") == []
     assert mgr.emergency_save() == ["L2"]
     assert [i.step for i in mgr.list() if i.level == "L2"] == [7]
-    shutil.rmtree(shm / "L0")                         # node memory lost
+    shutil.rmtree(shm / "L0")  # node memory lost
     target = make_state(0, "replica", 0, zero=True)
     res = mgr.load(target)
     assert (res.step, res.level) == (7, "L2") and matches(target, 7) == []
@@ -215,7 +219,7 @@ def test_stale_staging_of_a_dead_process_is_removed(shm):
     mgr = CheckpointManager([LevelSpec("L0", str(shm / "L0"), 1, 2, node_local=True)], chunk_bytes=256)
     save_steps(mgr, [1, 2])
     assert not stale.parent.exists(), "the staging directory of a gone process was kept"
-    assert len(list((shm / "L0" / ".staging").iterdir())) == 1          # this process's own
+    assert len(list((shm / "L0" / ".staging").iterdir())) == 1  # this process's own
     mgr.close()
 
 
@@ -225,17 +229,37 @@ def test_manifest_encoder_matches_the_manifest_object():
     from checkpointing.manifest import ChunkRecord, Manifest
     from checkpointing.persist import MetadataCache, SaveContext, build_manifest
     from checkpointing.plan import global_layouts
-    describes = {name: [list(shape), dtype, "replica", 0, int(np.prod(shape))] for name, (shape, dtype) in SPECS.items()}
+
+    describes = {
+        name: [list(shape), dtype, "replica", 0, int(np.prod(shape))] for name, (shape, dtype) in SPECS.items()
+    }
     layouts = global_layouts([{"tensors": describes}], 256)
     extras = [{"step": 3, "cfg": {"a": [1, 2]}}, {"step": 3, "rank": 1}]
     ctx = SaveContext(3, "abc", layouts, extras, ["n0", "n0"], Comm(None, 0, 2), Comm(None, 0, 2), "n0", 256, "sig")
-    records = [[name, c, f"{name}/{t.grid.chunk_key(c)}", t.grid.chunk_nbytes, 1000 + c]
-               for name, t in layouts.items() for c in range(t.grid.n_chunks) if c != 1]
+    records = [
+        [name, c, f"{name}/{t.grid.chunk_key(c)}", t.grid.chunk_nbytes, 1000 + c]
+        for name, t in layouts.items()
+        for c in range(t.grid.n_chunks)
+        if c != 1
+    ]
     level = LevelSpec("L0", "/nonexistent", 1, 2, True)
     files = {"zarr.json": ChunkRecord("zarr.json", 10, 7)}
-    data = MetadataCache().encoder("sig", layouts).encode(
-        step=3, level="L0", node_id="n0", node_local=True, world_size=2, chunk_bytes=256, records=records,
-        extra=extras[0], rank_extra={1: extras[1]}, files=files)
+    data = (
+        MetadataCache()
+        .encoder("sig", layouts)
+        .encode(
+            step=3,
+            level="L0",
+            node_id="n0",
+            node_local=True,
+            world_size=2,
+            chunk_bytes=256,
+            records=records,
+            extra=extras[0],
+            rank_extra={1: extras[1]},
+            files=files,
+        )
+    )
     got = Manifest.from_json(json.loads(data), "encoded")
     want = build_manifest(level, ctx, records)
     want.files, want.created_unix = files, got.created_unix

@@ -2,8 +2,14 @@ import copy
 
 import pytest
 
-from elastic.config import (ConfigError, apply_overrides, bundled_config_names, config_from_dict, load_config,
-                            parse_override)
+from elastic.config import (
+    ConfigError,
+    apply_overrides,
+    bundled_config_names,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
 from support.configs import write_toml
 
 
@@ -23,18 +29,21 @@ def test_set_override_parses_toml_values():
     assert cfg.train.max_steps == 7 and cfg.schedule.lr_max == 0.01
 
 
-@pytest.mark.parametrize("mutate,field", [
-    (lambda r: r["train"].update(bogus=1), "train.bogus"),
-    (lambda r: r.update(trian={}), "trian"),
-    (lambda r: r["train"].update(global_batch="16"), "train.global_batch"),
-    (lambda r: r["train"].update(global_batch=1), "train.global_batch"),
-    (lambda r: r["model"].update(n_heads=3), "model.n_heads"),
-    (lambda r: r["schedule"].update(kind="linear"), "schedule.kind"),
-    (lambda r: r["data"]["phases"][0].update(mixture={"klingon": 1.0}), "data.phases[0].mixture"),
-    (lambda r: r["data"]["phases"][1].update(tokens=0), "data.phases[1].tokens"),
-    (lambda r: r["checkpoint"].update(keep_last=0), "checkpoint.keep_last"),
-    (lambda r: r["launch"].update(nnodes="3:1"), "launch.nnodes"),
-])
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (lambda r: r["train"].update(bogus=1), "train.bogus"),
+        (lambda r: r.update(trian={}), "trian"),
+        (lambda r: r["train"].update(global_batch="16"), "train.global_batch"),
+        (lambda r: r["train"].update(global_batch=1), "train.global_batch"),
+        (lambda r: r["model"].update(n_heads=3), "model.n_heads"),
+        (lambda r: r["schedule"].update(kind="linear"), "schedule.kind"),
+        (lambda r: r["data"]["phases"][0].update(mixture={"klingon": 1.0}), "data.phases[0].mixture"),
+        (lambda r: r["data"]["phases"][1].update(tokens=0), "data.phases[1].tokens"),
+        (lambda r: r["checkpoint"].update(keep_last=0), "checkpoint.keep_last"),
+        (lambda r: r["launch"].update(nnodes="3:1"), "launch.nnodes"),
+    ],
+)
 def test_bad_values_name_the_field(tiny_raw, mutate, field):
     raw = copy.deepcopy(tiny_raw)
     mutate(raw)

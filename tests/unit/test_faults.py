@@ -16,16 +16,35 @@ from elastic.watchdog import Watchdog
 
 
 def test_plan_sentences_parse():
-    plan = parse_plan(["kill rank 1 at step 30", "Kill  node n1 at step 50", "sigterm all at step 70",
-                       "stall rank 0 at step 20 for 60s", "corrupt newest at step 40", "fill disk at step 60"])
+    plan = parse_plan(
+        [
+            "kill rank 1 at step 30",
+            "Kill  node n1 at step 50",
+            "sigterm all at step 70",
+            "stall rank 0 at step 20 for 60s",
+            "corrupt newest at step 40",
+            "fill disk at step 60",
+        ]
+    )
     assert [(f.kind, f.step, f.rank, f.node, f.seconds) for f in plan] == [
-        ("kill", 30, 1, None, 0), ("kill_node", 50, None, "n1", 0), ("sigterm", 70, None, None, 0),
-        ("stall", 20, 0, None, 60), ("corrupt", 40, None, None, 0), ("fill_disk", 60, None, None, 0)]
+        ("kill", 30, 1, None, 0),
+        ("kill_node", 50, None, "n1", 0),
+        ("sigterm", 70, None, None, 0),
+        ("stall", 20, 0, None, 60),
+        ("corrupt", 40, None, None, 0),
+        ("fill_disk", 60, None, None, 0),
+    ]
 
 
 def test_describe_round_trips_through_the_parser():
-    sentences = ["kill rank 1 at step 30", "kill node n1 at step 50", "sigterm all at step 70",
-                 "stall rank 0 at step 20 for 60s", "corrupt newest at step 40", "fill disk at step 60"]
+    sentences = [
+        "kill rank 1 at step 30",
+        "kill node n1 at step 50",
+        "sigterm all at step 70",
+        "stall rank 0 at step 20 for 60s",
+        "corrupt newest at step 40",
+        "fill disk at step 60",
+    ]
     assert [f.describe() for f in parse_plan(sentences)] == sentences
 
 
@@ -76,6 +95,7 @@ def test_fill_disk_refuses_a_real_disk(tmp_path, monkeypatch):
         def statvfs(path):
             asked.append(Path(path))
             return SimpleNamespace(f_bavail=free_bytes // 4096, f_frsize=4096)
+
         return statvfs
 
     for free, shown in ((FILL_DISK_MAX_BYTES + 4096, "2.0 GiB free"), (40 << 30, "40.0 GiB free")):
@@ -88,13 +108,20 @@ def test_fill_disk_refuses_a_real_disk(tmp_path, monkeypatch):
 
 
 def test_watchdog_exits_a_worker_that_makes_no_progress(tmp_path):
-    code = ("import logging, time\n"
-            "from elastic.watchdog import Watchdog\n"
-            "Watchdog(1.0, logging.getLogger('w')).start()\n"
-            "time.sleep(60)\n")  # the simulated hang
+    code = (
+        "import logging, time\n"
+        "from elastic.watchdog import Watchdog\n"
+        "Watchdog(1.0, logging.getLogger('w')).start()\n"
+        "time.sleep(60)\n"
+    )  # the simulated hang
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                            cwd=Path(__file__).resolve().parents[2])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert result.returncode == Watchdog.EXIT_CODE
     assert time.monotonic() - start < 10
     assert "no step completed" in result.stderr

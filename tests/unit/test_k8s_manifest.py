@@ -15,8 +15,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def render(capsys, config: Path, *extra: str) -> list[dict]:
-    code, out, err = launch(["k8s", "--config", str(config), "--image", "registry.example/ecpt:cpu",
-                             "--min-nodes", "2", "--max-nodes", "4", *extra], capsys)
+    code, out, err = launch(
+        [
+            "k8s",
+            "--config",
+            str(config),
+            "--image",
+            "registry.example/ecpt:cpu",
+            "--min-nodes",
+            "2",
+            "--max-nodes",
+            "4",
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 0, err
     return list(yaml.safe_load_all(out))
 
@@ -50,12 +63,14 @@ def check_pytorchjob(job: dict, min_nodes: int, max_nodes: int, nproc: int) -> d
     assert container["name"] == "pytorch"  # the operator looks for this container
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert "pytorchjob-port" in ports  # the operator derives PET_RDZV_ENDPOINT from it
-    assert [ports[f"metrics-{r}"] for r in range(nproc)] == [int(annotations["prometheus.io/port"]) + r
-                                                             for r in range(nproc)]
+    assert [ports[f"metrics-{r}"] for r in range(nproc)] == [
+        int(annotations["prometheus.io/port"]) + r for r in range(nproc)
+    ]
     assert container["command"][:3] == ["python", "-m", "launch.agent"]
     assert container["command"][-4:] == ["-m", "elastic.worker", "--config-json", "/etc/ecpt/config.json"]
-    assert not any(c.startswith("--nnodes") or c.startswith("--rdzv-endpoint") for c in container["command"]), \
+    assert not any(c.startswith("--nnodes") or c.startswith("--rdzv-endpoint") for c in container["command"]), (
         "rendezvous flags would override the operator's PET_* settings"
+    )
     res = container["resources"]
     assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"] == res["requests"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -87,8 +102,20 @@ def test_cpu_job_is_elastic_with_config_volume_and_metrics(config_file, capsys):
 
 
 def test_gpu_job_requests_gpus_and_one_worker_each(config_file, capsys):
-    docs = by_kind(render(capsys, config_file, "--gpus-per-node", "4", "--namespace", "ml", "--pvc", "team-data",
-                          "--metrics-port", "9500"))
+    docs = by_kind(
+        render(
+            capsys,
+            config_file,
+            "--gpus-per-node",
+            "4",
+            "--namespace",
+            "ml",
+            "--pvc",
+            "team-data",
+            "--metrics-port",
+            "9500",
+        )
+    )
     assert "PersistentVolumeClaim" not in docs  # an existing claim is used
     container = check_pytorchjob(docs["PyTorchJob"], 2, 4, nproc=4)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
@@ -98,33 +125,56 @@ def test_gpu_job_requests_gpus_and_one_worker_each(config_file, capsys):
     assert json.loads(docs["ConfigMap"]["data"]["config.json"])["metrics"]["port"] == 9500
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--memory-per-node", "lots"], "--memory-per-node"),
-    (["--job-name", "UPPER"], "--job-name"),
-    (["--metrics-port", "80"], "--metrics-port"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--memory-per-node", "lots"], "--memory-per-node"),
+        (["--job-name", "UPPER"], "--job-name"),
+        (["--metrics-port", "80"], "--metrics-port"),
+    ],
+)
 def test_bad_flags_name_the_flag(config_file, capsys, extra, message):
-    code, _, err = launch(["k8s", "--config", str(config_file), "--image", "x", "--min-nodes", "1", "--max-nodes",
-                           "2", *extra], capsys)
+    code, _, err = launch(
+        ["k8s", "--config", str(config_file), "--image", "x", "--min-nodes", "1", "--max-nodes", "2", *extra], capsys
+    )
     assert code == 2 and message in err, err
 
 
 def test_min_nodes_above_max_is_refused(config_file, capsys):
-    code, _, err = launch(["k8s", "--config", str(config_file), "--image", "x", "--min-nodes", "3", "--max-nodes",
-                           "2"], capsys)
+    code, _, err = launch(
+        ["k8s", "--config", str(config_file), "--image", "x", "--min-nodes", "3", "--max-nodes", "2"], capsys
+    )
     assert code == 2 and "--min-nodes" in err
 
 
 def test_yaml_emitter_round_trips_awkward_values():
-    doc = {"plain": "ReadWriteMany", "numberish": "100Gi", "int_string": "2", "bool_string": "true", "yes": "no",
-           "colon": "a: b", "hash": "x #y", "empty": "", "list": [], "map": {}, "none": None, "float": 0.5,
-           "nested": [{"a": [1, [2, 3]], "b": {"c": "multi\nline\n"}}], "weird key: x": "-dash",
-           "quote": 'say "hi"', "unicode": "naïve ✓", "block": "{\n  \"k\": 1\n}\n", "star": "*", "at": "@x"}
+    doc = {
+        "plain": "ReadWriteMany",
+        "numberish": "100Gi",
+        "int_string": "2",
+        "bool_string": "true",
+        "yes": "no",
+        "colon": "a: b",
+        "hash": "x #y",
+        "empty": "",
+        "list": [],
+        "map": {},
+        "none": None,
+        "float": 0.5,
+        "nested": [{"a": [1, [2, 3]], "b": {"c": "multi\nline\n"}}],
+        "weird key: x": "-dash",
+        "quote": 'say "hi"',
+        "unicode": "naïve ✓",
+        "block": '{\n  "k": 1\n}\n',
+        "star": "*",
+        "at": "@x",
+    }
     assert yaml.safe_load(to_yaml([doc])) == doc
 
 
-@pytest.mark.parametrize("path,nproc,gpus", [("deploy/k8s/pytorchjob-cpu.yaml", 2, 0),
-                                             ("deploy/k8s/pytorchjob-gpu.yaml", 8, 8)])
+@pytest.mark.parametrize(
+    "path,nproc,gpus", [("deploy/k8s/pytorchjob-cpu.yaml", 2, 0), ("deploy/k8s/pytorchjob-gpu.yaml", 8, 8)]
+)
 def test_example_manifests_in_deploy_carry_the_required_fields(path, nproc, gpus):
     docs = by_kind(list(yaml.safe_load_all((REPO / path).read_text())))
     job = docs["PyTorchJob"]

@@ -43,8 +43,9 @@ def config_file(tiny_raw, tmp_path) -> Path:
 
 def slurm(config_file, tmp_path, capsys, *extra: str) -> tuple[str, Path]:
     run_dir = tmp_path / "run"
-    code, out, err = launch(["slurm", "--config", str(config_file), "--run-dir", str(run_dir), "--time", "30",
-                             *extra], capsys)
+    code, out, err = launch(
+        ["slurm", "--config", str(config_file), "--run-dir", str(run_dir), "--time", "30", *extra], capsys
+    )
     assert code == 0, err
     return out, run_dir
 
@@ -55,16 +56,24 @@ def directives(script: str) -> list[str]:
 
 def agent_words(script: str) -> list[str]:
     """The command srun runs on every node, after the `trap '' USR1; exec` wrapper, as shell words."""
-    text = script[script.index("ecpt-agent \\") + len("ecpt-agent"):]
-    text = text[:text.index(" &\n")].replace("\\\n", " ")
+    text = script[script.index("ecpt-agent \\") + len("ecpt-agent") :]
+    text = text[: text.index(" &\n")].replace("\\\n", " ")
     return shlex.split(text)
 
 
 def test_cpu_script_runs_one_torchrun_agent_per_node_with_c10d_on_the_first_node(config_file, tmp_path, capsys):
     script, run_dir = slurm(config_file, tmp_path, capsys, "--nodes", "2", "--gpus-per-node", "0", "--print")
     d = directives(script)
-    for expected in ("--nodes=2", "--ntasks-per-node=1", "--time=30", "--signal=B:USR1@120", "--requeue",
-                     "--open-mode=append", f"--output={run_dir / 'slurm-%j.out'}", "--exclusive"):
+    for expected in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--time=30",
+        "--signal=B:USR1@120",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={run_dir / 'slurm-%j.out'}",
+        "--exclusive",
+    ):
         assert expected in d, (expected, d)
     assert "gpu" not in script.lower(), "CPU-only nodes must not request GPUs"
     assert 'rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
@@ -78,16 +87,28 @@ def test_cpu_script_runs_one_torchrun_agent_per_node_with_c10d_on_the_first_node
     assert (run_dir / "ecpt-tiny.sbatch").read_text() == script
 
     # Same torchrun command line as `ecpt train`, rendezvous and run id left to the shell.
-    assert agent_words(script) == torchrun_command(cfg, run_dir / "config.json", "${rdzv_host}:${rdzv_port}",
-                                                   run_id="${SLURM_JOB_ID}")
+    assert agent_words(script) == torchrun_command(
+        cfg, run_dir / "config.json", "${rdzv_host}:${rdzv_port}", run_id="${SLURM_JOB_ID}"
+    )
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
 def test_gpu_script_requests_gpus_and_runs_one_worker_per_gpu(config_file, tmp_path, capsys, tiny_raw):
     tiny_raw["train"]["global_batch"] = 16
     write_toml(tiny_raw, config_file)
-    script, run_dir = slurm(config_file, tmp_path, capsys, "--nodes", "2", "--gpus-per-node", "4",
-                            "--partition", "gpu", "--account", "proj1")
+    script, run_dir = slurm(
+        config_file,
+        tmp_path,
+        capsys,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj1",
+    )
     d = directives(script)
     assert {"--gpus-per-node=4", "--partition=gpu", "--account=proj1"} <= set(d)
     assert "--nproc-per-node=4" in agent_words(script)
@@ -106,29 +127,47 @@ def test_elastic_range_survives_node_loss(config_file, tmp_path, capsys, tiny_ra
 
 
 def test_signal_lead_time_and_requeue_are_configurable(config_file, tmp_path, capsys):
-    script, _ = slurm(config_file, tmp_path, capsys, "--nodes", "1", "--gpus-per-node", "0", "--signal-seconds",
-                      "300", "--no-requeue", "--cpus-per-node", "16", "--sbatch=--qos=high")
+    script, _ = slurm(
+        config_file,
+        tmp_path,
+        capsys,
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "0",
+        "--signal-seconds",
+        "300",
+        "--no-requeue",
+        "--cpus-per-node",
+        "16",
+        "--sbatch=--qos=high",
+    )
     d = directives(script)
     assert {"--signal=B:USR1@300", "--cpus-per-task=16", "--qos=high"} <= set(d)
     assert "--exclusive" not in d and "scontrol requeue" not in script
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--nodes", "1", "--gpus-per-node", "0", "--signal-seconds", "120", "--time", "1"], "--signal-seconds"),
-    (["--nodes", "1", "--gpus-per-node", "0", "--time", "soon"], "--time"),
-    (["--nodes", "2", "--min-nodes", "3", "--gpus-per-node", "0", "--time", "30"], "--min-nodes"),
-    (["--nodes", "1", "--gpus-per-node", "-1", "--time", "30"], "--gpus-per-node"),
-    (["--nodes", "8", "--gpus-per-node", "0", "--time", "30"], "train.global_batch"),
-    (["--nodes", "1", "--gpus-per-node", "0", "--time", "30", "--job-name", "Bad_Name"], "--job-name"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--nodes", "1", "--gpus-per-node", "0", "--signal-seconds", "120", "--time", "1"], "--signal-seconds"),
+        (["--nodes", "1", "--gpus-per-node", "0", "--time", "soon"], "--time"),
+        (["--nodes", "2", "--min-nodes", "3", "--gpus-per-node", "0", "--time", "30"], "--min-nodes"),
+        (["--nodes", "1", "--gpus-per-node", "-1", "--time", "30"], "--gpus-per-node"),
+        (["--nodes", "8", "--gpus-per-node", "0", "--time", "30"], "train.global_batch"),
+        (["--nodes", "1", "--gpus-per-node", "0", "--time", "30", "--job-name", "Bad_Name"], "--job-name"),
+    ],
+)
 def test_bad_flags_name_the_flag(config_file, tmp_path, capsys, argv, message):
     code, _, err = launch(["slurm", "--config", str(config_file), "--run-dir", str(tmp_path / "r"), *argv], capsys)
     assert code == 2 and message in err, err
     assert not (tmp_path / "r" / "config.json").exists(), "nothing is written for an invalid job"
 
 
-@pytest.mark.parametrize("text,seconds", [("30", 1800), ("5:30", 330), ("4:00:00", 14400), ("1-12", 129600),
-                                          ("2-00:30", 174600), ("1-00:00:10", 86410)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("30", 1800), ("5:30", 330), ("4:00:00", 14400), ("1-12", 129600), ("2-00:30", 174600), ("1-00:00:10", 86410)],
+)
 def test_parse_slurm_time(text, seconds):
     assert parse_slurm_time(text) == seconds
 
@@ -159,14 +198,19 @@ def test_openmpi_command_passes_env_and_allows_root(config_file):
     cmd = mpiexec_command(mpi_spec(config_file), MpiOptions(nprocs=2), "mpirun", "openmpi", is_root=True)
     assert {"--allow-run-as-root", "--oversubscribe"} <= set(cmd)
     assert cmd[cmd.index("-x") + 1] == "OMP_NUM_THREADS"
-    assert "--allow-run-as-root" not in mpiexec_command(mpi_spec(config_file), MpiOptions(nprocs=2), "mpirun",
-                                                        "openmpi", is_root=False)
+    assert "--allow-run-as-root" not in mpiexec_command(
+        mpi_spec(config_file), MpiOptions(nprocs=2), "mpirun", "openmpi", is_root=False
+    )
 
 
-@pytest.mark.parametrize("banner,flavour", [("mpiexec (OpenRTE) 4.1.5\nReport bugs to http://www.open-mpi.org/",
-                                             "openmpi"),
-                                            ("HYDRA build details:\n    Version: 5.0.2", "mpich"),
-                                            ("Intel(R) MPI Library for Linux* OS, Version 2021.9", "intel")])
+@pytest.mark.parametrize(
+    "banner,flavour",
+    [
+        ("mpiexec (OpenRTE) 4.1.5\nReport bugs to http://www.open-mpi.org/", "openmpi"),
+        ("HYDRA build details:\n    Version: 5.0.2", "mpich"),
+        ("Intel(R) MPI Library for Linux* OS, Version 2021.9", "intel"),
+    ],
+)
 def test_mpi_flavour_from_version_banner(tmp_path, banner, flavour):
     fake = tmp_path / "mpiexec"
     fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{banner}\nEOF\n")
@@ -176,8 +220,9 @@ def test_mpi_flavour_from_version_banner(tmp_path, banner, flavour):
 
 def test_mpi_print_prepares_the_run_and_shows_the_command(config_file, tmp_path, capsys):
     run_dir = tmp_path / "mpi-run"
-    code, out, err = launch(["mpi", "--config", str(config_file), "-n", "2", "--run-dir", str(run_dir), "--print"],
-                            capsys)
+    code, out, err = launch(
+        ["mpi", "--config", str(config_file), "-n", "2", "--run-dir", str(run_dir), "--print"], capsys
+    )
     assert code == 0, err
     cmd = shlex.split(out.strip().splitlines()[-1])
     assert os.path.basename(cmd[0]).startswith("mpiexec") and cmd[1:3] == ["-n", "2"]
@@ -186,6 +231,7 @@ def test_mpi_print_prepares_the_run_and_shows_the_command(config_file, tmp_path,
 
 
 def test_mpi_hostfile_must_exist(config_file, tmp_path, capsys):
-    code, _, err = launch(["mpi", "--config", str(config_file), "-n", "2", "--hostfile", str(tmp_path / "nope")],
-                          capsys)
+    code, _, err = launch(
+        ["mpi", "--config", str(config_file), "-n", "2", "--hostfile", str(tmp_path / "nope")], capsys
+    )
     assert code == 2 and "--hostfile" in err

@@ -13,11 +13,25 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "ecpt-dashboard.json"
 # Series the workers and the checkpoint library serve (histograms also as _bucket/_sum/_count).
 KNOWN_METRICS = {
-    "ecpt_step", "ecpt_loss", "ecpt_lr", "ecpt_tokens_total", "ecpt_tokens_per_second", "ecpt_step_seconds",
-    "ecpt_phase", "ecpt_world_size", "ecpt_eval_loss", "ecpt_recovery_seconds", "ecpt_steps_lost_total",
-    "ecpt_restarts_total", "ecpt_membership_changes_total", "ecpt_goodput_ratio",
-    "ecpt_checkpoint_blocked_seconds", "ecpt_checkpoint_durable_seconds", "ecpt_checkpoint_bytes_total",
-    "ecpt_checkpoint_failures_total", "ecpt_checkpoint_skipped_total",
+    "ecpt_step",
+    "ecpt_loss",
+    "ecpt_lr",
+    "ecpt_tokens_total",
+    "ecpt_tokens_per_second",
+    "ecpt_step_seconds",
+    "ecpt_phase",
+    "ecpt_world_size",
+    "ecpt_eval_loss",
+    "ecpt_recovery_seconds",
+    "ecpt_steps_lost_total",
+    "ecpt_restarts_total",
+    "ecpt_membership_changes_total",
+    "ecpt_goodput_ratio",
+    "ecpt_checkpoint_blocked_seconds",
+    "ecpt_checkpoint_durable_seconds",
+    "ecpt_checkpoint_bytes_total",
+    "ecpt_checkpoint_failures_total",
+    "ecpt_checkpoint_skipped_total",
 }
 METRIC_RE = re.compile(r"\becpt_[a-z_]+")
 
@@ -39,12 +53,20 @@ def test_dashboard_is_valid_json_and_every_expr_names_a_served_ecpt_metric():
         assert names <= KNOWN_METRICS, f"unknown metric(s) {names - KNOWN_METRICS} in {expr}"
 
 
-@pytest.mark.parametrize("topic,metric", [
-    ("loss", "ecpt_loss"), ("learning rate", "ecpt_lr"), ("tokens per second", "ecpt_tokens_per_second"),
-    ("world size", "ecpt_world_size"), ("restarts", "ecpt_restarts_total"), ("recovery", "ecpt_recovery_seconds"),
-    ("checkpoint stall", "ecpt_checkpoint_blocked_seconds"),
-    ("checkpoint durable", "ecpt_checkpoint_durable_seconds"), ("goodput", "ecpt_goodput_ratio"),
-])
+@pytest.mark.parametrize(
+    "topic,metric",
+    [
+        ("loss", "ecpt_loss"),
+        ("learning rate", "ecpt_lr"),
+        ("tokens per second", "ecpt_tokens_per_second"),
+        ("world size", "ecpt_world_size"),
+        ("restarts", "ecpt_restarts_total"),
+        ("recovery", "ecpt_recovery_seconds"),
+        ("checkpoint stall", "ecpt_checkpoint_blocked_seconds"),
+        ("checkpoint durable", "ecpt_checkpoint_durable_seconds"),
+        ("goodput", "ecpt_goodput_ratio"),
+    ],
+)
 def test_dashboard_has_a_panel_per_topic(topic, metric):
     panels = [p for p in dashboard_panels() if topic in p["title"].lower()]
     assert panels, f"no panel titled with {topic!r}"
@@ -71,8 +93,14 @@ def test_dockerfile_copies_paths_that_exist_and_pins_the_cpu_torch_wheel():
 def test_example_sbatch_scripts_are_valid_bash_with_the_preemption_contract(name):
     text = (REPO / "deploy" / "slurm" / name).read_text()
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
-    for needle in ("#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@",
-                   'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1', "-m launch.agent",
-                   "-m elastic.worker", "trap forward_usr1 USR1"):
+    for needle in (
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@",
+        'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1',
+        "-m launch.agent",
+        "-m elastic.worker",
+        "trap forward_usr1 USR1",
+    ):
         assert needle in text, needle
     assert ("#SBATCH --gpus-per-node" in text) == ("gpu" in name)

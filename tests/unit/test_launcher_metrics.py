@@ -12,8 +12,15 @@ def _rows(now):
         {"kind": "start", "time": now - 100, "step": 0, "world_size": 2},
         *[{"kind": "step", "time": now - 100 + s, "step": s, "world_size": 2, "seconds": 1.0} for s in range(1, 11)],
         # node lost at step 10; resumed from step 8 at world size 1: steps 9 and 10 are computed again
-        {"kind": "resume", "time": now - 80, "step": 8, "world_size": 1, "saved_world_size": 2, "steps_lost": 2,
-         "process_started": now - 82},
+        {
+            "kind": "resume",
+            "time": now - 80,
+            "step": 8,
+            "world_size": 1,
+            "saved_world_size": 2,
+            "steps_lost": 2,
+            "process_started": now - 82,
+        },
         *[{"kind": "step", "time": now - 79 + s, "step": 8 + s, "world_size": 1, "seconds": 1.0} for s in range(1, 5)],
     ]
 

@@ -1,5 +1,6 @@
 """Run identity, ownership, release and staleness of memory (L0) checkpoints, and `ecpt ckpt gc`, on real files in
 /dev/shm and real processes (elastic/memory_levels.py states the rules)."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def _entry(root: Path, key: str = "a" * 12, run_id: str | None = None) -> Path:
 def test_concurrent_first_starts_agree_on_one_identity(tmp_path):
     run_dir = tmp_path / "run"
     code = "import sys; from elastic.memory_levels import run_identity; print(run_identity(sys.argv[1]))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     ids = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert len(ids) == 1 and ids == {ml.run_identity(run_dir)}
     assert sorted(p.name for p in run_dir.iterdir()) == ["run-id"]  # no temporary file left behind
@@ -104,7 +107,8 @@ def test_reaping_frees_dead_and_old_memory_only(l0_root, caplog):
             reaped = ml.reap_stale(l0_root, 3600, spare=spared, log=logging.getLogger("test"))
         assert sorted(e.path for e, _ in reaped) == sorted([dead, legacy_old])
         assert sorted(p.name for p in l0_root.iterdir()) == sorted(
-            [live.name, spared.name, legacy_new.name, garbled.name, unrelated.name])
+            [live.name, spared.name, legacy_new.name, garbled.name, unrelated.name]
+        )
         reasons = dict((e.path, r) for e, r in reaped)
         assert "has ended" in reasons[dead] and "checkpoint.l0_stale_after_s" in reasons[legacy_old]
         assert f"stale memory checkpoints {dead}" in caplog.text

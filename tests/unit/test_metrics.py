@@ -23,8 +23,7 @@ def test_worker_metrics_are_served_over_http(tmp_path):
     m = WorkerMetrics(rank=1)
     port = m.serve("127.0.0.1", 0)
     m.on_start(world_size=2)
-    counters = RunCounters(restarts=2, membership_changes=1, productive_seconds=30.0,
-                           started_unix=time.time() - 40.0)
+    counters = RunCounters(restarts=2, membership_changes=1, productive_seconds=30.0, started_unix=time.time() - 40.0)
     m.track_run(counters)
     m.on_step(step=5, loss=2.5, lr=1e-3, local_tokens=1024, global_tokens=2048, seconds=0.5, phase=1, world_size=2)
     m.on_step(step=6, loss=2.25, lr=1e-3, local_tokens=1024, global_tokens=2048, seconds=0.25, phase=1, world_size=2)

@@ -11,10 +11,16 @@ def test_shapes_and_hf_parameter_names():
     assert model(tokens[:, :-1]).shape == (3, 16, 256)
     assert model.sequence_losses(tokens).shape == (3,)
     names = set(model.state_dict())
-    for expected in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
-                     "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight",
-                     "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
-                     "model.norm.weight", "lm_head.weight"):
+    for expected in (
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         assert expected in names
     assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # 2 kv heads x 16
     assert hf_config(cfg)["num_key_value_heads"] == 2

@@ -19,7 +19,7 @@ import elastic.trainer
 from elastic import warnings_once
 
 CALLS = 20
-THIRD_PARTY_SOURCE = '''
+THIRD_PARTY_SOURCE = """
 import warnings
 
 
@@ -27,7 +27,7 @@ def deprecated_collective():
     with warnings.catch_warnings():      # DeepSpeed and torch do this all the time: it resets "already shown"
         pass
     warnings.warn("`all_gather_into_tensor` is deprecated", FutureWarning, stacklevel=1)
-'''
+"""
 
 
 @pytest.fixture
@@ -42,6 +42,7 @@ def third_party(tmp_path, monkeypatch):
 @pytest.fixture
 def hooked(monkeypatch):
     """Install on a clean showwarning, under the default filters (pytest records warnings otherwise)."""
+
     def install(rank: int) -> warnings_once.WarningsOnce:
         monkeypatch.setattr(warnings, "showwarning", warnings._showwarning_orig)
         return warnings_once.install(rank)
@@ -54,8 +55,9 @@ def hooked(monkeypatch):
 
 def _own_warning() -> None:
     """A warning raised from one of ecpt's own source files, as the trainer would raise it."""
-    warnings.warn_explicit("our own warning", UserWarning, elastic.trainer.__file__, 1, module="elastic.trainer",
-                           registry={})
+    warnings.warn_explicit(
+        "our own warning", UserWarning, elastic.trainer.__file__, 1, module="elastic.trainer", registry={}
+    )
 
 
 def _lines(caplog, logger: str) -> list[str]:
