@@ -420,6 +420,14 @@ class CheckpointConfig:
             not (self.l2_interval and not self.l2_dir),
             "checkpoint.l2_interval is set but checkpoint.l2_dir is empty; set l2_dir or l2_interval = 0",
         )
+        for name in ("dir", "l0_dir", "l2_dir"):
+            # A URL is not a path: taken as one, "s3://ckpt/run" silently became a local directory named "s3:".
+            scheme, sep, _ = getattr(self, name).partition("://")
+            _require(
+                not sep,
+                f"checkpoint.{name} = {getattr(self, name)!r}: {scheme}:// URLs are not supported; every checkpoint "
+                f"level is a file system path (a mounted shared file system for L2)",
+            )
 
 
 @dataclass

@@ -21,6 +21,7 @@ from checkpointing.manifest import read_manifest
 from elastic.metrics import read_jsonl
 from elastic.world import free_port
 from support.configs import write_toml
+from support.faults import start_node
 from support.processes import REPO, ecpt_command
 
 NODES = {"n0": 2, "n1": 1}  # node id -> workers on that node
@@ -53,32 +54,16 @@ def _run_job(config: Path, run: Path, logs: Path, max_steps: int) -> None:
         assert "listening" in store.stdout.readline()
         for node, nproc in NODES.items():
             log = logs / f"{node}-max{max_steps}.log"
-            agents[node] = subprocess.Popen(
-                ecpt_command(
-                    [
-                        "train",
-                        "--config",
-                        str(config),
-                        "--run-dir",
-                        str(run),
-                        "--nnodes",
-                        "2",
-                        "--nproc-per-node",
-                        str(nproc),
-                        "--rdzv-endpoint",
-                        endpoint,
-                        "--rdzv-store",
-                        "external",
-                        "--node-id",
-                        node,
-                        "--set",
-                        f"train.max_steps={max_steps}",
-                    ]
-                ),
-                cwd=REPO,
-                stdout=open(log, "w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            agents[node] = start_node(
+                config,
+                run,
+                node,
+                endpoint,
+                log,
+                faults=[],
+                nproc=nproc,
+                nnodes="2",
+                overrides=(f"train.max_steps={max_steps}",),
             )
         for node, agent in agents.items():
             log = logs / f"{node}-max{max_steps}.log"

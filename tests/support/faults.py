@@ -24,9 +24,20 @@ def node_loss_budget(wait: float = NODE_WAIT) -> float:
     return wait + wait + wait + 2 * wait + wait / 2
 
 
-def start_node(config: Path, run: Path, node: str, endpoint: str, log: Path, faults: list[str]) -> subprocess.Popen:
-    """One simulated node: its own `ecpt train` agent with one worker, joining the job at the external store
-    ``endpoint``, with the fault plan ``faults`` (every node gets the same plan; each fault fires once per run)."""
+def start_node(
+    config: Path,
+    run: Path,
+    node: str,
+    endpoint: str,
+    log: Path,
+    faults: list[str],
+    nproc: int = 1,
+    nnodes: str = "1:2",
+    overrides: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """One simulated node: its own `ecpt train` agent with ``nproc`` workers, joining the job of ``nnodes`` nodes at
+    the external store ``endpoint``, with the fault plan ``faults`` (every node gets the same plan; each fault fires
+    once per run) and ``--set`` ``overrides``."""
     return subprocess.Popen(
         ecpt_command(
             [
@@ -36,9 +47,9 @@ def start_node(config: Path, run: Path, node: str, endpoint: str, log: Path, fau
                 "--run-dir",
                 str(run),
                 "--nnodes",
-                "1:2",
+                nnodes,
                 "--nproc-per-node",
-                "1",
+                str(nproc),
                 "--rdzv-endpoint",
                 endpoint,
                 "--rdzv-store",
@@ -46,6 +57,7 @@ def start_node(config: Path, run: Path, node: str, endpoint: str, log: Path, fau
                 "--node-id",
                 node,
                 *(arg for f in faults for arg in ("--fault", f)),
+                *(arg for o in overrides for arg in ("--set", o)),
             ]
         ),
         cwd=REPO,

@@ -52,6 +52,23 @@ def test_bad_values_name_the_field(tiny_raw, mutate, field):
     assert field in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [("l2_dir", "s3://ckpt/run"), ("dir", "gs://bucket/ckpt"), ("l0_dir", "file:///dev/shm/ecpt")],
+)
+def test_a_url_as_checkpoint_level_is_a_config_error_not_a_local_directory(
+    tiny_raw, tmp_path, monkeypatch, field, value
+):
+    """s3://ckpt/run used to be accepted and silently became a local directory named 's3:'."""
+    monkeypatch.chdir(tmp_path)
+    raw = copy.deepcopy(tiny_raw)
+    raw["checkpoint"].update({field: value, "l2_interval": 5 if field == "l2_dir" else 0})
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert f"checkpoint.{field}" in str(err.value) and value.split("://")[0] + "://" in str(err.value)
+    assert not any(tmp_path.iterdir()), "validation must not create anything"
+
+
 def test_global_batch_must_cover_the_largest_world(tiny_raw):
     raw = copy.deepcopy(tiny_raw)
     raw["launch"].update(nnodes="1:4", nproc_per_node=2)  # up to 8 ranks, global batch 6
