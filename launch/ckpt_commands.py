@@ -94,6 +94,14 @@ def run_ckpt(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 1 if verify found problems, 2 if the directory is not a checkpoint."""
     from checkpointing import CheckpointError, export_safetensors, inspect, verify
 
+    scheme, sep, _ = args.dir.partition("://")
+    if sep:  # Path() would fold "s3://b/p" into the local path "s3:/b/p" and report no checkpoint there
+        print(
+            f"ecpt ckpt: {args.dir}: {scheme}:// URLs are not supported; give a checkpoint directory or level root "
+            f"on a file system",
+            file=sys.stderr,
+        )
+        return 2
     path = Path(args.dir)
     try:
         if args.ckpt_command == "list":

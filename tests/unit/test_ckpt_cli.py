@@ -39,3 +39,12 @@ def test_list_verify_inspect_export(tmp_path, capsys):
     assert ckpt(["verify", str(root)]) == 1
     assert str(chunk) in capsys.readouterr().out
     assert ckpt(["verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_url_is_refused_instead_of_read_as_a_local_path(tmp_path, monkeypatch, capsys):
+    """`ecpt ckpt list s3://ckpt/run` used to look in the local directory s3:/ckpt/run and say it held nothing."""
+    monkeypatch.chdir(tmp_path)
+    for command in ("list", "verify", "inspect"):
+        assert ckpt([command, "s3://ckpt/run"]) == 2
+        assert "s3:// URLs are not supported" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
