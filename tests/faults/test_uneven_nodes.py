@@ -19,10 +19,8 @@ import pytest
 from checkpointing import committed_steps
 from checkpointing.manifest import read_manifest
 from elastic.metrics import read_jsonl
-from elastic.world import free_port
 from support.configs import write_toml
-from support.faults import start_node
-from support.processes import REPO, ecpt_command
+from support.faults import start_node, start_rendezvous_store
 
 NODES = {"n0": 2, "n1": 1}  # node id -> workers on that node
 WORLD = sum(NODES.values())
@@ -40,18 +38,9 @@ def _config(raw: dict, tmp_path: Path) -> Path:
 def _run_job(config: Path, run: Path, logs: Path, max_steps: int) -> None:
     """One job on the two uneven nodes, each agent started the way a user starts it on its own machine, with a
     standalone rendezvous store of its own; both agents must finish with exit code 0."""
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    store = subprocess.Popen(
-        ecpt_command(["rdzv-store", "--port", str(port)]),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    endpoint, store = start_rendezvous_store()
     agents: dict[str, subprocess.Popen] = {}
     try:
-        assert "listening" in store.stdout.readline()
         for node, nproc in NODES.items():
             log = logs / f"{node}-max{max_steps}.log"
             agents[node] = start_node(

@@ -24,6 +24,24 @@ def node_loss_budget(wait: float = NODE_WAIT) -> float:
     return wait + wait + wait + 2 * wait + wait / 2
 
 
+def start_rendezvous_store() -> tuple[str, subprocess.Popen]:
+    """A standalone `ecpt rdzv-store` on a free port of 127.0.0.1 (no agent hosts the store, so losing any node does
+    not end the job); returns its endpoint once it is listening, and the process (its own session: kill its group)."""
+    port = free_port()
+    store = subprocess.Popen(
+        ecpt_command(["rdzv-store", "--port", str(port)]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    line = store.stdout.readline()
+    if "listening" not in line:
+        store.kill()
+        raise AssertionError(f"ecpt rdzv-store on port {port} did not start: {line!r}")
+    return f"127.0.0.1:{port}", store
+
+
 def start_node(
     config: Path,
     run: Path,
@@ -74,19 +92,10 @@ def lose_and_rejoin_node(
     n1 is killed at ``kill_step``, the job must shrink to world 1, n1's command is started again, the job must grow
     back to world 2 and both agents must finish with exit code 0. ``extra_faults`` join the plan of every node.
     Agent logs go to ``logs/<node>.log``; when any stage fails, the failure carries the tail of each of them."""
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
     agent_logs = [logs / "n0.log", logs / "n1.log", logs / "n1-again.log"]
-    store = subprocess.Popen(
-        ecpt_command(["rdzv-store", "--port", str(port)]),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    endpoint, store = start_rendezvous_store()
     nodes = []
     try:
-        assert "listening" in store.stdout.readline()
         faults = [f"kill node n1 at step {kill_step}", *extra_faults]
         nodes = [start_node(config, run, n, endpoint, log, faults) for n, log in zip(("n0", "n1"), agent_logs)]
         assert nodes[1].wait(timeout=timeout) != 0, "node n1's agent outlived its kill"
