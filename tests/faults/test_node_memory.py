@@ -21,7 +21,7 @@ import pytest
 from elastic import memory_levels
 from elastic.metrics import read_jsonl
 from support.configs import write_toml
-from support.processes import REPO, ecpt_command as _ecpt
+from support.processes import REPO, ecpt_command as _ecpt, start_ecpt_train
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -74,13 +74,7 @@ def _crash_mid_run(config: Path, run: Path, l0_root: Path) -> int:
     """Start a long run, and once a step is committed in memory SIGKILL its agent's session (agent, fork server;
     the workers die with their parent) and the launcher: a node crash, nothing gets to clean up. Returns the last
     step the run logged."""
-    proc = subprocess.Popen(
-        _ecpt(["train", "--config", str(config), "--run-dir", str(run)]),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_ecpt_train(config, "--run-dir", str(run))
     try:
         wait_for(
             lambda: (

@@ -13,7 +13,7 @@ import pytest
 
 from elastic.metrics import read_jsonl
 from support.configs import write_toml
-from support.processes import REPO, ecpt_command, ecpt_train, pid_alive
+from support.processes import REPO, ecpt_command, ecpt_train, pid_alive, start_ecpt_train
 from support.trajectory import step_rows
 from support.waiting import wait_for
 
@@ -70,13 +70,7 @@ def _start_long_run(tiny_raw, tmp_path) -> tuple[subprocess.Popen, Path, list[in
         phase["tokens"] *= 500  # long enough that the test, not the schedule, ends it
     cfg = write_toml(raw, tmp_path / "long.toml")
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        ecpt_command(["train", "--config", str(cfg), "--run-dir", str(run)]),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_ecpt_train(cfg, "--run-dir", str(run))
     wait_for(lambda: step_rows(run), 120, "the first training step", proc)
     pids = [json.loads((run / "ranks" / f"rank-{r}.json").read_text())["pid"] for r in (0, 1)]
     assert all(pid_alive(p) for p in pids)

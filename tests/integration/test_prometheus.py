@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from support.configs import write_toml
 from support.packages import INSTALL_BUDGET
-from support.processes import REPO
+from support.processes import REPO, start_ecpt_train
 from support.prometheus import QUERY_POLL, READY_TIMEOUT
 from support.waiting import wait_for
 
@@ -114,13 +113,7 @@ def test_prometheus_scrapes_both_ranks_of_a_running_training_job(prometheus_serv
     server = prometheus_server(scrape_config_for(run_dir, tmp_path / "prometheus.yml"))
     started = time.monotonic()
     log = tmp_path / "train.log"
-    train = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", "--config", str(config)],
-        cwd=REPO,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    train = start_ecpt_train(config, log=log)
     try:
 
         def both_ranks(promql: str):

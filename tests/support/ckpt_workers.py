@@ -23,8 +23,13 @@ WORKER_TIMEOUT = 60
 
 def start_worker(tmp: Path, cfg: dict, env: dict | None = None) -> subprocess.Popen:
     """One single-process worker (world 1) running cfg["ops"]; the caller owns the process."""
-    cfg = {"port": 0, "rank": 0, "world": 1, "out": str(tmp / "result-0.json"), **cfg}
-    cfg_path = tmp / "config-0.json"
+    return _spawn_worker(tmp, {"port": 0, "rank": 0, "world": 1, **cfg}, env)
+
+
+def _spawn_worker(tmp: Path, cfg: dict, env: dict | None) -> subprocess.Popen:
+    """Write rank ``cfg["rank"]``'s config (its result goes to ``tmp/result-<rank>.json``) and start its worker."""
+    cfg = {"out": str(tmp / f"result-{cfg['rank']}.json"), **cfg}
+    cfg_path = tmp / f"config-{cfg['rank']}.json"
     cfg_path.write_text(json.dumps(cfg))
     return subprocess.Popen(
         WORKER_COMMAND + [str(cfg_path)],
@@ -42,21 +47,10 @@ def run_workers(
     """Start `world` worker processes (rank_config(rank) -> dict of that rank's config), wait for all of them
     with a deadline, return each rank's result dict. A worker that fails raises with its stderr."""
     port = free_port()
-    procs = []
-    for rank in range(world):
-        cfg = {"port": port, "rank": rank, "world": world, "out": str(tmp / f"result-{rank}.json"), **rank_config(rank)}
-        cfg_path = tmp / f"config-{rank}.json"
-        cfg_path.write_text(json.dumps(cfg))
-        procs.append(
-            subprocess.Popen(
-                WORKER_COMMAND + [str(cfg_path)],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=subprocess_env(env),
-            )
-        )
+    procs = [
+        _spawn_worker(tmp, {"port": port, "rank": rank, "world": world, **rank_config(rank)}, env)
+        for rank in range(world)
+    ]
     for rank, (code, _, err) in enumerate(communicate_all(procs, timeout, f"{world} checkpoint workers")):
         if code != 0:
             raise AssertionError(f"worker rank {rank} exited with {code}:\n{err[-4000:]}")

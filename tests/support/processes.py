@@ -102,6 +102,18 @@ def ecpt_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "launch.cli", *args]
 
 
+def start_ecpt_train(config: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+    """`ecpt train --config config extra...` in the background, in a session of its own (so a test can kill the
+    launcher, agent and workers as one group); output goes to ``log``, or nowhere."""
+    return subprocess.Popen(
+        ecpt_command(["train", "--config", str(config), *extra]),
+        cwd=REPO,
+        stdout=open(log, "w") if log else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def run_ecpt(args: list[str], timeout: float = TRAIN_TIMEOUT) -> subprocess.CompletedProcess:
     """`ecpt args` to its end, output captured; one that outlives ``timeout`` fails the test with its output."""
     try:
