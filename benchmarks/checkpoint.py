@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_loop import loop_child, run_loop
+from checkpoint_loop import MatmulWork, loop_child, run_loop
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["torch_save", "dcp_save", "dcp_async_save", "ecpt"]
@@ -60,23 +60,6 @@ def rss_mb(field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-class Trainer:
-    """A fixed matmul workload standing in for forward/backward; the 'optimizer' mutates one saved tensor."""
-
-    def __init__(self, step_matmuls: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(512, 512, generator=g)
-        self.b = torch.randn(512, 512, generator=g)
-        self.n = step_matmuls
-
-    def forward_backward(self) -> float:
-        t0 = time.perf_counter()
-        x = self.a
-        for _ in range(self.n):
-            x = torch.tanh(x @ self.b)
-        return time.perf_counter() - t0
 
 
 def fsync_tree(root: Path) -> None:
@@ -137,8 +120,8 @@ def child(args) -> dict:
     state = build_state(args.size_mb)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     base_rss = rss_mb()
-    trainer = Trainer(args.step_matmuls)
-    base_steps = [trainer.forward_backward() for _ in range(8)]
+    compute = MatmulWork()
+    base_steps = [compute.matmuls(args.step_matmuls) for _ in range(8)]
     base_step = statistics.median(base_steps[2:])
     work = Path(args.dir)
     ctx = {"step": 1}
@@ -160,7 +143,7 @@ def child(args) -> dict:
         blocked, done, finish = start_checkpoint(args.method, state, target, ctx)
         during = []
         while not done():
-            during.append(trainer.forward_backward())
+            during.append(compute.matmuls(args.step_matmuls))
             if args.method == "ecpt":
                 blocked += ctx["mgr"].wait_staged()  # right before the optimizer update
             state[next(iter(state))].add_(1e-6)  # the optimizer update mutates saved state
@@ -251,14 +234,14 @@ def l0_every_step(args) -> dict:
     from checkpointing import CheckpointManager, LevelSpec
 
     state = build_state(args.size_mb)
-    trainer = Trainer(args.step_matmuls)
+    compute = MatmulWork()
     blocks, per_block = (6, 6) if args.quick else (6, 8)
     first = next(iter(state))
     shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-", dir="/dev/shm"))
     mgr = CheckpointManager([LevelSpec("L0", str(shm), 1, 2, node_local=True)], on_busy="wait")
     step = 0
     for _ in range(3):  # allocate staging (buffers, zero-copy files) before timing
-        trainer.forward_backward()
+        compute.matmuls(args.step_matmuls)
         step += 1
         mgr.save(step, state, {"step": step})
         mgr.wait_durable()
@@ -267,12 +250,12 @@ def l0_every_step(args) -> dict:
     for _ in range(blocks):
         t0 = time.perf_counter()
         for _ in range(per_block):
-            trainer.forward_backward()
+            compute.matmuls(args.step_matmuls)
             state[first].add_(1e-6)
         plain.append((time.perf_counter() - t0) / per_block)
         t0 = time.perf_counter()
         for _ in range(per_block):
-            trainer.forward_backward()
+            compute.matmuls(args.step_matmuls)
             mgr.wait_staged()  # right before the "optimizer" update
             state[first].add_(1e-6)
             step += 1

@@ -138,17 +138,25 @@ def raw_write_fsync(state: dict, root: Path) -> float:
     return seconds
 
 
-class TimedCompute:
-    """A compute step of fixed length: 512x512 matmuls until `seconds` passed; returns how many were done."""
+class MatmulWork:
+    """512x512 matmuls standing in for forward/backward: a fixed count (``matmuls``) or a fixed time (``for_seconds``)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self) -> None:
         g = torch.Generator().manual_seed(0)
         self.a = torch.randn(512, 512, generator=g)
         self.b = torch.randn(512, 512, generator=g)
-        self.seconds = seconds
 
-    def step(self) -> int:
-        end = time.perf_counter() + self.seconds
+    def matmuls(self, n: int) -> float:
+        """``n`` matmuls; returns the seconds they took."""
+        t0 = time.perf_counter()
+        x = self.a
+        for _ in range(n):
+            x = torch.tanh(x @ self.b)
+        return time.perf_counter() - t0
+
+    def for_seconds(self, seconds: float) -> int:
+        """Matmuls until ``seconds`` passed; returns how many were done (contention shows as fewer)."""
+        end = time.perf_counter() + seconds
         x, n = self.a, 0
         while time.perf_counter() < end:
             x = torch.tanh(x @ self.b)
@@ -163,7 +171,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     work = Path(args.dir)
     raw_s = raw_write_fsync(state, work / f"raw-{args.method}")
-    compute = TimedCompute(args.loop_step_s)
+    compute = MatmulWork()
 
     def update() -> None:
         for t in state.values():
@@ -173,7 +181,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
 
     def baseline_steps(n: int) -> None:
         for _ in range(n):
-            base.append(compute.step())
+            base.append(compute.for_seconds(args.loop_step_s))
             t0 = time.perf_counter()
             update()
             base_update.append(time.perf_counter() - t0)
@@ -208,7 +216,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
     done_work: list[int] = []  # matmuls done per loop step
     try:
         for i in range(1, steps + 1):
-            done_work.append(compute.step())
+            done_work.append(compute.for_seconds(args.loop_step_s))
             t0 = time.perf_counter()
             saver.wait_staged()  # before the optimizer update mutates the saved tensors
             if saves:
