@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_loop import MatmulWork, loop_child, run_loop
+from checkpoint_loop import MatmulWork, loop_child, run_loop, write_fsync_files
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["torch_save", "dcp_save", "dcp_async_save", "ecpt"]
@@ -178,13 +178,7 @@ def child(args) -> dict:
 
 def raw_write_read(state: dict, root: Path) -> dict:
     """Write the same bytes (one file per tensor) + fsync, then cold-read them back."""
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    for i, t in enumerate(state.values()):
-        with open(root / f"t{i}", "wb", buffering=0) as f:
-            f.write(memoryview(t.numpy()).cast("B"))
-            os.fsync(f.fileno())
-    write_s = time.perf_counter() - t0
+    write_s = write_fsync_files(state, root)
     evict_tree(root)
     t0 = time.perf_counter()
     for i, t in enumerate(state.values()):

@@ -125,15 +125,20 @@ class EcptSaver:
         self.mgr.close()
 
 
-def raw_write_fsync(state: dict, root: Path) -> float:
-    """Write the same bytes (one file per tensor) and fsync each: what the disk allows right now."""
+def write_fsync_files(state: dict, root: Path) -> float:
+    """Write the state's bytes to ``root/t<i>`` (one file per tensor) and fsync each; returns the seconds taken."""
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, t in enumerate(state.values()):
         with open(root / f"t{i}", "wb", buffering=0) as f:
             f.write(memoryview(t.numpy()).cast("B"))
             os.fsync(f.fileno())
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def raw_write_fsync(state: dict, root: Path) -> float:
+    """Write the same bytes and fsync each, then remove them: what the disk allows right now."""
+    seconds = write_fsync_files(state, root)
     shutil.rmtree(root)
     return seconds
 
