@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-LOOP_METHODS = ["dcp_async_stager", "dcp_async_process", "ecpt_disk", "ecpt_shm"]
+LOOP_METHODS = ["dcp_async_stager", "dcp_async_process", "ecpt_disk", "ecpt_disk_skip", "ecpt_shm"]
+"""ecpt_disk_skip: the disk level with ``on_busy="skip"`` (a save due while the previous one still persists is
+skipped and counted) instead of the default "wait" (it waits for a free staging buffer, never longer than one
+persist). The two are the policies a loop that checkpoints faster than the disk absorbs can choose."""
 PEER = "dcp_async_stager"
 
 
@@ -84,7 +87,7 @@ class DcpSaver:
         self.staging: Future | None = None
         self.upload: Future | None = None
 
-    def save(self, step: int, state: dict, on_durable) -> None:
+    def save(self, step: int, state: dict, on_durable) -> bool:
         if self.upload is not None:
             self.upload.result()
         resp = self.dcp.async_save(
@@ -92,6 +95,7 @@ class DcpSaver:
         )
         self.staging, self.upload = resp.staging_completion, resp.upload_completion
         self.upload.add_done_callback(lambda f: on_durable(f.exception()))
+        return True
 
     def wait_staged(self) -> None:
         if self.staging is not None:
@@ -106,14 +110,20 @@ class DcpSaver:
 
 
 class EcptSaver:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, on_busy: str = "wait") -> None:
         from checkpointing import CheckpointManager, LevelSpec
 
-        self.mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, node_local=True)])
+        self.mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, node_local=True)], on_busy=on_busy)
+        self.skipped = 0
 
-    def save(self, step: int, state: dict, on_durable) -> None:
+    def save(self, step: int, state: dict, on_durable) -> bool:
+        """False when the manager skipped the save (on_busy="skip" and the previous one still persists)."""
         handle = self.mgr.save(step, state, {"step": step})
+        if handle is None:
+            self.skipped += 1
+            return False
         handle.durable.add_done_callback(lambda f: on_durable(f.exception()))
+        return True
 
     def wait_staged(self) -> None:
         self.mgr.wait_staged()
@@ -203,7 +213,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
         shm = Path(tempfile.mkdtemp(prefix="ecpt-bench-loop-", dir="/dev/shm"))
         saver = EcptSaver(shm)
     else:
-        saver = EcptSaver(work / args.method)
+        saver = EcptSaver(work / args.method, on_busy="skip" if args.method == "ecpt_disk_skip" else "wait")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: peak RSS from here on
     base_rss = rss_mb()
     cache = PageCacheWatch()
@@ -229,9 +239,12 @@ def loop_child(args, build_state, rss_mb) -> dict:
             update()
             if i % args.every == 0:
                 rec = {"step": i, "t0": time.perf_counter(), "blocked_s": 0.0}
-                saver.save(i, state, durable_cb(rec))
+                started = saver.save(i, state, durable_cb(rec))
                 rec["blocked_s"] = time.perf_counter() - rec["t0"]
-                saves.append(rec)
+                if started:
+                    saves.append(rec)
+                elif saves:  # a skipped save's (tiny) call time still blocked the loop
+                    saves[-1]["blocked_s"] += rec["blocked_s"]
         saver.finish()
     except (RuntimeError, OSError) as e:  # DCP's process checkpointer: "background process is dead"
         error = f"{type(e).__name__}: {e}"
@@ -260,12 +273,14 @@ def loop_child(args, build_state, rss_mb) -> dict:
         "raw_write_fsync_s": [raw_s, raw_after_s],
         "every": args.every,
         "checkpoints": len(saves),
+        "skipped": getattr(saver, "skipped", 0),
         "error": error or (failed[0] if failed else None),
         "blocked_s": statistics.median(s["blocked_s"] for s in steady) if steady else None,
         "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
         "first": saves[0] if saves else None,
         "saves": [{k: s.get(k) for k in ("step", "blocked_s", "durable_s")} for s in saves],
         "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
+        "slowdown_per_due_s": (lost_s + blocked_s) / max(1, steps // args.every),
         "peak_rss_over_state_mb": peak_rss,
         "page_cache_peak_mb": cache_mb,
     }
@@ -282,12 +297,12 @@ def report_loop(results: dict) -> dict:
     print(
         f"\nperiodic loop: state {state_mb:.0f} MiB, compute step {any_ok['step_s']:.2f} s, then every tensor "
         f"updated in place ({any_ok['update_s']:.2f} s), a checkpoint every {any_ok['every']} steps; medians over "
-        f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per checkpoint; raw wr+fsync: the "
+        f"checkpoints 2..n; slowdown = blocked + compute lost to contention, per due checkpoint (saved or skipped); raw wr+fsync: the "
         f"slower of the child's two (before/after its loop), {raw:.2f} s median over all children"
     )
     print(
         f"{'method':<19}{'blocked s':>10}{'durable s':>10}{'RSS +MB':>9}{'cache +MB':>10}{'slowdown s':>11}"
-        f"{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}"
+        f"{'saved/skip':>11}{'raw wr+fsync':>13}{'  vs peer: blocked / durable / RSS'}"
     )
     peer = results.get(PEER)
     peer_ok = peer is not None and not peer.get("error")
@@ -303,29 +318,47 @@ def report_loop(results: dict) -> dict:
             )
         print(
             f"{m:<19}{r['blocked_s']:>10.3f}{r['durable_s']:>10.2f}{r['peak_rss_over_state_mb']:>9.0f}"
-            f"{r['page_cache_peak_mb']:>10.0f}{r['slowdown_per_ckpt_s']:>11.2f}{max(r['raw_write_fsync_s']):>13.2f}{ratio}"
+            f"{r['page_cache_peak_mb']:>10.0f}{r['slowdown_per_due_s']:>11.2f}"
+            f"{str(r['checkpoints']) + '/' + str(r.get('skipped', 0)):>11}{max(r['raw_write_fsync_s']):>13.2f}{ratio}"
             + (f"   (then failed: {r['error'][:120]})" if r.get("error") else "")
         )
     targets = {}
-    for m in ("ecpt_disk", "ecpt_shm"):
+    interval_s = any_ok["every"] * any_ok["step_s"]
+    for m in ("ecpt_disk", "ecpt_disk_skip", "ecpt_shm"):
         r = results.get(m)
         if r is None or r.get("blocked_s") is None:
             continue
-        checks = [
-            ("blocked <= 0.05 s", r["blocked_s"], 0.05),
-            ("memory growth <= 1.1 x state", r["peak_rss_over_state_mb"] / state_mb, 1.1),
-        ]
-        if m == "ecpt_disk":
+        # With the default policy ("wait") a save due while the previous one persists waits for a staging buffer:
+        # two saves are then in flight (two copies of the state), and the block may last up to one persist.
+        two_in_flight = m != "ecpt_disk_skip" and r["durable_s"] > interval_s
+        checks = [("blocked <= 0.05 s", r["blocked_s"], 0.05)]
+        if two_in_flight:
+            longest = max(s["blocked_s"] for s in r["saves"])
+            checks.append(("longest block <= one persist (median durable)", longest / r["durable_s"], 1.0))
+            print(
+                f"INFO {m:<14} persist ({r['durable_s']:.2f} s) outlasts the interval ({interval_s:.2f} s): two saves"
+                f" in flight cost {r['peak_rss_over_state_mb'] / state_mb:.2f} x the state in RSS"
+            )
+        else:
+            checks.append(("memory growth <= 1.1 x state", r["peak_rss_over_state_mb"] / state_mb, 1.1))
+        if m != "ecpt_shm":
             checks.append(("durable <= 1.3 x raw write+fsync (median)", r["durable_s"] / raw, 1.3))
         if peer_ok:
             checks += [
                 ("blocked <= DCP peer's", r["blocked_s"] / max(peer["blocked_s"], 1e-9), 1.0),
                 ("durable <= 1.0 x DCP peer's", r["durable_s"] / peer["durable_s"], 1.0),
+                # a difference, not a ratio: either slowdown can be ~0 or negative (a step that ran faster than
+                # the baseline's median)
+                (
+                    "slowdown per due ckpt minus DCP peer's (s)",
+                    r["slowdown_per_due_s"] - peer["slowdown_per_due_s"],
+                    0.0,
+                ),
             ]
         for name, value, limit in checks:
             ok = value <= limit
             targets[f"{m}: {name}"] = {"value": value, "met": ok}
-            print(f"{'MET ' if ok else 'MISS'} {m:<10} {name:<36} measured {value:.3f}")
+            print(f"{'MET ' if ok else 'MISS'} {m:<14} {name:<46} measured {value:.3f}")
     return targets
 
 
