@@ -128,6 +128,7 @@ class TrainerCheckpoints:
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()
         self.newest_saved: int | None = None  # the newest step handed to the manager
+        self.hf_config = hf_config(cfg.model)  # read once: an init directory's config.json is not re-read per save
 
     def _extra(self, completed: int) -> dict:
         t = self.trainer
@@ -139,7 +140,9 @@ class TrainerCheckpoints:
             "world_size": t.world.world_size,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "config": t.cfg.to_dict(),
-            "hf_config": hf_config(t.cfg.model),
+            "hf_config": self.hf_config,
+            "hf_init": t.cfg.model.init,
+            "hf_file_names": getattr(t.model, "hf_file_names", {}),
             "counters": t.state.counters.to_json(),
         }
 

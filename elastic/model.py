@@ -142,8 +142,23 @@ class LlamaLM(nn.Module):
         return self(batch[:, :-1], batch[:, 1:])
 
 
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The training model: the Hugging Face model of ``model.init`` with its weights (elastic/hf_model.py), or
+    ecpt's own byte-level model, randomly initialised from the current torch seed."""
+    if cfg.init:
+        from elastic.hf_model import load_hf_model
+
+        return load_hf_model(cfg.init)
+    return LlamaLM(cfg)
+
+
 def hf_config(cfg: ModelConfig) -> dict:
-    """The Hugging Face ``config.json`` describing this model, for export."""
+    """The Hugging Face ``config.json`` describing this model, for export: the init directory's own config.json
+    (same architecture class and settings as the input), or the Llama config of ecpt's own model."""
+    if cfg.init:
+        from elastic.hf_checkpoint import init_directory, inspect_directory
+
+        return inspect_directory(init_directory(cfg.init)).config
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -30,7 +30,7 @@ from elastic.engines import build_engine
 from elastic.fault_plan import parse_plan
 from elastic.faults import FaultInjector
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
-from elastic.model import LlamaLM, count_parameters
+from elastic.model import build_model, count_parameters
 from elastic.schedule import lr_at
 from elastic.process_env import node_id
 from elastic.watchdog import Watchdog
@@ -112,7 +112,8 @@ class Trainer:
         self.plan = self.corpus.plan
         self.total_steps = min(self.plan.total_steps, cfg.train.max_steps or self.plan.total_steps)
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank, whatever the world size
-        self.model = LlamaLM(cfg.model).to(device)
+        # model.init: the Hugging Face weights are the step-0 state; a resume below overwrites them with ours.
+        self.model = build_model(cfg.model).to(device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.engine = build_engine(cfg, world, self.model, self.optimizer, device)
         self.state = TrainState()
