@@ -8,14 +8,24 @@ therefore the Hugging Face names, exactly as for ecpt's own ``LlamaLM``: checkpo
 and export need no mapping. Why the class and not a re-implementation: docs/architecture.md, "Hugging Face models".
 
 Loading never holds two full copies of the weights: the model is built with uninitialised storage (transformers'
-``no_init_weights`` skips the random init), then each tensor is read from the memory-mapped safetensors file and
-copied into its parameter, one tensor at a time. Nothing from the model directory is executed
+``no_init_weights`` skips the random init), then each tensor is copied (and converted to fp32) straight out of the
+memory-mapped safetensors file into its parameter, and the file's pages of that tensor are released from this
+process (``madvise(MADV_DONTNEED)``) before the next one: without that, every touched page of the map stays
+resident and the peak is two copies (measured: 2.13 x the weights; see benchmarks/hf_import.py). The format is
+read by ``mapped_tensors`` below (an 8-byte header length, a JSON header of dtype/shape/offsets, raw little-endian
+data): no pickle, nothing executed. Nothing from the model directory is executed
 (``trust_remote_code`` is never passed; ``hf_checkpoint.inspect_directory`` refused custom code already).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,35 +89,84 @@ def copy_weights(model: nn.Module, hf: HFDirectory) -> None:
     File keys are renamed as transformers' own loading renames them (legacy names such as GPT-NeoX's
     ``embed_out`` for ``lm_head``); ``model.hf_file_names`` keeps {parameter name: file key} where they differ, so
     an export writes the file keys the input had."""
-    from safetensors import safe_open
-
     rename = _file_key_renamer(model)
     targets = dict(model.named_parameters(remove_duplicate=False)) | {
         name: b for name, b in model.named_buffers() if name.rpartition(".")[2] not in _non_persistent(model, name)
     }
     seen, unexpected, file_names = set(), [], {}
     for path in hf.weight_files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                name = rename(key)
-                if name not in targets:
-                    unexpected.append(key)
-                    continue
-                tensor = f.get_tensor(key)  # one tensor copied out of the mapped file at a time
-                if tuple(tensor.shape) != tuple(targets[name].shape):
-                    raise ValueError(
-                        f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(targets[name].shape)}"
-                    )
-                with torch.no_grad():
-                    targets[name].copy_(tensor)
-                del tensor
-                seen.add(name)
-                if key != name:
-                    file_names[name] = key
+        for key, tensor in mapped_tensors(path):
+            name = rename(key)
+            if name not in targets:
+                unexpected.append(key)
+                continue
+            if tuple(tensor.shape) != tuple(targets[name].shape):
+                raise ValueError(
+                    f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(targets[name].shape)}"
+                )
+            with torch.no_grad():
+                targets[name].copy_(tensor)
+            del tensor  # the map's pages of this tensor are released when the generator resumes
+            seen.add(name)
+            if key != name:
+                file_names[name] = key
     missing = sorted(set(targets) - seen - _tied_names(model))
     if missing or unexpected:
         raise ValueError(f"{hf.path}: weights do not match config.json: missing {missing}, unexpected {unexpected}")
     model.hf_file_names = file_names
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def mapped_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of a safetensors file, each a zero-copy view of a private memory map; the view must be dropped
+    before the next item, whose request releases the previous tensor's pages from this process."""
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view for torch, never written
+    try:
+        header_len = int.from_bytes(mm[:8], "little")
+        if not 0 < header_len <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {header_len})")
+        try:
+            header = json.loads(mm[8 : 8 + header_len])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: safetensors header is not JSON: {exc}") from exc
+        data = 8 + header_len
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            count = math.prod(shape)
+            if dtype is None or end - begin != count * dtype.itemsize or not data <= data + end <= size:
+                raise ValueError(f"{path}: tensor {key} has a bad header entry {info}")
+            if count == 0:
+                yield key, torch.empty(shape, dtype=dtype)
+                continue
+            view = torch.frombuffer(mm, dtype=dtype, count=count, offset=data + begin).view(shape)
+            yield key, view
+            del view
+            first = (data + begin) // page * page
+            mm.madvise(mmap.MADV_DONTNEED, first, data + end - first)
+    finally:
+        mm.close()
 
 
 def _file_key_renamer(model: nn.Module):
