@@ -4,7 +4,9 @@ State names in the checkpoint (one zarr array each, global and unsharded):
     model/<Hugging Face parameter name>          e.g. model/model.layers.0.mlp.up_proj.weight
     optim/<parameter name>/exp_avg, .../exp_avg_sq
 and JSON ``extra``: completed steps, tokens, the data cursor (global sample index), the global batch, the world
-size that saved it, the torch RNG state, the resolved config and the Hugging Face config for export.
+size that saved it, the torch RNG state, the resolved config and, for export, the Hugging Face config (the
+``model.init`` directory's own config.json when there is one), the init directory (``hf_init``, for its tokenizer
+files) and the file keys that differ from the parameter names (``hf_file_names``).
 
 Call order inside a step (the lazy snapshot): ``optimizer.step()`` -> ``after_optimizer_step`` (save returns at
 once; the copy overlaps the next forward/backward) -> ... -> ``before_optimizer_step`` (wait until that copy is

@@ -111,3 +111,39 @@ def test_seq_len_beyond_the_models_positions_is_refused(tmp_path):
     directory = save_tiny_model("gpt_neox", tmp_path / "m")  # max_position_embeddings 128
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         ModelConfig(init=f"hf:{directory}", seq_len=256).validate()
+
+
+def test_bf16_checkpoint_loads_as_exact_fp32_masters(tmp_path):
+    directory = save_tiny_model("qwen2", tmp_path / "fp32")
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    bf16.save_pretrained(tmp_path / "bf16")
+    model = load_hf_model(f"hf:{tmp_path / 'bf16'}")
+    theirs = dict(bf16.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, theirs[name].float()), name
+
+
+def test_a_tensor_missing_from_the_file_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = save_tiny_model("llama", tmp_path / "m")
+    weights = load_file(directory / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_hf_model(f"hf:{directory}")
+
+
+def test_init_from_flag_becomes_an_absolute_model_init(tmp_path, monkeypatch):
+    from launch.cli import build_parser
+    from launch.args import train_overrides
+    from elastic.config import apply_overrides
+
+    directory = save_tiny_model("gpt_neox", tmp_path / "pythia")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--init-from", "pythia"])
+    raw = apply_overrides({}, train_overrides(args))
+    assert raw["model"]["init"] == f"hf:{directory.resolve()}"
+    cfg = ModelConfig(**raw["model"])
+    cfg.validate()
+    assert cfg.vocab_size == VOCAB and cfg.tie_embeddings is False
