@@ -14,6 +14,8 @@ FAMILIES = {
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     # tied embeddings
     "llama-tied": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    # Mistral: Llama layout with GQA (its sliding window is off at these lengths)
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     # q/k/v projections with bias
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     # parallel attention + MLP, partial rotary (a quarter of each head), LayerNorm with bias
