@@ -67,9 +67,11 @@ def hf_config_object(hf: HFDirectory):
     return config
 
 
-def load_hf_model(init: str) -> nn.Module:
+def load_hf_model(init: str, read_weights: bool = True) -> nn.Module:
     """The training model of ``model.init`` with the directory's weights, in fp32 (master weights; DeepSpeed bf16
-    casts its working copy itself)."""
+    casts its working copy itself). ``read_weights=False`` when a checkpoint restore will overwrite every parameter:
+    the file's keys and shapes are still checked (from its header, no data read) but the parameters stay
+    uninitialised, so a restarted worker does not read the whole model from disk only to overwrite it."""
     from transformers.initialization import no_init_weights
 
     hf = inspect_directory(init_directory(init))
@@ -77,12 +79,12 @@ def load_hf_model(init: str) -> nn.Module:
         model = training_class(hf.architecture)(hf_config_object(hf))
     model.tie_weights()  # under no_init_weights the constructor leaves tied embeddings untied
     model = model.to(torch.float32)
-    copy_weights(model, hf)
+    copy_weights(model, hf, read_data=read_weights)
     model.train()
     return model
 
 
-def copy_weights(model: nn.Module, hf: HFDirectory) -> None:
+def copy_weights(model: nn.Module, hf: HFDirectory, read_data: bool = True) -> None:
     """Copy every parameter and persistent buffer from the memory-mapped safetensors file(s) of ``hf``, one tensor
     at a time, and fail naming the tensors that are missing or unexpected (a tied head may be absent).
 
@@ -104,8 +106,9 @@ def copy_weights(model: nn.Module, hf: HFDirectory) -> None:
                 raise ValueError(
                     f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(targets[name].shape)}"
                 )
-            with torch.no_grad():
-                targets[name].copy_(tensor)
+            if read_data:  # a view of the map reads nothing until copied
+                with torch.no_grad():
+                    targets[name].copy_(tensor)
             del tensor  # the map's pages of this tensor are released when the generator resumes
             seen.add(name)
             if key != name:

@@ -142,13 +142,14 @@ class LlamaLM(nn.Module):
         return self(batch[:, :-1], batch[:, 1:])
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, resuming: bool = False) -> nn.Module:
     """The training model: the Hugging Face model of ``model.init`` with its weights (elastic/hf_model.py), or
-    ecpt's own byte-level model, randomly initialised from the current torch seed."""
+    ecpt's own byte-level model, randomly initialised from the current torch seed. ``resuming``: a checkpoint
+    restore follows (and fails loudly if it cannot), so the init directory's weights are not read."""
     if cfg.init:
         from elastic.hf_model import load_hf_model
 
-        return load_hf_model(cfg.init)
+        return load_hf_model(cfg.init, read_weights=not resuming)
     return LlamaLM(cfg)
 
 

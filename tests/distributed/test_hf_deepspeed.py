@@ -1,7 +1,8 @@
 """An imported Hugging Face model (Qwen2: GQA, q/k/v bias, untied head) under DeepSpeed ZeRO-3 with real gloo ranks:
-trained at W=2, checkpointed, resized to W=1 (ZeRO-3 partitions resharded online), then continued under plain DDP at
-W=2, all on the uninterrupted run's trajectory. The first step's loss is the imported weights' loss, so the weights were the starting point,
-and the resumed segment continues from ecpt's checkpoint, not from the Hugging Face weights."""
+trained at W=2, checkpointed, resized to W=1 (ZeRO-3 partitions resharded online), resumed on the uninterrupted
+run's trajectory. The first step's loss is the imported weights' loss, so the weights were the starting point, and
+the resumed segment (which does not read the Hugging Face weights at all) continues from ecpt's checkpoint. DDP at
+W=2 with an imported model: tests/integration/test_cli_hf.py."""
 
 import copy
 import json
@@ -52,12 +53,12 @@ def _uninterrupted_losses(config_json: Path) -> list[float]:
     return [r["loss"] for r in read_jsonl(Path(cfg.train.run_dir) / "metrics.jsonl", "step")]
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT + MARGIN)
-def test_imported_model_zero3_w2_to_w1_to_ddp_w2_stays_on_the_trajectory(tiny_raw, tmp_path):
+@pytest.mark.timeout(2 * RUN_TIMEOUT + MARGIN)
+def test_imported_model_zero3_w2_to_w1_resumes_on_the_trajectory(tiny_raw, tmp_path):
     init = save_tiny_hf_dir("qwen2", tmp_path / "qwen2")
-    straight_cfg = _config(tiny_raw, init, tmp_path / "s.json", tmp_path / "s", "ddp", 0, 3 * SEGMENT)
+    straight_cfg = _config(tiny_raw, init, tmp_path / "s.json", tmp_path / "s", "ddp", 0, 2 * SEGMENT)
     straight = _uninterrupted_losses(straight_cfg)
-    assert len(straight) == 3 * SEGMENT
+    assert len(straight) == 2 * SEGMENT
 
     cfg = config_from_json(straight_cfg)
     first_batch = torch.from_numpy(Corpus(cfg).batch(0, GLOBAL_BATCH)[0])
@@ -68,8 +69,6 @@ def test_imported_model_zero3_w2_to_w1_to_ddp_w2_stays_on_the_trajectory(tiny_ra
     run = tmp_path / "zero3"
     seg0 = _run(_config(tiny_raw, init, tmp_path / "z0.json", run, "deepspeed", 3, SEGMENT), 2, tmp_path / "z0.out")
     seg1 = _run(_config(tiny_raw, init, tmp_path / "z1.json", run, "deepspeed", 3, 2 * SEGMENT), 1, tmp_path / "z1.out")
-    seg2 = _run(_config(tiny_raw, init, tmp_path / "d2.json", run, "ddp", 0, 3 * SEGMENT), 2, tmp_path / "d2.out")
     assert seg0["restored_step"] is None and seg0["first_step"] == 0
     assert (seg1["restored_step"], seg1["saved_world_size"], seg1["first_step"]) == (SEGMENT, 2, SEGMENT)
-    assert (seg2["restored_step"], seg2["saved_world_size"], seg2["first_step"]) == (2 * SEGMENT, 1, 2 * SEGMENT)
-    assert seg0["losses"] + seg1["losses"] + seg2["losses"] == pytest.approx(straight, rel=1e-4)
+    assert seg0["losses"] + seg1["losses"] == pytest.approx(straight, rel=1e-4)
