@@ -43,16 +43,10 @@ from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import MANIFEST_NAME, Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
-from checkpointing.persist import (
-    ChunkWriter,
-    LevelState,
-    SaveContext,
-    Source,
-    _janitor_for,
-    outcome_dict,
-    persist_level,
-    unlink_outcome,
-)
+from checkpointing.commit import LevelState
+from checkpointing.commit_fs import FileStorage
+from checkpointing.context import SaveContext
+from checkpointing.persist import ChunkWriter, Source, outcome_dict, persist_level
 from checkpointing.plan import PlanCache, TensorLayout, global_layouts
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
@@ -68,7 +62,7 @@ from checkpointing.staging import (
     describe,
     stage_into,
 )
-from checkpointing.tiers import Janitor, LevelSpec, committed_steps, retire_after, step_dir_name
+from checkpointing.tiers import Janitor, LevelSpec, committed_steps, step_dir_name
 from checkpointing.zarr_store import check_tensor_name, dtype_name
 
 
@@ -207,15 +201,15 @@ class CheckpointManager:
         self._closed = False
         self._staged_meta: dict[int, _WriteJob] = {}
         self._plans = PlanCache()
-        self._states = {lv.name: LevelState() for lv in self.levels}
+        self._janitor = Janitor(self.log)
+        self._states = {lv.name: LevelState(FileStorage(lv, self._janitor)) for lv in self.levels}
         self._slots: dict[str, SlotPool] = {}
         self._described_key: tuple | None = None
         self._described: _Described | None = None
         self._agreed: _Agreed | None = None
         self._peer: dict[int, tuple[str, dict]] = {}
         self._sent_tsig: str | None = None
-        self._janitor = Janitor(self.log)
-        self._promoter = Promoter(self._states, self._janitor, self.log, self._metrics)
+        self._promoter = Promoter(self._states, self.log, self._metrics)
         self._stage_q: queue.Queue = queue.Queue()
         self._persist_q: queue.Queue = queue.Queue()
         self._stager = threading.Thread(target=self._stage_loop, name="ckpt-stager", daemon=True)
@@ -478,7 +472,8 @@ class CheckpointManager:
         """Give back the save's staging resources: the slot (free at once, or once its checkpoint is retired) and
         the buffer set (the in-flight ticket). linked=False: the save was not written, undo its pre-links."""
         if job.pre is not None and not linked:
-            unlink_outcome(job.pre, Path(job.levels[0].root) / job.pre["dir"])
+            storage = self._states[job.levels[0].name].storage
+            storage.unlink_chunks(storage.root / job.pre["dir"], [rec[2] for rec in job.pre["records"]])
             job.pre = None
         if job.slot is not None:
             self._slots[job.levels[0].name].release(job.slot, linked)
@@ -717,7 +712,6 @@ class CheckpointManager:
                 self._writer,
                 src,
                 self._states[level.name],
-                self._janitor,
                 pre if level is levels[0] else None,
             )
             if res.retention_error:
@@ -935,12 +929,8 @@ class CheckpointManager:
         for level in self.levels:
             committer = (self._local.rank if level.node_local else self.rank) == 0
             if committer:
-                retired += [
-                    str(p)
-                    for p in retire_after(
-                        Path(level.root), step, secrets.token_hex(4), _janitor_for(level, self._janitor)
-                    )
-                ]
+                storage = self._states[level.name].storage
+                retired += [str(p) for p in storage.retire_after(step, secrets.token_hex(4))]
         if retired:
             self.log.warning(
                 "continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",

@@ -12,55 +12,22 @@ rename (deletion happens on the janitor thread, except on memory levels where it
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import crc32c
 import torch
 
-from checkpointing.comm import Comm
+from checkpointing import commit
+from checkpointing.commit import LevelState
+from checkpointing.context import SaveContext, level_comm
 from checkpointing.errors import CheckpointError
-from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest, ManifestEncoder, TensorEntry, read_manifest
-from checkpointing.plan import PlanCache, RankPlan, TensorLayout
+from checkpointing.manifest import ChunkRecord, Manifest, TensorEntry, read_manifest
+from checkpointing.plan import RankPlan, TensorLayout
 from checkpointing.reshard import Scratch, read_chunk_checked
-from checkpointing.staging import BufferSet, Slot, StagePlan
-from checkpointing.tiers import Janitor, LevelSpec, partial_dir, publish, retain, step_dir_name
-from checkpointing.zarr_store import (
-    array_metadata,
-    fault_pause_hook,
-    fsync_many,
-    group_metadata,
-    group_paths,
-    write_bytes_atomic,
-    write_file,
-)
-
-
-@dataclass
-class SaveContext:
-    """What every rank agreed on for one save (from the all-gathered job info)."""
-
-    step: int
-    nonce: str
-    layouts: dict[str, TensorLayout]
-    extras: list[dict]
-    nodes: list[str]
-    world: Comm
-    local: Comm
-    node_id: str
-    chunk_bytes: int
-    sig: str = ""
-    plans: PlanCache = field(default_factory=PlanCache)
-
-    def rank_plan(self, level: LevelSpec) -> RankPlan:
-        return self.plans.rank_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
-
-    def stage_plan(self, level: LevelSpec) -> StagePlan:
-        return self.plans.stage_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
+from checkpointing.staging import BufferSet, Slot
+from checkpointing.tiers import LevelSpec
+from checkpointing.zarr_store import fault_pause_hook, write_file
 
 
 @dataclass
@@ -70,15 +37,6 @@ class RankOutcome:
     records: list[list] = field(default_factory=list)  # [name, chunk, file, nbytes, crc32c]
     errors: list[str] = field(default_factory=list)
     nbytes: int = 0
-
-
-def _open_new(path: Path) -> int:
-    """Create/truncate `path` for writing, creating its directories only when they are missing."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except FileNotFoundError:
-        os.makedirs(path.parent, exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
 
 def _write_new(path: Path, parts: list[memoryview], crc: int | None = None) -> int:
@@ -98,19 +56,6 @@ def _link(src: str, dst: str) -> None:
             raise
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.link(src, dst)
-
-
-def _ancestors(paths: list[Path], top: Path) -> list[Path]:
-    """Every directory between the files and `top` (inclusive), deepest first: what to fsync after creating them."""
-    dirs = set()
-    for p in paths:
-        d = p.parent
-        while d not in dirs and d != top.parent:
-            dirs.add(d)
-            if d == top:
-                break
-            d = d.parent
-    return sorted(dirs, key=lambda p: -len(p.parts))
 
 
 class ChunkWriter:
@@ -315,15 +260,6 @@ class ChunkWriter:
         return outcome
 
 
-def writers_for(level: LevelSpec, ctx: SaveContext) -> list[str] | None:
-    """The node of every rank on a node-local level (each node writes its own copy); None on a shared level."""
-    return ctx.nodes if level.node_local else None
-
-
-def level_comm(level: LevelSpec, ctx: SaveContext) -> Comm:
-    return ctx.local if level.node_local else ctx.world
-
-
 def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> Manifest:
     """The manifest as an object (the commit path encodes it directly: MetadataCache.encoder)."""
     tensors = {
@@ -345,178 +281,6 @@ def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> M
         extra=extra,
         rank_extra=rank_extra,
     )
-
-
-class MetadataCache:
-    """What one layout's commits share, computed once: the zarr.json documents (every group but the root, every
-    array) as bytes with their crc32c, and the manifest encoder."""
-
-    def __init__(self) -> None:
-        self._sig: str | None = None
-        self._docs: list[tuple[str, bytes, int]] = []
-        self._encoder: ManifestEncoder | None = None
-
-    def _refresh(self, sig: str, layouts: dict[str, TensorLayout]) -> None:
-        if sig == self._sig and sig:
-            return
-        docs = []
-        for group in group_paths(list(layouts)):
-            if group:
-                docs.append((f"{group}/zarr.json", _json_bytes(group_metadata({}))))
-        for name, t in layouts.items():
-            docs.append((f"{name}/zarr.json", _json_bytes(array_metadata(tuple(t.shape), t.dtype, t.grid))))
-        self._docs = [(rel, data, crc32c.crc32c(data)) for rel, data in docs]
-        self._encoder = ManifestEncoder(
-            {
-                name: (list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
-                for name, t in layouts.items()
-            }
-        )
-        self._sig = sig
-
-    def docs(self, sig: str, layouts: dict[str, TensorLayout]) -> list[tuple[str, bytes, int]]:
-        self._refresh(sig, layouts)
-        return self._docs
-
-    def encoder(self, sig: str, layouts: dict[str, TensorLayout]) -> ManifestEncoder:
-        self._refresh(sig, layouts)
-        return self._encoder
-
-
-def _json_bytes(doc: dict) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def write_zarr_metadata(
-    out_dir: Path,
-    step: int,
-    level_name: str,
-    layouts: dict[str, TensorLayout],
-    cache: MetadataCache,
-    sig: str = "",
-    only_root: bool = False,
-) -> tuple[dict[str, ChunkRecord], list[Path]]:
-    """zarr.json for the root group, every intermediate group and every array (so zarr.open reads the checkpoint);
-    returns their records for the manifest and the files written (to fsync). only_root: the others are already in
-    out_dir (a reused tree of the same layout): only record them."""
-    root = _json_bytes(group_metadata({"ecpt_step": step, "ecpt_level": level_name}))
-    others = cache.docs(sig, layouts)
-    docs = [("zarr.json", root, crc32c.crc32c(root)), *others]
-    files = {rel: ChunkRecord(rel, len(data), crc) for rel, data, crc in docs}
-    written = []
-    for rel, data, crc in docs[:1] if only_root else docs:
-        path = out_dir / rel
-        fd = _open_new(path)
-        try:
-            view = memoryview(data)
-            while len(view):
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        written.append(path)
-    return files, written
-
-
-def commit_level(
-    level: LevelSpec,
-    ctx: SaveContext,
-    out_dir: Path,
-    records: list[list],
-    files: dict[str, ChunkRecord],
-    cache: MetadataCache | None = None,
-    janitor: Janitor | None = None,
-) -> Path:
-    """Committer only, once every chunk and the zarr metadata (`files`) are written and synced: the manifest (the
-    commit point), the rename to the final name, latest."""
-    cache = cache or MetadataCache()
-    extra = ctx.extras[0]
-    data = cache.encoder(ctx.sig, ctx.layouts).encode(
-        step=ctx.step,
-        level=level.name,
-        node_id=ctx.node_id if level.node_local else "",
-        node_local=level.node_local,
-        world_size=ctx.world.size,
-        chunk_bytes=ctx.chunk_bytes,
-        records=records,
-        extra=extra,
-        rank_extra={r: e for r, e in enumerate(ctx.extras) if r and e != extra},
-        files=files,
-    )
-    write_bytes_atomic(out_dir / MANIFEST_NAME, data, level.sync)
-    return publish(Path(level.root), out_dir, ctx.step, ctx.nonce, level.sync, _janitor_for(level, janitor))
-
-
-def _janitor_for(level: LevelSpec, janitor: Janitor | None) -> Janitor | None:
-    """Memory levels delete at once (a few unlinks, and the memory and staging slots come back before the next
-    save); disk levels hand deletion to the janitor thread."""
-    return None if level.is_memory else janitor
-
-
-@dataclass
-class LevelState:
-    """What one rank keeps about one level between saves.
-
-    The committer does not delete the newest retired checkpoint: it renames it to `.next-<token>` and removes its
-    chunk files (on memory levels that frees the staging slots linked there), and the next save of the same layout
-    links or writes its chunks into that tree and renames it into place: no directories to create, no zarr
-    metadata but the root group's to write (and, on disk, to fsync), nothing to delete. `spare` is that tree as announced by the
-    level's committer in the last outcome gather, so every rank of the level's group holds the same value."""
-
-    meta: MetadataCache = field(default_factory=MetadataCache)
-    token: str = field(default_factory=lambda: secrets.token_hex(4))
-    spare: Path | None = None
-    spare_sig: str | None = None
-    created: dict[str, str] = field(default_factory=dict)  # committer: dir name -> layout sig of its saves
-    pinned: set[str] = field(default_factory=set)  # committed dirs a pending promotion still reads
-
-
-def apply_retention(
-    level: LevelSpec,
-    ctx: SaveContext,
-    janitor: Janitor | None = None,
-    state: LevelState | None = None,
-    chunk_files: list[str] | None = None,
-    others: bool = True,
-) -> None:
-    """Committer of the level only (every node's on a node-local level): keep the newest keep_last checkpoints,
-    and the newest retired one of this layout as the next save's skeleton (LevelState)."""
-    if level_comm(level, ctx).rank != 0:
-        return
-    root = Path(level.root)
-    reuse = None
-    if state is not None and chunk_files is not None:
-
-        def as_spare(path: Path) -> Path | None:
-            if state.created.get(path.name) != ctx.sig or state.spare is not None:
-                return None
-            spare = root / f".next-{state.token}"
-            os.replace(path, spare)
-            base = str(spare)
-            try:
-                for rel in [*chunk_files, MANIFEST_NAME]:
-                    try:
-                        os.unlink(f"{base}/{rel}")
-                    except FileNotFoundError:
-                        pass
-            except OSError:
-                shutil.rmtree(spare, ignore_errors=True)
-                return None
-            state.spare, state.spare_sig = spare, ctx.sig
-            return spare
-
-        reuse = as_spare
-    retain(
-        root,
-        level.keep_last,
-        ctx.nonce,
-        _janitor_for(level, janitor),
-        reuse,
-        keep=None if state is None or state.spare is None else state.spare.name,
-        pinned=set() if state is None else state.pinned,
-        others=others,
-    )
-    if state is not None:
-        state.created = {n: sig for n, sig in state.created.items() if (root / n).is_dir()}
 
 
 @dataclass
@@ -542,37 +306,8 @@ class Source:
     src_dir: Path | None = None
 
 
-def target_dir(level: LevelSpec, ctx: SaveContext, state: LevelState) -> tuple[Path, bool]:
-    """Where this save's files go on `level`: the spare skeleton if there is one of this layout, else a fresh
-    partial directory. The same on every rank of the level's group (state.spare comes from a gather)."""
-    if state.spare is not None and state.spare_sig == ctx.sig:
-        return state.spare, True
-    return partial_dir(Path(level.root), ctx.step, ctx.nonce), False
-
-
 def outcome_dict(o: RankOutcome, out_dir: Path) -> dict:
     return {"records": o.records, "errors": o.errors, "nbytes": o.nbytes, "dir": out_dir.name}
-
-
-def unlink_outcome(o: dict, out_dir: Path) -> None:
-    """Undo pre-linked chunk files of a save that was dropped (the skeleton stays reusable)."""
-    for rec in o["records"]:
-        try:
-            os.unlink(f"{out_dir}/{rec[2]}")
-        except FileNotFoundError:
-            pass
-
-
-def sync_written(level: LevelSpec, ctx: SaveContext, mine: RankOutcome, out_dir: Path, meta_paths: list[Path]) -> None:
-    """On a level that syncs: fsync the chunk files this rank wrote, its metadata files and their directories
-    (before the commit makes them visible); a failure joins this rank's errors."""
-    if not level.sync or mine.errors:
-        return
-    paths = [out_dir / rec[2] for rec in mine.records] + meta_paths
-    try:
-        fsync_many(paths, _ancestors(paths, out_dir))
-    except OSError as e:
-        mine.errors.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: fsync in {out_dir}: {e}")
 
 
 def persist_level(
@@ -581,10 +316,10 @@ def persist_level(
     writer: ChunkWriter,
     source: Source,
     state: LevelState,
-    janitor: Janitor | None = None,
     pre: list[dict | None] | None = None,
 ) -> LevelResult:
-    """Write, link or copy this level, commit it and retire old checkpoints; errors come from every rank.
+    """Write, link or copy this level, commit it and retire old checkpoints (commit.py's steps 1-7, in order, on
+    this thread); errors come from every rank.
 
     Collectives: one gather of records on the level's group, one gather of outcomes on the world group. The first
     is skipped when every rank of the group already sent its records in the job's gather (`pre`: chunks linked
@@ -593,12 +328,12 @@ def persist_level(
     Retention runs before the second gather, so when it returns every rank knows old copies are gone (staging
     slots free) and which skeleton the next save uses."""
     me = ctx.world.rank
-    out_dir, reused = target_dir(level, ctx, state)
+    target = commit.begin(state, ctx)
+    out_dir = target.location
     comm = level_comm(level, ctx)
     committer = comm.rank == 0
     group = [r for r in range(ctx.world.size) if not level.node_local or ctx.nodes[r] == ctx.node_id]
     my_pre = pre[me] if pre is not None else None
-    files, meta_paths = {}, []
     # boundary pieces first, on every rank whatever happens next: point-to-point partners wait for each other
     assembled, exchange_error = {}, None
     if my_pre is None and source.src_dir is None:
@@ -612,14 +347,9 @@ def persist_level(
         mine = RankOutcome(errors=[exchange_error])
     else:
         try:
-            if not reused:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            if committer:
-                files, meta_paths = write_zarr_metadata(
-                    out_dir, ctx.step, level.name, ctx.layouts, state.meta, ctx.sig, reused
-                )
+            commit.prepare(state, ctx, target, committer)
         except OSError as e:
-            mine = RankOutcome(errors=[f"rank {me} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
+            mine = RankOutcome(errors=[f"{ctx.who(level)}: {out_dir}: {e}"])
         else:
             if source.src_dir is not None:
                 mine = writer.copy_level(level, ctx, source.src_dir, out_dir)
@@ -629,54 +359,28 @@ def persist_level(
                 mine = writer.write_from_slot(level, ctx, source.slot, out_dir)
             else:
                 mine = writer.write_level(level, ctx, source.bufset, out_dir, assembled)
-        sync_written(level, ctx, mine, out_dir, meta_paths)
+        if not mine.errors:
+            error = commit.make_durable(state, ctx, target, [rec[2] for rec in mine.records])
+            mine.errors += [error] if error else []
     if pre is not None and all(pre[r] is not None for r in group):
         gathered = [pre[r] for r in group]
     else:
         gathered = comm.all_gather_json(outcome_dict(mine, out_dir))
-    errors = [e for g in gathered for e in g["errors"]]
-    if len({g["dir"] for g in gathered}) > 1:
-        errors.append(f"{level.name}: ranks wrote into different directories {sorted({g['dir'] for g in gathered})}")
-    final = Path(level.root) / step_dir_name(ctx.step)
+    errors = commit.group_errors(level, gathered)
+    final = state.storage.final_location(ctx.step)
     retention_error = None
-    if committer and not errors:
-        records = [r for g in gathered for r in g["records"]]
-        try:
-            if not files:  # pre-linked: the metadata is written now (memory levels: nothing to sync)
-                files, meta_paths = write_zarr_metadata(
-                    out_dir, ctx.step, level.name, ctx.layouts, state.meta, ctx.sig, reused
-                )
-                if level.sync:
-                    fsync_many(meta_paths, _ancestors(meta_paths, out_dir))
-            final = commit_level(level, ctx, out_dir, records, files, state.meta, janitor)
-        except OSError as e:
-            errors.append(f"rank {me} ({ctx.node_id}) {level.name}: commit in {out_dir}: {e}")
-        else:
-            if reused:
-                state.spare = state.spare_sig = None
-            state.created[final.name] = ctx.sig
-            try:
-                if state.spare is not None and state.spare_sig != ctx.sig:  # a skeleton of an older layout
-                    shutil.rmtree(state.spare, ignore_errors=True)
-                    state.spare = state.spare_sig = None
-                apply_retention(level, ctx, janitor, state, [r[2] for r in records])
-            except OSError as e:
-                retention_error = f"{level.name} ({level.root}): {e}"
-    if committer and errors:
-        shutil.rmtree(out_dir, ignore_errors=True)  # free the space a failed save took; older ones stay intact
-        if reused:
-            state.spare = state.spare_sig = None
-    announce = None
     if committer:
-        announce = {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
+        result = commit.commit(state, ctx, target, [r for g in gathered for r in g["records"]], bool(errors))
+        final, retention_error = result.final, result.retention_error
+        errors += [result.error] if result.error else []
     everyone = ctx.world.all_gather_json(
-        {"errors": errors if committer else mine.errors, "nbytes": mine.nbytes, "node": ctx.node_id, "next": announce}
+        {
+            "errors": errors if committer else mine.errors,
+            "nbytes": mine.nbytes,
+            "node": ctx.node_id,
+            "next": commit.announcement(state) if committer else None,
+        }
     )
-    for g in everyone:
-        if g["next"] is not None and (g["node"] == ctx.node_id if level.node_local else True):
-            nxt = g["next"]
-            state.spare = Path(level.root) / nxt["name"] if nxt else None
-            state.spare_sig = nxt.get("sig")
-            break
+    commit.adopt(state, ctx.node_id, everyone)
     all_errors = sorted({e for g in everyone for e in g["errors"]})
     return LevelResult(all_errors, final, mine.nbytes, sum(g["nbytes"] for g in everyone), retention_error)
