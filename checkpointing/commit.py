@@ -5,11 +5,12 @@ prepare_global_plan -> write_data -> finish), a level is driven through fixed st
 of storage (a directory tree on disk or in node memory; an object store) sits behind a small `LevelStorage`:
 
   step                           who (rank / thread)                               storage calls
-  1 target(ctx, state)           every rank of the level's group; no I/O, the      begin
+  1 begin(state, ctx)            every rank of the level's group; no I/O, the      begin
                                  same answer on each (the spare comes from a gather)
   2 prepare(...)                 every rank: create the location; the level's      prepare
                                  committer also writes the zarr metadata
-  3 write the chunks             every rank, the chunks it owns (persist.ChunkWriter) write_chunk / link_chunk
+  3 persist.write_chunks         every rank, the chunks it owns (from a           write_chunk / link_chunk
+                                 sources.ChunkSource)
   4 make_durable(...)            every rank, after its writes, before the records  make_durable
                                  leave it (errors become the rank's errors)
   5 gather the records           the caller's collective on the level's group, then  -
@@ -22,7 +23,9 @@ of storage (a directory tree on disk or in node memory; an object store) sits be
                                  every rank: the spare the next save of the level uses
 
 Callers: persist.persist_level runs all steps on the persist thread. Promotion (promote.Promoter) runs 1-4 and 6
-on the promoter thread and 5 and 7 on the persist thread (its progress rides in the persister's gathers).
+on the promoter thread and 5 and 7 on the persist thread (its progress rides in the persister's gathers). A
+zero-copy save into a memory level's spare skeleton runs step 3 early (manager._prelink, persist thread, before
+the job's gather), so its records travel in that gather and step 5 needs no collective of its own.
 
 Invariants every storage keeps: a reader never trusts a step without its manifest (written after every chunk and
 metadata file is durable); retention retires a step only after a newer one committed on the level; a failed or

@@ -33,8 +33,12 @@ class SaveContext:
         return self.plans.stage_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
 
     def who(self, level: LevelSpec) -> str:
-        """How an error of this rank on `level` starts: 'rank 3 (node-b) L1'."""
-        return f"rank {self.world.rank} ({self.node_id}) {level.name}"
+        return who(self.world.rank, self.node_id, level.name)
+
+
+def who(rank: int, node_id: str, level_name: str) -> str:
+    """How an error of one rank on one level starts: 'rank 3 (node-b) L1'."""
+    return f"rank {rank} ({node_id}) {level_name}"
 
 
 def writers_for(level: LevelSpec, ctx: SaveContext) -> list[str] | None:

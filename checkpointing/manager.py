@@ -43,13 +43,14 @@ from checkpointing.comm import Comm
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import MANIFEST_NAME, Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
-from checkpointing.commit import LevelState
+from checkpointing.commit import LevelState, Target
 from checkpointing.commit_fs import FileStorage
-from checkpointing.context import SaveContext
-from checkpointing.persist import ChunkWriter, Source, outcome_dict, persist_level
+from checkpointing.context import SaveContext, who
+from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_chunks
+from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
 from checkpointing.plan import PlanCache, TensorLayout, global_layouts
 from checkpointing.promote import Promoter, Promotion
-from checkpointing.reshard import Scratch, Target, mismatch, missing_chunks, read_range
+from checkpointing.reshard import LoadTarget, Scratch, mismatch, missing_chunks, read_range
 from checkpointing.staging import (
     BufferPool,
     BufferSet,
@@ -170,6 +171,7 @@ class CheckpointManager:
         *,
         staging_buffers: int = 2,
         read_threads: int = 2,
+        after_chunk: ChunkHook | None = None,
     ) -> None:
         if not levels:
             raise ValueError("CheckpointManager needs at least one LevelSpec")
@@ -190,9 +192,10 @@ class CheckpointManager:
         self._metrics = Metrics(registry)
         self._pool = BufferPool(staging_buffers)
         self._pin = torch.cuda.is_available()
-        self._writer = ChunkWriter()
+        self._buffers = Buffers()  # the persist thread's (the promoter has its own)
         self._scratch = Scratch()
         self._read_threads = max(1, read_threads)
+        self._after_chunk = after_chunk  # fault tests: see persist.ChunkHook
         self._manifests: dict[Path, tuple[int, Manifest]] = {}
         self._handles: list[SaveHandle] = []
         self._unstaged: list[SaveHandle] = []
@@ -563,7 +566,10 @@ class CheckpointManager:
             or not all(c.whole for c in sp.chunks)
         ):
             return
-        outcome = self._writer.prelink(level, job.slot, state.spare, self.rank, self.node_id)
+        chunks = StagedSlot(job.slot).chunks(None, None)
+        outcome = write_chunks(
+            state.storage, Target(state.spare, True), chunks, who(self.rank, self.node_id, level.name)
+        )
         job.pre = outcome_dict(outcome, state.spare)
 
     def _learn_layouts(self, infos: list[dict]) -> None:
@@ -635,7 +641,7 @@ class CheckpointManager:
         if stale:  # staged zero-copy for a layout that changed meanwhile: the chunks it holds are not the plan
             self._drop(job, infos, f"ranks {stale} staged it for a tensor layout that changed")
             return
-        first = Source(slot=job.slot, link=True) if job.slot is not None else Source(bufset=job.bufset)
+        first = StagedSlot(job.slot) if job.slot is not None else HostBuffers(job.bufset, self._buffers)
         pre = [i.get("pre") for i in infos]
         handle = job.handle
 
@@ -669,7 +675,7 @@ class CheckpointManager:
         ctx: SaveContext,
         levels: list[LevelSpec],
         job: _WriteJob | None,
-        first: Source,
+        first: ChunkSource,
         t_save: float,
         pre: list | None = None,
         done=None,
@@ -701,18 +707,18 @@ class CheckpointManager:
                 self._drain_promotions()  # this level is written here: no promotion may touch it meanwhile
             t0 = time.perf_counter()
             if source is not None:
-                src = Source(src_dir=source)
-            elif first.slot is not None and level is not levels[0]:
-                src = Source(slot=first.slot)  # the first level failed: write from the staging files
+                src = CommittedCopy(source, self._buffers)
+            elif isinstance(first, StagedSlot) and level is not levels[0]:
+                src = StagedSlot(first.slot, fallback=True)  # the first level failed: write from the staging files
             else:
                 src = first
             res = persist_level(
                 level,
                 ctx,
-                self._writer,
                 src,
                 self._states[level.name],
                 pre if level is levels[0] else None,
+                self._after_chunk,
             )
             if res.retention_error:
                 self.log.warning("checkpoint retention on %s failed: %s", level.name, res.retention_error)
@@ -738,7 +744,7 @@ class CheckpointManager:
                 time.perf_counter() - t0,
             )
             if source is None and job is not None:
-                self._release(job, linked=first.slot is not None and first.slot.files)
+                self._release(job, linked=isinstance(first, StagedSlot) and first.slot.files)
             if source is None:
                 source, source_level = res.path, level
         if source is None and job is not None:
@@ -783,11 +789,11 @@ class CheckpointManager:
         fast = {h["fast"] for h in have}
         if len(fast) == 1 and None not in fast:
             level = next(lv for lv in self.levels if lv.name == fast.pop())
-            source = Source(src_dir=Path(level.root) / step_dir_name(step))
+            source = CommittedCopy(Path(level.root) / step_dir_name(step), self._buffers)
         elif bufset.slot is not None:
-            source = Source(slot=bufset.slot)
+            source = StagedSlot(bufset.slot, fallback=True)
         else:
-            source = Source(bufset=held)
+            source = HostBuffers(held, self._buffers)
         try:
             committed, errors = self._write_levels(ctx, [last], None, source, time.perf_counter())
         finally:
@@ -832,7 +838,7 @@ class CheckpointManager:
         infos = self.list()
         return max(infos, key=lambda i: i.step) if infos else None
 
-    def _candidates(self, targets: list[Target], strict: bool, excluded: set, reasons: dict) -> dict[int, list]:
+    def _candidates(self, targets: list[LoadTarget], strict: bool, excluded: set, reasons: dict) -> dict[int, list]:
         """step -> [(level, path, manifest)] this rank can serve (all needed chunks present, shapes match)."""
         found: dict[int, list] = {}
         for level in self.levels:
@@ -852,7 +858,7 @@ class CheckpointManager:
         return found
 
     @staticmethod
-    def _cannot_serve(manifest: Manifest, targets: list[Target], strict: bool) -> str | None:
+    def _cannot_serve(manifest: Manifest, targets: list[LoadTarget], strict: bool) -> str | None:
         for t in targets:
             entry = manifest.tensors.get(t.name)
             if entry is None and not strict:
@@ -875,7 +881,7 @@ class CheckpointManager:
             self.wait_durable()  # collective: every rank drains its queue, so load's collectives line up
         except CheckpointError as e:
             self.log.error("pending checkpoint saves failed before load: %s", e)
-        targets = [Target.of(name, value) for name, value in tensors.items()]
+        targets = [LoadTarget.of(name, value) for name, value in tensors.items()]
         excluded, fallbacks, reasons = set(), [], {}
         while True:
             mine = self._candidates(targets, strict, excluded, reasons)
@@ -940,7 +946,7 @@ class CheckpointManager:
             )
         return retired
 
-    def _read_all(self, path: Path, manifest: Manifest, targets: list[Target]) -> tuple[str | None, int]:
+    def _read_all(self, path: Path, manifest: Manifest, targets: list[LoadTarget]) -> tuple[str | None, int]:
         nread = 0
         try:
             with ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:

@@ -30,7 +30,8 @@ from pathlib import Path
 from checkpointing import commit
 from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext, level_comm
-from checkpointing.persist import ChunkWriter, RankOutcome, outcome_dict
+from checkpointing.persist import RankOutcome, outcome_dict, write_chunks
+from checkpointing.sources import Buffers, CommittedCopy
 from checkpointing.tiers import LevelSpec, step_dir_name
 
 
@@ -70,7 +71,7 @@ class Promoter:
         self._states = states
         self._log = log
         self._metrics = metrics
-        self._writer = ChunkWriter()
+        self._buffers = Buffers()  # the promoter thread's
         self._q: queue.Queue = queue.Queue()
         self._busy = threading.Event()
         self._idle = threading.Condition()
@@ -222,7 +223,8 @@ class Promoter:
         except OSError as e:
             mine = RankOutcome(errors=[f"{ctx.who(level)}: {target.location}: {e}"])
         else:
-            mine = self._writer.copy_level(level, ctx, promo.src, target.location)
+            chunks = CommittedCopy(promo.src, self._buffers).chunks(level, ctx)
+            mine = write_chunks(state.storage, target, chunks, ctx.who(level))
         if not mine.errors:
             error = commit.make_durable(state, ctx, target, [rec[2] for rec in mine.records])
             mine.errors += [error] if error else []
