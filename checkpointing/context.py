@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from checkpointing.comm import Comm
 from checkpointing.plan import PlanCache, RankPlan, TensorLayout
-from checkpointing.staging import StagePlan
+from checkpointing.slots import StagePlan
 from checkpointing.tiers import LevelSpec
 
 

@@ -39,7 +39,8 @@ from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_
 from checkpointing.plan import PlanCache, global_layouts
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
-from checkpointing.staging import BufferPool, SlotPool
+from checkpointing.slots import SlotPool
+from checkpointing.staging import BufferPool
 from checkpointing.tiers import LevelSpec, committed_steps, step_dir_name
 
 

@@ -1,15 +1,25 @@
-"""The jobs the persist thread works through, and the key that orders them the same way on every rank."""
+"""The jobs the persist thread works through, the key that orders them the same way on every rank, and the
+validated description of a save's tensors they carry."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future
+import bisect
+import hashlib
+import json
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import torch
+
+from checkpointing.errors import CheckpointError
 from checkpointing.plan import TensorLayout
 from checkpointing.results import SaveHandle
-from checkpointing.staging import BufferSet, Slot, StagedTensor, StagePlan
+from checkpointing.slots import Slot, StagePlan
+from checkpointing.staging import BufferSet, Shard, StagedTensor, describe
 from checkpointing.tiers import LevelSpec
+from checkpointing.zarr_store import check_tensor_name, dtype_name
 
 
 class JobKey(NamedTuple):
@@ -95,3 +105,56 @@ class AgreedLayout:
     nodes: list[str]
     tensors_digests: list[str]
     """Every rank's Described.tensors_digest."""
+
+
+class Describer:
+    """Validates and describes the tensors of a save (the caller's thread), caching the last result."""
+
+    def __init__(self) -> None:
+        self._described_key: tuple | None = None
+        self._described: Described | None = None
+
+    def describe(self, tensors: dict) -> Described:
+        """Validate and describe the tensors; reuse the last result when names, shapes, dtypes and devices match."""
+        try:
+            key = tuple(
+                (name, v.global_shape, v.flat_range, v.local.shape, v.local.dtype, v.local.device.type)
+                if isinstance(v, Shard)
+                else (name, v.shape, v.dtype, v.device.type)
+                for name, v in tensors.items()
+            )
+        except AttributeError:
+            key = None
+        if key is not None and key == self._described_key:
+            return self._described
+        staged = _validate(tensors)
+        describes = {t.name: t.describe() for t in staged}
+        digest = hashlib.blake2b(json.dumps(describes, sort_keys=True).encode(), digest_size=12).hexdigest()
+        all_cpu = all((v.local if isinstance(v, Shard) else v).device.type == "cpu" for v in tensors.values())
+        self._described_key, self._described = key, Described(staged, describes, digest, all_cpu)
+        return self._described
+
+
+def _validate(tensors: dict) -> list[StagedTensor]:
+    out = []
+    for name, value in tensors.items():
+        check_tensor_name(name)
+        local = value.local if isinstance(value, Shard) else value
+        if not isinstance(local, torch.Tensor):
+            raise CheckpointError(f"tensor {name}: expected torch.Tensor or Shard, got {type(value).__name__}")
+        st = describe(name, value, dtype_name(local.dtype))
+        if isinstance(value, Shard):
+            numel = math.prod(st.shape)
+            if not (0 <= st.start <= st.stop <= numel) or local.numel() != st.stop - st.start:
+                raise CheckpointError(
+                    f"Shard {name}: flat_range {value.flat_range} must satisfy 0 <= start <= stop <= {numel} "
+                    f"(numel of global_shape {list(st.shape)}) and local.numel()={local.numel()} == stop - start"
+                )
+        out.append(st)
+    names = sorted(tensors)
+    for a in names:
+        prefix = a + "/"
+        i = bisect.bisect_left(names, prefix)  # names under a/ sort right after it
+        if i < len(names) and names[i].startswith(prefix):
+            raise CheckpointError(f"tensor names {a!r} and {names[i]!r} collide: {a!r} would be both array and group")
+    return out

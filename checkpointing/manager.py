@@ -4,7 +4,7 @@ Threads and why:
   caller     save() records references and returns; wait_staged() right before optimizer.step().
   stager     copies the tensors while the caller runs forward/backward: into reusable host buffers, or, when the
              save's first level is node memory (tmpfs), straight into the files that become the checkpoint (only
-             the chunks this rank writes there; see staging.Slot).
+             the chunks this rank writes there; see slots.Slot).
   persister  writes (or links), checksums, fsyncs (disk levels only) and commits level after level, then promotes
              the checkpoint to the slower levels by copying the committed files (so the staging buffer is free as
              soon as the fastest level committed). It is the only thread that talks on the checkpoint process
@@ -21,11 +21,8 @@ descriptions travel only when they changed, and layouts, plans and zarr metadata
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import json
 import logging
-import math
 import queue
 import secrets
 import shutil
@@ -42,24 +39,16 @@ from checkpointing.commit import LevelState
 from checkpointing.commit_fs import FileStorage
 from checkpointing.coordinator import Coordinator
 from checkpointing.errors import CheckpointError
-from checkpointing.jobs import ControlJob, Described, WriteJob
+from checkpointing.jobs import ControlJob, Describer, WriteJob
 from checkpointing.loader import Loader
 from checkpointing.metrics import CheckpointStats, Metrics
 from checkpointing.persist import ChunkHook
 from checkpointing.plan import PlanCache
 from checkpointing.promote import Promoter
 from checkpointing.results import CheckpointInfo, LoadResult, SaveHandle
-from checkpointing.staging import (
-    BufferPool,
-    Shard,
-    SlotPool,
-    StagedTensor,
-    StagingStats,
-    describe,
-    stage_into,
-)
+from checkpointing.slots import SlotPool, StagingStats
+from checkpointing.staging import BufferPool, Shard, stage_into
 from checkpointing.tiers import Janitor, LevelSpec
-from checkpointing.zarr_store import check_tensor_name, dtype_name
 
 
 class CheckpointManager:
@@ -118,8 +107,7 @@ class CheckpointManager:
         self._janitor = Janitor(self.log)
         self._states = {lv.name: LevelState(FileStorage(lv, self._janitor)) for lv in self.levels}
         self._slots: dict[str, SlotPool] = {}
-        self._described_key: tuple | None = None
-        self._described: Described | None = None
+        self._describer = Describer()
         self._loader = Loader(self.levels, self._world, self.log, read_threads)
         self._coordinator = Coordinator(
             self.levels,
@@ -196,7 +184,7 @@ class CheckpointManager:
         levels = [lv for lv in self.levels if (lv.name in levels if forced else lv.due(step))]
         if not levels:
             return None
-        described = self._describe(tensors)
+        described = self._describer.describe(tensors)
         extra = _checked_extra(f"save(step={step}): extra", extra)
         bufset = self._pool.acquire(block=False)
         if bufset is None:
@@ -218,26 +206,6 @@ class CheckpointManager:
         self._stage_q.put((job, dict(tensors)))
         self._blocked[step] = time.perf_counter() - t0
         return handle
-
-    def _describe(self, tensors: dict) -> Described:
-        """Validate and describe the tensors; reuse the last result when names, shapes, dtypes and devices match."""
-        try:
-            key = tuple(
-                (name, v.global_shape, v.flat_range, v.local.shape, v.local.dtype, v.local.device.type)
-                if isinstance(v, Shard)
-                else (name, v.shape, v.dtype, v.device.type)
-                for name, v in tensors.items()
-            )
-        except AttributeError:
-            key = None
-        if key is not None and key == self._described_key:
-            return self._described
-        staged = self._validate(tensors)
-        describes = {t.name: t.describe() for t in staged}
-        digest = hashlib.blake2b(json.dumps(describes, sort_keys=True).encode(), digest_size=12).hexdigest()
-        all_cpu = all((v.local if isinstance(v, Shard) else v).device.type == "cpu" for v in tensors.values())
-        self._described_key, self._described = key, Described(staged, describes, digest, all_cpu)
-        return self._described
 
     def _zero_copy(self, job: WriteJob) -> None:
         """Stage this save straight into its first level's files if that level is node memory, the tensors are on
@@ -262,32 +230,6 @@ class CheckpointManager:
             agreed.digest, agreed.layouts, self.rank, agreed.nodes if level.node_local else None
         )
         job.slot_layout = agreed.digest
-
-    def _validate(self, tensors: dict) -> list[StagedTensor]:
-        out = []
-        for name, value in tensors.items():
-            check_tensor_name(name)
-            local = value.local if isinstance(value, Shard) else value
-            if not isinstance(local, torch.Tensor):
-                raise CheckpointError(f"tensor {name}: expected torch.Tensor or Shard, got {type(value).__name__}")
-            st = describe(name, value, dtype_name(local.dtype))
-            if isinstance(value, Shard):
-                numel = math.prod(st.shape)
-                if not (0 <= st.start <= st.stop <= numel) or local.numel() != st.stop - st.start:
-                    raise CheckpointError(
-                        f"Shard {name}: flat_range {value.flat_range} must satisfy 0 <= start <= stop <= {numel} "
-                        f"(numel of global_shape {list(st.shape)}) and local.numel()={local.numel()} == stop - start"
-                    )
-            out.append(st)
-        names = sorted(tensors)
-        for a in names:
-            prefix = a + "/"
-            i = bisect.bisect_left(names, prefix)  # names under a/ sort right after it
-            if i < len(names) and names[i].startswith(prefix):
-                raise CheckpointError(
-                    f"tensor names {a!r} and {names[i]!r} collide: {a!r} would be both array and group"
-                )
-        return out
 
     def wait_staged(self) -> float:
         """Block until every save's tensors are copied; return seconds blocked here. Call before mutating them."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from checkpointing.staging import OwnedChunk, StagePlan
+from checkpointing.slots import OwnedChunk, StagePlan
 from checkpointing.zarr_store import Grid, torch_dtype
 
 
