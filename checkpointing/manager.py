@@ -5,10 +5,12 @@ Threads and why:
   stager     copies the tensors while the caller runs forward/backward: into reusable host buffers, or, when the
              save's first level is node memory (tmpfs), straight into the files that become the checkpoint (only
              the chunks this rank writes there; see slots.Slot).
-  persister  writes (or links), checksums, fsyncs (disk levels only) and commits level after level, then promotes
-             the checkpoint to the slower levels by copying the committed files (so the staging buffer is free as
-             soon as the fastest level committed). It is the only thread that talks on the checkpoint process
-             group, so collectives on every rank happen in the same order.
+  persister  (coordinator.py) agrees with every rank on the next job, then writes (or links), checksums, fsyncs
+             (disk levels only) and commits the save's first level (commit.py's protocol), so the staging buffer
+             is free as soon as the fastest level committed. It is the only thread that talks on the checkpoint
+             process group, so collectives on every rank happen in the same order.
+  promoter   (promote.py) copies the committed checkpoint to the slower levels and commits it there, while the
+             persister goes on with the next saves; its progress rides in the persister's gathers.
   janitor    deletes retired checkpoint directories on disk levels, off the persister's critical path.
 
 save(), wait_durable(), load(), emergency_save() and close() are collective over the checkpoint group: call them on
@@ -16,7 +18,11 @@ every rank with the same steps. If ranks disagree on a step (one skipped it beca
 drops that step everywhere instead of deadlocking.
 
 Per save the persister issues one all_gather to agree on the job plus two per level (records, outcome); tensor
-descriptions travel only when they changed, and layouts, plans and zarr metadata are computed once per layout.
+descriptions and the static extra travel only when the tensors changed, and layouts, plans and zarr metadata are
+computed once per layout.
+
+This module is the façade: the persist thread is coordinator.py, loading is loader.py, the handles and results are
+results.py.
 """
 
 from __future__ import annotations
