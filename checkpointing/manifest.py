@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpointing.errors import CheckpointCorruptError
-from checkpointing.zarr_store import Grid, torch_dtype, write_json_atomic
+from checkpointing.zarr_store import Grid, torch_dtype
 
 FORMAT = "ecpt-checkpoint"
 VERSION = 1
@@ -162,11 +162,6 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
     except (OSError, ValueError) as e:
         raise CheckpointCorruptError(f"{path}: unreadable manifest ({e})") from e
     return Manifest.from_json(doc, str(path))
-
-
-def write_manifest(ckpt_dir: Path, manifest: Manifest, fsync: bool) -> None:
-    """The commit point of a checkpoint copy: temp file, fsync, rename, fsync the directory."""
-    write_json_atomic(Path(ckpt_dir) / MANIFEST_NAME, manifest.to_json(), fsync)
 
 
 class ManifestEncoder:

@@ -10,7 +10,7 @@ import torch
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manager import CheckpointInfo
 from checkpointing.manifest import read_manifest
-from checkpointing.reshard import Scratch, Target, read_range
+from checkpointing.reshard import LoadTarget, Scratch, read_range
 from checkpointing.tiers import committed_steps
 from checkpointing.zarr_store import read_into, torch_dtype
 
@@ -86,7 +86,7 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
     if entry is None:
         raise CheckpointError(f"{path}: no tensor {name!r}; it has {sorted(manifest.tensors)[:10]}...")
     out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
-    read_range(path, manifest, Target.of(name, out), Scratch())
+    read_range(path, manifest, LoadTarget.of(name, out), Scratch())
     return out
 
 

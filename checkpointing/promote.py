@@ -22,26 +22,17 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointing.persist import (
-    ChunkWriter,
-    LevelState,
-    RankOutcome,
-    SaveContext,
-    apply_retention,
-    commit_level,
-    level_comm,
-    outcome_dict,
-    sync_written,
-    target_dir,
-    write_zarr_metadata,
-)
-from checkpointing.tiers import Janitor, LevelSpec, step_dir_name
+from checkpointing import commit
+from checkpointing.commit import LevelState, Target
+from checkpointing.context import SaveContext, level_comm
+from checkpointing.persist import RankOutcome, outcome_dict, write_chunks
+from checkpointing.sources import Buffers, CommittedCopy
+from checkpointing.tiers import LevelSpec, step_dir_name
 
 
 @dataclass
@@ -60,9 +51,7 @@ class Promotion:
     phase: str = "copy"
     t_level: float = 0.0
     # filled by the promoter thread for the current level
-    out_dir: Path | None = None
-    reused: bool = False
-    files: dict = field(default_factory=dict)
+    target: Target | None = None
     mine: RankOutcome | None = None
     commit_result: dict | None = None
     copy_errors: list[str] = field(default_factory=list)
@@ -77,13 +66,12 @@ class Promoter:
 
     MAX_PENDING = 2
 
-    def __init__(self, states: dict[str, LevelState], janitor: Janitor, log: logging.Logger, metrics) -> None:
+    def __init__(self, states: dict[str, LevelState], log: logging.Logger, metrics) -> None:
         self.pending: list[Promotion] = []
         self._states = states
-        self._janitor = janitor
         self._log = log
         self._metrics = metrics
-        self._writer = ChunkWriter()
+        self._buffers = Buffers()  # the promoter thread's
         self._q: queue.Queue = queue.Queue()
         self._busy = threading.Event()
         self._idle = threading.Condition()
@@ -113,7 +101,7 @@ class Promoter:
         head = self.pending[0]
         out = {"id": head.key, "copied": None, "committed": None}
         if head.mine is not None:
-            out["copied"] = outcome_dict(head.mine, head.out_dir)
+            out["copied"] = outcome_dict(head.mine, head.target.location)
         if head.phase == "commit" and head.commit_result is not None:
             out["committed"] = head.commit_result
         return out
@@ -127,34 +115,23 @@ class Promoter:
         if any(r is None or r["id"] != head.key for r in reports):
             return
         level, ctx = head.levels[0], head.ctx
-        if head.phase == "copy":
+        if head.phase == "copy":  # commit.py step 5
             if any(r["copied"] is None for r in reports):
                 return
             group = [r for rank, r in enumerate(reports) if not level.node_local or ctx.nodes[rank] == ctx.node_id]
-            head.copy_errors = [e for r in reports for e in r["copied"]["errors"]]
-            dirs = {r["copied"]["dir"] for r in group}
-            if len(dirs) > 1:
-                head.copy_errors.append(f"{level.name}: ranks wrote into different directories {sorted(dirs)}")
+            group_errors = commit.group_errors(level, [r["copied"] for r in group])
+            head.copy_errors = sorted({e for r in reports for e in r["copied"]["errors"]} | set(group_errors))
             head.phase = "commit"
             if level_comm(level, ctx).rank == 0:
                 records = [rec for r in group for rec in r["copied"]["records"]]
-                group_errors = [e for r in group for e in r["copied"]["errors"]] + (
-                    [head.copy_errors[-1]] if len(dirs) > 1 else []
-                )
                 self._submit(("commit", head, records, group_errors))
             else:
                 head.commit_result = {"errors": [], "next": None, "node": ctx.node_id}
             return
-        if any(r["committed"] is None for r in reports):
+        if any(r["committed"] is None for r in reports):  # commit.py step 7
             return
         errors = sorted(set(head.copy_errors) | {e for r in reports for e in r["committed"]["errors"]})
-        state = self._states[level.name]
-        for r in reports:
-            c = r["committed"]
-            if c["next"] is not None and (c["node"] == ctx.node_id if level.node_local else True):
-                state.spare = Path(level.root) / c["next"]["name"] if c["next"] else None
-                state.spare_sig = c["next"].get("sig")
-                break
+        commit.adopt(self._states[level.name], ctx.node_id, [r["committed"] for r in reports])
         if errors:
             head.errors += errors
             self._metrics.failure(level.name)
@@ -185,7 +162,7 @@ class Promoter:
         src_state.pinned = self.pinned(head.src_level.name)
         if level_comm(head.src_level, ctx).rank == 0:  # retire what the promotion kept beyond keep_last
             try:  # only committed ones: another rank may already be writing the next save on that level
-                apply_retention(head.src_level, ctx, self._janitor, src_state, others=False)
+                commit.retire_old(src_state, ctx)
             except OSError as e:
                 self._log.warning("checkpoint retention on %s failed: %s", head.src_level.name, e)
         head.on_done(head.committed, head.errors)
@@ -222,13 +199,10 @@ class Promoter:
                     self._commit(*task[1:])
             except Exception as e:  # noqa: BLE001 (thread boundary: reported as this rank's error, so no rank waits)
                 promo = task[1]
-                msg = (
-                    f"rank {promo.ctx.world.rank} ({promo.ctx.node_id}) {promo.levels[0].name}: promotion "
-                    f"failed: {type(e).__name__}: {e}"
-                )
+                msg = f"{promo.ctx.who(promo.levels[0])}: promotion failed: {type(e).__name__}: {e}"
                 if task[0] == "copy":
                     promo.mine = RankOutcome(errors=[msg])
-                    promo.out_dir = promo.out_dir or Path(promo.levels[0].root)
+                    promo.target = promo.target or Target(Path(promo.levels[0].root), False)
                 else:
                     promo.commit_result = {"errors": [msg], "next": {}, "node": promo.ctx.node_id}
             finally:
@@ -237,49 +211,31 @@ class Promoter:
                     self._idle.notify_all()
 
     def _copy(self, promo: Promotion) -> None:
+        """commit.py steps 1-4 for the head promotion's level: copy this rank's chunks from the committed source."""
         level, ctx = promo.levels[0], promo.ctx
         state = self._states[level.name]
-        out_dir, reused = target_dir(level, ctx, state)
-        promo.out_dir, promo.reused = out_dir, reused
-        files, meta_paths = {}, []
+        promo.target = target = commit.begin(state, ctx)
         try:
-            if not reused:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            if level_comm(level, ctx).rank == 0:
-                files, meta_paths = write_zarr_metadata(
-                    out_dir, ctx.step, level.name, ctx.layouts, state.meta, ctx.sig, reused
-                )
+            commit.prepare(state, ctx, target, level_comm(level, ctx).rank == 0)
         except OSError as e:
-            mine = RankOutcome(errors=[f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: {out_dir}: {e}"])
+            mine = RankOutcome(errors=[f"{ctx.who(level)}: {target.location}: {e}"])
         else:
-            mine = self._writer.copy_level(level, ctx, promo.src, out_dir)
-        sync_written(level, ctx, mine, out_dir, meta_paths)
-        promo.files = files
+            chunks = CommittedCopy(promo.src, self._buffers).chunks(level, ctx)
+            mine = write_chunks(state.storage, target, chunks, ctx.who(level))
+        if not mine.errors:
+            error = commit.make_durable(state, ctx, target, [rec[2] for rec in mine.records])
+            mine.errors += [error] if error else []
         promo.mine = mine
 
     def _commit(self, promo: Promotion, records: list[list], errors: list[str]) -> None:
+        """commit.py step 6 (the level's committer): commit, or discard when a rank of the group failed."""
         level, ctx = promo.levels[0], promo.ctx
         state = self._states[level.name]
-        mine = []
-        if not errors:
-            try:
-                final = commit_level(level, ctx, promo.out_dir, records, promo.files, state.meta, self._janitor)
-            except OSError as e:
-                mine.append(f"rank {ctx.world.rank} ({ctx.node_id}) {level.name}: commit in {promo.out_dir}: {e}")
-            else:
-                if promo.reused:
-                    state.spare = state.spare_sig = None
-                state.created[final.name] = ctx.sig
-                try:
-                    if state.spare is not None and state.spare_sig != ctx.sig:
-                        shutil.rmtree(state.spare, ignore_errors=True)
-                        state.spare = state.spare_sig = None
-                    apply_retention(level, ctx, self._janitor, state, [r[2] for r in records])
-                except OSError as e:
-                    self._log.warning("checkpoint retention on %s (%s) failed: %s", level.name, level.root, e)
-        if errors or mine:
-            shutil.rmtree(promo.out_dir, ignore_errors=True)
-            if promo.reused:
-                state.spare = state.spare_sig = None
-        announce = {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
-        promo.commit_result = {"errors": mine, "next": announce, "node": ctx.node_id}
+        result = commit.commit(state, ctx, promo.target, records, bool(errors))
+        if result.retention_error:
+            self._log.warning("checkpoint retention on %s failed: %s", level.name, result.retention_error)
+        promo.commit_result = {
+            "errors": [result.error] if result.error else [],
+            "next": commit.announcement(state),
+            "node": ctx.node_id,
+        }

@@ -19,11 +19,11 @@ import torch
 from checkpointing.errors import CheckpointCorruptError
 from checkpointing.manifest import ChunkRecord, Manifest, TensorEntry
 from checkpointing.staging import Shard
-from checkpointing.zarr_store import read_into, write_file
+from checkpointing.zarr_store import read_into
 
 
 @dataclass(frozen=True)
-class Target:
+class LoadTarget:
     """One tensor the caller wants filled: its global description and the flat range this rank needs."""
 
     name: str
@@ -34,9 +34,9 @@ class Target:
     dest: torch.Tensor
 
     @staticmethod
-    def of(name: str, value: "torch.Tensor | Shard") -> "Target":
+    def of(name: str, value: "torch.Tensor | Shard") -> "LoadTarget":
         if isinstance(value, Shard):
-            return Target(
+            return LoadTarget(
                 name,
                 tuple(value.global_shape),
                 str(value.local.dtype).removeprefix("torch."),
@@ -44,7 +44,7 @@ class Target:
                 int(value.flat_range[1]),
                 value.local,
             )
-        return Target(
+        return LoadTarget(
             name, tuple(value.shape), str(value.dtype).removeprefix("torch."), 0, math.prod(value.shape), value
         )
 
@@ -61,7 +61,7 @@ class Scratch:
         return memoryview(self._buf)[:nbytes]
 
 
-def mismatch(entry: TensorEntry | None, t: Target) -> str | None:
+def mismatch(entry: TensorEntry | None, t: LoadTarget) -> str | None:
     """Why a saved tensor cannot fill this target (shape/dtype), or None if it can."""
     if entry is None:
         return f"tensor {t.name} is not in the checkpoint"
@@ -95,7 +95,7 @@ def read_chunk_checked(path: Path, record: ChunkRecord, views: list[memoryview])
 
 
 def read_range(
-    ckpt_dir: Path, manifest: Manifest, t: Target, scratch: Scratch, pool: ThreadPoolExecutor | None = None
+    ckpt_dir: Path, manifest: Manifest, t: LoadTarget, scratch: Scratch, pool: ThreadPoolExecutor | None = None
 ) -> int:
     """Fill t.dest with elements [t.start, t.stop) of the saved tensor; return bytes read.
 
@@ -138,13 +138,3 @@ def _read_one(path: Path, record: ChunkRecord, dest: memoryview, offset: int | N
     buf = (scratch or Scratch()).view(record.nbytes)
     read_chunk_checked(path, record, [buf])
     dest[:] = buf[offset : offset + len(dest)]
-
-
-def copy_chunk(src_dir: Path, dst_dir: Path, record: ChunkRecord, scratch: Scratch, fsync: bool) -> ChunkRecord:
-    """Promotion: copy one committed chunk to another level, verifying it on the way (corruption never spreads)."""
-    buf = scratch.view(record.nbytes)
-    read_chunk_checked(src_dir / record.file, record, [buf])
-    dst = dst_dir / record.file
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    crc = write_file(dst, [buf], fsync)
-    return ChunkRecord(record.file, record.nbytes, crc)

@@ -38,7 +38,6 @@ _ZARR_DTYPE: dict[str, str] = {
     "bool": "bool",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
-_PAUSE_ENV = "ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK"
 CHUNK_DIR = "c"
 """zarr v3 default chunk key encoding: every chunk file of an array lives under ``<array>/c/``."""
 
@@ -289,17 +288,3 @@ def read_into(path: Path, views: list[memoryview]) -> tuple[int, int]:
             crc = crc32c.crc32c(tail, crc)
             total += len(tail)
     return crc, total
-
-
-def fault_pause_hook(step: int, chunks_written: int) -> None:
-    """Fault-test hook: ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK=<step>:<marker file> blocks the persist thread forever
-    right after the first chunk of that step is written, after creating the marker file.
-
-    The test waits for the marker, then kills the process with SIGKILL: a deterministic 'killed mid-write'."""
-    spec = os.environ.get(_PAUSE_ENV)
-    if not spec or chunks_written != 1:
-        return
-    pause_step, marker = spec.split(":", 1)
-    if int(pause_step) == step:
-        Path(marker).write_text(str(os.getpid()))
-        threading.Event().wait()

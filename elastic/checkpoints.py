@@ -126,11 +126,17 @@ class TrainerCheckpoints:
             on_busy=cfg.checkpoint.on_busy,
             registry=registry,
             logger=trainer.log,
+            # the same every save: sent to the other ranks once, stored in every manifest's extra
+            static_extra={
+                "config": cfg.to_dict(),
+                "hf_config": hf_config(cfg.model),  # read once: an init dir's config.json is not re-read per save
+                "hf_init": cfg.model.init,
+                "hf_file_names": getattr(trainer.model, "hf_file_names", {}),
+            },
         )
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()
         self.newest_saved: int | None = None  # the newest step handed to the manager
-        self.hf_config = hf_config(cfg.model)  # read once: an init directory's config.json is not re-read per save
 
     def _extra(self, completed: int) -> dict:
         t = self.trainer
@@ -141,10 +147,6 @@ class TrainerCheckpoints:
             "global_batch": t.cfg.train.global_batch,
             "world_size": t.world.world_size,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "config": t.cfg.to_dict(),
-            "hf_config": self.hf_config,
-            "hf_init": t.cfg.model.init,
-            "hf_file_names": getattr(t.model, "hf_file_names", {}),
             "counters": t.state.counters.to_json(),
         }
 

@@ -46,8 +46,8 @@ def test_sigkill_mid_write_leaves_older_checkpoint_loadable(tmp_path, worker):
                 {"op": "save", "steps": [1], "layout": "replica"},
                 {"op": "save", "steps": [2], "layout": "replica"},
             ],
+            "pause_after_first_chunk": {"step": 2, "marker": str(marker)},
         },
-        env={"ECPT_CKPT_TEST_PAUSE_AFTER_CHUNK": f"2:{marker}"},
     )
     wait_for(marker.exists, 30, f"{marker} (step 2 paused after one chunk)", proc)
     proc.send_signal(signal.SIGKILL)

@@ -8,8 +8,10 @@ its results as JSON for the test to assert on.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from elastic.world import free_port
@@ -80,7 +82,22 @@ def _manager(cfg: dict):
         node_id=cfg.get("node_id", "node-0"),
         chunk_bytes=cfg.get("chunk_bytes", 256),
         on_busy=cfg.get("on_busy", "wait"),
+        after_chunk=_pause_hook(cfg.get("pause_after_first_chunk")),
     )
+
+
+def _pause_hook(spec: dict | None):
+    """cfg["pause_after_first_chunk"] = {"step", "marker"}: right after the first chunk of that step is written,
+    create the marker file and block the persist thread forever, so the test can SIGKILL the worker mid-write."""
+    if spec is None:
+        return None
+
+    def pause(step: int, chunks_written: int) -> None:
+        if step == spec["step"] and chunks_written == 1:
+            Path(spec["marker"]).write_text(str(os.getpid()))
+            threading.Event().wait()
+
+    return pause
 
 
 def _run_op(mgr, cfg: dict, op: dict) -> dict:

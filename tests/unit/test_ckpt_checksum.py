@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from checkpointing import CheckpointManager, LevelSpec, verify
-from checkpointing import persist
 from checkpointing.zarr_store import CHUNK_DIR, is_memory_fs
 
 
@@ -73,14 +72,13 @@ def test_snapshot_is_the_state_at_save_time_when_every_tensor_is_mutated_after_w
     mgr.close()
 
 
-def test_chunk_damaged_while_the_save_persists_is_caught_on_load(level_root, monkeypatch):
+def test_chunk_damaged_while_the_save_persists_is_caught_on_load(level_root):
     """The first chunk of step 3 is damaged right after the persist thread checksummed and linked (memory) or
     wrote (disk) it, before the save commits: the manifest keeps the checksum of the staged bytes, so load()
     names the chunk and falls back to step 2."""
     root, memory = level_root
     # keep_last=3: nothing is retired, so there is no spare skeleton and every chunk is linked or written one by
     # one after the job's gather, through the hook (a skeleton would have memory levels link all chunks before)
-    mgr = CheckpointManager([LevelSpec("L", str(root), 1, 3, node_local=True, memory=memory)], chunk_bytes=8192)
     found: list[list[Path]] = []
 
     def damage_first_chunk(step: int, chunks_written: int) -> None:
@@ -97,7 +95,11 @@ def test_chunk_damaged_while_the_save_persists_is_caught_on_load(level_root, mon
         if len(in_progress) == 1:
             flip_first_byte(root / in_progress[0])
 
-    monkeypatch.setattr(persist, "fault_pause_hook", damage_first_chunk)
+    mgr = CheckpointManager(
+        [LevelSpec("L", str(root), 1, 3, node_local=True, memory=memory)],
+        chunk_bytes=8192,
+        after_chunk=damage_first_chunk,
+    )
     for step in range(1, 4):
         state = state_at(step)
         mgr.save(step, state, {"step": step})

@@ -227,7 +227,9 @@ def test_manifest_encoder_matches_the_manifest_object():
     """The commit path encodes manifests from cached per-tensor JSON; it must parse to what Manifest gives."""
     from checkpointing.comm import Comm
     from checkpointing.manifest import ChunkRecord, Manifest
-    from checkpointing.persist import MetadataCache, SaveContext, build_manifest
+    from checkpointing.commit import MetadataCache
+    from checkpointing.context import SaveContext
+    from checkpointing.persist import build_manifest
     from checkpointing.plan import global_layouts
 
     describes = {
