@@ -189,6 +189,7 @@ class _Builder:
         self.workers = max(1, cfg.data.tokenize_workers or os.cpu_count() or 1)
         total = sum(source_bytes(s) for srcs in cfg.data.sources.values() for s in srcs)
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None, file=sys.stderr)
+        self.started, self.documents, self.tokens = time.monotonic(), 0, 0  # over all domains, for the bar
         self.pool = None
         if self.hf:
             path = info.spec.removeprefix("hf:")
@@ -233,32 +234,33 @@ class _Builder:
                 if is_token_array(path):
                     self._array(writer, path, where)
         chunks = _text_chunks(_source_documents(src, self.cfg.data.field, where), self.hf, where)
-        start = time.monotonic()
         if self.pool is None:
             for texts, names, nbytes in chunks:
-                self._write(writer, names, _encode_chunk(texts, None, "uint8"), nbytes, start)
+                self._write(writer, names, _encode_chunk(texts, None, "uint8"), nbytes)
             return
         pending = deque()
         for texts, names, nbytes in chunks:
             task = self.pool.apply_async(_encode_chunk, (texts, self.info.eos_id, writer.dtype.name))
             pending.append((names, task, nbytes))
             if len(pending) >= 2 * self.workers:  # bounded read-ahead: the sources may be far larger than memory
-                self._write(writer, *self._result(pending.popleft()), start)
+                self._write(writer, *self._result(pending.popleft()))
         while pending:
-            self._write(writer, *self._result(pending.popleft()), start)
+            self._write(writer, *self._result(pending.popleft()))
 
     @staticmethod
     def _result(item):
         names, task, nbytes = item
         return names, task.get(), nbytes
 
-    def _write(self, writer: _DomainWriter, names, arrays, nbytes: int, start: float) -> None:
+    def _write(self, writer: _DomainWriter, names, arrays, nbytes: int) -> None:
         for name, tokens in zip(names, arrays):
             if tokens is not None:
                 writer.add(tokens, "val" if _is_validation(_split_name(name), self.cfg.data.val_fraction) else "train")
+                self.documents += 1
+                self.tokens += len(tokens)
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        self.bar.set_postfix(docs=f"{self.documents:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
         self.bar.update(nbytes)
-        rate = (writer.tokens["train"] + writer.tokens["val"]) / max(time.monotonic() - start, 1e-9)
-        self.bar.set_postfix(docs=f"{writer.documents:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
 
     def _array(self, writer: _DomainWriter, path: Path, where: str) -> None:
         tokens = open_token_array(path, where)
