@@ -150,9 +150,9 @@ class DataConfig:
     """'bytes' (byte-level, vocabulary 256), 'hf:DIR' (the fast tokenizer, tokenizer.json, of a directory written
     by save_pretrained; never downloaded), or 'auto': model.init's directory when it is given, else bytes. The
     model's vocab_size must cover the tokenizer's ids."""
+    # From here on the class body spells dataclasses.field out: the attribute below shadows the name `field`.
     field: str = "text"
-    """The JSONL field or parquet column that holds each document's text. (Below, dataclasses.field is spelled
-    out because this attribute shadows the name inside the class body.)"""
+    """The JSONL field or parquet column that holds each document's text."""
     tokenize_workers: int = 0
     """Processes that tokenize text with an 'hf:' tokenizer the first time (0 = one per CPU core)."""
     phases: list[PhaseConfig] = dataclasses.field(default_factory=list)

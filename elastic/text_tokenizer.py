@@ -39,7 +39,7 @@ def tokenizer_dir(spec: str, where: str = "data.tokenizer") -> Path:
     if not path.exists():
         hub_like = not raw.startswith(("/", ".", "~")) and raw.count("/") == 1
         hint = (
-            f"{raw!r} looks like a Hugging Face Hub id, and ecpt never downloads: download it first "
+            f"{raw!r} is not a local directory and looks like a Hugging Face Hub id; ecpt never downloads: download it first "
             f'(e.g. `hf download {raw} --local-dir DIR`) and set {where} = "hf:DIR"'
             if hub_like
             else f"the directory {path} does not exist; give the directory save_pretrained wrote"
