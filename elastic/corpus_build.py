@@ -264,8 +264,9 @@ class _Builder:
 
     def _array(self, writer: _DomainWriter, path: Path, where: str) -> None:
         tokens = open_token_array(path, where)
-        cut = int(len(tokens) * (1 - self.cfg.data.val_fraction))
-        for split, lo, hi in (("train", 0, cut), ("val", cut, len(tokens))):
+        length = tokens.shape[0]  # zarr arrays have no len()
+        cut = int(length * (1 - self.cfg.data.val_fraction))
+        for split, lo, hi in (("train", 0, cut), ("val", cut, length)):
             for first in range(lo, hi, ARRAY_SLICE):
                 part = np.asarray(tokens[first : min(first + ARRAY_SLICE, hi)])
                 if int(part.max(initial=0)) >= self.cfg.model.vocab_size:

@@ -150,3 +150,16 @@ def test_only_empty_documents_fail_before_training(tiny_raw, tmp_path):
     raw["data"]["sources"]["c"] = [str(_write_jsonl(tmp_path / "blank.jsonl", ["", "", ""]))]
     with pytest.raises(ConfigError, match="data.sources.c: .*blank.jsonl' holds only empty documents"):
         build_corpus(config_from_dict(raw))
+
+
+def test_pretokenized_zarr_source(tiny_raw, tmp_path):
+    import zarr
+
+    raw = copy.deepcopy(tiny_raw)
+    tokens = (np.arange(20_000) % 251).astype(np.uint16)
+    array = zarr.create_array(str(tmp_path / "tok.zarr"), shape=tokens.shape, dtype="uint16", chunks=(4096,))
+    array[:] = tokens
+    raw["data"]["sources"]["c"] = [str(tmp_path / "tok.zarr")]
+    corpus = Corpus(config_from_dict(raw))
+    assert corpus.train["c"].dtype == np.uint16
+    assert np.array_equal(corpus.train["c"], tokens[:16_000]) and np.array_equal(corpus.val["c"], tokens[16_000:])
