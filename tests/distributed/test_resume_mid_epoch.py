@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from elastic.config import config_from_dict, save_config
+from elastic.data import Corpus
 from support.processes import spawn_ranks
 
 RANK_SCRIPT = Path(__file__).with_name("rank_train.py")
@@ -36,6 +37,10 @@ def test_resize_resume_mid_epoch_continues_the_trajectory(tiny_raw, tmp_path):
     np.save(tmp_path / "small.npy", (np.arange(int(WINDOWS * window / 0.8) + 1) % 251).astype(np.uint16))
     raw["data"]["sources"]["c"] = [str(tmp_path / "small.npy")]
     raw["data"]["phases"][0]["mixture"] = {"c": 1.0}  # 4 steps x 6 samples = 24 > 20 windows
+    corpus = Corpus(config_from_dict(raw))  # the resumed half (from step 3) holds the start of c's second epoch
+    g = raw["train"]["global_batch"]
+    starts = [i for i in range(3 * g, 4 * g) if corpus.sampler.locate(0, i).epoch == 1]
+    assert starts and corpus.sampler.locate(0, starts[0]).position == 0
     runs = {}
     for name, world, steps in (("straight", 2, 0), ("first", 2, 3), ("second", 3, 0)):
         run_dir = tmp_path / ("straight" if name == "straight" else "split")
