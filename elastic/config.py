@@ -144,8 +144,8 @@ class DataConfig:
     """Domain name -> list of sources: 'builtin:prose|python|c' (the embedded corpus), or paths and globs of text
     files (one document per file), JSONL files (.jsonl, one document per line in data.field), parquet files
     (.parquet, one document per row of the string column data.field) or pre-tokenized token arrays (.npy of
-    uint8/uint16/uint32, or a zarr array directory ending in .zarr). A source matching no file, or only empty
-    files, is an error."""
+    uint8/uint16/uint32, or a zarr array directory ending in .zarr). A source matching no file, or holding only
+    empty documents, is an error."""
     tokenizer: str = "auto"
     """'bytes' (byte-level, vocabulary 256), 'hf:DIR' (the fast tokenizer, tokenizer.json, of a directory written
     by save_pretrained; never downloaded), or 'auto': model.init's directory when it is given, else bytes. The
@@ -176,7 +176,7 @@ class DataConfig:
                 f"data.sources.{domain} must be a non-empty list of paths, globs or 'builtin:NAME'",
             )
             for src in items:
-                check_source(src, f"data.sources.{domain}")
+                check_source(src, f"data.sources.{domain}", self.field)
         _require(bool(self.field), "data.field must name the JSONL field / parquet column of the text, e.g. 'text'")
         _require(self.tokenize_workers >= 0, f"data.tokenize_workers must be >= 0, got {self.tokenize_workers}")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")

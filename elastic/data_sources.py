@@ -131,8 +131,11 @@ def glob_base(pattern: str) -> Path:
     return base.parent if base.is_file() else base
 
 
-def check_source(src: str, where: str) -> list[Path]:
-    """The files a source names; a source that matches no file, or only empty files, is an error."""
+def check_source(src: str, where: str, field: str = "text") -> list[Path]:
+    """The files a source names; a source that matches no file, or only empty documents, is an error.
+
+    Cheap for real data: the scan stops at the first document with text, normally the first line or row of the
+    first file (a malformed one is reported here already); only a source without any text is read to its end."""
     if src.startswith("builtin:"):
         if src.removeprefix("builtin:") not in BUILTIN_SOURCES:
             raise ConfigError(
@@ -142,9 +145,19 @@ def check_source(src: str, where: str) -> list[Path]:
     paths = expand(src, where)
     if not paths:
         raise ConfigError(f"{where}: {src!r} matches only directories; name the files (e.g. DIR/*.jsonl)")
-    if all(p.suffix != ".zarr" and p.stat().st_size == 0 for p in paths):
-        raise ConfigError(f"{where}: every file {src!r} matches is empty ({len(paths)} files); there is no text")
+    if not any(_has_content(p, src, field, where) for p in paths):
+        raise ConfigError(f"{where}: {src!r} holds only empty documents ({len(paths)} files); there is no text")
     return paths
+
+
+def _has_content(path: Path, src: str, field: str, where: str) -> bool:
+    if is_token_array(path):
+        return open_token_array(path, where).shape[0] > 0
+    if path.stat().st_size == 0:
+        return False
+    if path.suffix not in (".jsonl", ".parquet"):
+        return True  # a text file with bytes is a document with text
+    return any(doc.text for doc in read_documents(path, src, field))
 
 
 def source_identity(src: str) -> list:

@@ -139,17 +139,28 @@ def test_a_source_matching_no_file_or_only_empty_files_fails_at_validation(tiny_
     for name in ("a.txt", "b.jsonl"):
         (tmp_path / "empty" / name).write_text("")
     raw["data"]["sources"]["c"] = [str(tmp_path / "empty" / "*")]
-    with pytest.raises(ConfigError, match="data.sources.c: every file .* matches is empty"):
+    with pytest.raises(ConfigError, match=r"data.sources.c: .*empty/\*' holds only empty documents \(2 files\)"):
         config_from_dict(raw)
 
 
-def test_only_empty_documents_fail_before_training(tiny_raw, tmp_path):
-    """Files with bytes but no text (empty JSONL fields): found when the corpus is built, which the launcher does
-    right after validation and before any worker starts."""
+def test_files_with_only_empty_documents_fail_at_validation(tiny_raw, tmp_path):
+    """Files with bytes but no text: JSONL lines and parquet rows whose text is empty."""
     raw = copy.deepcopy(tiny_raw)
     raw["data"]["sources"]["c"] = [str(_write_jsonl(tmp_path / "blank.jsonl", ["", "", ""]))]
     with pytest.raises(ConfigError, match="data.sources.c: .*blank.jsonl' holds only empty documents"):
-        build_corpus(config_from_dict(raw))
+        config_from_dict(raw)
+    raw["data"]["sources"]["c"] = [str(_write_parquet(tmp_path / "blank.parquet", ["", ""]))]
+    with pytest.raises(ConfigError, match="data.sources.c: .*blank.parquet' holds only empty documents"):
+        config_from_dict(raw)
+
+
+def test_a_malformed_first_line_is_reported_at_validation(tiny_raw, tmp_path):
+    raw = copy.deepcopy(tiny_raw)
+    path = tmp_path / "broken.jsonl"
+    path.write_text("{not json\n")
+    raw["data"]["sources"]["c"] = [str(path)]
+    with pytest.raises(ConfigError, match=f"{path}, line 1: not valid JSON"):
+        config_from_dict(raw)
 
 
 def test_pretokenized_zarr_source(tiny_raw, tmp_path):
