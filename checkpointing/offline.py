@@ -90,9 +90,18 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
     return out
 
 
-def export_safetensors(path: str | Path, out_dir: str | Path, prefix: str = "model/") -> Path:
+def export_safetensors(
+    path: str | Path,
+    out_dir: str | Path,
+    prefix: str = "model/",
+    dtype: torch.dtype | None = None,
+    rename: dict[str, str] | None = None,
+) -> Path:
     """Write `model.safetensors` with the tensors named `<prefix><key>` (keys stripped of the prefix, e.g. Hugging
-    Face names like model.layers.0.self_attn.q_proj.weight) and `config.json` from extra["hf_config"] if saved."""
+    Face names like model.layers.0.self_attn.q_proj.weight) and `config.json` from extra["hf_config"] if saved.
+    ``dtype`` (e.g. torch.bfloat16) converts every tensor and is recorded as the config's dtype; None keeps the
+    stored dtype. ``rename`` maps a stripped key to the key to write (e.g. a model's legacy file names). Tensors are
+    read and converted one at a time."""
     from safetensors.torch import save_file
 
     path, out_dir = Path(path), Path(out_dir)
@@ -100,10 +109,21 @@ def export_safetensors(path: str | Path, out_dir: str | Path, prefix: str = "mod
     names = [n for n in manifest.tensors if n.startswith(prefix)]
     if not names:
         raise CheckpointError(f"{path}: no tensor name starts with {prefix!r}; pass the prefix the trainer used")
-    tensors = {n[len(prefix) :]: read_tensor(path, n).contiguous() for n in names}
+    tensors = {}
+    for n in names:
+        tensor = read_tensor(path, n)
+        key = n[len(prefix) :]
+        tensors[(rename or {}).get(key, key)] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+        del tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.safetensors"
     save_file(tensors, str(out), metadata={"format": "pt", "ecpt_step": str(manifest.step)})
     if "hf_config" in manifest.extra:
-        (out_dir / "config.json").write_text(json.dumps(manifest.extra["hf_config"], indent=2))
+        config = dict(manifest.extra["hf_config"])
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            config["dtype"] = name  # the key transformers >= 5 writes
+            if "torch_dtype" in config:  # the key older writers used; keep both in agreement
+                config["torch_dtype"] = name
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out

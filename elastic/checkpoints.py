@@ -4,7 +4,9 @@ State names in the checkpoint (one zarr array each, global and unsharded):
     model/<Hugging Face parameter name>          e.g. model/model.layers.0.mlp.up_proj.weight
     optim/<parameter name>/exp_avg, .../exp_avg_sq
 and JSON ``extra``: completed steps, tokens, the data cursor (global sample index), the global batch, the world
-size that saved it, the torch RNG state, the resolved config and the Hugging Face config for export.
+size that saved it, the torch RNG state, the resolved config and, for export, the Hugging Face config (the
+``model.init`` directory's own config.json when there is one), the init directory (``hf_init``, for its tokenizer
+files) and the file keys that differ from the parameter names (``hf_file_names``).
 
 Call order inside a step (the lazy snapshot): ``optimizer.step()`` -> ``after_optimizer_step`` (save returns at
 once; the copy overlaps the next forward/backward) -> ... -> ``before_optimizer_step`` (wait until that copy is
@@ -128,6 +130,7 @@ class TrainerCheckpoints:
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()
         self.newest_saved: int | None = None  # the newest step handed to the manager
+        self.hf_config = hf_config(cfg.model)  # read once: an init directory's config.json is not re-read per save
 
     def _extra(self, completed: int) -> dict:
         t = self.trainer
@@ -139,7 +142,9 @@ class TrainerCheckpoints:
             "world_size": t.world.world_size,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "config": t.cfg.to_dict(),
-            "hf_config": hf_config(t.cfg.model),
+            "hf_config": self.hf_config,
+            "hf_init": t.cfg.model.init,
+            "hf_file_names": getattr(t.model, "hf_file_names", {}),
             "counters": t.state.counters.to_json(),
         }
 

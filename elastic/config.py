@@ -85,8 +85,15 @@ class ModelConfig:
     """Share the input embedding and output projection weights."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    init: str = ""
+    """Start from a Hugging Face model: "hf:/path/to/dir" written by save_pretrained (config.json + safetensors).
+    Its config.json decides the architecture and sizes (dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size,
+    rope_theta, norm_eps, tie_embeddings are overwritten from it; seq_len stays yours); its weights are the state at
+    step 0 (a resumed run restores its own checkpoint instead). Empty: ecpt's own byte-level Llama-style model."""
 
     def validate(self) -> None:
+        if self.init:
+            self._adopt_init_architecture()
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "seq_len"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
         _require(
@@ -102,6 +109,19 @@ class ModelConfig:
             f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads}); 0 means n_heads",
         )
         _require(self.ffn_dim >= 0, f"model.ffn_dim must be >= 0 (0 = automatic), got {self.ffn_dim}")
+
+    def _adopt_init_architecture(self) -> None:
+        from elastic.hf_checkpoint import architecture_fields, init_directory, inspect_directory
+
+        hf = inspect_directory(init_directory(self.init))
+        for name, value in architecture_fields(hf.config).items():
+            setattr(self, name, value)
+        max_positions = hf.config.get("max_position_embeddings")
+        _require(
+            max_positions is None or self.seq_len <= max_positions,
+            f"model.seq_len ({self.seq_len}) exceeds max_position_embeddings ({max_positions}) of {self.init}; "
+            f"lower model.seq_len",
+        )
 
     @property
     def kv_heads(self) -> int:

@@ -142,8 +142,24 @@ class LlamaLM(nn.Module):
         return self(batch[:, :-1], batch[:, 1:])
 
 
+def build_model(cfg: ModelConfig, resuming: bool = False) -> nn.Module:
+    """The training model: the Hugging Face model of ``model.init`` with its weights (elastic/hf_model.py), or
+    ecpt's own byte-level model, randomly initialised from the current torch seed. ``resuming``: a checkpoint
+    restore follows (and fails loudly if it cannot), so the init directory's weights are not read."""
+    if cfg.init:
+        from elastic.hf_model import load_hf_model
+
+        return load_hf_model(cfg.init, read_weights=not resuming)
+    return LlamaLM(cfg)
+
+
 def hf_config(cfg: ModelConfig) -> dict:
-    """The Hugging Face ``config.json`` describing this model, for export."""
+    """The Hugging Face ``config.json`` describing this model, for export: the init directory's own config.json
+    (same architecture class and settings as the input), or the Llama config of ecpt's own model."""
+    if cfg.init:
+        from elastic.hf_checkpoint import init_directory, inspect_directory
+
+        return inspect_directory(init_directory(cfg.init)).config
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

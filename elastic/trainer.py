@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpointing import CheckpointError
+from checkpointing import CheckpointError, list_checkpoints
 from elastic.batch import rank_batch
 from elastic.checkpoints import TrainerCheckpoints, checkpoint_levels
 from elastic.config import Config
@@ -30,7 +30,7 @@ from elastic.engines import build_engine
 from elastic.fault_plan import parse_plan
 from elastic.faults import FaultInjector
 from elastic.metrics import JsonlLog, WorkerMetrics, read_jsonl
-from elastic.model import LlamaLM, count_parameters
+from elastic.model import build_model, count_parameters
 from elastic.schedule import lr_at
 from elastic.process_env import node_id
 from elastic.watchdog import Watchdog
@@ -115,7 +115,12 @@ class Trainer:
         self.plan = self.corpus.plan
         self.total_steps = min(self.plan.total_steps, cfg.train.max_steps or self.plan.total_steps)
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank, whatever the world size
-        self.model = LlamaLM(cfg.model).to(device)
+        # model.init: the Hugging Face weights are the step-0 state; a run that resumes from its own checkpoint
+        # skips reading them (restore() overwrites every parameter or raises).
+        resuming = bool(cfg.model.init) and self._will_resume()
+        self.model = build_model(cfg.model, resuming=resuming).to(device)
+        if resuming and self.is_main:
+            self.log.info(f"{cfg.model.init}: weights not read, the run resumes from its own checkpoint")
         self.optimizer = build_optimizer(self.model, cfg)
         self.engine = build_engine(cfg, world, self.model, self.optimizer, device)
         self.state = TrainState()
@@ -140,6 +145,14 @@ class Trainer:
             else None
         )
         self.watchdog = Watchdog(cfg.train.hang_timeout, self.log)
+
+    def _will_resume(self) -> bool:
+        """Whether ``TrainerCheckpoints.restore`` will load a checkpoint: the same condition it applies (resume on,
+        some rank sees a committed checkpoint on one of the levels), decided before the model exists."""
+        levels = checkpoint_levels(self.cfg)
+        if not (levels and self.cfg.checkpoint.resume):
+            return False
+        return self.any_rank(any(list_checkpoints(level.root) for level in levels))
 
     # ----------------------------------------------------------------------------------------------------------
     # One optimizer step.

@@ -8,6 +8,8 @@ A shorthand given on the command line always becomes an override, whatever its v
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from elastic.config import DEFAULT_CONFIG_NAME
 
@@ -37,6 +39,11 @@ def add_train_shape_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-dir", help="where logs, metrics and local checkpoints go")
     p.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous")
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from the Hugging Face model saved in DIR (save_pretrained); shorthand for --set model.init=hf:DIR",
+    )
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
@@ -50,4 +57,6 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f'train.run_dir="{args.run_dir}"')
     if args.rdzv_endpoint is not None:
         extra.append(f'launch.rdzv_endpoint="{args.rdzv_endpoint}"')
+    if args.init_from is not None:  # absolute: every worker and a later resume read the same directory
+        extra.append(f"model.init={json.dumps('hf:' + str(Path(args.init_from).expanduser().resolve()))}")
     return extra

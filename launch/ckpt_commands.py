@@ -17,6 +17,8 @@ from pathlib import Path
 # this module is imported on every ``ecpt`` start, ``ecpt --help`` included.
 from elastic.config import ConfigError, load_config
 
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
 
 def add_ckpt_parser(subparsers) -> None:
     """``ecpt ckpt ...`` on an argparse subparsers object; every parser sets ``func=run_ckpt``."""
@@ -34,6 +36,15 @@ def add_ckpt_parser(subparsers) -> None:
     export.add_argument("dir", help="a level root or one checkpoint directory")
     export.add_argument("--to", required=True, help="output directory")
     export.add_argument("--prefix", default="model/", help="tensor name prefix to export and strip (default model/)")
+    export.add_argument(
+        "--dtype", choices=sorted(EXPORT_DTYPES), default=None, help="convert the weights (default: as stored, fp32)"
+    )
+    export.add_argument(
+        "--tokenizer-from",
+        metavar="DIR",
+        default=None,
+        help="copy the tokenizer files from DIR (default: the run's model.init directory, if it had one)",
+    )
     export.set_defaults(func=run_ckpt)
     gc = sub.add_parser("gc", help="list and remove memory (L0) checkpoints of runs that have ended")
     gc.add_argument("root", nargs="?", help="L0 root (default: checkpoint.l0_dir of --config, or /dev/shm/ecpt)")
@@ -92,7 +103,7 @@ def _resolve(path: Path) -> Path:
 
 def run_ckpt(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 1 if verify found problems, 2 if the directory is not a checkpoint."""
-    from checkpointing import CheckpointError, export_safetensors, inspect, verify
+    from checkpointing import CheckpointError, inspect, verify
 
     scheme, sep, _ = args.dir.partition("://")
     if sep:  # Path() would fold "s3://b/p" into the local path "s3:/b/p" and report no checkpoint there
@@ -116,12 +127,52 @@ def run_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_command == "inspect":
             print(json.dumps(inspect(target), indent=1))
             return 0
-        out = export_safetensors(target, args.to, prefix=args.prefix)
-        print(f"exported step {inspect(target)['step']} from {target} to {out}")
-        return 0
+        return _export(target, args)
     except CheckpointError as e:
         print(f"ecpt ckpt: {e}", file=sys.stderr)
         return 2
+
+
+def _export(target: Path, args: argparse.Namespace) -> int:
+    """Weights and config.json (checkpointing.export_safetensors), then the tokenizer files of the model.init
+    directory (or --tokenizer-from), so AutoModelForCausalLM and AutoTokenizer both load the result."""
+    import shutil
+
+    import torch
+
+    from checkpointing import export_safetensors
+    from checkpointing.manifest import read_manifest
+    from elastic.hf_checkpoint import HF_PREFIX, TOKENIZER_FILES
+
+    manifest = read_manifest(target)
+    source = args.tokenizer_from
+    init = manifest.extra.get("hf_init", "")
+    if source is None and init:
+        source = init[len(HF_PREFIX) :]
+    if source is not None and not Path(source).expanduser().is_dir():
+        print(
+            f"ecpt ckpt export: tokenizer directory {source} does not exist"
+            + (f" (the run's model.init was {init})" if init and not args.tokenizer_from else "")
+            + "; pass --tokenizer-from DIR with the tokenizer files",
+            file=sys.stderr,
+        )
+        return 2
+    dtype = getattr(torch, EXPORT_DTYPES[args.dtype]) if args.dtype else None
+    rename = manifest.extra.get("hf_file_names") or None  # the init file's own keys, e.g. GPT-NeoX's embed_out
+    out = export_safetensors(target, args.to, prefix=args.prefix, dtype=dtype, rename=rename)
+    copied = []
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            file = Path(source).expanduser() / name
+            if file.is_file():
+                shutil.copyfile(file, Path(args.to) / name)
+                copied.append(name)
+    print(
+        f"exported step {manifest.step} from {target} to {out}"
+        + (f" ({args.dtype})" if args.dtype else "")
+        + (f"; copied {', '.join(copied)} from {source}" if copied else "; no tokenizer files copied")
+    )
+    return 0
 
 
 def _list(path: Path) -> int:
