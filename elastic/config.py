@@ -203,7 +203,9 @@ class DataConfig:
         _require(bool(self.phases), "data.phases must list at least one phase ([[data.phases]] in TOML)")
         for i, phase in enumerate(self.phases):
             phase.validate(f"data.phases[{i}]", list(self.sources))
-        info = tokenizer_info(resolve_spec(self.tokenizer, getattr(model, "init", None)))
+        spec = resolve_spec(self.tokenizer, getattr(model, "init", None))
+        auto = self.tokenizer == "auto" and spec != "bytes"
+        info = tokenizer_info(spec, "data.tokenizer ('auto': model.init's tokenizer)" if auto else "data.tokenizer")
         if model is not None:
             _require(
                 model.vocab_size >= info.id_bound,

@@ -48,7 +48,8 @@ def tokenizer_dir(spec: str, where: str = "data.tokenizer") -> Path:
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(
             f"{where} = {spec!r}: {path} has no tokenizer.json; ecpt reads fast tokenizers only: load the tokenizer "
-            f"with transformers (AutoTokenizer.from_pretrained(..., use_fast=True)) and save_pretrained it there"
+            f"with transformers (AutoTokenizer.from_pretrained(..., use_fast=True)) and save_pretrained it there, "
+            f"or set data.tokenizer to a directory that has one (or to 'bytes')"
         )
     return path
 

@@ -87,6 +87,20 @@ def test_tokenizers_that_cannot_be_loaded_are_rejected(tiny_raw, spec, message):
         config_from_dict(raw)
 
 
+def test_auto_tokenizer_of_a_model_without_one_is_rejected(tiny_raw, tmp_path):
+    from support.hf_models import save_tiny_model
+
+    model = save_tiny_model("llama", tmp_path / "no-tokenizer")
+    raw = copy.deepcopy(tiny_raw)
+    raw["model"] = {"init": f"hf:{model}", "seq_len": 32}
+    with pytest.raises(
+        ConfigError, match=r"data.tokenizer \('auto': model.init's tokenizer\) .* has no tokenizer.json"
+    ):
+        config_from_dict(raw)
+    raw["data"]["tokenizer"] = "bytes"  # the way out the error names: 256 byte ids fit the model's 300
+    assert config_from_dict(raw).model.vocab_size == 300
+
+
 def test_auto_tokenizer_follows_model_init(hf_tokenizer_dir):
     from elastic.text_tokenizer import resolve_spec
 
