@@ -158,31 +158,61 @@ class PhaseConfig:
 
 @dataclass
 class DataConfig:
-    sources: dict[str, list[str]] = field(
+    sources: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: {"prose": ["builtin:prose"], "python": ["builtin:python"], "c": ["builtin:c"]}
     )
-    """Domain name -> list of sources: 'builtin:prose|python|c' (the embedded corpus), text files or globs, or
-    pre-tokenized token arrays (.npy of uint16/uint32, or a zarr array directory ending in .zarr)."""
-    phases: list[PhaseConfig] = field(default_factory=list)
+    """Domain name -> list of sources: 'builtin:prose|python|c' (the embedded corpus), or paths and globs of text
+    files (one document per file), JSONL files (.jsonl, one document per line in data.field), parquet files
+    (.parquet, one document per row of the string column data.field) or pre-tokenized token arrays (.npy of
+    uint8/uint16/uint32, or a zarr array directory ending in .zarr). A source matching no file, or holding only
+    empty documents, is an error."""
+    tokenizer: str = "auto"
+    """'bytes' (byte-level, vocabulary 256), 'hf:DIR' (the fast tokenizer, tokenizer.json, of a directory written
+    by save_pretrained; never downloaded), or 'auto': model.init's directory when it is given, else bytes. The
+    model's vocab_size must cover the tokenizer's ids."""
+    # From here on the class body spells dataclasses.field out: the attribute below shadows the name `field`.
+    field: str = "text"
+    """The JSONL field or parquet column that holds each document's text."""
+    tokenize_workers: int = 0
+    """Processes that tokenize text with an 'hf:' tokenizer the first time (0 = one per CPU core)."""
+    phases: list[PhaseConfig] = dataclasses.field(default_factory=list)
     """Data phases in training order (domain shifts)."""
     cache_dir: str = "~/.cache/ecpt"
-    """Where the tokenized corpus is cached as flat token arrays."""
+    """Where the tokenized corpus is cached as flat token arrays (keyed by the tokenizer and the sources)."""
     val_fraction: float = 0.05
     """Fraction of each domain's documents held out for validation (chosen by a hash of the document name)."""
     seed: int = 1234
-    """Seed of the data order; sample i of phase p depends only on (seed, p, i)."""
+    """Seed of the data order: each domain's windows are consumed in seeded permutations (one per epoch) and the
+    mixture's domain order is seeded per phase; sample i of phase p depends only on (seed, p, i) and the config."""
 
-    def validate(self) -> None:
+    def validate(self, model: "ModelConfig | None" = None) -> None:
+        from elastic.data_sources import check_source
+        from elastic.text_tokenizer import resolve_spec, tokenizer_info
+
         _require(bool(self.sources), "data.sources must name at least one domain")
         for domain, items in self.sources.items():
             _require(
                 isinstance(items, list) and bool(items) and all(isinstance(s, str) for s in items),
                 f"data.sources.{domain} must be a non-empty list of paths, globs or 'builtin:NAME'",
             )
+            for src in items:
+                check_source(src, f"data.sources.{domain}", self.field)
+        _require(bool(self.field), "data.field must name the JSONL field / parquet column of the text, e.g. 'text'")
+        _require(self.tokenize_workers >= 0, f"data.tokenize_workers must be >= 0, got {self.tokenize_workers}")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(bool(self.phases), "data.phases must list at least one phase ([[data.phases]] in TOML)")
         for i, phase in enumerate(self.phases):
             phase.validate(f"data.phases[{i}]", list(self.sources))
+        spec = resolve_spec(self.tokenizer, getattr(model, "init", None))
+        auto = self.tokenizer == "auto" and spec != "bytes"
+        info = tokenizer_info(spec, "data.tokenizer ('auto': model.init's tokenizer)" if auto else "data.tokenizer")
+        if model is not None:
+            _require(
+                model.vocab_size >= info.id_bound,
+                f"model.vocab_size ({model.vocab_size}) is smaller than the vocabulary of data.tokenizer "
+                f"({info.spec}: token ids up to {info.id_bound - 1}); raise model.vocab_size to at least "
+                f"{info.id_bound} or use the model's own tokenizer",
+            )
 
 
 @dataclass
@@ -520,8 +550,9 @@ class Config:
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
-            if section.name != "deepspeed":
+            if section.name not in ("deepspeed", "data"):
                 getattr(self, section.name).validate()
+        self.data.validate(self.model)  # after model: the tokenizer's vocabulary must fit model.vocab_size
         self.deepspeed.validate(self.train, self.optim)
         max_world = self.launch.max_nodes * self.launch.nproc_per_node
         _require(

@@ -108,7 +108,10 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.is_main = world.rank == 0
-        self.corpus = Corpus(cfg)
+        self.corpus = Corpus(cfg, log=self.log.info)
+        if self.is_main:
+            for line in self.corpus.describe():
+                self.log.info(line)
         self.plan = self.corpus.plan
         self.total_steps = min(self.plan.total_steps, cfg.train.max_steps or self.plan.total_steps)
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank, whatever the world size

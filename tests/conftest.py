@@ -19,3 +19,11 @@ def text_corpus(tmp_path_factory) -> dict[str, Path]:
 def tiny_raw(text_corpus, tmp_path) -> dict:
     """A raw config dict for a tiny model on the small corpus; tests tweak it before building a Config."""
     return tiny_config_dict(text_corpus, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-id BPE tokenizer trained on the builtin corpus and saved with save_pretrained (once per session)."""
+    from support.hf_tokenizer import save_bpe_tokenizer
+
+    return save_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
