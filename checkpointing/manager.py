@@ -44,7 +44,7 @@ from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import MANIFEST_NAME, Manifest, read_manifest
 from checkpointing.metrics import CheckpointStats, Metrics
 from checkpointing.commit import LevelState, Target
-from checkpointing.commit_fs import FileStorage
+from checkpointing.objstore import storage_for
 from checkpointing.context import SaveContext, who
 from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_chunks
 from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
@@ -63,7 +63,7 @@ from checkpointing.staging import (
     describe,
     stage_into,
 )
-from checkpointing.tiers import Janitor, LevelSpec, committed_steps, step_dir_name
+from checkpointing.tiers import Janitor, LevelSpec, step_dir_name
 from checkpointing.zarr_store import check_tensor_name, dtype_name
 
 
@@ -205,7 +205,9 @@ class CheckpointManager:
         self._staged_meta: dict[int, _WriteJob] = {}
         self._plans = PlanCache()
         self._janitor = Janitor(self.log)
-        self._states = {lv.name: LevelState(FileStorage(lv, self._janitor)) for lv in self.levels}
+        self._states = {lv.name: LevelState(storage_for(lv, self._janitor)) for lv in self.levels}
+        for state in self._states.values():  # an unusable object store (no bucket, refused key) fails here, at once
+            state.storage.check()
         self._slots: dict[str, SlotPool] = {}
         self._described_key: tuple | None = None
         self._described: _Described | None = None
@@ -442,6 +444,8 @@ class CheckpointManager:
         self._stager.join()
         self._persister.join()
         self._janitor.close()
+        for state in self._states.values():
+            state.storage.close()
         for pool in self._slots.values():
             pool.close()
         for state in self._states.values():
@@ -720,6 +724,7 @@ class CheckpointManager:
                 pre if level is levels[0] else None,
                 self._after_chunk,
             )
+            self._metrics.observe_write(level.name, time.perf_counter() - t0)
             if res.retention_error:
                 self.log.warning("checkpoint retention on %s failed: %s", level.name, res.retention_error)
             if res.errors:
@@ -738,7 +743,7 @@ class CheckpointManager:
                 "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s",
                 ctx.step,
                 level.name,
-                res.path,
+                self._states[level.name].storage.display(res.path),
                 ", on every node" if level.node_local else "",
                 res.total_nbytes / 1e6,
                 time.perf_counter() - t0,
@@ -765,7 +770,7 @@ class CheckpointManager:
         faster = [lv for lv in self.levels[:-1] if (Path(lv.root) / step_dir_name(step) / MANIFEST_NAME).exists()]
         have = self._world.all_gather_json(
             {
-                "last": any(s == step for s, _ in committed_steps(Path(last.root))),
+                "last": any(s == step for s, _ in self._committed(last)),
                 "fast": faster[0].name if faster else None,
             }
         )
@@ -804,8 +809,19 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- loading
 
-    def _manifest(self, path: Path) -> Manifest:
-        """Manifests are immutable once committed; cache by modification time."""
+    def _committed(self, level: LevelSpec) -> list[tuple[int, Path]]:
+        """The level's committed steps; none (and a warning) when its storage cannot be listed (a lost server)."""
+        try:
+            return self._states[level.name].storage.committed()
+        except OSError as e:
+            self.log.warning("checkpoint level %s (%s) cannot be listed, skipping it: %s", level.name, level.root, e)
+            return []
+
+    def _manifest(self, level: LevelSpec, path: Path) -> Manifest:
+        """Manifests are immutable once committed; cache by modification time (not on object stores: read again)."""
+        storage = self._states[level.name].storage
+        if level.is_object:
+            return storage.read_manifest(path)
         mtime = (path / "manifest.json").stat().st_mtime_ns
         cached = self._manifests.get(path)
         if cached and cached[0] == mtime:
@@ -818,17 +834,18 @@ class CheckpointManager:
         """Every committed checkpoint copy this rank can see, oldest first, fastest level first within a step."""
         out = []
         for order, level in enumerate(self.levels):
-            for step, path in committed_steps(Path(level.root)):
+            shown = self._states[level.name].storage.display
+            for step, path in self._committed(level):
                 try:
-                    m = self._manifest(path)
+                    m = self._manifest(level, path)
                 except (CheckpointCorruptError, OSError):
-                    out.append((step, order, CheckpointInfo(step, level.name, str(path), complete=False)))
+                    out.append((step, order, CheckpointInfo(step, level.name, shown(path), complete=False)))
                     continue
                 out.append(
                     (
                         step,
                         order,
-                        CheckpointInfo(step, level.name, str(path), m.nbytes, m.complete, m.node_id, m.created_unix),
+                        CheckpointInfo(step, level.name, shown(path), m.nbytes, m.complete, m.node_id, m.created_unix),
                     )
                 )
         return [info for _, _, info in sorted(out, key=lambda x: (x[0], x[1]))]
@@ -842,11 +859,11 @@ class CheckpointManager:
         """step -> [(level, path, manifest)] this rank can serve (all needed chunks present, shapes match)."""
         found: dict[int, list] = {}
         for level in self.levels:
-            for step, path in committed_steps(Path(level.root)):
+            for step, path in self._committed(level):
                 if (step, level.name) in excluded:
                     continue
                 try:
-                    manifest = self._manifest(path)
+                    manifest = self._manifest(level, path)
                 except (CheckpointCorruptError, OSError) as e:
                     reasons[step] = f"step {step} on {level.name}: {e}"
                     continue
@@ -897,7 +914,7 @@ class CheckpointManager:
                 )
             chosen = max(common)
             level, path, manifest = mine[chosen][0]
-            error, nread = self._read_all(path, manifest, targets)
+            error, nread = self._read_all(level, path, manifest, targets)
             statuses = self._world.all_gather_json(error)
             failed = [(r, e) for r, e in enumerate(statuses) if e]
             if not failed:
@@ -915,12 +932,13 @@ class CheckpointManager:
             "restored step %d from %s (%s) in %.2f s, %.1f MB read%s",
             chosen,
             level.name,
-            path,
+            self._states[level.name].storage.display(path),
             seconds,
             nread / 1e6,
             f", {len(fallbacks)} newer skipped" if fallbacks else "",
         )
-        return LoadResult(chosen, manifest.extra, level.name, str(path), seconds, nread, fallbacks, rank_extra, missing)
+        shown = self._states[level.name].storage.display(path)
+        return LoadResult(chosen, manifest.extra, level.name, shown, seconds, nread, fallbacks, rank_extra, missing)
 
     def discard_after(self, step: int) -> list[str]:
         """The run continues from ``step`` (just loaded): retire committed checkpoints of later steps on the levels
@@ -936,7 +954,10 @@ class CheckpointManager:
             committer = (self._local.rank if level.node_local else self.rank) == 0
             if committer:
                 storage = self._states[level.name].storage
-                retired += [str(p) for p in storage.retire_after(step, secrets.token_hex(4))]
+                try:
+                    retired += [storage.display(p) for p in storage.retire_after(step, secrets.token_hex(4))]
+                except OSError as e:  # a lost object store: its later steps stay until it can be reached
+                    self.log.warning("could not retire steps after %d on %s: %s", step, level.name, e)
         if retired:
             self.log.warning(
                 "continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",
@@ -946,13 +967,16 @@ class CheckpointManager:
             )
         return retired
 
-    def _read_all(self, path: Path, manifest: Manifest, targets: list[LoadTarget]) -> tuple[str | None, int]:
+    def _read_all(
+        self, level: LevelSpec, path: Path, manifest: Manifest, targets: list[LoadTarget]
+    ) -> tuple[str | None, int]:
         nread = 0
+        reader = self._states[level.name].storage.read_chunk
         try:
             with ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:
                 for t in targets:
                     if t.name in manifest.tensors:
-                        nread += read_range(path, manifest, t, self._scratch, pool)
+                        nread += read_range(path, manifest, t, self._scratch, pool, reader)
         except (CheckpointCorruptError, OSError) as e:
             return str(e), nread
         return None, nread

@@ -56,13 +56,15 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
             LevelSpec(name="L1", root=str(root), interval=c.interval, keep_last=c.keep_last, node_local=c.l1_node_local)
         )
     if c.l2_interval:
+        is_url = "://" in c.l2_dir  # validated: s3://bucket/prefix (a Path would fold "s3://" into "s3:/")
         levels.append(
             LevelSpec(
                 name="L2",
-                root=str(Path(c.l2_dir) / run_key(cfg)),
+                root=f"{c.l2_dir.rstrip('/')}/{run_key(cfg)}" if is_url else str(Path(c.l2_dir) / run_key(cfg)),
                 interval=c.l2_interval,
                 keep_last=c.l2_keep_last,
                 node_local=False,
+                endpoint=c.s3_endpoint,
             )
         )
     return levels

@@ -19,3 +19,13 @@ def text_corpus(tmp_path_factory) -> dict[str, Path]:
 def tiny_raw(text_corpus, tmp_path) -> dict:
     """A raw config dict for a tiny model on the small corpus; tests tweak it before building a Config."""
     return tiny_config_dict(text_corpus, tmp_path)
+
+
+@pytest.fixture
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on free 127.0.0.1 ports (any key accepted), bucket "ckpt"; stopped afterwards."""
+    from support.s3 import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

@@ -10,4 +10,5 @@ ckpt_workers  checkpoint manager worker processes (also run as a script) and the
 packages      Debian packages installed on demand for the integration tests
 slurm         a private single-node Slurm cluster
 prometheus    Prometheus servers on 127.0.0.1
+s3            a real S3-compatible server (SeaweedFS `weed mini`) on 127.0.0.1, killable and restartable
 """
