@@ -136,10 +136,13 @@ class ObjectClient:
         return self._run(key, self.store.exists(key))
 
     def list_dir(self, prefix: str) -> list[str]:
-        """Names directly under `prefix` ("a" for an object, "a/" ... as zarr lists them: without the slash)."""
+        """Keys and sub-prefixes directly under `prefix` (one delimited listing through the ObjectStore's obstore
+        instance: zarr 3.1.6's ObjectStore.list_dir raised ValueError for a prefix without a trailing slash)."""
+        import obstore
 
         async def collect():
-            return [name async for name in self.store.list_dir(prefix)]
+            found = await obstore.list_with_delimiter_async(self.store.store, prefix.rstrip("/") + "/")
+            return [*found["common_prefixes"], *(meta["path"] for meta in found["objects"])]
 
         return self._run(prefix, collect())
 

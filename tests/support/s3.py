@@ -146,10 +146,11 @@ class S3Server:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a short grace (a test's data is thrown away: no clean shutdown needed)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self.kill()
 
