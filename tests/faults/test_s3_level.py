@@ -162,7 +162,7 @@ def test_refused_credentials_and_a_missing_bucket_fail_at_start_up(tmp_path, mon
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "delete"])
-def test_a_damaged_object_is_detected_on_load_and_loading_falls_back(s3_env, damage):
+def test_a_damaged_object_is_detected_on_load_and_loading_falls_back(s3_env, damage, capsys):
     mgr = _manager([l2(s3_env, "damage")])
     for step in (1, 2):
         _save(mgr, step)
@@ -183,3 +183,11 @@ def test_a_damaged_object_is_detected_on_load_and_loading_falls_back(s3_env, dam
     assert res.step == 1 and matches(state, 1) == []
     expected = "crc32c" if damage == "corrupt" else "missing"
     assert any(chunk in f and expected in f for f in res.fallbacks), res.fallbacks
+    from launch.cli import main as ecpt_main
+
+    assert ecpt_main(["ckpt", "list", s3_env.url("damage")]) == 0
+    listed = capsys.readouterr().out
+    assert s3_env.url("damage/step-00000001") in listed and s3_env.url("damage/step-00000002") in listed
+    assert ecpt_main(["ckpt", "verify", s3_env.url("damage")]) == 1  # the newest step, damaged
+    assert chunk in capsys.readouterr().out
+    assert ecpt_main(["ckpt", "verify", s3_env.url("damage/step-00000001")]) == 0
