@@ -70,6 +70,22 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
     return levels
 
 
+def check_object_levels(cfg: Config) -> None:
+    """Start-up, before any worker runs: an s3:// l2_dir must name an existing bucket that the configured
+    credentials may list, write and delete in. Raises CheckpointError saying which and what would fix it (every
+    CheckpointManager checks again when it starts)."""
+    c = cfg.checkpoint
+    if not (c.l2_interval and c.l2_dir.startswith("s3://")):
+        return
+    from checkpointing.objstore import ObjectStorage
+
+    storage = ObjectStorage(LevelSpec("L2", c.l2_dir, c.l2_interval, c.l2_keep_last, False, endpoint=c.s3_endpoint))
+    try:
+        storage.check()
+    finally:
+        storage.close()
+
+
 def claim_memory_level(cfg: Config, launcher: str, log) -> None:
     """On each node's first worker, before any save or restore: record who owns this run's memory on this node,
     say whether memory of an earlier run in this run directory is ignored, and free other runs' stale memory."""

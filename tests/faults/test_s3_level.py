@@ -13,6 +13,8 @@ from checkpointing import CheckpointError, CheckpointManager, LevelSpec
 from checkpointing.objstore import ObjectStorage
 from support.ckpt_state import make_state, matches
 from support.ckpt_workers import run_workers
+from support.configs import write_toml
+from support.processes import run_ecpt
 from support.s3 import start_s3_server
 
 pytestmark = pytest.mark.slow
@@ -159,6 +161,17 @@ def test_refused_credentials_and_a_missing_bucket_fail_at_start_up(tmp_path, mon
             _manager([missing])
     finally:
         server.stop()
+
+
+def test_ecpt_train_refuses_a_missing_bucket_before_any_worker_starts(s3_env, tiny_raw, tmp_path):
+    raw = {**tiny_raw, "checkpoint": {**tiny_raw["checkpoint"]}}
+    raw["checkpoint"].update(l2_dir="s3://no-such-bucket/run", l2_interval=2, s3_endpoint=s3_env.endpoint)
+    run = tmp_path / "run"
+    result = run_ecpt(["train", "--config", str(write_toml(raw, tmp_path / "s3.toml")), "--run-dir", str(run)], 120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "checkpoint.l2_dir = 's3://no-such-bucket/run'" in result.stderr
+    assert "bucket 'no-such-bucket' does not exist" in result.stderr
+    assert not (run / "metrics.jsonl").exists(), "no worker may start"
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "delete"])
