@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -13,8 +14,9 @@ from checkpointing import CheckpointError, CheckpointManager, LevelSpec
 from checkpointing.objstore import ObjectStorage
 from support.ckpt_state import make_state, matches
 from support.ckpt_workers import run_workers
-from support.configs import write_toml
-from support.processes import run_ecpt
+from elastic.metrics import read_jsonl
+from support.configs import recovery_config, write_toml
+from support.processes import check_ok, ecpt_train, run_ecpt
 from support.s3 import start_s3_server
 
 pytestmark = pytest.mark.slow
@@ -47,8 +49,8 @@ def keys(server, prefix: str) -> list[str]:
 
 
 def test_saved_by_three_through_l1_loads_from_s3_alone_at_two(s3_env, tmp_path):
-    """Three ranks save through a local L1 and promote to S3; with every local level gone, two ranks load from S3
-    alone (replicas and uneven shards), bit-exact; retention kept only the newest step there."""
+    """Three ranks save uneven shards through a local L1 and promote to S3; two ranks load other uneven shards from
+    S3 alone, bit-exact; retention kept only the newest step there."""
     l1 = {"name": "L1", "root": str(tmp_path / "L1"), "interval": 1, "keep_last": 2, "node_local": False}
     remote = l2(s3_env, "run", keep=1)
     saved = run_workers(
@@ -66,16 +68,15 @@ def test_saved_by_three_through_l1_loads_from_s3_alone_at_two(s3_env, tmp_path):
         s3_env.client().get_object(Bucket="ckpt", Key="run/step-00000005/manifest.json")["Body"].read()
     )
     assert manifest["complete"] and manifest["world_size"] == 3
-    for layout in ("replica", UNEVEN2):
-        out = tmp_path / f"load-{'replica' if layout == 'replica' else 'shards'}"
-        out.mkdir()
-        loaded = run_workers(
-            out, 2, lambda rank: {"levels": [remote], "ops": [{"op": "load", "layout": layout}]}, env=s3_env.env()
-        )
-        for r in loaded:
-            assert r[0]["error"] is None and r[0]["step"] == 5 and r[0]["level"] == "L2"
-            assert r[0]["path"] == s3_env.url("run/step-00000005") and r[0]["mismatched"] == []
-        assert loaded[1][0]["rank_extra"] == {"step": 5, "rank": 1}
+    out = tmp_path / "load"  # uneven shards here; ecpt train's resume below loads replicas from S3
+    out.mkdir()
+    loaded = run_workers(
+        out, 2, lambda rank: {"levels": [remote], "ops": [{"op": "load", "layout": UNEVEN2}]}, env=s3_env.env()
+    )
+    for r in loaded:
+        assert r[0]["error"] is None and r[0]["step"] == 5 and r[0]["level"] == "L2"
+        assert r[0]["path"] == s3_env.url("run/step-00000005") and r[0]["mismatched"] == []
+    assert loaded[1][0]["rank_extra"] == {"step": 5, "rank": 1}
 
 
 def _manager(levels: list[dict], **kw) -> CheckpointManager:
@@ -161,6 +162,29 @@ def test_refused_credentials_and_a_missing_bucket_fail_at_start_up(tmp_path, mon
             _manager([missing])
     finally:
         server.stop()
+
+
+def test_ecpt_train_resumes_from_s3_alone_at_another_world_size(s3_env, tiny_raw, tmp_path):
+    """Two workers train with L1 on disk and L2 on S3; with L1 deleted (a new node: nothing local), one worker
+    resumes the same run from S3: step, tokens and cursor continue where the S3 copy left off."""
+    run = tmp_path / "run"
+    first = recovery_config(
+        tiny_raw, tmp_path, 2, interval=2, l0_interval=0, l2_dir=s3_env.url("runs"), l2_interval=2, l2_keep_last=1
+    )
+    check_ok(ecpt_train(first, run))
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl", "step")][-1] == 6
+    shutil.rmtree(run / "checkpoints")
+    stored = keys(s3_env, "runs")
+    assert any(k.endswith("step-00000006/manifest.json") for k in stored), stored
+    longer = recovery_config(
+        tiny_raw, tmp_path, 3, interval=2, l0_interval=0, l2_dir=s3_env.url("runs"), l2_interval=2, l2_keep_last=1
+    )
+    check_ok(ecpt_train(longer, run, "--nproc-per-node", "1"))
+    resume = read_jsonl(run / "metrics.jsonl", "resume")[-1]
+    assert resume["level"] == "L2" and resume["step"] == 6
+    assert (resume["saved_world_size"], resume["world_size"]) == (2, 1)
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl", "step")]
+    assert steps[-3:] == [7, 8, 9]
 
 
 def test_ecpt_train_refuses_a_missing_bucket_before_any_worker_starts(s3_env, tiny_raw, tmp_path):
