@@ -10,7 +10,8 @@ Usable from any PyTorch training loop:
 """
 
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
-from checkpointing.manager import CheckpointInfo, CheckpointManager, LoadResult, SaveHandle
+from checkpointing.manager import CheckpointManager
+from checkpointing.results import CheckpointInfo, LoadResult, SaveHandle
 from checkpointing.manifest import MANIFEST_NAME, Manifest
 from checkpointing.offline import export_safetensors, inspect, list_checkpoints, read_tensor, verify
 from checkpointing.staging import Shard

@@ -106,7 +106,9 @@ class LevelStorage(Protocol):
         """Step 6, the commit: write the manifest, make the step visible under its final name, point `latest` at
         it; returns the final location."""
 
-    def retain(self, sig: str, nonce: str, state: LevelState, chunk_files: list[str] | None, others: bool) -> None:
+    def retain(
+        self, layout_digest: str, nonce: str, state: LevelState, chunk_files: list[str] | None, others: bool
+    ) -> None:
         """Step 6, after publish: retire committed steps beyond keep_last (never the one just committed), clean up
         abandoned saves of other processes (others=True); may keep a retired step as state.spare."""
 
@@ -156,7 +158,7 @@ class LevelState:
     meta: MetadataCache = field(default_factory=lambda: MetadataCache())
     token: str = field(default_factory=lambda: secrets.token_hex(4))
     spare: Path | None = None
-    spare_sig: str | None = None
+    spare_layout: str | None = None
     created: dict[str, str] = field(default_factory=dict)  # committer: dir name -> layout digest of its saves
     pinned: set[str] = field(default_factory=set)  # committed dirs a pending promotion still reads
 
@@ -166,12 +168,12 @@ class MetadataCache:
     array) as bytes with their crc32c, and the manifest encoder."""
 
     def __init__(self) -> None:
-        self._sig: str | None = None
+        self._digest: str | None = None
         self._docs: list[tuple[str, bytes, int]] = []
         self._encoder: ManifestEncoder | None = None
 
-    def _refresh(self, sig: str, layouts: dict[str, TensorLayout]) -> None:
-        if sig == self._sig and sig:
+    def _refresh(self, layout_digest: str, layouts: dict[str, TensorLayout]) -> None:
+        if layout_digest == self._digest and layout_digest:
             return
         docs = []
         for group in group_paths(list(layouts)):
@@ -186,14 +188,14 @@ class MetadataCache:
                 for name, t in layouts.items()
             }
         )
-        self._sig = sig
+        self._digest = layout_digest
 
-    def docs(self, sig: str, layouts: dict[str, TensorLayout]) -> list[tuple[str, bytes, int]]:
-        self._refresh(sig, layouts)
+    def docs(self, layout_digest: str, layouts: dict[str, TensorLayout]) -> list[tuple[str, bytes, int]]:
+        self._refresh(layout_digest, layouts)
         return self._docs
 
-    def encoder(self, sig: str, layouts: dict[str, TensorLayout]) -> ManifestEncoder:
-        self._refresh(sig, layouts)
+    def encoder(self, layout_digest: str, layouts: dict[str, TensorLayout]) -> ManifestEncoder:
+        self._refresh(layout_digest, layouts)
         return self._encoder
 
 
@@ -202,11 +204,11 @@ def _json_bytes(doc: dict) -> bytes:
 
 
 def zarr_documents(
-    step: int, level_name: str, layouts: dict[str, TensorLayout], cache: MetadataCache, sig: str
+    step: int, level_name: str, layouts: dict[str, TensorLayout], cache: MetadataCache, layout_digest: str
 ) -> list[tuple[str, bytes, int]]:
     """zarr.json for the root group (it names the step), every intermediate group and every array, with crc32c."""
     root = _json_bytes(group_metadata({"ecpt_step": step, "ecpt_level": level_name}))
-    return [("zarr.json", root, crc32c.crc32c(root)), *cache.docs(sig, layouts)]
+    return [("zarr.json", root, crc32c.crc32c(root)), *cache.docs(layout_digest, layouts)]
 
 
 # --------------------------------------------------------------------------------------------- the steps
@@ -223,7 +225,7 @@ def prepare(state: LevelState, ctx: SaveContext, target: Target, committer: bool
     docs = []
     if committer:
         level = state.storage.level
-        all_docs = zarr_documents(ctx.step, level.name, ctx.layouts, state.meta, ctx.sig)
+        all_docs = zarr_documents(ctx.step, level.name, ctx.layouts, state.meta, ctx.layout_digest)
         target.meta_files = {rel: ChunkRecord(rel, len(data), crc) for rel, data, crc in all_docs}
         docs = [(rel, data) for rel, data, _ in (all_docs[:1] if target.reused else all_docs)]
     target.meta_written = state.storage.prepare(target, docs)
@@ -265,10 +267,10 @@ def commit(state: LevelState, ctx: SaveContext, target: Target, records: list[li
         _discard(state, target)
         return CommitResult(final, error=f"{ctx.who(level)}: commit in {target.location}: {e}")
     if target.reused:
-        state.spare = state.spare_sig = None
-    state.created[final.name] = ctx.sig
+        state.spare = state.spare_layout = None
+    state.created[final.name] = ctx.layout_digest
     try:
-        storage.retain(ctx.sig, ctx.nonce, state, [r[2] for r in records], True)
+        storage.retain(ctx.layout_digest, ctx.nonce, state, [r[2] for r in records], True)
     except OSError as e:
         return CommitResult(final, retention_error=f"{level.name} ({level.root}): {e}")
     return CommitResult(final)
@@ -278,7 +280,7 @@ def encode_manifest(state: LevelState, ctx: SaveContext, records: list[list], ta
     """The manifest of this save on this level (rank 0's extra, and every other rank's where it differs)."""
     level = state.storage.level
     extra = ctx.extras[0]
-    return state.meta.encoder(ctx.sig, ctx.layouts).encode(
+    return state.meta.encoder(ctx.layout_digest, ctx.layouts).encode(
         step=ctx.step,
         level=level.name,
         node_id=ctx.node_id if level.node_local else "",
@@ -295,18 +297,18 @@ def encode_manifest(state: LevelState, ctx: SaveContext, records: list[list], ta
 def _discard(state: LevelState, target: Target) -> None:
     state.storage.discard(target, state)
     if target.reused:
-        state.spare = state.spare_sig = None
+        state.spare = state.spare_layout = None
 
 
 def retire_old(state: LevelState, ctx: SaveContext) -> None:
     """Retention outside a commit (a promotion finished reading the source it kept): committed checkpoints only,
     since another rank may already be writing the next save's partial directory. The level's committer only."""
-    state.storage.retain(ctx.sig, ctx.nonce, state, None, False)
+    state.storage.retain(ctx.layout_digest, ctx.nonce, state, None, False)
 
 
 def announcement(state: LevelState) -> dict:
     """Step 7, committer: the spare the next save of this level uses ({} when none), for the outcome gather."""
-    return {"name": state.spare.name, "sig": state.spare_sig} if state.spare is not None else {}
+    return {"name": state.spare.name, "layout_digest": state.spare_layout} if state.spare is not None else {}
 
 
 def adopt(state: LevelState, node_id: str, gathered: list[dict]) -> None:
@@ -317,5 +319,5 @@ def adopt(state: LevelState, node_id: str, gathered: list[dict]) -> None:
         if g["next"] is not None and (g["node"] == node_id if node_local else True):
             nxt = g["next"]
             state.spare = state.storage.root / nxt["name"] if nxt else None
-            state.spare_sig = nxt.get("sig")
+            state.spare_layout = nxt.get("layout_digest")
             return

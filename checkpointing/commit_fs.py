@@ -40,7 +40,7 @@ class FileStorage:
         self.janitor = None if level.is_memory else janitor
 
     def begin(self, ctx: SaveContext, state: LevelState) -> Target:
-        if state.spare is not None and state.spare_sig == ctx.sig:
+        if state.spare is not None and state.spare_layout == ctx.layout_digest:
             return Target(state.spare, True)
         return Target(partial_dir(self.root, ctx.step, ctx.nonce), False)
 
@@ -94,17 +94,19 @@ class FileStorage:
         write_bytes_atomic(target.location / MANIFEST_NAME, manifest, self.level.sync)
         return publish(self.root, target.location, step, nonce, self.level.sync, self.janitor)
 
-    def retain(self, sig: str, nonce: str, state: LevelState, chunk_files: list[str] | None, others: bool) -> None:
-        """Keep the newest keep_last; keep the newest retired one of this layout (`sig`) as the next save's
+    def retain(
+        self, layout_digest: str, nonce: str, state: LevelState, chunk_files: list[str] | None, others: bool
+    ) -> None:
+        """Keep the newest keep_last; keep the newest retired one of this layout (`layout_digest`) as the next save's
         skeleton when `chunk_files` (the chunk files a checkpoint of this layout has) is given."""
-        if others and state.spare is not None and state.spare_sig != sig:  # a skeleton of an older layout
+        if others and state.spare is not None and state.spare_layout != layout_digest:  # a skeleton of an older layout
             shutil.rmtree(state.spare, ignore_errors=True)
-            state.spare = state.spare_sig = None
+            state.spare = state.spare_layout = None
         reuse = None
         if chunk_files is not None:
 
             def reuse(path: Path) -> Path | None:
-                if state.created.get(path.name) != sig or state.spare is not None:
+                if state.created.get(path.name) != layout_digest or state.spare is not None:
                     return None
                 spare = self.root / f".next-{state.token}"
                 os.replace(path, spare)
@@ -113,7 +115,7 @@ class FileStorage:
                 except OSError:
                     shutil.rmtree(spare, ignore_errors=True)
                     return None
-                state.spare, state.spare_sig = spare, sig
+                state.spare, state.spare_layout = spare, layout_digest
                 return spare
 
         retain(

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from checkpointing.comm import Comm
 from checkpointing.plan import PlanCache, RankPlan, TensorLayout
-from checkpointing.staging import StagePlan
+from checkpointing.slots import StagePlan
 from checkpointing.tiers import LevelSpec
 
 
@@ -23,14 +23,14 @@ class SaveContext:
     local: Comm
     node_id: str
     chunk_bytes: int
-    sig: str = ""
+    layout_digest: str = ""
     plans: PlanCache = field(default_factory=PlanCache)
 
     def rank_plan(self, level: LevelSpec) -> RankPlan:
-        return self.plans.rank_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
+        return self.plans.rank_plan(self.layout_digest, self.layouts, self.world.rank, writers_for(level, self))
 
     def stage_plan(self, level: LevelSpec) -> StagePlan:
-        return self.plans.stage_plan(self.sig, self.layouts, self.world.rank, writers_for(level, self))
+        return self.plans.stage_plan(self.layout_digest, self.layouts, self.world.rank, writers_for(level, self))
 
     def who(self, level: LevelSpec) -> str:
         return who(self.world.rank, self.node_id, level.name)

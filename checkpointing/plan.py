@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from checkpointing.staging import OwnedChunk, StagePlan
+from checkpointing.slots import OwnedChunk, StagePlan
 from checkpointing.zarr_store import Grid, torch_dtype
 
 
@@ -147,31 +147,37 @@ class PlanCache:
     the planner is a Python loop over every chunk of every tensor."""
 
     def __init__(self) -> None:
-        self._sig: str | None = None
+        self._digest: str | None = None
         self._plans: dict[tuple, RankPlan] = {}
         self._stage: dict[tuple, StagePlan] = {}
         self._lock = threading.RLock()  # the caller's thread plans zero-copy staging, the persister writes
 
-    def _key(self, sig: str, rank: int, nodes: list[str] | None) -> tuple:
-        if sig != self._sig:
-            self._sig, self._plans, self._stage = sig, {}, {}
+    def _key(self, layout_digest: str, rank: int, nodes: list[str] | None) -> tuple:
+        if layout_digest != self._digest:
+            self._digest, self._plans, self._stage = layout_digest, {}, {}
         return rank, None if nodes is None else tuple(nodes)
 
-    def rank_plan(self, sig: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None) -> RankPlan:
+    def rank_plan(
+        self, layout_digest: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None
+    ) -> RankPlan:
         with self._lock:
-            key = self._key(sig, rank, nodes)
+            key = self._key(layout_digest, rank, nodes)
             plan = self._plans.get(key)
             if plan is None:
                 plan = self._plans[key] = plan_for_rank(layouts, rank, nodes)
             return plan
 
-    def stage_plan(self, sig: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None) -> StagePlan:
+    def stage_plan(
+        self, layout_digest: str, layouts: dict[str, TensorLayout], rank: int, nodes: list[str] | None
+    ) -> StagePlan:
         with self._lock:
-            key = self._key(sig, rank, nodes)
+            key = self._key(layout_digest, rank, nodes)
             sp = self._stage.get(key)
             if sp is None:
-                plan = self.rank_plan(sig, layouts, rank, nodes)
-                sp = self._stage[key] = stage_plan(f"{sig}/{rank}/{','.join(nodes or ['*'])}", layouts, rank, plan)
+                plan = self.rank_plan(layout_digest, layouts, rank, nodes)
+                sp = self._stage[key] = stage_plan(
+                    f"{layout_digest}/{rank}/{','.join(nodes or ['*'])}", layouts, rank, plan
+                )
             return sp
 
 

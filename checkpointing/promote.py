@@ -200,10 +200,7 @@ class Promoter:
                     self._commit(*task[1:])
             except Exception as e:  # noqa: BLE001 (thread boundary: reported as this rank's error, so no rank waits)
                 promo = task[1]
-                msg = (
-                    f"rank {promo.ctx.world.rank} ({promo.ctx.node_id}) {promo.levels[0].name}: promotion "
-                    f"failed: {type(e).__name__}: {e}"
-                )
+                msg = f"{promo.ctx.who(promo.levels[0])}: promotion failed: {type(e).__name__}: {e}"
                 if task[0] == "copy":
                     promo.mine = RankOutcome(errors=[msg])
                     promo.target = promo.target or Target(Path(promo.levels[0].root), False)

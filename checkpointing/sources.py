@@ -24,7 +24,8 @@ from checkpointing.context import SaveContext
 from checkpointing.errors import CheckpointError
 from checkpointing.manifest import read_manifest
 from checkpointing.reshard import Scratch, read_chunk_checked
-from checkpointing.staging import BufferSet, Slot
+from checkpointing.slots import Slot
+from checkpointing.staging import BufferSet
 from checkpointing.tiers import LevelSpec
 
 

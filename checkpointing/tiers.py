@@ -7,7 +7,7 @@ node loss), L1 node-local disk, L2 shared storage. Directory states on a level r
   .trash-<nonce>-<name>/           retired or replaced: invisible to readers, deleted in the background
   .next-<token>/                   memory levels: a retired checkpoint's directory tree, chunk files removed,
                                    that the next save of the same layout fills and renames (no mkdir, no metadata)
-  .staging/                        memory levels: per-process zero-copy staging files (staging.SlotPool)
+  .staging/                        memory levels: per-process zero-copy staging files (slots.SlotPool)
   latest                           JSON {"step", "dir"} of the newest committed checkpoint (for people and tools)
 """
 

@@ -142,6 +142,8 @@ class TrainerCheckpoints:
             on_busy=cfg.checkpoint.on_busy,
             registry=registry,
             logger=trainer.log,
+            # the same every save: sent to the other ranks once, stored in every manifest's extra
+            static_extra={"config": cfg.to_dict(), "hf_config": hf_config(cfg.model)},
         )
         # Name -> live tensor (DDP replicas) or Shard of this rank's ZeRO partition; built once, updated in place.
         self.tensors = trainer.engine.checkpoint_tensors()
@@ -156,8 +158,6 @@ class TrainerCheckpoints:
             "global_batch": t.cfg.train.global_batch,
             "world_size": t.world.world_size,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "config": t.cfg.to_dict(),
-            "hf_config": hf_config(t.cfg.model),
             "counters": t.state.counters.to_json(),
         }
 

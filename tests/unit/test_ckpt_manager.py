@@ -278,6 +278,21 @@ def test_offline_list_inspect_and_export(mgr, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == hf_config
 
 
+def test_static_extra_is_in_every_manifest_under_the_save_extra(tmp_path):
+    """static_extra (config, HF config) is given once and lands in each save's manifest extra, merged under the
+    per-save extra, so load() and export see what they saw when the trainer sent it with every save."""
+    static = {"config": {"train": {"global_batch": 8}}, "hf_config": {"model_type": "llama"}}
+    mgr = CheckpointManager(levels(tmp_path, ("L1", 1, 3)), chunk_bytes=256, static_extra=static)
+    save_steps(mgr, [1, 2])
+    for step in (1, 2):
+        doc = json.loads((tmp_path / "L1" / f"step-{step:08d}" / "manifest.json").read_text())
+        assert doc["extra"] == {**static, "step": step}
+    assert mgr.load(make_state(0, "replica", 0, zero=True)).extra == {**static, "step": 2}
+    mgr.close()
+    with pytest.raises(CheckpointError, match="static_extra is not JSON-serialisable"):
+        CheckpointManager(levels(tmp_path, ("L1", 1, 3)), static_extra={"rng": torch.zeros(2)})
+
+
 def test_save_with_named_levels_writes_a_step_no_interval_is_due_at(tmp_path):
     """A stop signal after step 7 with saves due every 5 (L0) and 100 (L2): step 7 itself must survive."""
     mgr = CheckpointManager(levels(tmp_path, ("L0", 5, 2), ("L2", 100, 1)), chunk_bytes=256)

@@ -1,0 +1,347 @@
+"""Zero-copy staging: the chunks a rank writes on a level, staged straight into files that become the checkpoint.
+
+On memory levels (tmpfs) a `Slot` is a set of files on the level's filesystem, one per chunk
+this rank writes there. Staging writes the live tensors' bytes straight into those files (one copy, and only the
+chunks this rank owns); persisting checksums them and hard-links the files into the checkpoint directory. A slot
+is reused once every checkpoint holding its files was retired (each file's link count is back to 1): its pages stay
+allocated, so steady-state saves neither allocate nor free memory. The staging directory of a process is locked
+(flock) and removed by the next manager on the node once that process is gone.
+
+A disk level cannot hold staging files, but the same plan applies: a host-memory `Slot` (directory None) holds only
+the chunks this rank writes there, which the persister writes out, checksumming while writing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import torch
+
+from checkpointing.staging import Shard, local_view
+
+
+_BLOCK = 1 << 20  # pwrite + crc32c granularity: the block is still in cache when it is checksummed
+_MMAP_MIN = 64 << 10  # chunk files at least this big are written through a shared mapping (a plain memcpy, about
+# twice as fast as pwrite into tmpfs); smaller ones with one pwrite (no mapping per file)
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -> int | None:
+    """Write `view` at `offset` in blocks; with `crc` (a running crc32c) checksum each block right after writing it
+    and return the result, else return None."""
+    pos = 0
+    n = len(view)
+    while pos < n:
+        block = view[pos : pos + _BLOCK]
+        done = 0
+        while done < len(block):
+            done += os.pwrite(fd, block[done:], offset + pos + done)
+        if crc is not None:
+            crc = crc32c.crc32c(block, crc)
+        pos += len(block)
+    return crc
+
+
+def crc32c_blocks(view: memoryview, crc: int = 0) -> int:
+    """crc32c of `view` in blocks (each call releases the GIL, the blocks stay in cache)."""
+    for pos in range(0, len(view), _BLOCK):
+        crc = crc32c.crc32c(view[pos : pos + _BLOCK], crc)
+    return crc
+
+
+def flat_bytes(value: "torch.Tensor | Shard") -> torch.Tensor:
+    """The local tensor's bytes as a flat uint8 tensor (a view when contiguous, else a copy)."""
+    t = local_view(value).detach()
+    return t.reshape(-1).view(torch.uint8)
+
+
+@dataclass(frozen=True)
+class OwnedChunk:
+    """A chunk file this rank writes on a level. `whole`: all its real bytes come from this rank, bytes
+    [src_lo, src_hi) of the local tensor, written at staging time; otherwise it is assembled from `own` pieces
+    (src_lo, src_hi, offset in chunk) and pieces received from other ranks at persist time."""
+
+    name: str
+    chunk: int
+    rel: str
+    nbytes: int
+    whole: bool
+    src_lo: int = 0
+    src_hi: int = 0
+    own: tuple[tuple[int, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a rank stages for one level layout: its owned chunks and the boundary pieces it sends away
+    (name, src_lo, src_hi) in the order of the level plan's sends."""
+
+    key: str
+    chunks: tuple[OwnedChunk, ...]
+    sends: tuple[tuple[str, int, int], ...]
+
+
+class Slot:
+    """Files receiving one save's owned chunks (see the module docstring), plus host buffers for boundary pieces.
+
+    directory=None: a host-memory slot, for saves whose first level is a disk: the same plan (only the chunks this
+    rank writes there, checksummed while copying), in reusable buffers that the persister writes out."""
+
+    def __init__(self, index: int, directory: Path | None) -> None:
+        self.index = index
+        self.dir = directory
+        self.key: str | None = None
+        self.plan: StagePlan | None = None
+        self.fds: list[int] = []
+        self.paths: list[Path] = []
+        self.names: list[str] = []  # str(paths): hard-linked every save
+        self.maps: list[mmap.mmap | None] = []
+        self.views: list[np.ndarray | None] = []
+        self.crcs: list[int | None] = []
+        self.assembly: dict[int, np.ndarray] = {}
+        self.sendbufs: list[np.ndarray] = []
+        self.step: int | None = None
+
+    @property
+    def files(self) -> bool:
+        return self.dir is not None
+
+    def prepare(self, plan: StagePlan) -> None:
+        """Make the files match `plan` (same plan as last time: nothing to do, the pages are reused)."""
+        if self.key == plan.key and not self.files:
+            return
+        if self.key == plan.key:
+            for fd, c in zip(self.fds, plan.chunks):
+                if os.fstat(fd).st_size != c.nbytes:  # someone truncated a committed copy by hand
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, c.nbytes)
+                    os.posix_fallocate(fd, 0, c.nbytes)
+            return
+        self.close()
+        if not self.files:
+            self.views = [np.zeros(c.nbytes, dtype=np.uint8) if c.whole else None for c in plan.chunks]
+            self.assembly = {i: np.zeros(c.nbytes, dtype=np.uint8) for i, c in enumerate(plan.chunks) if not c.whole}
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(plan.chunks if self.files else ()):
+            path = self.dir / str(i)
+            if path.exists():
+                path.unlink()  # may still be linked into a checkpoint: never write through it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self.fds.append(fd)
+            self.paths.append(path)
+            self.names.append(str(path))
+            os.ftruncate(fd, c.nbytes)
+            if c.nbytes:
+                os.posix_fallocate(fd, 0, c.nbytes)  # a full tmpfs is ENOSPC here, never SIGBUS in a mapped write
+            mapped = mmap.mmap(fd, c.nbytes) if c.whole and c.nbytes >= _MMAP_MIN else None
+            self.maps.append(mapped)
+            self.views.append(None if mapped is None else np.frombuffer(mapped, dtype=np.uint8))
+            if not c.whole:
+                self.assembly[i] = np.zeros(c.nbytes, dtype=np.uint8)
+        self.crcs = [None] * len(plan.chunks)
+        self.sendbufs = [np.empty(hi - lo, dtype=np.uint8) for _, lo, hi in plan.sends]
+        self.key, self.plan = plan.key, plan
+
+    def stage(self, tensors: dict, plan: StagePlan, step: int) -> int:
+        """Copy this save's owned bytes into the files (and pieces into host buffers); return bytes copied.
+
+        Only copies, one torch copy per chunk (the GIL is released and large copies use several threads): the
+        caller waits for this in wait_staged(). The checksums are left to the persist thread (see checksum()),
+        which reads the staged bytes while the caller already runs its next step."""
+        self.prepare(plan)
+        flats: dict[str, torch.Tensor] = {}
+        copied = 0
+        for i, c in enumerate(plan.chunks):
+            src = flats.get(c.name)
+            if src is None:
+                src = flats[c.name] = flat_bytes(tensors[c.name])
+            self.crcs[i] = None
+            if c.whole:
+                view = src[c.src_lo : c.src_hi]
+                mapped = self.views[i]
+                if mapped is None:
+                    pwrite_all(self.fds[i], memoryview(view.numpy()), 0)
+                else:
+                    torch.from_numpy(mapped[: len(view)]).copy_(view)
+                copied += len(view)
+            else:
+                buf = torch.from_numpy(self.assembly[i])
+                for lo, hi, off in c.own:
+                    buf[off : off + hi - lo].copy_(src[lo:hi])
+                    copied += hi - lo
+        for buf, (name, lo, hi) in zip(self.sendbufs, plan.sends):
+            src = flats.get(name)
+            if src is None:
+                src = flats[name] = flat_bytes(tensors[name])
+            torch.from_numpy(buf).copy_(src[lo:hi])
+            copied += hi - lo
+        self.step = step
+        return copied
+
+    def checksum(self, i: int) -> int:
+        """crc32c of owned chunk i as staged (padding included), computed once per save by the persist thread: the
+        record covers exactly the bytes that are linked (the same file) or written (see write_file) afterwards."""
+        crc = self.crcs[i]
+        if crc is None:
+            crc = self.crcs[i] = crc32c_blocks(self.read(i))
+        return crc
+
+    def finish_assembled(self) -> None:
+        """Persist time, after the pieces were received: write the assembled chunks into their files."""
+        for i, buf in self.assembly.items():
+            if self.files:
+                self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0, crc=0)
+            else:
+                self.crcs[i] = crc32c.crc32c(buf)
+                self.views[i] = buf
+
+    def read(self, i: int) -> memoryview:
+        """The bytes of owned chunk i as staged (to write them to another level when this one failed)."""
+        if self.views[i] is not None:
+            return memoryview(self.views[i])
+        size = self.plan.chunks[i].nbytes
+        buf = np.empty(size, dtype=np.uint8)
+        got = os.preadv(self.fds[i], [memoryview(buf)], 0)
+        if got != size:
+            raise OSError(f"staging file {self.paths[i]}: read {got} of {size} bytes")
+        return memoryview(buf)
+
+    def linked_elsewhere(self) -> bool:
+        """True while any file is still linked into a checkpoint (or a partial directory)."""
+        return self.files and any(os.fstat(fd).st_nlink > 1 for fd in self.fds)
+
+    def close(self) -> None:
+        self.views = []
+        for mapped in self.maps:
+            if mapped is not None:
+                mapped.close()
+        self.maps = []
+        for fd in self.fds:
+            os.close(fd)
+        for path in self.paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.fds, self.paths, self.names, self.crcs, self.assembly, self.sendbufs = [], [], [], [], {}, []
+        self.key = self.plan = None
+
+
+@dataclass(frozen=True)
+class LevelStaging:
+    """The zero-copy staging slots of one level on this rank (see Slot)."""
+
+    slots: int
+    """Slots created so far; bounded by keep_last + saves in flight + 1, reused once their checkpoints retire."""
+    in_files: bool
+    """True: the slots are files on the level's file system, hard-linked into each checkpoint (a memory level).
+    False: host-memory slots the persister writes out (a disk level)."""
+    chunk_files: int
+    """Chunk files the slots hold open and rewrite in place every save (0 for host-memory slots)."""
+
+
+@dataclass(frozen=True)
+class StagingStats:
+    """What staging holds on this rank (CheckpointManager.staging_stats()): steady-state saves must neither add
+    slots nor allocate host buffers, so these figures stay flat over a long run; watch or export them as gauges.
+    A snapshot: taken while a save is staging it may show that save half done."""
+
+    levels: dict[str, LevelStaging]
+    """Per level that staged at least one save zero-copy (the first save of a layout always uses host buffers)."""
+    host_buffer_sets: int
+    """Host buffer sets (``staging_buffers``): how many saves can be in flight before save() waits or skips."""
+    host_buffers: int
+    """Tensors held in host buffers now; 0 while saves stage zero-copy."""
+    host_buffer_bytes: int
+    host_buffer_allocations: int
+    """Host buffers allocated since the manager started: grows only when names, sizes or dtypes change."""
+
+
+class SlotPool:
+    """The slots of one level on this rank: at most `max_slots`, created on demand, reused when free. root=None:
+    host-memory slots (a disk level)."""
+
+    def __init__(self, root: Path | None, owner: str, max_slots: int) -> None:
+        self.root = None if root is None else Path(root)
+        self.max_slots = max_slots
+        self.dir = None if root is None else self.root / ".staging" / f"{owner}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._slots: list[Slot] = []
+        self._free: list[Slot] = []
+        self._linked: list[Slot] = []
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+
+    def acquire(self) -> Slot | None:
+        """A free slot (creating one while under max_slots), or None: then the save stages into host buffers."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if len(self._slots) < self.max_slots:
+                slot = Slot(len(self._slots), None if self.dir is None else self.dir / f"s{len(self._slots)}")
+                self._slots.append(slot)
+                return slot
+            return None
+
+    def release(self, slot: Slot, maybe_linked: bool) -> None:
+        """A save is done with the slot; if its files may be linked into a checkpoint, it is free only later."""
+        with self._lock:
+            (self._linked if maybe_linked else self._free).append(slot)
+
+    def stats(self) -> LevelStaging:
+        with self._lock:
+            return LevelStaging(
+                slots=len(self._slots), in_files=self.dir is not None, chunk_files=sum(len(s.fds) for s in self._slots)
+            )
+
+    def refresh(self) -> None:
+        """Free the slots whose checkpoints were all retired. Persist thread, after each save."""
+        with self._lock:
+            linked = list(self._linked)
+        done = [s for s in linked if not s.linked_elsewhere()]
+        with self._lock:
+            for s in done:
+                self._linked.remove(s)
+                self._free.append(s)
+
+    def open(self) -> None:
+        """Create and lock this process's staging directory; remove those of processes that are gone."""
+        if self._lock_fd is not None or self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd
+        for entry in os.scandir(self.dir.parent):
+            if entry.path == str(self.dir) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                other = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds only if its owner is gone
+            except OSError:
+                continue
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            finally:
+                os.close(other)
+
+    def close(self) -> None:
+        with self._lock:
+            for slot in self._slots:
+                slot.close()
+            self._slots, self._free, self._linked = [], [], []
+        if self._lock_fd is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
