@@ -94,10 +94,11 @@ class ObjectClient:
         if self.endpoint:
             options["endpoint"] = self.endpoint
         self.errors = _store_errors()
+        self.region = region or "us-east-1"
         self.store = ObjectStore(
             S3Store(
                 self.bucket,
-                region=region or "us-east-1",
+                region=self.region,
                 client_options={
                     "allow_http": self.endpoint.startswith("http://"),
                     "connect_timeout": timedelta(seconds=5),
@@ -163,6 +164,29 @@ class ObjectClient:
 
     def delete_dir(self, prefix: str) -> None:
         self._run(prefix, self.store.delete_dir(prefix))
+
+    def abort_multipart_uploads(self, prefix: str) -> int:
+        """Abort every incomplete multipart upload under `prefix` (left by a process killed mid-upload: S3 keeps
+        their parts, invisible to listings, until aborted); returns how many. Needs boto3 (the [s3] extra): obstore
+        and zarr's store layer cannot list multipart uploads. Without boto3 nothing is aborted (0)."""
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            return 0
+        aborted = 0
+        try:
+            client = boto3.client("s3", endpoint_url=self.endpoint or None, region_name=self.region)
+            pages = client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+        except (BotoCoreError, ClientError) as e:
+            raise ObjectStoreError(f"s3://{self.bucket}/{prefix}: aborting multipart uploads: {e}") from e
+        return aborted
 
 
 def _boto3_credentials():
@@ -287,8 +311,9 @@ class ObjectStorage:
 
     def retain(self, sig: str, nonce: str, state: LevelState, chunk_files: list[str] | None, others: bool) -> None:
         """Delete committed steps beyond keep_last (manifest first) and, with others=True, step prefixes that have
-        no manifest (saves abandoned by a crash or a failed upload; none is in flight: this level's saves run one
-        at a time and this runs after this save's commit)."""
+        no manifest and incomplete multipart uploads (saves abandoned by a crash or a failed upload; none is in
+        flight: this level's saves run one at a time and this runs after this save's commit, when every rank's
+        uploads have finished)."""
         steps = self._steps()
         committed = [(s, loc) for s, loc, has_manifest in steps if has_manifest]
         for _, loc in committed[: max(0, len(committed) - self.level.keep_last)]:
@@ -298,6 +323,7 @@ class ObjectStorage:
             for _, loc, has_manifest in steps:
                 if not has_manifest:
                     self.client.delete_dir(str(loc))
+            self.client.abort_multipart_uploads(str(self.root))
 
     def discard(self, target: Target, state: LevelState) -> None:
         self._drain()
@@ -390,10 +416,14 @@ class ObjectStorage:
         try:
             self.client.put(key, view)
         finally:
-            view.release()
+            try:
+                view.release()
+                reusable = True
+            except BufferError:  # something still holds the bytes: never hand them out again
+                reusable = False
             with self._lock:
                 self.upload_seconds += time.perf_counter() - t0
-                if len(self._free) < self.max_concurrency + 1:
+                if reusable and len(self._free) < self.max_concurrency + 1:
                     self._free.append(buf)
 
     def _finish(self, item: tuple[str, Future]) -> None:

@@ -125,6 +125,8 @@ def test_server_killed_mid_upload_training_continues_and_the_next_promotion_succ
     assert "kill/step-00000001/manifest.json" in keys(s3_env, "kill"), "step 1 must survive the lost server"
     _save(mgr, 4)
     assert mgr.wait_durable() == ["L1", "L2"]
+    assert mgr.stats.level_failures == {"L2": 2} and mgr.stats.bytes_written["L2"] > 0
+    assert mgr.stats.write_seconds["L2"] > 0  # uploads of the two committed steps and the failed ones
     mgr.close()
     stored = keys(s3_env, "kill")
     assert {k.split("/")[1] for k in stored if "step-" in k} == {"step-00000001", "step-00000004"}, stored
@@ -196,6 +198,24 @@ def test_ecpt_train_refuses_a_missing_bucket_before_any_worker_starts(s3_env, ti
     assert "checkpoint.l2_dir = 's3://no-such-bucket/run'" in result.stderr
     assert "bucket 'no-such-bucket' does not exist" in result.stderr
     assert not (run / "metrics.jsonl").exists(), "no worker may start"
+
+
+def test_retention_deletes_an_abandoned_step_and_aborts_its_multipart_upload(s3_env):
+    """A process killed mid-upload leaves a step prefix without manifest and an incomplete multipart upload (both
+    made here by hand); the next commit on the level removes both."""
+    client = s3_env.client()
+    client.put_object(Bucket="ckpt", Key="mp/step-00000001/w/c/0", Body=b"half a checkpoint")
+    upload = client.create_multipart_upload(Bucket="ckpt", Key="mp/step-00000001/w/c/1")
+    client.upload_part(
+        Bucket="ckpt", Key="mp/step-00000001/w/c/1", UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
+    )
+    assert len(client.list_multipart_uploads(Bucket="ckpt", Prefix="mp/").get("Uploads", [])) == 1
+    mgr = _manager([l2(s3_env, "mp")])
+    _save(mgr, 2)
+    assert mgr.wait_durable() == ["L2"]
+    mgr.close()
+    assert not any("step-00000001" in k for k in keys(s3_env, "mp"))
+    assert client.list_multipart_uploads(Bucket="ckpt", Prefix="mp/").get("Uploads", []) == []
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "delete"])
