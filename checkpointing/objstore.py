@@ -27,7 +27,6 @@ import json
 import os
 import re
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -212,14 +211,15 @@ class ObjectStorage:
     def __init__(self, level: LevelSpec, max_concurrency: int = 4) -> None:
         self.level = level
         self.client = ObjectClient(level.root, level.endpoint)
-        self.root = Path(self.client.prefix) if self.client.prefix else Path()
+        if not self.client.prefix:
+            raise ValueError(f"LevelSpec {level.name}: {level.root!r} needs a key prefix: s3://bucket/prefix")
+        self.root = Path(self.client.prefix)
         self.max_concurrency = max(1, max_concurrency)
         self._uploads = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=f"ckpt-upload-{level.name}")
         self._inflight: list[tuple[str, Future]] = []
         self._written: dict[str, int] = {}
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
-        self.upload_seconds = 0.0
 
     # ------------------------------------------------------------------------------------- naming and checks
 
@@ -254,7 +254,7 @@ class ObjectStorage:
     # ------------------------------------------------------------------------------ commit protocol (writes)
 
     def begin(self, ctx: SaveContext, state: LevelState) -> Target:
-        self._drain()
+        self._drain(raise_errors=False)  # normally nothing left: a failed save already waited and reported
         self._written = {}
         return Target(self.final_location(ctx.step), False)
 
@@ -326,8 +326,13 @@ class ObjectStorage:
             self.client.abort_multipart_uploads(str(self.root))
 
     def discard(self, target: Target, state: LevelState) -> None:
-        self._drain()
-        self.client.delete_dir(str(target.location))
+        """Delete the failed save's objects. Never raises (the protocol calls it on its error paths): when the
+        store cannot be reached, the next retention after a commit removes them (no manifest: never read)."""
+        self._drain(raise_errors=False)
+        try:
+            self.client.delete_dir(str(target.location))
+        except ObjectStoreError:
+            pass
 
     def final_location(self, step: int) -> Path:
         return self.root / step_dir_name(step)
@@ -380,10 +385,7 @@ class ObjectStorage:
         return self.url(location)
 
     def close(self) -> None:
-        try:
-            self._drain()
-        except ObjectStoreError:
-            pass  # the save that wrote them already failed and said why
+        self._drain(raise_errors=False)  # the save that wrote them already failed and said why
         self._uploads.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -412,7 +414,6 @@ class ObjectStorage:
         return bytearray(size)
 
     def _upload(self, key: str, buf: bytearray, view: memoryview) -> None:
-        t0 = time.perf_counter()
         try:
             self.client.put(key, view)
         finally:
@@ -422,7 +423,6 @@ class ObjectStorage:
             except BufferError:  # something still holds the bytes: never hand them out again
                 reusable = False
             with self._lock:
-                self.upload_seconds += time.perf_counter() - t0
                 if reusable and len(self._free) < self.max_concurrency + 1:
                     self._free.append(buf)
 
@@ -435,8 +435,8 @@ class ObjectStorage:
             self._drain()
             raise
 
-    def _drain(self) -> None:
-        """Wait for every upload in flight; raise the first failure."""
+    def _drain(self, raise_errors: bool = True) -> None:
+        """Wait for every upload in flight; raise the first failure (raise_errors)."""
         first = None
         while self._inflight:
             _, fut = self._inflight.pop(0)
@@ -444,7 +444,7 @@ class ObjectStorage:
                 fut.result()
             except ObjectStoreError as e:
                 first = first or e
-        if first is not None:
+        if first is not None and raise_errors:
             raise first
 
 
