@@ -175,7 +175,7 @@ class ObjectClient:
             return 0
         aborted = 0
         try:
-            client = boto3.client("s3", endpoint_url=self.endpoint or None, region_name=self.region)
+            client = boto3.session.Session().client("s3", endpoint_url=self.endpoint or None, region_name=self.region)
             pages = client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"
             )
@@ -193,13 +193,17 @@ def _boto3_credentials():
     not installed or finds no credentials (then obstore reads the AWS_* variables itself)."""
     try:
         import boto3
+        from botocore.exceptions import BotoCoreError
         from obstore.auth.boto3 import Boto3CredentialProvider
     except ImportError:
         return None
-    session = boto3.Session()
-    if session.get_credentials() is None:
-        return None
-    return Boto3CredentialProvider(session), session.region_name
+    try:
+        session = boto3.session.Session()  # a fresh one: the variables and files as they are now
+        if session.get_credentials() is None:
+            return None
+        return Boto3CredentialProvider(session), session.region_name
+    except BotoCoreError as e:  # e.g. AWS_PROFILE names a profile no file defines
+        raise CheckpointError(f"AWS credentials for the object store: {e}") from e
 
 
 class ObjectStorage:

@@ -200,6 +200,33 @@ def test_ecpt_train_refuses_a_missing_bucket_before_any_worker_starts(s3_env, ti
     assert not (run / "metrics.jsonl").exists(), "no worker may start"
 
 
+def test_credentials_from_the_aws_config_files(tmp_path, monkeypatch):
+    """No AWS_* key in the environment: the key comes from the shared credentials file of a named profile."""
+    server = start_s3_server(tmp_path / "s3", credentials=True)
+    try:
+        env = server.env()
+        (tmp_path / "credentials").write_text(
+            f"[ckpt]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\naws_secret_access_key = "
+            f"{env['AWS_SECRET_ACCESS_KEY']}\n"
+        )
+        (tmp_path / "config").write_text("[profile ckpt]\nregion = us-east-1\n")
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+        monkeypatch.setenv("AWS_PROFILE", "ckpt")
+        mgr = _manager([l2(server, "profile")])
+        _save(mgr, 1)
+        assert mgr.wait_durable() == ["L2"]
+        mgr.close()
+        assert "profile/step-00000001/manifest.json" in keys(server, "profile")
+        monkeypatch.setenv("AWS_PROFILE", "nobody")  # a profile that does not exist: no key at all
+        with pytest.raises(CheckpointError, match="AWS credentials .*nobody"):
+            _manager([l2(server, "profile")])
+    finally:
+        server.stop()
+
+
 def test_retention_deletes_an_abandoned_step_and_aborts_its_multipart_upload(s3_env):
     """A process killed mid-upload leaves a step prefix without manifest and an incomplete multipart upload (both
     made here by hand); the next commit on the level removes both."""

@@ -106,7 +106,7 @@ class S3Server:
         from botocore.config import Config
 
         env = self.env()
-        return boto3.client(
+        return boto3.session.Session().client(  # not boto3.client: its cached session missed later env changes
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
