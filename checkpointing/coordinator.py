@@ -19,8 +19,6 @@ This thread is the only one that talks on the checkpoint process group, so colle
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import queue
 import secrets
@@ -32,11 +30,12 @@ from checkpointing.comm import Comm
 from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext, who
 from checkpointing.errors import CheckpointError
+from checkpointing.agreement import Layouts
 from checkpointing.jobs import AgreedLayout, ControlJob, JobKey, WriteJob
 from checkpointing.manifest import MANIFEST_NAME
 from checkpointing.metrics import Metrics
 from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_chunks
-from checkpointing.plan import PlanCache, global_layouts
+from checkpointing.plan import PlanCache
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
 from checkpointing.slots import SlotPool
@@ -47,6 +46,11 @@ from checkpointing.tiers import LevelSpec, step_dir_name
 class Coordinator:
     """The persist thread and the state only it changes (see the module docstring). The manager's caller and
     stager threads hand it jobs through `queue`, in order, and read `agreed` (replaced, never mutated)."""
+
+    @property
+    def agreed(self) -> AgreedLayout | None:
+        """The layout every rank agreed on last: what zero-copy staging (the caller's thread) plans against."""
+        return self.layouts.agreed
 
     def __init__(
         self,
@@ -70,14 +74,9 @@ class Coordinator:
         self._after_chunk = after_chunk  # fault tests: see persist.ChunkHook
         self._buffers = Buffers()  # this thread's (the promoter has its own)
         self._promoter = Promoter(states, log, metrics)
-        self.agreed: AgreedLayout | None = None
-        """The layout every rank agreed on last: what zero-copy staging (the caller's thread) plans against."""
         self.staged_jobs: dict[int, WriteJob] = {}
         """BufferSet index -> the save it staged last (the stager fills it; emergency saves read it)."""
-        self._peer: dict[int, tuple[str, dict]] = {}  # rank -> (tensors digest, tensor descriptions)
-        self._peer_static: dict[int, dict] = {}  # rank -> its static extra
-        self.static_extra = static_extra
-        self._sent_digest: str | None = None
+        self.layouts = Layouts(world, local, node_id, chunk_bytes, plans, static_extra)
         self.queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._persist_loop, name="ckpt-persister", daemon=True)
         self._thread.start()
@@ -106,7 +105,7 @@ class Coordinator:
             info = self._job_info(job)
             info["promo"] = self._promoter.report()
             infos = self.world.all_gather_json(info)
-            self._learn_layouts(infos)
+            self.layouts.learn(infos)
             self._promoter.advance(infos, self.world.rank)
             keys = [JobKey.of(i["key"]) for i in infos]
             if keys[self.world.rank] < max(keys):
@@ -152,15 +151,12 @@ class Coordinator:
                 "newest": None if newest is None else newest.step,
             }
         d = job.described
-        changed = d.tensors_digest != self._sent_digest
         return {
             "key": job.key,
             "kind": "write",
             "node": self.node_id,
             "nonce": secrets.token_hex(6),
-            "tensors_digest": d.tensors_digest,
-            "tensors": d.describes if changed else None,
-            "static": self.static_extra if changed else None,  # it never changes: sent with the first layout
+            **self.layouts.announce(d.tensors_digest, d.describes, always=False),
             "slot_layout": job.slot_layout,
             "pre": job.pre,
             "extra": job.extra,
@@ -188,18 +184,6 @@ class Coordinator:
         )
         job.pre = outcome_dict(outcome, state.spare)
 
-    def _learn_layouts(self, infos: list[dict]) -> None:
-        """Remember every rank's tensor descriptions and static extra: a rank sends them only when its tensors
-        changed, and every rank sees every gather, so these tables are the same everywhere."""
-        for r, info in enumerate(infos):
-            if info.get("tensors") is not None:
-                self._peer[r] = (info["tensors_digest"], info["tensors"])
-            if info.get("static") is not None:
-                self._peer_static[r] = info["static"]
-        mine = infos[self.world.rank]
-        if mine.get("tensors_digest") is not None:
-            self._sent_digest = mine["tensors_digest"]
-
     def _drop(self, job, keys: list[JobKey], why: str | None = None) -> None:
         """Another rank is already past this job (or the job cannot be written as staged): resolve it without
         writing (counted as a skip)."""
@@ -219,40 +203,9 @@ class Coordinator:
                 )
             )
 
-    def _context(self, step: int, infos: list[dict], describes: list[dict] | None = None) -> SaveContext:
-        """The agreed save context; layouts come from the cache when every rank's tensors are unchanged."""
-        digests = [i["tensors_digest"] for i in infos]
-        nodes = [i["node"] for i in infos]
-        layout_digest = hashlib.blake2b(
-            json.dumps([digests, nodes, self.chunk_bytes]).encode(), digest_size=12
-        ).hexdigest()
-        agreed = self.agreed
-        if agreed is None or agreed.digest != layout_digest:
-            if describes is None:
-                missing = [r for r, t in enumerate(digests) if self._peer.get(r, ("",))[0] != t]
-                if missing:
-                    raise ValueError(f"tensor descriptions of ranks {missing} are unknown")
-                describes = [self._peer[r][1] for r in range(len(infos))]
-            layouts = global_layouts([{"tensors": d} for d in describes], self.chunk_bytes)
-            agreed = AgreedLayout(layout_digest, layouts, nodes, digests)
-            self.agreed = agreed
-        return SaveContext(
-            step=step,
-            nonce=infos[0]["nonce"],
-            layouts=agreed.layouts,
-            extras=[{**self._peer_static.get(r, {}), **i["extra"]} for r, i in enumerate(infos)],
-            nodes=nodes,
-            world=self.world,
-            local=self.local,
-            node_id=self.node_id,
-            chunk_bytes=self.chunk_bytes,
-            layout_digest=layout_digest,
-            plans=self._plans,
-        )
-
     def _run_write(self, job: WriteJob, infos: list[dict]) -> None:
         try:
-            ctx = self._context(job.step, infos)
+            ctx = self.layouts.context(job.step, infos)
         except ValueError as e:
             self.release(job, linked=False)
             job.handle.durable.set_exception(CheckpointError(f"checkpoint step {job.step}: {e}"))
@@ -411,13 +364,11 @@ class Coordinator:
                 "node": self.node_id,
                 "nonce": secrets.token_hex(6),
                 "extra": staged.extra,
-                "tensors_digest": d.tensors_digest,
-                "tensors": d.describes,
-                "static": self.static_extra,
+                **self.layouts.announce(d.tensors_digest, d.describes, always=True),
             }
         )
-        self._learn_layouts(ctx_infos)
-        ctx = self._context(step, ctx_infos, [i["tensors"] for i in ctx_infos])
+        self.layouts.learn(ctx_infos)
+        ctx = self.layouts.context(step, ctx_infos)
         held = self._pool.acquire_specific(bufset)
         fast = {h["fast"] for h in have}
         if len(fast) == 1 and None not in fast:
