@@ -15,6 +15,7 @@ from checkpointing.objstore import ObjectStorage
 from support.ckpt_state import make_state, matches
 from support.ckpt_workers import run_workers
 from elastic.metrics import read_jsonl
+from support.commit_steps import write_steps
 from support.configs import recovery_config, write_toml
 from support.processes import check_ok, ecpt_train, run_ecpt
 from support.s3 import start_s3_server
@@ -87,6 +88,37 @@ def _save(mgr: CheckpointManager, step: int):
     handle = mgr.save(step, make_state(0, "replica", step), {"step": step})
     mgr.wait_staged()
     return handle
+
+
+def test_commit_protocol_on_s3_nothing_is_trusted_before_the_manifest(s3_env):
+    """commit.py's steps driven one by one with ObjectStorage: after every chunk is uploaded and verified the step
+    is not listed (no manifest); publish makes it visible and readable; a failed save is deleted with the older
+    step intact; keep_last retention deletes the older step only after the newer one committed."""
+    from checkpointing import commit
+    from checkpointing.commit import LevelState
+    from checkpointing.plan import PlanCache
+
+    storage = ObjectStorage(LevelSpec(**l2(s3_env, "protocol", keep=1)))
+    state, plans = LevelState(storage), PlanCache()
+    ctx, target, records = write_steps(state, 1, plans)
+    assert any("protocol/step-00000001/" in k for k in keys(s3_env, "protocol")), "chunks are uploaded"
+    assert storage.committed() == [], "a step is visible before its manifest"
+    assert commit.commit(state, ctx, target, records, failed=False).error is None
+    assert [s for s, _ in storage.committed()] == [1]
+    manifest = storage.read_manifest(target.location)
+    record = next(iter(manifest.tensors["counters"].chunks.values()))
+    storage.read_chunk(target.location / record.file, record, [memoryview(bytearray(record.nbytes))])
+
+    ctx, target, records = write_steps(state, 2, plans)
+    assert commit.commit(state, ctx, target, records, failed=True).error is None  # a rank failed: discarded
+    assert not any("step-00000002" in k for k in keys(s3_env, "protocol"))
+    assert [s for s, _ in storage.committed()] == [1]
+    ctx, target, records = write_steps(state, 3, plans)
+    assert commit.commit(state, ctx, target, records, failed=False).error is None
+    assert [s for s, _ in storage.committed()] == [3] and not any(
+        "step-00000001" in k for k in keys(s3_env, "protocol")
+    )
+    storage.close()
 
 
 def test_server_killed_mid_upload_training_continues_and_the_next_promotion_succeeds(s3_env, tmp_path, monkeypatch):
