@@ -31,7 +31,9 @@ Invariants every storage keeps: a reader never trusts a step without its manifes
 metadata file is durable); retention retires a step only after a newer one committed on the level; a failed or
 abandoned save's files are removed (`discard` now; other processes' leftovers by the next `retain`) and never touch
 an older checkpoint. Filesystem levels commit by renaming the partial directory (`FileStorage`, commit_fs.py); an
-object store commits by putting the manifest, then the `latest` pointer, once every chunk is uploaded and verified.
+object store commits by putting the manifest, then the `latest` pointer, once every chunk is uploaded and verified
+(`ObjectStorage`, objstore.py: the chunks go straight to the step's final keys, and make_durable waits for every
+upload and checks each object's size in a listing). `objstore.storage_for(level)` picks the storage of a level.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Protocol
 import crc32c
 
 from checkpointing.context import SaveContext
-from checkpointing.manifest import ChunkRecord, ManifestEncoder
+from checkpointing.manifest import ChunkRecord, Manifest, ManifestEncoder
 from checkpointing.plan import TensorLayout
 from checkpointing.tiers import LevelSpec
 from checkpointing.zarr_store import array_metadata, group_metadata, group_paths
@@ -118,6 +120,27 @@ class LevelStorage(Protocol):
 
     def retire_after(self, step: int, nonce: str) -> list[Path]:
         """Retire committed steps after `step` (an abandoned trajectory, after a load of an older step)."""
+
+    # The loader's side (the manager lists, reads and verifies through the same storage):
+
+    def check(self) -> None:
+        """At start-up: raise CheckpointError if the level cannot be used (an object store: missing bucket,
+        refused credentials)."""
+
+    def committed(self) -> list[tuple[int, Path]]:
+        """(step, location) of every committed step (one with a manifest), oldest first."""
+
+    def read_manifest(self, location: Path) -> Manifest:
+        """The committed manifest at `location`; CheckpointCorruptError if absent or malformed."""
+
+    def read_chunk(self, path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
+        """Fill `views` with the chunk at `path` (location / record.file), verified against `record`."""
+
+    def display(self, location: Path) -> str:
+        """`location` as people and logs name it (a path, or s3://bucket/key)."""
+
+    def close(self) -> None:
+        """Finish or abandon background work (uploads) when the manager closes."""
 
 
 @dataclass

@@ -15,8 +15,18 @@ from pathlib import Path
 
 from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext
-from checkpointing.manifest import MANIFEST_NAME
-from checkpointing.tiers import Janitor, LevelSpec, partial_dir, publish, retain, retire_after, step_dir_name
+from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest, read_manifest
+from checkpointing.reshard import read_chunk_checked
+from checkpointing.tiers import (
+    Janitor,
+    LevelSpec,
+    committed_steps,
+    partial_dir,
+    publish,
+    retain,
+    retire_after,
+    step_dir_name,
+)
 from checkpointing.zarr_store import fsync_many, write_bytes_atomic, write_file
 
 
@@ -128,6 +138,26 @@ class FileStorage:
 
     def retire_after(self, step: int, nonce: str) -> list[Path]:
         return retire_after(self.root, step, nonce, self.janitor)
+
+    # reading (the loader's side of the storage)
+
+    def check(self) -> None:
+        """Start-up check: nothing to do (the first save creates the directories and reports what fails)."""
+
+    def committed(self) -> list[tuple[int, Path]]:
+        return committed_steps(self.root)
+
+    def read_manifest(self, location: Path) -> Manifest:
+        return read_manifest(location)
+
+    def read_chunk(self, path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
+        read_chunk_checked(path, record, views)
+
+    def display(self, location: Path) -> str:
+        return str(location)
+
+    def close(self) -> None:
+        """Nothing held (the janitor belongs to the manager)."""
 
 
 def _open_new(path: Path) -> int:

@@ -40,7 +40,7 @@ from checkpointing.promote import Promoter, Promotion
 from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
 from checkpointing.slots import SlotPool
 from checkpointing.staging import BufferPool
-from checkpointing.tiers import LevelSpec, committed_steps, step_dir_name
+from checkpointing.tiers import LevelSpec, step_dir_name
 
 
 class Coordinator:
@@ -295,6 +295,7 @@ class Coordinator:
                 pre if level is levels[0] else None,
                 self._after_chunk,
             )
+            self._metrics.observe_write(level.name, time.perf_counter() - t0)
             if res.retention_error:
                 self.log.warning("checkpoint retention on %s failed: %s", level.name, res.retention_error)
             if res.errors:
@@ -313,7 +314,7 @@ class Coordinator:
                 "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s",
                 ctx.step,
                 level.name,
-                res.path,
+                self._states[level.name].storage.display(res.path),
                 ", on every node" if level.node_local else "",
                 res.total_nbytes / 1e6,
                 time.perf_counter() - t0,
@@ -328,6 +329,14 @@ class Coordinator:
             done(committed, errors)
         return committed, errors
 
+    def _committed(self, level: LevelSpec) -> list[tuple[int, Path]]:
+        """The level's committed steps; none when its storage cannot be listed (a lost object store)."""
+        try:
+            return self._states[level.name].storage.committed()
+        except OSError as e:
+            self.log.warning("checkpoint level %s (%s) cannot be listed: %s", level.name, level.root, e)
+            return []
+
     def _run_emergency(self, infos: list[dict]) -> list[str]:
         """Write the newest staged snapshot to the most durable level unless every rank already has it there: from
         a committed copy on a faster level if every rank has one, else from the staged data."""
@@ -340,7 +349,7 @@ class Coordinator:
         faster = [lv for lv in self.levels[:-1] if (Path(lv.root) / step_dir_name(step) / MANIFEST_NAME).exists()]
         have = self.world.all_gather_json(
             {
-                "last": any(s == step for s, _ in committed_steps(Path(last.root))),
+                "last": any(s == step for s, _ in self._committed(last)),
                 "fast": faster[0].name if faster else None,
             }
         )

@@ -16,26 +16,45 @@ from pathlib import Path
 import torch
 
 from checkpointing.comm import Comm
+from checkpointing.commit import LevelStorage
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import Manifest, read_manifest
 from checkpointing.reshard import LoadTarget, Scratch, mismatch, missing_chunks, read_range
 from checkpointing.results import CheckpointInfo, LoadResult
 from checkpointing.staging import Shard
-from checkpointing.tiers import LevelSpec, committed_steps
+from checkpointing.tiers import LevelSpec
 
 
 class Loader:
     """Lists and loads the checkpoints of a manager's levels (see the module docstring). Caller's thread."""
 
-    def __init__(self, levels: list[LevelSpec], world: Comm, log: logging.Logger, read_threads: int) -> None:
+    def __init__(
+        self,
+        levels: list[LevelSpec],
+        world: Comm,
+        log: logging.Logger,
+        read_threads: int,
+        storages: dict[str, LevelStorage],
+    ) -> None:
         self.levels, self.world, self.log = levels, world, log
         self.rank = world.rank
         self._read_threads = max(1, read_threads)
         self._scratch = Scratch()
         self._manifests: dict[Path, tuple[int, Manifest]] = {}
+        self._storages = storages  # each level's storage lists, reads and verifies its copies (commit.LevelStorage)
 
-    def _manifest(self, path: Path) -> Manifest:
-        """Manifests are immutable once committed; cache by modification time."""
+    def _committed(self, level: LevelSpec) -> list[tuple[int, Path]]:
+        """The level's committed steps; none (and a warning) when its storage cannot be listed (a lost server)."""
+        try:
+            return self._storages[level.name].committed()
+        except OSError as e:
+            self.log.warning("checkpoint level %s (%s) cannot be listed, skipping it: %s", level.name, level.root, e)
+            return []
+
+    def _manifest(self, level: LevelSpec, path: Path) -> Manifest:
+        """Manifests are immutable once committed; cache by modification time (not on object stores: read again)."""
+        if level.is_object:
+            return self._storages[level.name].read_manifest(path)
         mtime = (path / "manifest.json").stat().st_mtime_ns
         cached = self._manifests.get(path)
         if cached and cached[0] == mtime:
@@ -48,17 +67,18 @@ class Loader:
         """Every committed checkpoint copy this rank can see, oldest first, fastest level first within a step."""
         out = []
         for order, level in enumerate(self.levels):
-            for step, path in committed_steps(Path(level.root)):
+            shown = self._storages[level.name].display
+            for step, path in self._committed(level):
                 try:
-                    m = self._manifest(path)
+                    m = self._manifest(level, path)
                 except (CheckpointCorruptError, OSError):
-                    out.append((step, order, CheckpointInfo(step, level.name, str(path), complete=False)))
+                    out.append((step, order, CheckpointInfo(step, level.name, shown(path), complete=False)))
                     continue
                 out.append(
                     (
                         step,
                         order,
-                        CheckpointInfo(step, level.name, str(path), m.nbytes, m.complete, m.node_id, m.created_unix),
+                        CheckpointInfo(step, level.name, shown(path), m.nbytes, m.complete, m.node_id, m.created_unix),
                     )
                 )
         return [info for _, _, info in sorted(out, key=lambda x: (x[0], x[1]))]
@@ -72,11 +92,11 @@ class Loader:
         """step -> [(level, path, manifest)] this rank can serve (all needed chunks present, shapes match)."""
         found: dict[int, list] = {}
         for level in self.levels:
-            for step, path in committed_steps(Path(level.root)):
+            for step, path in self._committed(level):
                 if (step, level.name) in excluded:
                     continue
                 try:
-                    manifest = self._manifest(path)
+                    manifest = self._manifest(level, path)
                 except (CheckpointCorruptError, OSError) as e:
                     reasons[step] = f"step {step} on {level.name}: {e}"
                     continue
@@ -120,7 +140,7 @@ class Loader:
                 )
             chosen = max(common)
             level, path, manifest = mine[chosen][0]
-            error, nread = self._read_all(path, manifest, targets)
+            error, nread = self._read_all(level, path, manifest, targets)
             statuses = self.world.all_gather_json(error)
             failed = [(r, e) for r, e in enumerate(statuses) if e]
             if not failed:
@@ -138,20 +158,24 @@ class Loader:
             "restored step %d from %s (%s) in %.2f s, %.1f MB read%s",
             chosen,
             level.name,
-            path,
+            self._storages[level.name].display(path),
             seconds,
             nread / 1e6,
             f", {len(fallbacks)} newer skipped" if fallbacks else "",
         )
-        return LoadResult(chosen, manifest.extra, level.name, str(path), seconds, nread, fallbacks, rank_extra, missing)
+        shown = self._storages[level.name].display(path)
+        return LoadResult(chosen, manifest.extra, level.name, shown, seconds, nread, fallbacks, rank_extra, missing)
 
-    def _read_all(self, path: Path, manifest: Manifest, targets: list[LoadTarget]) -> tuple[str | None, int]:
+    def _read_all(
+        self, level: LevelSpec, path: Path, manifest: Manifest, targets: list[LoadTarget]
+    ) -> tuple[str | None, int]:
         nread = 0
+        reader = self._storages[level.name].read_chunk
         try:
             with ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:
                 for t in targets:
                     if t.name in manifest.tensors:
-                        nread += read_range(path, manifest, t, self._scratch, pool)
+                        nread += read_range(path, manifest, t, self._scratch, pool, reader)
         except (CheckpointCorruptError, OSError) as e:
             return str(e), nread
         return None, nread

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 
 from checkpointing.comm import Comm
 from checkpointing.commit import LevelState
-from checkpointing.commit_fs import FileStorage
+from checkpointing.objstore import storage_for
 from checkpointing.coordinator import Coordinator
 from checkpointing.errors import CheckpointError
 from checkpointing.jobs import ControlJob, Describer, WriteJob
@@ -111,10 +111,14 @@ class CheckpointManager:
         self._closed = False
         self._plans = PlanCache()
         self._janitor = Janitor(self.log)
-        self._states = {lv.name: LevelState(FileStorage(lv, self._janitor)) for lv in self.levels}
+        self._states = {lv.name: LevelState(storage_for(lv, self._janitor)) for lv in self.levels}
+        for state in self._states.values():  # an unusable object store (no bucket, refused key) fails here, at once
+            state.storage.check()
         self._slots: dict[str, SlotPool] = {}
         self._describer = Describer()
-        self._loader = Loader(self.levels, self._world, self.log, read_threads)
+        self._loader = Loader(
+            self.levels, self._world, self.log, read_threads, {n: s.storage for n, s in self._states.items()}
+        )
         self._coordinator = Coordinator(
             self.levels,
             self._world,
@@ -304,6 +308,8 @@ class CheckpointManager:
         self._stager.join()
         self._coordinator.join()
         self._janitor.close()
+        for state in self._states.values():
+            state.storage.close()
         for pool in self._slots.values():
             pool.close()
         for state in self._states.values():
@@ -369,7 +375,10 @@ class CheckpointManager:
             committer = (self._local.rank if level.node_local else self.rank) == 0
             if committer:
                 storage = self._states[level.name].storage
-                retired += [str(p) for p in storage.retire_after(step, secrets.token_hex(4))]
+                try:
+                    retired += [storage.display(p) for p in storage.retire_after(step, secrets.token_hex(4))]
+                except OSError as e:  # a lost object store: its later steps stay until it can be reached
+                    self.log.warning("could not retire steps after %d on %s: %s", step, level.name, e)
         if retired:
             self.log.warning(
                 "continuing from step %d: retired %d later checkpoint(s) of an abandoned trajectory: %s",

@@ -19,6 +19,8 @@ class CheckpointStats:
     failures: int = 0
     blocked_seconds: float = 0.0  # total time the caller spent in save() + wait_staged()
     bytes_written: dict[str, int] = field(default_factory=dict)
+    write_seconds: dict[str, float] = field(default_factory=dict)  # per level: writing (uploading) and committing
+    level_failures: dict[str, int] = field(default_factory=dict)
 
 
 class Metrics:
@@ -46,6 +48,13 @@ class Metrics:
         self.bytes = Counter(
             "ecpt_checkpoint_bytes_total", "Checkpoint bytes written by this rank", ["level"], registry=registry
         )
+        self.write_seconds = Histogram(
+            "ecpt_checkpoint_write_seconds",
+            "Time one save spent writing (on object stores: uploading) and committing one level, failed ones too",
+            ["level"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
         self.failures = Counter(
             "ecpt_checkpoint_failures_total", "Checkpoint saves that failed on a level", ["level"], registry=registry
         )
@@ -65,6 +74,11 @@ class Metrics:
         if self._on:
             self.durable.labels(level=level).observe(seconds)
 
+    def observe_write(self, level: str, seconds: float) -> None:
+        self.stats.write_seconds[level] = self.stats.write_seconds.get(level, 0.0) + seconds
+        if self._on:
+            self.write_seconds.labels(level=level).observe(seconds)
+
     def add_bytes(self, level: str, n: int) -> None:
         self.stats.bytes_written[level] = self.stats.bytes_written.get(level, 0) + n
         if self._on:
@@ -72,6 +86,7 @@ class Metrics:
 
     def failure(self, level: str) -> None:
         self.stats.failures += 1
+        self.stats.level_failures[level] = self.stats.level_failures.get(level, 0) + 1
         if self._on:
             self.failures.labels(level=level).inc()
 

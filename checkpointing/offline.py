@@ -15,21 +15,68 @@ from checkpointing.tiers import committed_steps
 from checkpointing.zarr_store import read_into, torch_dtype
 
 
-def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
-    """Committed checkpoints under one level root, oldest first (directories without manifest are not listed)."""
+def is_url(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+def _object_storage(url: str, endpoint: str = ""):
+    """An s3:// level root or one step under it: (storage of the root, the step's location or None)."""
+    from checkpointing.objstore import ObjectStorage, parse_url
+    from checkpointing.tiers import LevelSpec
+
+    bucket, prefix = parse_url(url)
+    head, _, last = prefix.rpartition("/")
+    step = last if last.startswith("step-") else None
+    root = f"s3://{bucket}/{head if step else prefix}".rstrip("/")
+    storage = ObjectStorage(LevelSpec("offline", root, 1, 1, False, endpoint=endpoint), max_concurrency=1)
+    return storage, (storage.root / step if step else None)
+
+
+def list_checkpoints(root: str | Path, endpoint: str = "") -> list[CheckpointInfo]:
+    """Committed checkpoints under one level root (a directory or s3://bucket/prefix), oldest first (directories
+    or step prefixes without manifest are not listed)."""
+    if is_url(root):
+        storage, _ = _object_storage(str(root), endpoint)
+        steps, read, shown = storage.committed(), storage.read_manifest, storage.display
+    else:
+        steps, read, shown = committed_steps(Path(root)), read_manifest, str
     out = []
-    for step, path in committed_steps(Path(root)):
+    for step, path in steps:
         try:
-            m = read_manifest(path)
+            m = read(path)
         except CheckpointCorruptError:
-            out.append(CheckpointInfo(step, "?", str(path), complete=False))
+            out.append(CheckpointInfo(step, "?", shown(path), complete=False))
             continue
-        out.append(CheckpointInfo(step, m.level, str(path), m.nbytes, m.complete, m.node_id, m.created_unix))
+        out.append(CheckpointInfo(step, m.level, shown(path), m.nbytes, m.complete, m.node_id, m.created_unix))
     return out
+
+
+def verify_object(url: str, endpoint: str = "") -> list[str]:
+    """verify() for one step under an s3:// root (s3://bucket/prefix/step-XXXXXXXX): every object is read and
+    checked against the manifest."""
+    from checkpointing.reshard import Scratch
+
+    storage, location = _object_storage(url, endpoint)
+    if location is None:
+        raise CheckpointError(f"{url}: not a step (s3://bucket/prefix/step-XXXXXXXX)")
+    try:
+        manifest = storage.read_manifest(location)
+    except CheckpointCorruptError as e:
+        return [str(e)]
+    scratch, problems = Scratch(), []
+    records = [r for t in manifest.tensors.values() for r in t.chunks.values()] + list(manifest.files.values())
+    for record in records:
+        try:
+            storage.read_chunk(location / record.file, record, [scratch.view(record.nbytes)])
+        except CheckpointCorruptError as e:
+            problems.append(str(e))
+    return problems
 
 
 def verify(path: str | Path) -> list[str]:
     """Every problem found in one checkpoint directory (empty list: every listed file has its size and crc32c)."""
+    if is_url(path):
+        return verify_object(str(path))
     path = Path(path)
     try:
         manifest = read_manifest(path)

@@ -32,7 +32,7 @@ from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext, level_comm
 from checkpointing.persist import RankOutcome, outcome_dict, write_chunks
 from checkpointing.sources import Buffers, CommittedCopy
-from checkpointing.tiers import LevelSpec, step_dir_name
+from checkpointing.tiers import LevelSpec
 
 
 @dataclass
@@ -132,6 +132,7 @@ class Promoter:
             return
         errors = sorted(set(head.copy_errors) | {e for r in reports for e in r["committed"]["errors"]})
         commit.adopt(self._states[level.name], ctx.node_id, [r["committed"] for r in reports])
+        self._metrics.observe_write(level.name, time.perf_counter() - head.t_level)
         if errors:
             head.errors += errors
             self._metrics.failure(level.name)
@@ -147,7 +148,7 @@ class Promoter:
                 "checkpoint step %d committed on %s (%s%s): %.1f MB in %.2f s (promoted from %s)",
                 head.step,
                 level.name,
-                Path(level.root) / step_dir_name(head.step),
+                self._states[level.name].storage.display(self._states[level.name].storage.final_location(head.step)),
                 ", on every node" if level.node_local else "",
                 total / 1e6,
                 time.perf_counter() - head.t_level,

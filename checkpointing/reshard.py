@@ -12,6 +12,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -94,8 +95,18 @@ def read_chunk_checked(path: Path, record: ChunkRecord, views: list[memoryview])
     verify_record(path, record, crc, size)
 
 
+ChunkReader = Callable[[Path, ChunkRecord, list[memoryview]], None]
+"""Fills the views with one chunk's bytes after checking them against its record (raises CheckpointCorruptError):
+read_chunk_checked for files, ObjectStorage.read_chunk for an object store (the path is then the object's key)."""
+
+
 def read_range(
-    ckpt_dir: Path, manifest: Manifest, t: LoadTarget, scratch: Scratch, pool: ThreadPoolExecutor | None = None
+    ckpt_dir: Path,
+    manifest: Manifest,
+    t: LoadTarget,
+    scratch: Scratch,
+    pool: ThreadPoolExecutor | None = None,
+    read_chunk: ChunkReader = read_chunk_checked,
 ) -> int:
     """Fill t.dest with elements [t.start, t.stop) of the saved tensor; return bytes read.
 
@@ -121,20 +132,27 @@ def read_range(
         jobs.append((path, record, dest, (a - cs) * isz if (a, b) != (cs, ce) else None))
     if pool is None or len(jobs) < 2:
         for job in jobs:
-            _read_one(*job, scratch)
+            _read_one(*job, scratch, read_chunk)
     else:
-        for fut in [pool.submit(_read_one, *job, None) for job in jobs]:
+        for fut in [pool.submit(_read_one, *job, None, read_chunk) for job in jobs]:
             fut.result()
     if not direct:
         t.dest.copy_(flat.view(t.dest.shape))
     return sum(job[1].nbytes for job in jobs)
 
 
-def _read_one(path: Path, record: ChunkRecord, dest: memoryview, offset: int | None, scratch: Scratch | None) -> None:
+def _read_one(
+    path: Path,
+    record: ChunkRecord,
+    dest: memoryview,
+    offset: int | None,
+    scratch: Scratch | None,
+    read_chunk: ChunkReader = read_chunk_checked,
+) -> None:
     """One chunk: straight into the destination if it lies wholly inside it, else via a scratch buffer."""
     if offset is None:
-        read_chunk_checked(path, record, [dest])
+        read_chunk(path, record, [dest])
         return
     buf = (scratch or Scratch()).view(record.nbytes)
-    read_chunk_checked(path, record, [buf])
+    read_chunk(path, record, [buf])
     dest[:] = buf[offset : offset + len(dest)]

@@ -46,6 +46,9 @@ class LevelSpec:
     """Whether the root is node memory. None: detected (tmpfs/ramfs, e.g. /dev/shm). A memory level skips fsync,
     logs its commits at DEBUG, and (node-local, CPU tensors) is staged zero-copy: the staging copy of a save is
     written straight into the files that become the checkpoint."""
+    endpoint: str = ""
+    """Object levels (root `s3://bucket/prefix`): the S3-compatible endpoint; empty: AWS_ENDPOINT_URL or AWS S3.
+    Credentials and region come from the usual AWS variables and files (see checkpointing/objstore.py)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -59,13 +62,20 @@ class LevelSpec:
         return step % self.interval == 0
 
     @property
+    def is_object(self) -> bool:
+        """The root is an object-store URL (s3://bucket/prefix): no directories, no rename, no fsync."""
+        return self.root.startswith("s3://")
+
+    @property
     def is_memory(self) -> bool:
+        if self.is_object:
+            return False
         return is_memory_fs(self.root) if self.memory is None else self.memory
 
     @property
     def sync(self) -> bool:
         """fsync on this level: requested and meaningful."""
-        return self.fsync and not self.is_memory
+        return self.fsync and not self.is_memory and not self.is_object
 
 
 def step_dir_name(step: int) -> str:

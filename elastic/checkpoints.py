@@ -58,16 +58,34 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
             LevelSpec(name="L1", root=str(root), interval=c.interval, keep_last=c.keep_last, node_local=c.l1_node_local)
         )
     if c.l2_interval:
+        is_url = "://" in c.l2_dir  # validated: s3://bucket/prefix (a Path would fold "s3://" into "s3:/")
         levels.append(
             LevelSpec(
                 name="L2",
-                root=str(Path(c.l2_dir) / run_key(cfg)),
+                root=f"{c.l2_dir.rstrip('/')}/{run_key(cfg)}" if is_url else str(Path(c.l2_dir) / run_key(cfg)),
                 interval=c.l2_interval,
                 keep_last=c.l2_keep_last,
                 node_local=False,
+                endpoint=c.s3_endpoint,
             )
         )
     return levels
+
+
+def check_object_levels(cfg: Config) -> None:
+    """Start-up, before any worker runs: an s3:// l2_dir must name an existing bucket that the configured
+    credentials may list, write and delete in. Raises CheckpointError saying which and what would fix it (every
+    CheckpointManager checks again when it starts)."""
+    c = cfg.checkpoint
+    if not (c.l2_interval and c.l2_dir.startswith("s3://")):
+        return
+    from checkpointing.objstore import ObjectStorage
+
+    storage = ObjectStorage(LevelSpec("L2", c.l2_dir, c.l2_interval, c.l2_keep_last, False, endpoint=c.s3_endpoint))
+    try:
+        storage.check()
+    finally:
+        storage.close()
 
 
 def claim_memory_level(cfg: Config, launcher: str, log) -> None:

@@ -447,7 +447,13 @@ class CheckpointConfig:
     """Memory checkpoints whose owner's liveness cannot be checked (no owner record, another host or pid namespace)
     are freed by the next run on the node once unchanged this long; see elastic/memory_levels.py."""
     l2_dir: str = ""
-    """Root of L2 (shared or persistent storage); empty disables L2."""
+    """Root of L2 (shared or persistent storage); empty disables L2. A path (a mounted shared file system) or an
+    object-store URL `s3://bucket/prefix`: credentials and region come from the usual AWS environment variables
+    and config files (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/...). L2 is the only level that may be a URL: L0 is
+    node memory and L1 is written from the staging buffers on the save's critical path."""
+    s3_endpoint: str = ""
+    """Endpoint of an S3-compatible service for an s3:// l2_dir, e.g. http://127.0.0.1:8333 (MinIO, SeaweedFS,
+    Ceph). Empty: AWS_ENDPOINT_URL if set, else AWS S3 itself."""
     l2_interval: int = 0
     """Steps between L2 checkpoints."""
     l2_keep_last: int = 2
@@ -472,12 +478,28 @@ class CheckpointConfig:
         )
         for name in ("dir", "l0_dir", "l2_dir"):
             # A URL is not a path: taken as one, "s3://ckpt/run" silently became a local directory named "s3:".
-            scheme, sep, _ = getattr(self, name).partition("://")
+            value = getattr(self, name)
+            scheme, sep, rest = value.partition("://")
+            if not sep:
+                continue
             _require(
-                not sep,
-                f"checkpoint.{name} = {getattr(self, name)!r}: {scheme}:// URLs are not supported; every checkpoint "
-                f"level is a file system path (a mounted shared file system for L2)",
+                name == "l2_dir" and scheme == "s3",
+                f"checkpoint.{name} = {value!r}: {scheme}:// URLs are not supported here; "
+                + (
+                    "checkpoint.l2_dir takes a path or s3://bucket/prefix"
+                    if name == "l2_dir"
+                    else f"checkpoint.{name} is a file system path (only checkpoint.l2_dir may be an s3:// URL)"
+                ),
             )
+            _require(
+                bool(rest.split("/", 1)[0]),
+                f"checkpoint.l2_dir = {value!r} names no bucket; write s3://bucket/prefix",
+            )
+        _require(
+            not self.s3_endpoint or self.s3_endpoint.startswith(("http://", "https://")),
+            f"checkpoint.s3_endpoint = {self.s3_endpoint!r} must be an http:// or https:// URL (or empty: "
+            f"AWS_ENDPOINT_URL or AWS S3 itself)",
+        )
 
 
 @dataclass

@@ -107,9 +107,12 @@ def run_ckpt(args: argparse.Namespace) -> int:
 
     scheme, sep, _ = args.dir.partition("://")
     if sep:  # Path() would fold "s3://b/p" into the local path "s3:/b/p" and report no checkpoint there
+        if scheme == "s3" and args.ckpt_command in ("list", "verify"):
+            return _object_command(args)
         print(
-            f"ecpt ckpt: {args.dir}: {scheme}:// URLs are not supported; give a checkpoint directory or level root "
-            f"on a file system",
+            f"ecpt ckpt: {args.dir}: {scheme}:// URLs are not supported by `ecpt ckpt {args.ckpt_command}`; "
+            f"list and verify take s3://bucket/prefix, everything else a checkpoint directory or level root on a "
+            f"file system",
             file=sys.stderr,
         )
         return 2
@@ -175,10 +178,36 @@ def _export(target: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _object_command(args: argparse.Namespace) -> int:
+    """list / verify of an s3:// level root or step (endpoint and key from the AWS_* variables and files)."""
+    from checkpointing import CheckpointError, list_checkpoints, verify
+
+    url = args.dir.rstrip("/")
+    try:
+        if args.ckpt_command == "list":
+            return _print_infos(url, list_checkpoints(url))
+        if not url.rpartition("/")[2].startswith("step-"):
+            found = list_checkpoints(url)
+            if not found:
+                raise CheckpointError(f"{url}: no committed checkpoint (no step-XXXXXXXX/manifest.json)")
+            url = found[-1].path
+        problems = verify(url)
+    except (CheckpointError, OSError) as e:
+        print(f"ecpt ckpt: {e}", file=sys.stderr)
+        return 2
+    for p in problems:
+        print(f"PROBLEM {p}")
+    print(f"{url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
 def _list(path: Path) -> int:
     from checkpointing import list_checkpoints
 
-    infos = list_checkpoints(path.parent if _is_checkpoint(path) else path)
+    return _print_infos(path, list_checkpoints(path.parent if _is_checkpoint(path) else path))
+
+
+def _print_infos(path, infos) -> int:
     if not infos:
         print(f"ecpt ckpt: {path}: no committed checkpoint", file=sys.stderr)
         return 2

@@ -50,7 +50,14 @@ def train_on_this_machine(
 ) -> int:
     """Prepare the run, start the elastic agent and wait for it; the exit code of ``ecpt train``."""
     from launch.local import resolve_endpoint, run_agent, torchrun_command  # imports torch: not on every ecpt start
+    from checkpointing import CheckpointError
+    from elastic.checkpoints import check_object_levels
 
+    try:  # a missing bucket or a refused key: say so now, not after the workers failed and restarted
+        check_object_levels(cfg)
+    except CheckpointError as e:
+        print(f"ecpt train: checkpoint.l2_dir = {cfg.checkpoint.l2_dir!r}: {e}", file=sys.stderr)
+        return 2
     config_json = prepare_run(cfg)
     endpoint = resolve_endpoint(cfg)
     print(

@@ -27,3 +27,21 @@ def hf_tokenizer_dir(tmp_path_factory) -> Path:
     from support.hf_tokenizer import save_bpe_tokenizer
 
     return save_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="module")
+def s3_server_module(tmp_path_factory):
+    from support.s3 import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_server_module):
+    """A real SeaweedFS S3 server on free 127.0.0.1 ports (any key accepted), bucket "ckpt", shared by a module's
+    tests (each uses its own key prefix) and running again if a test killed it."""
+    if s3_server_module.proc.poll() is not None:
+        s3_server_module.start()
+    return s3_server_module

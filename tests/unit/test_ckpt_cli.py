@@ -42,9 +42,10 @@ def test_list_verify_inspect_export(tmp_path, capsys):
 
 
 def test_a_url_is_refused_instead_of_read_as_a_local_path(tmp_path, monkeypatch, capsys):
-    """`ecpt ckpt list s3://ckpt/run` used to look in the local directory s3:/ckpt/run and say it held nothing."""
+    """`ecpt ckpt list s3://ckpt/run` used to look in the local directory s3:/ckpt/run and say it held nothing;
+    list and verify now read s3:// (tests/faults/test_s3_level.py), the rest refuse every URL."""
     monkeypatch.chdir(tmp_path)
-    for command in ("list", "verify", "inspect"):
-        assert ckpt([command, "s3://ckpt/run"]) == 2
-        assert "s3:// URLs are not supported" in capsys.readouterr().err
+    for command, url in [("inspect", "s3://ckpt/run"), ("list", "gs://ckpt/run"), ("verify", "file:///ckpt/run")]:
+        assert ckpt([command, url]) == 2
+        assert f"{url.split(':')[0]}:// URLs are not supported" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -54,12 +54,20 @@ def test_bad_values_name_the_field(tiny_raw, mutate, field):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("l2_dir", "s3://ckpt/run"), ("dir", "gs://bucket/ckpt"), ("l0_dir", "file:///dev/shm/ecpt")],
+    [
+        ("l2_dir", "gs://ckpt/run"),
+        ("l2_dir", "file:///mnt/ckpt"),
+        ("dir", "s3://bucket/ckpt"),
+        ("dir", "gs://bucket/ckpt"),
+        ("l0_dir", "s3://bucket/ckpt"),
+        ("l0_dir", "file:///dev/shm/ecpt"),
+    ],
 )
 def test_a_url_as_checkpoint_level_is_a_config_error_not_a_local_directory(
     tiny_raw, tmp_path, monkeypatch, field, value
 ):
-    """s3://ckpt/run used to be accepted and silently became a local directory named 's3:'."""
+    """s3://ckpt/run as L1 or L0, or any other scheme, used to be accepted and silently became a local directory
+    named 's3:'; only l2_dir takes s3:// (below)."""
     monkeypatch.chdir(tmp_path)
     raw = copy.deepcopy(tiny_raw)
     raw["checkpoint"].update({field: value, "l2_interval": 5 if field == "l2_dir" else 0})
@@ -67,6 +75,33 @@ def test_a_url_as_checkpoint_level_is_a_config_error_not_a_local_directory(
         config_from_dict(raw)
     assert f"checkpoint.{field}" in str(err.value) and value.split("://")[0] + "://" in str(err.value)
     assert not any(tmp_path.iterdir()), "validation must not create anything"
+
+
+def test_l2_dir_takes_an_s3_url_and_builds_an_object_level_under_it(tiny_raw, tmp_path, monkeypatch):
+    from elastic.checkpoints import checkpoint_levels, run_key
+
+    monkeypatch.chdir(tmp_path)
+    raw = copy.deepcopy(tiny_raw)
+    raw["checkpoint"].update(l2_dir="s3://ckpt/team/run", l2_interval=5, s3_endpoint="http://127.0.0.1:9000")
+    cfg = config_from_dict(raw)
+    l2 = checkpoint_levels(cfg)[-1]
+    assert l2.name == "L2" and l2.root == f"s3://ckpt/team/run/{run_key(cfg)}"
+    assert l2.is_object and l2.endpoint == "http://127.0.0.1:9000"
+    assert not any(tmp_path.iterdir()), "an object level creates no local directory"
+
+
+@pytest.mark.parametrize(
+    "update,message",
+    [
+        ({"l2_dir": "s3:///run"}, "names no bucket"),
+        ({"l2_dir": "s3://ckpt/run", "s3_endpoint": "127.0.0.1:9000"}, "checkpoint.s3_endpoint"),
+    ],
+)
+def test_a_bad_s3_address_is_a_config_error(tiny_raw, update, message):
+    raw = copy.deepcopy(tiny_raw)
+    raw["checkpoint"].update(update, l2_interval=5)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
 
 
 def test_global_batch_must_cover_the_largest_world(tiny_raw):

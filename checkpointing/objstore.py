@@ -1,0 +1,461 @@
+"""The commit protocol's storage for an object-store level (root `s3://bucket/prefix`): see commit.py for the order.
+
+Object stores have no rename and no directories, so a save is written in place under its final key prefix and
+the manifest is the commit point:
+
+    <prefix>/step-XXXXXXXX/<array>/c/<i>      chunks (same zarr v3 layout as every other level)
+    <prefix>/step-XXXXXXXX/**/zarr.json       zarr metadata
+    <prefix>/step-XXXXXXXX/manifest.json      put last, once every chunk of every rank is uploaded and verified
+    <prefix>/latest                           {"step", "dir"}, put after the manifest (for people and tools)
+
+A step prefix without manifest.json does not exist for readers (an upload in progress, or abandoned by a crash or a
+lost server); the next retention after a commit deletes it. Retiring a step deletes its manifest first, so readers
+stop trusting it before any chunk goes.
+
+I/O goes through zarr's own store layer: zarr.storage.ObjectStore over an obstore S3Store (measured faster than
+zarr.storage.FsspecStore with s3fs here: benchmarks/s3_stores.py). Chunks are uploaded `max_concurrency` at a time
+from copies (the caller's buffers are reused at once), and obstore switches to multipart uploads for objects
+above 5 MiB. Endpoint, region and credentials: LevelSpec.endpoint, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; the
+AWS_* variables, or, when boto3 is installed, boto3's chain (profiles, ~/.aws/config and credentials, SSO, IMDS).
+Every store error becomes ObjectStoreError (an OSError), so the protocol reports it like a disk error: the save
+fails on this level, older checkpoints stay intact, training continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import crc32c
+
+from checkpointing.commit import LevelState, Target
+from checkpointing.context import SaveContext
+from checkpointing.errors import CheckpointCorruptError, CheckpointError
+from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest
+from checkpointing.reshard import verify_record
+from checkpointing.tiers import LevelSpec, step_dir_name
+
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+_S3_ERROR_RE = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>", re.S)
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken"}
+
+
+class ObjectStoreError(OSError):
+    """A request to the object store failed (network, server, permission); the message is short and names the key."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
+    scheme, sep, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if scheme != "s3" or not sep or not bucket:
+        raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+    return bucket, prefix.strip("/")
+
+
+def describe_error(e: BaseException) -> str:
+    """The S3 error code and message when the server sent one, else the first line of the client's error."""
+    text = str(e)
+    m = _S3_ERROR_RE.search(text.replace('\\"', '"'))
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    import obstore.exceptions
+
+    return (obstore.exceptions.BaseError, OSError)
+
+
+class ObjectClient:
+    """zarr.storage.ObjectStore over an obstore S3Store for one bucket, used synchronously (zarr's own event loop
+    thread does the I/O); keys are relative to the bucket."""
+
+    def __init__(self, url: str, endpoint: str = "", timeout_s: float = 60.0, retry_s: float = 20.0) -> None:
+        from obstore.store import S3Store
+        from zarr.storage import ObjectStore
+
+        self.url = url
+        self.bucket, self.prefix = parse_url(url)
+        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+        options: dict = {}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        provider = _boto3_credentials() if not os.environ.get("AWS_ACCESS_KEY_ID") else None
+        if provider is not None:
+            options["credential_provider"], boto_region = provider
+            region = region or boto_region
+        if self.endpoint:
+            options["endpoint"] = self.endpoint
+        self.errors = _store_errors()
+        self.region = region or "us-east-1"
+        self.store = ObjectStore(
+            S3Store(
+                self.bucket,
+                region=self.region,
+                client_options={
+                    "allow_http": self.endpoint.startswith("http://"),
+                    "connect_timeout": timedelta(seconds=5),
+                    "timeout": timedelta(seconds=timeout_s),
+                },
+                retry_config={
+                    "max_retries": 3,
+                    "backoff": {"init_backoff": timedelta(seconds=0.1), "max_backoff": timedelta(seconds=2), "base": 2},
+                    "retry_timeout": timedelta(seconds=retry_s),
+                },
+                **options,
+            )
+        )
+
+    def _run(self, what: str, coro):
+        from zarr.core.sync import sync
+
+        try:
+            return sync(coro)
+        except self.errors as e:
+            raise ObjectStoreError(f"s3://{self.bucket}/{what}: {describe_error(e)}") from e
+
+    def put(self, key: str, data) -> None:
+        from zarr.core.buffer import default_buffer_prototype
+
+        self._run(key, self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, None if it does not exist."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = self._run(key, self.store.get(key, default_buffer_prototype()))
+        return None if buf is None else buf.as_buffer_like()
+
+    def exists(self, key: str) -> bool:
+        return self._run(key, self.store.exists(key))
+
+    def list_dir(self, prefix: str) -> list[str]:
+        """Keys and sub-prefixes directly under `prefix` (one delimited listing through the ObjectStore's obstore
+        instance: zarr 3.1.6's ObjectStore.list_dir raised ValueError for a prefix without a trailing slash)."""
+        import obstore
+
+        async def collect():
+            found = await obstore.list_with_delimiter_async(self.store.store, prefix.rstrip("/") + "/")
+            return [*found["common_prefixes"], *(meta["path"] for meta in found["objects"])]
+
+        return self._run(prefix, collect())
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix` (key -> size): one listing, through the ObjectStore's obstore instance."""
+        import obstore
+
+        async def collect():
+            out = {}
+            async for batch in obstore.list(self.store.store, prefix.rstrip("/") + "/"):
+                out.update((meta["path"], meta["size"]) for meta in batch)
+            return out
+
+        return self._run(prefix, collect())
+
+    def delete(self, key: str) -> None:
+        self._run(key, self.store.delete(key))
+
+    def delete_dir(self, prefix: str) -> None:
+        self._run(prefix, self.store.delete_dir(prefix))
+
+    def abort_multipart_uploads(self, prefix: str) -> int:
+        """Abort every incomplete multipart upload under `prefix` (left by a process killed mid-upload: S3 keeps
+        their parts, invisible to listings, until aborted); returns how many. Needs boto3 (the [s3] extra): obstore
+        and zarr's store layer cannot list multipart uploads. Without boto3 nothing is aborted (0)."""
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            return 0
+        aborted = 0
+        try:
+            client = boto3.session.Session().client("s3", endpoint_url=self.endpoint or None, region_name=self.region)
+            pages = client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+        except (BotoCoreError, ClientError) as e:
+            raise ObjectStoreError(f"s3://{self.bucket}/{prefix}: aborting multipart uploads: {e}") from e
+        return aborted
+
+
+def _boto3_credentials():
+    """(credential provider, region) from boto3's chain (profiles, config files, SSO, IMDS), or None when boto3 is
+    not installed or finds no credentials (then obstore reads the AWS_* variables itself)."""
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        return None
+    try:
+        session = boto3.session.Session()  # a fresh one: the variables and files as they are now
+        if session.get_credentials() is None:
+            return None
+        return Boto3CredentialProvider(session), session.region_name
+    except BotoCoreError as e:  # e.g. AWS_PROFILE names a profile no file defines
+        raise CheckpointError(f"AWS credentials for the object store: {e}") from e
+
+
+class ObjectStorage:
+    """A level whose root is s3://bucket/prefix (see the module docstring). Used by one thread at a time: the
+    persist thread, or the promoter thread while a promotion to this level is in flight.
+
+    Locations (Target.location, final_location) are key prefixes relative to the bucket, as Paths."""
+
+    def __init__(self, level: LevelSpec, max_concurrency: int = 4) -> None:
+        self.level = level
+        self.client = ObjectClient(level.root, level.endpoint)
+        if not self.client.prefix:
+            raise ValueError(f"LevelSpec {level.name}: {level.root!r} needs a key prefix: s3://bucket/prefix")
+        self.root = Path(self.client.prefix)
+        self.max_concurrency = max(1, max_concurrency)
+        self._uploads = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=f"ckpt-upload-{level.name}")
+        self._inflight: list[tuple[str, Future]] = []
+        self._written: dict[str, int] = {}
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------- naming and checks
+
+    def key(self, location: Path, rel: str = "") -> str:
+        return f"{location}/{rel}" if rel else str(location)
+
+    def url(self, location: Path) -> str:
+        return f"s3://{self.client.bucket}/{location}"
+
+    def check(self) -> None:
+        """Start-up: the bucket exists and the credentials may list, write and delete under the prefix. Raises
+        CheckpointError saying which and what would fix it."""
+        probe = self.key(self.root, f".ecpt-probe-{os.getpid()}-{threading.get_ident()}")
+        where = f"{self.level.name} {self.level.root} (endpoint {self.client.endpoint or 'AWS S3'})"
+        try:
+            self.client.list_dir(str(self.root))
+            self.client.put(probe, b"probe")
+            self.client.delete(probe)
+        except ObjectStoreError as e:
+            text = str(e)
+            if "NoSuchBucket" in text:
+                raise CheckpointError(
+                    f"{where}: bucket {self.client.bucket!r} does not exist ({text}); create it or fix the URL"
+                ) from e
+            if any(code in text for code in _CREDENTIAL_CODES):
+                raise CheckpointError(
+                    f"{where}: the S3 credentials were refused ({text}); set AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, to a key that may read and write this bucket"
+                ) from e
+            raise CheckpointError(f"{where}: the object store cannot be used ({text})") from e
+
+    # ------------------------------------------------------------------------------ commit protocol (writes)
+
+    def begin(self, ctx: SaveContext, state: LevelState) -> Target:
+        self._drain(raise_errors=False)  # normally nothing left: a failed save already waited and reported
+        self._written = {}
+        return Target(self.final_location(ctx.step), False)
+
+    def prepare(self, target: Target, docs: list[tuple[str, bytes]]) -> list[str]:
+        for rel, data in docs:
+            key = self.key(target.location, rel)
+            self.client.put(key, data)
+            self._written[key] = len(data)
+        return [rel for rel, _ in docs]
+
+    def write_chunk(self, target: Target, rel: str, parts: list[memoryview], crc: int | None = None) -> int:
+        """Copy the bytes (the caller reuses its buffers) and upload them in the background, at most
+        max_concurrency at a time; the crc32c is taken from the copy. An earlier upload's failure raises here."""
+        while len(self._inflight) >= self.max_concurrency:
+            self._finish(self._inflight.pop(0))
+        size = sum(len(p) for p in parts)
+        buf = self._buffer(size)
+        view, pos, known = memoryview(buf), 0, crc is not None
+        crc = crc or 0
+        for part in parts:
+            view[pos : pos + len(part)] = part
+            if not known:
+                crc = crc32c.crc32c(view[pos : pos + len(part)], crc)
+            pos += len(part)
+        key = self.key(target.location, rel)
+        self._written[key] = size
+        self._inflight.append((key, self._uploads.submit(self._upload, key, buf, view[:size])))
+        return crc
+
+    def link_chunk(self, target: Target, rel: str, src: str) -> None:
+        """A staged file (zero-copy slot) becomes an object: its bytes are uploaded (already checksummed)."""
+        with open(src, "rb") as f:
+            data = f.read()
+        self.write_chunk(target, rel, [memoryview(data)], 0)
+
+    def make_durable(self, target: Target, rels: list[str]) -> None:
+        """Every upload finished, and every listed object is in the store with its size (one listing)."""
+        self._drain()
+        listed = self.client.sizes(str(target.location))
+        for rel in rels:
+            key = self.key(target.location, rel)
+            if listed.get(key) != self._written.get(key):
+                raise ObjectStoreError(
+                    f"{self.url(target.location)}/{rel}: after upload the store lists "
+                    f"{listed.get(key)} bytes, {self._written.get(key)} were written"
+                )
+
+    def publish(self, target: Target, step: int, nonce: str, manifest: bytes) -> Path:
+        """The commit: the manifest (every chunk of every rank is uploaded and verified), then `latest`."""
+        self.client.put(self.key(target.location, MANIFEST_NAME), manifest)
+        latest = json.dumps({"step": step, "dir": target.location.name}, sort_keys=True).encode()
+        self.client.put(self.key(self.root, "latest"), latest)
+        return target.location
+
+    def retain(self, sig: str, nonce: str, state: LevelState, chunk_files: list[str] | None, others: bool) -> None:
+        """Delete committed steps beyond keep_last (manifest first) and, with others=True, step prefixes that have
+        no manifest and incomplete multipart uploads (saves abandoned by a crash or a failed upload; none is in
+        flight: this level's saves run one at a time and this runs after this save's commit, when every rank's
+        uploads have finished)."""
+        steps = self._steps()
+        committed = [(s, loc) for s, loc, has_manifest in steps if has_manifest]
+        for _, loc in committed[: max(0, len(committed) - self.level.keep_last)]:
+            if loc.name not in state.pinned:
+                self._delete_step(loc)
+        if others:
+            for _, loc, has_manifest in steps:
+                if not has_manifest:
+                    self.client.delete_dir(str(loc))
+            self.client.abort_multipart_uploads(str(self.root))
+
+    def discard(self, target: Target, state: LevelState) -> None:
+        """Delete the failed save's objects. Never raises (the protocol calls it on its error paths): when the
+        store cannot be reached, the next retention after a commit removes them (no manifest: never read)."""
+        self._drain(raise_errors=False)
+        try:
+            self.client.delete_dir(str(target.location))
+        except ObjectStoreError:
+            pass
+
+    def final_location(self, step: int) -> Path:
+        return self.root / step_dir_name(step)
+
+    def retire_after(self, step: int, nonce: str) -> list[Path]:
+        retired = []
+        for s, loc in self.committed():
+            if s > step:
+                self._delete_step(loc)
+                retired.append(loc)
+        return retired
+
+    # -------------------------------------------------------------------------------------------- reading
+
+    def committed(self) -> list[tuple[int, Path]]:
+        """(step, location) of every committed step (manifest present), oldest first."""
+        return [(s, loc) for s, loc, has_manifest in self._steps() if has_manifest]
+
+    def read_manifest(self, location: Path) -> Manifest:
+        where = f"{self.url(location)}/{MANIFEST_NAME}"
+        try:
+            data = self.client.get(self.key(location, MANIFEST_NAME))
+        except ObjectStoreError as e:
+            raise CheckpointCorruptError(f"{where}: unreadable manifest ({e})") from e
+        if data is None:
+            raise CheckpointCorruptError(f"{where}: no committed manifest (an interrupted upload)")
+        try:
+            doc = json.loads(bytes(data))
+        except ValueError as e:
+            raise CheckpointCorruptError(f"{where}: unreadable manifest ({e})") from e
+        return Manifest.from_json(doc, where)
+
+    def read_chunk(self, path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
+        """Fill the views with the object's bytes after checking its size and crc32c against the manifest."""
+        where = f"s3://{self.client.bucket}/{path}"
+        try:
+            data = self.client.get(str(path))
+        except ObjectStoreError as e:
+            raise CheckpointCorruptError(f"chunk {where}: unreadable ({e})") from e
+        if data is None:
+            raise CheckpointCorruptError(f"chunk {where}: missing (listed in the manifest)")
+        data = memoryview(data).cast("B")
+        verify_record(Path(where), record, crc32c.crc32c(data), len(data))
+        pos = 0
+        for view in views:
+            view[:] = data[pos : pos + len(view)]
+            pos += len(view)
+
+    def display(self, location: Path) -> str:
+        return self.url(location)
+
+    def close(self) -> None:
+        self._drain(raise_errors=False)  # the save that wrote them already failed and said why
+        self._uploads.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _steps(self) -> list[tuple[int, Path, bool]]:
+        """(step, location, has manifest) of every step prefix under the root, oldest first (one listing)."""
+        found = {}
+        for key in self.client.sizes(str(self.root)):
+            rel = key[len(str(self.root)) + 1 :] if str(self.root) != "." else key
+            head, _, rest = rel.partition("/")
+            m = _STEP_RE.match(head)
+            if m and rest:
+                entry = found.setdefault(int(m.group(1)), [self.root / head, False])
+                entry[1] = entry[1] or rest == MANIFEST_NAME
+        return [(s, loc, has) for s, (loc, has) in sorted(found.items())]
+
+    def _delete_step(self, location: Path) -> None:
+        self.client.delete(self.key(location, MANIFEST_NAME))  # readers stop trusting it first
+        self.client.delete_dir(str(location))
+
+    def _buffer(self, size: int) -> bytearray:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= size:
+                    return self._free.pop(i)
+        return bytearray(size)
+
+    def _upload(self, key: str, buf: bytearray, view: memoryview) -> None:
+        try:
+            self.client.put(key, view)
+        finally:
+            try:
+                view.release()
+                reusable = True
+            except BufferError:  # something still holds the bytes: never hand them out again
+                reusable = False
+            with self._lock:
+                if reusable and len(self._free) < self.max_concurrency + 1:
+                    self._free.append(buf)
+
+    def _finish(self, item: tuple[str, Future]) -> None:
+        """Wait for one upload; on failure wait for the others too (nothing of this save keeps uploading), then
+        raise."""
+        try:
+            item[1].result()
+        except ObjectStoreError:
+            self._drain()
+            raise
+
+    def _drain(self, raise_errors: bool = True) -> None:
+        """Wait for every upload in flight; raise the first failure (raise_errors)."""
+        first = None
+        while self._inflight:
+            _, fut = self._inflight.pop(0)
+            try:
+                fut.result()
+            except ObjectStoreError as e:
+                first = first or e
+        if first is not None and raise_errors:
+            raise first
+
+
+def storage_for(level: LevelSpec, janitor=None, max_concurrency: int = 4):
+    """The commit protocol's storage for a level: an object store for s3:// roots, else a directory tree."""
+    if level.is_object:
+        return ObjectStorage(level, max_concurrency)
+    from checkpointing.commit_fs import FileStorage
+
+    return FileStorage(level, janitor)
