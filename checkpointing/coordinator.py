@@ -237,6 +237,20 @@ class Coordinator:
         for pool in self._slots.values():
             pool.refresh()
 
+    def _superseded(self, replaced: Promotion, newer: Promotion) -> None:
+        """A queued promotion gave way to a newer step's (Promoter.replace_queued): its save resolves with the levels
+        it reached, and the levels it did not reach count as skipped (the newer step goes there instead)."""
+        names = [lv.name for lv in replaced.levels]
+        self._metrics.skip(names)
+        self.log.log(
+            logging.INFO if self.world.rank == 0 else logging.DEBUG,
+            "checkpoint step %d not promoted to %s: step %d goes there instead (the slower level is still busy)",
+            replaced.step,
+            ", ".join(names),
+            newer.step,
+        )
+        replaced.on_done(replaced.committed, replaced.errors)
+
     def _drain_promotions(self, keep: int = 0) -> None:
         """Finish pending promotions now until at most `keep` are left: each round waits for this rank's promoter,
         then gathers. Called at the same point of the job sequence on every rank, so the rounds line up."""
@@ -263,20 +277,23 @@ class Coordinator:
         committed, errors, source, source_level = [], [], None, None
         for i, level in enumerate(levels):
             if source is not None and done is not None:
+                promo = Promotion(
+                    ctx.step,
+                    list(levels[i:]),
+                    source,
+                    source_level,
+                    ctx,
+                    lambda c, e: done(committed + c, errors + e),
+                    t_save=t_save,
+                )
+                replaced = self._promoter.replace_queued(promo, self.levels)
+                if replaced is not None:
+                    self._superseded(replaced, promo)
+                    return committed, errors
                 if len(self._promoter.pending) >= Promoter.MAX_PENDING:
                     self._metrics.stats.waits += 1
                     self._drain_promotions(keep=Promoter.MAX_PENDING - 1)
-                self._promoter.add(
-                    Promotion(
-                        ctx.step,
-                        list(levels[i:]),
-                        source,
-                        source_level,
-                        ctx,
-                        lambda c, e: done(committed + c, errors + e),
-                        t_save=t_save,
-                    )
-                )
+                self._promoter.add(promo)
                 return committed, errors
             if self._promoter.targets(level):
                 self._drain_promotions()  # this level is written here: no promotion may touch it meanwhile

@@ -12,7 +12,9 @@ every rank advances the same state machine from the same gathered data, so they 
     commit  the committers report errors and the spare skeleton they prepared; then the next level, or the save's
             `durable` future resolves
 
-Runs only one promotion at a time (a bounded queue behind it); all state here is touched by the persist thread,
+Runs only one promotion at a time, with one queued behind it. When a newer step's promotion arrives while
+that queue is full, the queued one gives way (replace_queued): the slower level gets the newest step, the steps in
+between count as skipped there, and neither the persist thread nor training waits for the slow level; all state here is touched by the persist thread,
 except what the promoter thread fills in for the head promotion (`mine`, `commit_result`), which the persist thread
 reads only after the promoter said it finished (`idle()`), and the level's LevelState, which only the promoter uses
 while that level has a promotion in flight.
@@ -87,6 +89,23 @@ class Promoter:
     def pinned(self, level_name: str) -> set[str]:
         """Committed directories on `level_name` that pending promotions still read from."""
         return {p.src.name for p in self.pending if p.src_level.name == level_name}
+
+    def replace_queued(self, promo: Promotion, level_order: list[LevelSpec]) -> Promotion | None:
+        """With the queue full, the queued promotion (not started: only the head runs) gives way to `promo`, which
+        takes over its levels too: a slower level that cannot keep up gets the newest step instead of making the
+        persist thread (and through it training) wait. Returns the replaced promotion, or None when the two do not
+        promote from the same level (then the caller waits as before). Every rank decides alike: `pending` is
+        lockstep state."""
+        if len(self.pending) < self.MAX_PENDING:
+            return None
+        queued = self.pending[-1]
+        if queued is self.pending[0] or queued.src_level.name != promo.src_level.name:
+            return None
+        wanted = {lv.name for lv in queued.levels} | {lv.name for lv in promo.levels}
+        promo.levels = [lv for lv in level_order if lv.name in wanted]
+        self.pending[-1] = promo
+        self._states[promo.src_level.name].pinned = self.pinned(promo.src_level.name)
+        return queued
 
     def add(self, promo: Promotion) -> None:
         self.pending.append(promo)

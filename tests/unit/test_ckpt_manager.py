@@ -23,9 +23,13 @@ from checkpointing import (
     inspect,
     list_checkpoints,
     read_tensor,
+    committed_steps,
+    step_dir_name,
     verify,
 )
+from checkpointing.manifest import MANIFEST_NAME
 from support.ckpt_state import SPECS, full_tensor, make_state, matches
+from support.waiting import wait_for
 
 
 def levels(tmp: Path, *specs: tuple) -> list[LevelSpec]:
@@ -365,4 +369,52 @@ def test_discard_after_retires_the_abandoned_trajectory_so_new_saves_of_those_st
     save_steps(mgr, [4])
     assert sorted((i.level, i.step) for i in mgr.list()) == [("L0", 4), ("L1", 3)]  # L0 kept 5, 6 before: not 3
     assert mgr.load(target).step == 4 and matches(target, 4) == []
+    mgr.close()
+
+
+def test_a_slow_level_gets_the_newest_step_instead_of_stalling_saves(tmp_path, monkeypatch):
+    """Promotion never stalls training: while the promotion of step 1 to L1 hangs (a slow disk or object store),
+    the queued promotion gives way to each newer step's, so saves keep committing on L0; when L1 is free again it
+    gets the newest step, and the steps in between count as skipped on L1."""
+    import threading
+
+    import checkpointing.promote as promote
+
+    release, entered = threading.Event(), threading.Event()
+    real_write_chunks = promote.write_chunks
+
+    def hanging_first_copy(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            release.wait()
+        return real_write_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(promote, "write_chunks", hanging_first_copy)
+    reg = CollectorRegistry()
+    mgr = CheckpointManager(levels(tmp_path, ("L0", 1, 2), ("L1", 1, 3)), chunk_bytes=256, registry=reg)
+    handles = {}
+
+    def train() -> None:
+        for step in range(1, 7):
+            handles[step] = mgr.save(step, make_state(0, "replica", step), {"step": step})
+            mgr.wait_staged()
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    try:
+        trainer.join(timeout=60)
+        assert not trainer.is_alive(), "saves stalled behind the hanging promotion"
+        wait_for(
+            lambda: (tmp_path / "L0" / step_dir_name(6) / MANIFEST_NAME).exists(),
+            60,
+            "step 6 committed on L0 while the promotion to L1 hangs",
+        )
+        assert entered.is_set() and not release.is_set()
+    finally:
+        release.set()  # unblock whatever happened, so a failing run does not hang
+        trainer.join()
+    mgr.wait_durable()
+    assert [s for s, _ in committed_steps(tmp_path / "L1")] == [1, 6]
+    assert [handles[s].durable.result() for s in range(1, 7)] == [["L0", "L1"]] + [["L0"]] * 4 + [["L0", "L1"]]
+    assert reg.get_sample_value("ecpt_checkpoint_skipped_total", {"level": "L1"}) == 4
     mgr.close()
