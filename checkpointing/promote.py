@@ -12,12 +12,13 @@ every rank advances the same state machine from the same gathered data, so they 
     commit  the committers report errors and the spare skeleton they prepared; then the next level, or the save's
             `durable` future resolves
 
-Runs only one promotion at a time, with one queued behind it. When a newer step's promotion arrives while
-that queue is full, the queued one gives way (replace_queued): the slower level gets the newest step, the steps in
-between count as skipped there, and neither the persist thread nor training waits for the slow level; all state here is touched by the persist thread,
-except what the promoter thread fills in for the head promotion (`mine`, `commit_result`), which the persist thread
-reads only after the promoter said it finished (`idle()`), and the level's LevelState, which only the promoter uses
-while that level has a promotion in flight.
+Runs only one promotion at a time, with one queued behind it. When a newer step's promotion arrives while that
+queue is full, the queued one gives way (replace_queued): the slower level gets the newest step, the steps in between
+count as skipped there, and neither the persist thread nor training waits for the slow level.
+
+All state here is touched by the persist thread, except what the promoter thread fills in for the head promotion
+(`mine`, `commit_result`), which the persist thread reads only after the promoter said it finished (`idle()`), and
+the level's LevelState, which only the promoter uses while that level has a promotion in flight.
 """
 
 from __future__ import annotations
