@@ -36,6 +36,12 @@ def run_key(cfg: Config) -> str:
     return hashlib.sha1(str(Path(cfg.train.run_dir).resolve()).encode()).hexdigest()[:12]
 
 
+def l2_run_name(cfg: Config) -> str:
+    """The run's name under l2_dir: the same on every machine (not derived from an absolute path), so a new node or
+    cluster with no local level left finds the run's durable checkpoints."""
+    return cfg.checkpoint.l2_run_name or Path(cfg.train.run_dir).resolve().name
+
+
 def memory_entry(cfg: Config) -> Path:
     """This run identity's L0 entry (all nodes on this machine); see elastic/memory_levels.py for the layout."""
     run_id = memory_levels.run_identity(cfg.train.run_dir)
@@ -59,10 +65,11 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
         )
     if c.l2_interval:
         is_url = "://" in c.l2_dir  # validated: s3://bucket/prefix (a Path would fold "s3://" into "s3:/")
+        name = l2_run_name(cfg)
         levels.append(
             LevelSpec(
                 name="L2",
-                root=f"{c.l2_dir.rstrip('/')}/{run_key(cfg)}" if is_url else str(Path(c.l2_dir) / run_key(cfg)),
+                root=f"{c.l2_dir.rstrip('/')}/{name}" if is_url else str(Path(c.l2_dir) / name),
                 interval=c.l2_interval,
                 keep_last=c.l2_keep_last,
                 node_local=False,

@@ -451,6 +451,11 @@ class CheckpointConfig:
     object-store URL `s3://bucket/prefix`: credentials and region come from the usual AWS environment variables
     and config files (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/...). L2 is the only level that may be a URL: L0 is
     node memory and L1 is written from the staging buffers on the save's critical path."""
+    l2_run_name: str = ""
+    """This run's directory (or key prefix) under l2_dir. Everything that should find this run's durable
+    checkpoints (a restarted job, a new node, another cluster with every local level gone) uses the same name, so it
+    must not depend on the machine. Empty: the run directory's own name (`train.run_dir = "runs/tiny-cpu"` ->
+    `<l2_dir>/tiny-cpu`). Two runs that share l2_dir need different names."""
     s3_endpoint: str = ""
     """Endpoint of an S3-compatible service for an s3:// l2_dir, e.g. http://127.0.0.1:8333 (MinIO, SeaweedFS,
     Ceph). Empty: AWS_ENDPOINT_URL if set, else AWS S3 itself."""
@@ -495,6 +500,11 @@ class CheckpointConfig:
                 bool(rest.split("/", 1)[0]),
                 f"checkpoint.l2_dir = {value!r} names no bucket; write s3://bucket/prefix",
             )
+        _require(
+            "/" not in self.l2_run_name and self.l2_run_name not in (".", ".."),
+            f"checkpoint.l2_run_name = {self.l2_run_name!r} must be one name (no '/'): the run's directory or key "
+            f"prefix under checkpoint.l2_dir",
+        )
         _require(
             not self.s3_endpoint or self.s3_endpoint.startswith(("http://", "https://")),
             f"checkpoint.s3_endpoint = {self.s3_endpoint!r} must be an http:// or https:// URL (or empty: "

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -78,14 +79,15 @@ def test_a_url_as_checkpoint_level_is_a_config_error_not_a_local_directory(
 
 
 def test_l2_dir_takes_an_s3_url_and_builds_an_object_level_under_it(tiny_raw, tmp_path, monkeypatch):
-    from elastic.checkpoints import checkpoint_levels, run_key
+    from elastic.checkpoints import checkpoint_levels
 
     monkeypatch.chdir(tmp_path)
     raw = copy.deepcopy(tiny_raw)
     raw["checkpoint"].update(l2_dir="s3://ckpt/team/run", l2_interval=5, s3_endpoint="http://127.0.0.1:9000")
     cfg = config_from_dict(raw)
     l2 = checkpoint_levels(cfg)[-1]
-    assert l2.name == "L2" and l2.root == f"s3://ckpt/team/run/{run_key(cfg)}"
+    # the run's name, not a hash of its absolute path: another machine with another run directory finds it
+    assert l2.name == "L2" and l2.root == f"s3://ckpt/team/run/{Path(cfg.train.run_dir).name}"
     assert l2.is_object and l2.endpoint == "http://127.0.0.1:9000"
     assert not any(tmp_path.iterdir()), "an object level creates no local directory"
 
@@ -151,3 +153,19 @@ def test_an_unknown_config_name_lists_the_bundled_ones():
     with pytest.raises(ConfigError, match="does not exist .* one of: .*tiny-cpu") as err:
         load_config("tiny-gpu")
     assert all(name in str(err.value) for name in bundled_config_names())
+
+
+def test_l2_run_name_names_the_run_under_l2_dir_the_same_on_every_machine(tiny_raw, tmp_path):
+    from elastic.checkpoints import checkpoint_levels
+
+    roots = []
+    for run_dir in (tmp_path / "cluster-a" / "job", tmp_path / "cluster-b" / "elsewhere"):
+        raw = copy.deepcopy(tiny_raw)
+        raw["train"]["run_dir"] = str(run_dir)
+        raw["checkpoint"].update(l2_dir="s3://ckpt/team", l2_interval=5, l2_run_name="cpt-llama")
+        roots.append(checkpoint_levels(config_from_dict(raw))[-1].root)
+    assert roots == ["s3://ckpt/team/cpt-llama"] * 2
+    raw = copy.deepcopy(tiny_raw)
+    raw["checkpoint"].update(l2_dir=str(tmp_path / "l2"), l2_interval=5, l2_run_name="a/b")
+    with pytest.raises(ConfigError, match="checkpoint.l2_run_name"):
+        config_from_dict(raw)
