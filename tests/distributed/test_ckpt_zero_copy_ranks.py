@@ -151,7 +151,9 @@ def test_two_nodes_memory_levels_then_node_loss(shm, tmp_path):
 
 def test_promotions_overlap_fast_saves_without_losing_anything(shm, tmp_path):
     """Disk promotions run on the promoter thread while every step commits to memory: nothing may be read after
-    it was retired, every checkpoint stays verifiable, and each save's durable future names all its levels."""
+    it was retired, every checkpoint stays verifiable, and the disk level ends with the newest step. When the disk
+    falls behind, a queued promotion gives way to a newer step's (Promoter.replace_queued), so fewer than the 8 due
+    steps may reach L1, the same ones on both ranks."""
     levels = [level(shm, "L0", keep=2), level(tmp_path, "L1", interval=3, keep=3, node_local=False)]
     steps = list(range(1, 25))
     saved = run_workers(
@@ -161,12 +163,11 @@ def test_promotions_overlap_fast_saves_without_losing_anything(shm, tmp_path):
     )
     for res in saved:
         assert res[0]["error"] is None, res[0]["error"]
-        assert res[0]["committed"].count("L0") == 24 and res[0]["committed"].count("L1") == 8
-    assert sorted(p.name for p in (tmp_path / "L1").iterdir() if p.name.startswith("step-")) == [
-        "step-00000018",
-        "step-00000021",
-        "step-00000024",
-    ]
+        assert res[0]["committed"].count("L0") == 24 and 1 <= res[0]["committed"].count("L1") <= 8
+    assert saved[0][0]["committed"] == saved[1][0]["committed"]
+    on_l1 = sorted(p.name for p in (tmp_path / "L1").iterdir() if p.name.startswith("step-"))
+    assert on_l1[-1] == "step-00000024" and len(on_l1) == min(3, saved[0][0]["committed"].count("L1"))
+    assert all(int(name[len("step-") :]) % 3 == 0 for name in on_l1), on_l1
     assert sorted(p.name for p in (shm / "L0").iterdir() if p.name.startswith("step-")) == [
         "step-00000023",
         "step-00000024",
