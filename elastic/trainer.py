@@ -146,7 +146,14 @@ class Trainer:
         levels = [(Path(lv.root), lv.interval) for lv in checkpoint_levels(cfg)]
         self.faults = (
             FaultInjector(
-                parse_plan(cfg.faults.plan), self.run_dir, self.identity, world.local_rank, node_id(), levels, self.log
+                parse_plan(cfg.faults.plan),
+                self.run_dir,
+                self.identity,
+                world.local_rank,
+                node_id(),
+                levels,
+                self.log,
+                freeze_stalls=self.replica_mode,
             )
             if cfg.faults.plan
             else None

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 from elastic.config import Config
+from elastic.faults import COORDINATOR_FILE
 from elastic.process_env import LIGHTHOUSE_ENV, NODE_ID_ENV, REPLICA_INDEX_ENV
 from elastic.world import free_port
 from launch.local import AGENT_ENV, _terminate_with_parent, torchrun_command
 
 COORDINATOR_LOST_EXIT = 3
-LIGHTHOUSE_FILE = "lighthouse.json"
-"""``<run_dir>/lighthouse.json``: the coordinator's address and pid (for ``ecpt chaos`` and tests)."""
+LIGHTHOUSE_FILE = COORDINATOR_FILE
+"""``<run_dir>/lighthouse.json``: the coordinator's address and pid (for fault plans, ``ecpt chaos`` and tests)."""
 STOP_GRACE_SECONDS = 10.0
 
 

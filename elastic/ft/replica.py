@@ -21,10 +21,13 @@ commits and never touches an older checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -236,5 +239,20 @@ class ReplicaStepper:
             stop=bool(loss_stop[1] > 0),
         )
 
+    def state_digest(self) -> str:
+        """sha256 over every tensor of the training state (parameters and AdamW moments), in name order."""
+        h = hashlib.sha256()
+        for name in sorted(self.tensors):
+            h.update(name.encode())
+            h.update(self.tensors[name].detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     def close(self) -> None:
+        """Record where this replica ended (``<run_dir>/replicas/replica-<i>.json``: step and state digest, so
+        replicas can be compared) and leave the quorum."""
+        path = Path(self.t.run_dir) / "replicas" / f"replica-{self.index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"replica": self.index, "step": self.t.state.step, "digest": self.state_digest()}
+        row |= {"heals": [vars(h) for h in self.heals], "discarded": self.discarded}
+        path.write_text(json.dumps(row))
         self.manager.shutdown(wait=False)
