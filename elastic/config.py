@@ -480,6 +480,9 @@ class LaunchConfig:
     """replicas mode: how long a replica waits for a quorum (e.g. for min_replicas peers, or the coordinator)."""
     ft_connect_timeout_s: float = 5.0
     """replicas mode: timeout for connecting to the coordinator and to peers' managers."""
+    ft_start_timeout_s: float = 30.0
+    """replicas mode: a run at step 0 (fresh, or every replica restarted) waits this long for all replica groups
+    to join before it starts with those present (later ones heal from them)."""
 
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, f"launch.nproc_per_node must be >= 1, got {self.nproc_per_node}")
@@ -500,7 +503,7 @@ class LaunchConfig:
         )
         for name in ("ft_heartbeat_timeout_ms", "ft_join_timeout_ms"):
             _require(getattr(self, name) >= 1, f"launch.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ft_timeout_s", "ft_quorum_timeout_s", "ft_connect_timeout_s"):
+        for name in ("ft_timeout_s", "ft_quorum_timeout_s", "ft_connect_timeout_s", "ft_start_timeout_s"):
             _require(getattr(self, name) > 0, f"launch.{name} must be > 0 seconds, got {getattr(self, name)}")
         parts = self.nnodes.split(":")
         _require(

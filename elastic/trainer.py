@@ -398,6 +398,8 @@ class Trainer:
                 self.faults.at_step(step)
             r = self.train_step(step)
             if r is None:
+                if self.replicas.finished_elsewhere:
+                    break  # a stale replica whose peers already finished the run: nothing to train or save
                 continue  # replicas mode: discarded attempt or heal; the loop resumes at state.step
             step = r.step
             self.state.counters.productive_seconds += r.seconds

@@ -39,6 +39,32 @@ from elastic.ft.transport import SafeHTTPTransport
 from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV
 
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)
+START_POLL_SECONDS = 0.1
+"""While a fresh run waits for its replicas to start: pause between quorums (each forms at once)."""
+
+
+class StaleReplicaError(RuntimeError):
+    """This replica's state is behind the run and no live peer can heal it."""
+
+
+class ProgressMark:
+    """``<run_dir>/replicas/progress.json``: the newest step a quorum leader committed (one small atomic write per
+    step), so a replica returning from a freeze can tell that the run went on without it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int) -> None:
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step}))
+        os.replace(tmp, self.path)
+
+    def read(self) -> int:
+        try:
+            return int(json.loads(self.path.read_text())["step"])
+        except FileNotFoundError:
+            return 0
 
 
 def replica_index(env: dict[str, str] | None = None) -> int:
@@ -90,6 +116,7 @@ class ReplicaStepper:
         self.heals: list[HealRecord] = []
         self.discarded = 0
         self.joined = False
+        self.start_deadline = time.monotonic() + launch.ft_start_timeout_s
         self.quorum_started = 0.0
         self.manager = Manager(
             pg=_process_group(timeout),
@@ -111,6 +138,8 @@ class ReplicaStepper:
             init_sync=False,  # every replica initialises identically from train.seed
         )
         self.rank, self.size, self.quorum_id = 0, 1, -1
+        self.progress = ProgressMark(Path(trainer.run_dir) / "replicas" / "progress.json")
+        self.finished_elsewhere = False
 
     # ------------------------------------------------------------------------------------------------ healing
 
@@ -129,7 +158,9 @@ class ReplicaStepper:
         if rank is None:
             raise RuntimeError("this replica is not a participant of its quorum (torchft spare mode is not used)")
         self.rank, self.size = rank, self.manager.num_participants()
-        self.quorum_id = self.manager._quorum_id  # torchft has no public getter; logged and exported only
+        previous_quorum, self.quorum_id = self.quorum_id, self.manager._quorum_id  # torchft has no public getter
+        if self.heal is None and self.joined and self.quorum_id != previous_quorum:
+            self._refuse_if_stale()
         self.t.is_main = self.rank == 0
         self.metrics.on_quorum(self.quorum_id, self.size)
         if self.heal is not None:
@@ -144,35 +175,64 @@ class ReplicaStepper:
                 "heal", step=self.heal.step, source_replica=self.heal.source_replica, seconds=self.heal.seconds
             )
 
+    def _refuse_if_stale(self) -> None:
+        """A replica that was away (frozen, cut off) and finds no peer ahead of it in its new quorum may still be
+        behind the run: the peers that went on may have finished, or be cut off from it. The quorum leaders'
+        progress mark says how far the run got; a replica behind it never trains on with its stale state."""
+        reached = self.progress.read()
+        step = self.t.state.step
+        if reached <= step:
+            return
+        if reached >= self.t.total_steps:
+            self.log.warning(
+                f"refusing stale state: the run finished at step {reached} while this replica was away at step "
+                f"{step}; leaving without training or saving"
+            )
+            self.finished_elsewhere = True
+            return
+        raise StaleReplicaError(
+            f"refusing stale state: this replica is at step {step} but the run reached step {reached} and no live "
+            f"peer in quorum {self.quorum_id} is that far; exiting so the agent restarts this replica, which then "
+            f"heals from a live peer or restores the newest checkpoint"
+        )
+
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         """SUM over the quorum in place (a failure is recorded by the manager and fails the commit vote)."""
         self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM).wait()
 
     def _fresh_start(self) -> bool:
-        """At step 0 (after the quorum): does a member of this quorum join for the first time, so that the job
-        may have (re)started? Then the new members restore from disk and every member skips this attempt.
+        """At step 0 (after the quorum): skip this attempt because the job may have (re)started?
 
-        After the quorum either every member is at step 0 (the quorum's newest step is 0) or none is (the members
-        behind healed), so all members take this branch together and run the same one-element all-reduce."""
+        After the quorum either every member is at step 0 (the quorum's newest step is 0) or none is (members
+        behind healed), so all members take this branch together and run the same small all-reduce of two flags:
+        a member joins for the first time (it restores its newest checkpoint from disk, since no live peer has
+        progress), and a member still waits for the other replicas to start (up to launch.ft_start_timeout_s
+        after its own start, so a fresh run starts with every replica rather than with whichever came up first).
+        Any flag set on any member: every member skips the attempt, together."""
         if self.t.state.step != 0:
             self.joined = True
             return False
-        flag = torch.tensor([0.0 if self.joined else 1.0], dtype=torch.float64)
-        self._all_reduce(flag)
+        waiting = self.size < self.t.cfg.launch.replica_groups and time.monotonic() < self.start_deadline
+        flags = torch.tensor([0.0 if self.joined else 1.0, 1.0 if waiting else 0.0], dtype=torch.float64)
+        self._all_reduce(flags)
         if self.manager.errored():
             return True  # retry with the next quorum
-        if flag.item() == 0:
-            return False  # nobody new and nobody has progress: a fresh run at step 0
+        if not flags.any():
+            return False  # everyone is here, nobody new, nobody has progress: train from step 0
         first_join, self.joined = not self.joined, True
-        if first_join and self.t.checkpoints is not None:
-            restored = self.t.checkpoints.restore()
-            if restored is not None:
-                self.manager.load_state_dict({"step": restored.step, "batches_committed": 0})
-                self.log.warning(
-                    f"no live peer has progress: fell back to checkpoints, restored step {restored.step} from "
-                    f"{restored.level}; the next quorum heals any replica that restored an older step"
-                )
-                self.t.jsonl.write("fallback", step=restored.step, level=restored.level, replica=self.index)
+        restored = self.t.checkpoints.restore() if first_join and self.t.checkpoints is not None else None
+        if first_join:
+            # the run (re)starts from here: a mark an earlier incarnation left must not call this replica stale
+            self.progress.write(restored.step if restored else 0)
+        if restored is not None:
+            self.manager.load_state_dict({"step": restored.step, "batches_committed": 0})
+            self.log.warning(
+                f"no live peer has progress: fell back to checkpoints, restored step {restored.step} from "
+                f"{restored.level}; the next quorum heals any replica that restored an older step"
+            )
+            self.t.jsonl.write("fallback", step=restored.step, level=restored.level, replica=self.index)
+        if flags[1] > 0:
+            time.sleep(START_POLL_SECONDS)  # a quorum of the members present forms at once: do not spin
         return True
 
     def train_step(self, step: int):
@@ -183,6 +243,8 @@ class ReplicaStepper:
         t = self.t
         started = time.perf_counter()
         self._quorum()
+        if self.finished_elsewhere:
+            return None
         if os.environ.get("ECPT_FT_TIMING"):
             self.log.info(f"timing: quorum {time.perf_counter() - started:.3f} s")
         if self._fresh_start():
@@ -227,8 +289,10 @@ class ReplicaStepper:
         t.state.step = step + 1
         t.state.tokens += g * t.cfg.model.seq_len
         self.metrics.on_commit()
-        if t.checkpoints and self.rank == 0:
-            t.checkpoints.after_optimizer_step(step + 1)
+        if self.rank == 0:
+            self.progress.write(step + 1)
+            if t.checkpoints:
+                t.checkpoints.after_optimizer_step(step + 1)
         t.log_committed_share(step, self.rank, self.size, self.quorum_id)
         return StepResult(
             step=step,
@@ -250,9 +314,11 @@ class ReplicaStepper:
     def close(self) -> None:
         """Record where this replica ended (``<run_dir>/replicas/replica-<i>.json``: step and state digest, so
         replicas can be compared) and leave the quorum."""
+        self.manager.shutdown(wait=False)
+        if self.finished_elsewhere:
+            return  # this replica's state is stale: it is no end state of the run
         path = Path(self.t.run_dir) / "replicas" / f"replica-{self.index}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         row = {"replica": self.index, "step": self.t.state.step, "digest": self.state_digest()}
         row |= {"heals": [vars(h) for h in self.heals], "discarded": self.discarded}
         path.write_text(json.dumps(row))
-        self.manager.shutdown(wait=False)

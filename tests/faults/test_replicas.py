@@ -69,20 +69,25 @@ def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT)
 def test_frozen_replica_is_excluded_then_healed_never_stale(tiny_raw, tmp_path):
-    """SIGSTOP for 6 s (heartbeat timeout 0.5 s, all-reduce timeout 3 s): the survivor goes on alone; on SIGCONT
-    the frozen replica's step fails (its peers left), and it rejoins only after healing from the survivor."""
+    """SIGSTOP for 3 s (heartbeat timeout 0.5 s): the survivor goes on alone; on SIGCONT the frozen replica either
+    heals from the survivor or, if the survivor already finished, refuses its stale state. Either way it never
+    trains or logs a step from its stale state (the run's step rows only ever increase)."""
     run = tmp_path / "run"
     result = ecpt_train(
-        replicas_config(tiny_raw, tmp_path, steps_per_phase=8), run, "--fault", "stall rank 1 at step 4 for 6s"
+        replicas_config(tiny_raw, tmp_path, steps_per_phase=8), run, "--fault", "stall rank 1 at step 4 for 3s"
     )
     check_ok(result)
     log = result.stdout + result.stderr
     rows = step_rows(run)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step was logged twice or out of order: {steps}"
     assert any(r["world_size"] == 1 for r in rows if r["step"] > 4), "the survivor did not continue alone"
-    assert rows[-1]["world_size"] == 2, "the frozen replica never rejoined"
-    assert "healed from live peer replica 0" in log, log[-4000:]
     ends = replica_ends(run)
-    assert ends[0]["digest"] == ends[1]["digest"] and ends[0]["step"] == ends[1]["step"] == 24
+    if "healed from live peer replica 0" in log:
+        assert ends[0]["digest"] == ends[1]["digest"] and ends[0]["step"] == ends[1]["step"] == 24
+    else:
+        assert "refusing stale state: the run finished" in log, log[-4000:]
+        assert sorted(ends) == [0], "the stale replica recorded an end state"
     assert_each_sample_once(run, 24, G)
 
 
