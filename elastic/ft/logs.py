@@ -19,5 +19,9 @@ class LeaderJsonl:
         if self.is_leader():
             self.log.write(kind, **fields)
 
+    def write_event(self, kind: str, **fields) -> None:
+        """A replica's own event (heal, discard, fallback): written by whichever replica it happened to."""
+        self.log.write(kind, **fields)
+
     def close(self) -> None:
         self.log.close()

@@ -171,8 +171,12 @@ class ReplicaStepper:
                 f"{self.heal.seconds:.2f} s, read nothing from disk; quorum {self.quorum_id}, rank {self.rank} of "
                 f"{self.size}"
             )
-            self.t.jsonl.write(
-                "heal", step=self.heal.step, source_replica=self.heal.source_replica, seconds=self.heal.seconds
+            self.t.jsonl.write_event(
+                "heal",
+                step=self.heal.step,
+                replica=self.index,
+                source_replica=self.heal.source_replica,
+                seconds=round(self.heal.seconds, 3),
             )
 
     def _refuse_if_stale(self) -> None:
@@ -230,7 +234,7 @@ class ReplicaStepper:
                 f"no live peer has progress: fell back to checkpoints, restored step {restored.step} from "
                 f"{restored.level}; the next quorum heals any replica that restored an older step"
             )
-            self.t.jsonl.write("fallback", step=restored.step, level=restored.level, replica=self.index)
+            self.t.jsonl.write_event("fallback", step=restored.step, level=restored.level, replica=self.index)
         if flags[1] > 0:
             time.sleep(START_POLL_SECONDS)  # a quorum of the members present forms at once: do not spin
         return True
@@ -277,7 +281,9 @@ class ReplicaStepper:
                 f"step {step} discarded, no update applied (quorum {self.quorum_id}, {self.size} replicas): "
                 f"{str(reason).splitlines()[0] if reason else 'too few replicas'}"
             )
-            t.jsonl.write("discard", step=step, quorum_id=self.quorum_id, quorum_size=self.size)
+            t.jsonl.write_event(
+                "discard", step=step, replica=self.index, quorum_id=self.quorum_id, quorum_size=self.size
+            )
             return None
         offset = 0
         for p in self.params:
