@@ -106,6 +106,8 @@ class ReplicaStepper:
         # torchft logs every quorum and commit at INFO; ours are the lines a person follows
         for name in ("torchft", "torchft_quorums", "torchft_commits"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # warned at every reconfiguration on CPU, where there is no NCCL flight recorder to reset
+        logging.getLogger("torchft.manager").addFilter(lambda r: "flight recorder" not in r.getMessage())
         timeout = timedelta(seconds=launch.ft_timeout_s)
         # the replica group's own store (a group of one worker: torchrun's store is not shared with workers)
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
