@@ -445,8 +445,11 @@ def table(results: dict) -> str:
     pairs = [(p, o) for o in ours for p in peers]
 
     def cell(system, key, field_):
-        value = results[system].get(key, {}).get(field_)
-        return "error" if value is None else f"{value}"
+        entry = results[system].get(key, {})
+        value = entry.get(field_)
+        if value is None:
+            return "error" if "error" in entry or not entry else "-"  # "-": not a measure of this system
+        return f"{value}"
 
     def ratio(peer, mine, key, field_="recovery_seconds"):
         e, b = cell(mine, key, field_), cell(peer, key, field_)
