@@ -226,6 +226,13 @@ class ReplicaStepper:
         if not flags.any():
             return False  # everyone is here, nobody new, nobody has progress: train from step 0
         first_join, self.joined = not self.joined, True
+        if first_join and self.progress.read() >= self.t.total_steps:
+            self.log.warning(
+                f"the run already reached step {self.progress.read()} of {self.t.total_steps} (progress mark): "
+                f"nothing to train; leaving without restoring or saving"
+            )
+            self.finished_elsewhere = True
+            return True
         restored = self.t.checkpoints.restore() if first_join and self.t.checkpoints is not None else None
         if first_join:
             # the run (re)starts from here: a mark an earlier incarnation left must not call this replica stale

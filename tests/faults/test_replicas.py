@@ -22,7 +22,8 @@ from support.trajectory import final_losses, step_rows
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-STEPS = 15  # 3 phases x 5 steps
+PER_PHASE = 20  # long enough for the killed replica's restart (a few seconds) before the run ends
+STEPS = 3 * PER_PHASE
 G = 6  # tiny_config_dict's global batch
 RUN_TIMEOUT = 240
 
@@ -34,7 +35,8 @@ def clean_losses(text_corpus, tmp_path_factory) -> dict[int, float]:
 
     tmp = tmp_path_factory.mktemp("replicas-clean")
     run = tmp / "run"
-    check_ok(ecpt_train(replicas_config(tiny_config_dict(text_corpus, tmp), tmp), run, timeout=RUN_TIMEOUT))
+    config = replicas_config(tiny_config_dict(text_corpus, tmp), tmp, steps_per_phase=PER_PHASE)
+    check_ok(ecpt_train(config, run, timeout=RUN_TIMEOUT))
     assert max(final_losses(run)) == STEPS
     return final_losses(run)
 
@@ -50,7 +52,8 @@ def _assert_replicas_agree(run) -> dict[int, dict]:
 @pytest.mark.timeout(3 * RUN_TIMEOUT)
 def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, tmp_path, clean_losses):
     run = tmp_path / "run"
-    result = ecpt_train(replicas_config(tiny_raw, tmp_path), run, "--fault", "kill rank 1 at step 5")
+    config = replicas_config(tiny_raw, tmp_path, steps_per_phase=PER_PHASE)
+    result = ecpt_train(config, run, "--fault", "kill rank 1 at step 5")
     check_ok(result)
     log = result.stdout + result.stderr
     rows = {r["step"]: r for r in step_rows(run)}
@@ -115,9 +118,8 @@ def test_coordinator_killed_stops_the_job_with_a_clear_error(tiny_raw, tmp_path)
 @pytest.mark.timeout(RUN_TIMEOUT)
 def test_every_replica_lost_falls_back_to_checkpoints(tiny_raw, tmp_path):
     run = tmp_path / "run"
-    result = ecpt_train(
-        replicas_config(tiny_raw, tmp_path), run, "--fault", "kill rank 0 at step 7", "--fault", "kill rank 1 at step 7"
-    )
+    config = replicas_config(tiny_raw, tmp_path, steps_per_phase=PER_PHASE)
+    result = ecpt_train(config, run, "--fault", "kill rank 0 at step 7", "--fault", "kill rank 1 at step 7")
     check_ok(result)
     log = result.stdout + result.stderr
     assert "no live peer has progress: fell back to checkpoints, restored step" in log, log[-4000:]
