@@ -23,7 +23,7 @@ from pathlib import Path
 
 from elastic.config import Config
 from elastic.faults import COORDINATOR_FILE
-from elastic.process_env import LIGHTHOUSE_ENV, NODE_ID_ENV, REPLICA_INDEX_ENV
+from elastic.process_env import LIGHTHOUSE_ENV, NODE_ID_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
 from elastic.world import free_port
 from launch.local import AGENT_ENV, _terminate_with_parent, torchrun_command
 
@@ -96,6 +96,8 @@ def train_replicas(cfg: Config, config_json: Path, node_id: str | None, threads:
     print(f"replicas mode: {count} replica groups of one worker, quorum coordinator at {address}", flush=True)
     node = node_id or os.uname().nodename
     env = {"OMP_NUM_THREADS": str(threads), "RUST_LOG": "warn", **os.environ, **AGENT_ENV, LIGHTHOUSE_ENV: address}
+    if not cfg.train.threads_per_worker:
+        env[SHARED_MACHINE_ENV] = "1"  # every replica is on this machine: threads follow the quorum size
     env.setdefault("PYTHONUNBUFFERED", "1")
     agents = [
         subprocess.Popen(

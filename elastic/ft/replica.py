@@ -36,7 +36,7 @@ from elastic.batch import rank_batch
 from elastic.ft.metrics import ReplicaMetrics
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
 from elastic.ft.transport import SafeHTTPTransport
-from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV
+from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
 
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)
 START_POLL_SECONDS = 0.1
@@ -142,6 +142,7 @@ class ReplicaStepper:
         self.rank, self.size, self.quorum_id = 0, 1, -1
         self.progress = ProgressMark(Path(trainer.run_dir) / "replicas" / "progress.json")
         self.finished_elsewhere = False
+        self.share_machine = os.environ.get(SHARED_MACHINE_ENV) == "1"
 
     # ------------------------------------------------------------------------------------------------ healing
 
@@ -165,6 +166,10 @@ class ReplicaStepper:
             self._refuse_if_stale()
         self.t.is_main = self.rank == 0
         self.metrics.on_quorum(self.quorum_id, self.size)
+        if self.share_machine and torch.get_num_threads() != max(1, (os.cpu_count() or 1) // self.size):
+            # all replicas on this machine: the cores divided among the quorum's members (a survivor alone uses
+            # them all; two replicas with all cores each ran 4x slower here)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.size))
         if self.heal is not None:
             self.metrics.on_heal(self.heal.seconds)
             self.log.step = self.heal.step
