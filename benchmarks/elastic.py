@@ -282,20 +282,27 @@ def recovery_after(
 
 def survivor_pause(job: Job, t_kill: float, last_before: int, survivors: int = 1, timeout: float = 180) -> dict:
     """replicas mode: nothing restarts; seconds from the fault to the first step the survivors complete alone,
-    and that minus their median step time alone (the pause beyond the step they would have run anyway)."""
+    and that minus their step time alone (the pause beyond the step they would have run anyway). The replaced
+    replica may rejoin after a few steps, so the steps alone are those before the quorum grows again."""
 
-    def survivor_rows():
-        rows = [r for r in steps(job.run) if r["time"] > t_kill and r["world_size"] == survivors]
-        return rows if len(rows) >= 5 else None
+    def first_alone():
+        return next((r for r in steps(job.run) if r["time"] > t_kill and r["world_size"] == survivors), None)
 
-    rows = wait_until(survivor_rows, timeout, f"{job.system} survivors to complete 5 steps")
-    first = rows[0]
-    alone = statistics.median(r["seconds"] for r in rows[1:5])
+    first = wait_until(first_alone, timeout, f"{job.system} survivors to complete a step")
+
+    def alone_run():
+        later = [r for r in steps(job.run) if r["time"] > first["time"]]
+        alone = [r for r in later if r["world_size"] == survivors]
+        regrown = any(r["world_size"] != survivors for r in later)
+        return alone if len(alone) >= 4 or (regrown and alone) else None
+
+    alone = wait_until(alone_run, timeout, f"{job.system} survivors' steps alone")
+    step_alone = statistics.median(r["seconds"] for r in alone[:4])
     pause = first["time"] - t_kill
     return {
         "recovery_seconds": round(pause, 2),
-        "pause_beyond_step_seconds": round(pause - alone, 2),
-        "survivor_step_seconds": round(alone, 2),
+        "pause_beyond_step_seconds": round(pause - step_alone, 2),
+        "survivor_step_seconds": round(step_alone, 2),
         "steps_lost": max(last_before - (first["step"] - 1), 0),  # completed steps computed again
         "regain_seconds": round(pause, 2),
         "resumed_at": first["step"] - 1,

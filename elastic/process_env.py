@@ -29,5 +29,5 @@ to the quorum coordinator, in logs and in fault plans ('kill rank 1' kills repli
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 """replicas mode: the quorum coordinator's address (torchft's own variable name), set by the launcher."""
 SHARED_MACHINE_ENV = "ECPT_REPLICAS_SHARE_MACHINE"
-"""replicas mode: set by the local launcher when every replica runs on this one machine, so a replica may size its
-torch threads to the cores per quorum member (threads oversubscribed by 2x made a 2-replica step 4x slower)."""
+"""replicas mode: set by the local launcher when every replica runs on this one machine, so a replica sizes its
+torch threads to the cores per replica (each one-worker replica would otherwise take every core)."""

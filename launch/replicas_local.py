@@ -97,7 +97,7 @@ def train_replicas(cfg: Config, config_json: Path, node_id: str | None, threads:
     node = node_id or os.uname().nodename
     env = {"OMP_NUM_THREADS": str(threads), "RUST_LOG": "warn", **os.environ, **AGENT_ENV, LIGHTHOUSE_ENV: address}
     if not cfg.train.threads_per_worker:
-        env[SHARED_MACHINE_ENV] = "1"  # every replica is on this machine: threads follow the quorum size
+        env[SHARED_MACHINE_ENV] = "1"  # every replica is on this machine: they share its cores
     env.setdefault("PYTHONUNBUFFERED", "1")
     agents = [
         subprocess.Popen(

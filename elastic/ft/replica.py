@@ -142,7 +142,11 @@ class ReplicaStepper:
         self.rank, self.size, self.quorum_id = 0, 1, -1
         self.progress = ProgressMark(Path(trainer.run_dir) / "replicas" / "progress.json")
         self.finished_elsewhere = False
-        self.share_machine = os.environ.get(SHARED_MACHINE_ENV) == "1"
+        if os.environ.get(SHARED_MACHINE_ENV) == "1":
+            # all replicas on this machine: the cores divided among them, once (each one-worker replica would
+            # otherwise take all cores: 2 replicas on 2 cores ran 3-9 s steps instead of ~1 s here). Not resized
+            # when the quorum shrinks: a survivor switched to 2 threads mid-run measured 6 s steps, unexplained.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.replica_groups))
 
     # ------------------------------------------------------------------------------------------------ healing
 
@@ -166,10 +170,6 @@ class ReplicaStepper:
             self._refuse_if_stale()
         self.t.is_main = self.rank == 0
         self.metrics.on_quorum(self.quorum_id, self.size)
-        if self.share_machine and torch.get_num_threads() != max(1, (os.cpu_count() or 1) // self.size):
-            # all replicas on this machine: the cores divided among the quorum's members (a survivor alone uses
-            # them all; two replicas with all cores each ran 4x slower here)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.size))
         if self.heal is not None:
             self.metrics.on_heal(self.heal.seconds)
             self.log.step = self.heal.step
