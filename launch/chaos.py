@@ -47,7 +47,8 @@ def replicas_fault_report(run_dir: Path) -> list[dict]:
     report = []
     for fault in fired_faults(run_dir):
         later = [r for r in rows if r["time"] >= fault["time"]]
-        first = next((r for r in later if r["kind"] == "step"), None)
+        # rows count completed steps: the step the fault interrupted (index fault["step"]) is logged as step + 1
+        first = next((r for r in later if r["kind"] == "step" and r["step"] > fault["step"]), None)
         heal = next((r for r in later if r["kind"] == "heal"), None)
         fallback = next((r for r in later if r["kind"] == "fallback"), None)
         report.append(
