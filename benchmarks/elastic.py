@@ -39,7 +39,9 @@ from elastic.config import load_config, save_config  # noqa: E402
 from elastic.world import free_port  # noqa: E402
 from launch.local import AGENT_ENV, RDZV_CONF  # noqa: E402
 
-SYSTEMS = ("ecpt", "baseline", "baseline-tuned")
+SYSTEMS = ("ecpt", "ecpt-replicas", "baseline", "baseline-tuned")
+OURS = ("ecpt", "ecpt-replicas")
+"""ecpt's two fault-tolerance modes: restart (the default) and replicas (per-step quorum, survivors never stop)."""
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -79,10 +81,12 @@ class Job:
     endpoint: str
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     store: subprocess.Popen | None = None
+    extra_sets: list[str] = field(default_factory=list)
+    """--set overrides for ecpt-replicas (e.g. torchft timeouts being tuned)."""
 
     def agent_cmd(self, node: str, nnodes: str, nproc: int) -> tuple[list[str], dict]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        if self.system == "ecpt":
+        if self.system in OURS:
             cmd = [
                 sys.executable,
                 "-m",
@@ -103,6 +107,9 @@ class Job:
             ]
             if nnodes != "1":
                 cmd += ["--rdzv-store", "external"]
+            if self.system == "ecpt-replicas":
+                for override in ['launch.fault_tolerance="replicas"', *self.extra_sets]:
+                    cmd += ["--set", override]
             return cmd, env
         # The peers: torchrun + torch.save with its default rendezvous settings ("baseline"), and with the
         # localhost fixes ecpt applies ("baseline-tuned": the localhost settings in docs/architecture.md, so only the restart path differs).
@@ -159,6 +166,16 @@ class Job:
     def worker_pid(self, rank: int) -> int:
         return json.loads((self.run / "ranks" / f"rank-{rank}.json").read_text())["pid"]
 
+    def kill_replica_group(self, rank: int) -> None:
+        """replicas mode's node loss on localhost: SIGKILL replica ``rank``'s agent and everything below it."""
+        environ = Path(f"/proc/{self.worker_pid(rank)}/environ").read_bytes().split(b"\0")
+        agent = int(next(v for v in environ if v.startswith(b"ECPT_AGENT_PID=")).split(b"=", 1)[1])
+        for pid in [agent, *_descendants(agent)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+
     def stop(self) -> None:
         for proc in [*self.nodes.values(), self.store]:
             if proc is not None and proc.poll() is None:
@@ -197,7 +214,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def make_job(system: str, root: Path, steps_total: int, l0_dir: Path) -> Job:
+def make_job(system: str, root: Path, steps_total: int, l0_dir: Path, extra_sets: list[str] | None = None) -> Job:
     run = root / system / "run"
     run.mkdir(parents=True)
     overrides = [
@@ -217,7 +234,13 @@ def make_job(system: str, root: Path, steps_total: int, l0_dir: Path) -> Job:
     from launch.train_commands import prepare_run
 
     prepare_run(cfg)
-    return Job(system=system, run=run, config_json=config_json, endpoint=f"127.0.0.1:{free_port()}")
+    return Job(
+        system=system,
+        run=run,
+        config_json=config_json,
+        endpoint=f"127.0.0.1:{free_port()}",
+        extra_sets=list(extra_sets or []),
+    )
 
 
 def recovery_after(
@@ -257,16 +280,71 @@ def recovery_after(
     }
 
 
+def survivor_pause(job: Job, t_kill: float, last_before: int, survivors: int = 1, timeout: float = 180) -> dict:
+    """replicas mode: nothing restarts; seconds from the fault to the first step the survivors complete alone,
+    and that minus their step time alone (the pause beyond the step they would have run anyway). The replaced
+    replica may rejoin after a few steps, so the steps alone are those before the quorum grows again."""
+
+    def first_alone():
+        return next((r for r in steps(job.run) if r["time"] > t_kill and r["world_size"] == survivors), None)
+
+    first = wait_until(first_alone, timeout, f"{job.system} survivors to complete a step")
+
+    def alone_run():
+        later = [r for r in steps(job.run) if r["time"] > first["time"]]
+        alone = [r for r in later if r["world_size"] == survivors]
+        regrown = any(r["world_size"] != survivors for r in later)
+        return alone if len(alone) >= 4 or (regrown and alone) else None
+
+    alone = wait_until(alone_run, timeout, f"{job.system} survivors' steps alone")
+    step_alone = statistics.median(r["seconds"] for r in alone[:4])
+    pause = first["time"] - t_kill
+    return {
+        "recovery_seconds": round(pause, 2),
+        "pause_beyond_step_seconds": round(pause - step_alone, 2),
+        "survivor_step_seconds": round(step_alone, 2),
+        "steps_lost": max(last_before - (first["step"] - 1), 0),  # completed steps computed again
+        "regain_seconds": round(pause, 2),
+        "resumed_at": first["step"] - 1,
+        "world_size": first["world_size"],
+    }
+
+
+def _last_step_then_fault(job: Job, fault) -> tuple[float, int]:
+    """Fire ``fault`` right after a step row appears (so the kill lands mid-step); (fault time, last step)."""
+    seen = len(steps(job.run))
+    wait_until(lambda: len(steps(job.run)) > seen, 60, "the next step")
+    time.sleep(0.3)  # into the next step's forward/backward
+    last = steps(job.run)[-1]["step"]
+    t_kill = time.time()
+    fault()
+    return t_kill, last
+
+
 def scenario_worker_kill(job: Job) -> dict:
     job.start_node("n0", "1", 2)
     wait_until(lambda: len(steps(job.run)) >= 25, 300, "25 steps")
+    if job.system == "ecpt-replicas":
+        t_kill, last = _last_step_then_fault(job, lambda: os.kill(job.worker_pid(1), signal.SIGKILL))
+        return survivor_pause(job, t_kill, last)
     last = steps(job.run)[-1]["step"]
     t_kill = time.time()
     os.kill(job.worker_pid(1), signal.SIGKILL)
     return recovery_after(job, t_kill, last)
 
 
+def scenario_replica_group_loss(job: Job) -> tuple[dict, dict]:
+    """replicas mode's node loss: one replica group (agent and worker) killed; no join (a replica group cannot
+    be added to a running local job yet)."""
+    job.start_node("n0", "1", 2)
+    wait_until(lambda: len(steps(job.run)) >= 25, 300, "25 steps")
+    t_kill, last = _last_step_then_fault(job, lambda: job.kill_replica_group(1))
+    return survivor_pause(job, t_kill, last), {"error": "not measured: no replica group join on localhost yet"}
+
+
 def scenario_node_loss_and_join(job: Job) -> tuple[dict, dict]:
+    if job.system == "ecpt-replicas":
+        return scenario_replica_group_loss(job)
     if job.system == "ecpt":
         job.start_store()
     job.start_node("n0", "1:2", 1)
@@ -336,7 +414,7 @@ def run_system(system: str, root: Path, args) -> dict:
     out = {}
     scenarios = [("worker_kill", scenario_worker_kill), ("node", scenario_node_loss_and_join)]
     for name, fn in [(n, f) for n, f in scenarios if n in args.scenarios]:
-        job = make_job(system, root / name, 100_000, args.l0_base / system / name)
+        job = make_job(system, root / name, 100_000, args.l0_base / system / name, args.replicas_set)
         try:
             result = fn(job)
         except TimeoutError as exc:
@@ -350,12 +428,12 @@ def run_system(system: str, root: Path, args) -> dict:
         print(f"  {system:8s} {name:12s} {out.get(name, out.get('node_loss'))}", flush=True)
     if "goodput" not in args.scenarios:
         return out
-    job = make_job(system, root / "rate", 100_000, args.l0_base / system / "rate")
+    job = make_job(system, root / "rate", 100_000, args.l0_base / system / "rate", args.replicas_set)
     try:
         rate = fault_free_rate(job, args.rate_seconds)
     finally:
         job.stop()
-    job = make_job(system, root / "goodput", 100_000, args.l0_base / system / "goodput")
+    job = make_job(system, root / "goodput", 100_000, args.l0_base / system / "goodput", args.replicas_set)
     try:
         out["goodput"] = goodput(job, args.duration, args.fault_every, rate)
     except TimeoutError as exc:
@@ -368,50 +446,84 @@ def run_system(system: str, root: Path, args) -> dict:
 
 
 def table(results: dict) -> str:
-    """One column per system measured, then ecpt's speed-up over each peer."""
-    peers = [p for p in results if p != "ecpt"]
+    """One column per system measured, then each peer's time over each of ecpt's modes (higher: ecpt faster)."""
+    ours = [s for s in results if s in OURS]
+    peers = [p for p in results if p not in OURS]
+    pairs = [(p, o) for o in ours for p in peers]
 
     def cell(system, key, field_):
-        value = results[system].get(key, {}).get(field_)
-        return "error" if value is None else f"{value}"
+        entry = results[system].get(key, {})
+        value = entry.get(field_)
+        if value is None:
+            return "error" if "error" in entry or not entry else "-"  # "-": not a measure of this system
+        return f"{value}"
 
-    def ratio(peer, key, field_="recovery_seconds"):
-        e, b = cell("ecpt", key, field_), cell(peer, key, field_)
+    def ratio(peer, mine, key, field_="recovery_seconds"):
+        e, b = cell(mine, key, field_), cell(peer, key, field_)
         return f"{float(b) / float(e):.1f}x" if "error" not in (e, b) else "-"
 
     systems = list(results)
     lines = [
-        "| measure | " + " | ".join(systems) + " | " + " | ".join(f"{p} / ecpt" for p in peers) + " |",
-        "|---" * (1 + len(systems) + len(peers)) + "|",
+        "| measure | " + " | ".join(systems) + " | " + " | ".join(f"{p} / {o}" for p, o in pairs) + " |",
+        "|---" * (1 + len(systems) + len(pairs)) + "|",
     ]
+    blank = " |" * (len(pairs) + 1)
     for key in ("worker_kill", "node_loss", "node_join"):
         name = key.replace("_", " ")
         lines.append(
-            f"| recovery after {name} (s) | "
+            f"| recovery after {name} (s; replicas: survivors' kill -> next completed step) | "
             + " | ".join(cell(s, key, "recovery_seconds") for s in systems)
             + " | "
-            + " | ".join(ratio(p, key) for p in peers)
+            + " | ".join(ratio(p, o, key) for p, o in pairs)
             + " |"
         )
         lines.append(
-            f"| steps lost, {name} | "
-            + " | ".join(cell(s, key, "steps_lost") for s in systems)
-            + " |" * (len(peers) + 1)
+            f"| replicas: pause beyond a step, {name} (s) | "
+            + " | ".join(cell(s, key, "pause_beyond_step_seconds") for s in systems)
+            + blank
         )
+        lines.append(f"| steps lost, {name} | " + " | ".join(cell(s, key, "steps_lost") for s in systems) + blank)
         lines.append(
             f"| back past the pre-fault step, {name} (s) | "
             + " | ".join(cell(s, key, "regain_seconds") for s in systems)
             + " | "
-            + " | ".join(ratio(p, key, "regain_seconds") for p in peers)
+            + " | ".join(ratio(p, o, key, "regain_seconds") for p, o in pairs)
             + " |"
         )
     for field_ in ("goodput_ratio", "goodput_vs_own_step_time"):
         lines.append(
-            f"| {field_.replace('_', ' ')} | "
-            + " | ".join(cell(s, "goodput", field_) for s in systems)
-            + " |" * (len(peers) + 1)
+            f"| {field_.replace('_', ' ')} | " + " | ".join(cell(s, "goodput", field_) for s in systems) + blank
         )
     return "\n".join(lines)
+
+
+def replicas_targets(results: dict) -> list[str]:
+    """issue 15's targets for replicas mode, each OK or MISS: survivors' pause <= 1 s and >= 3x shorter than
+    torchrun with our rendezvous settings, steps lost <= 1, goodput >= 0.97."""
+    mine = results.get("ecpt-replicas")
+    if not mine:
+        return []
+    peer = results.get("baseline-tuned", {})
+    lines = []
+    for key in ("worker_kill", "node_loss"):
+        pause = mine.get(key, {}).get("recovery_seconds")
+        if pause is None:
+            lines.append(f"MISS {key}: not measured ({mine.get(key)})")
+            continue
+        lines.append(f"{'OK  ' if pause <= 1.0 else 'MISS'} {key}: survivors' pause {pause} s (target <= 1 s)")
+        theirs = peer.get(key, {}).get("recovery_seconds")
+        if theirs is not None:
+            speedup = theirs / pause
+            lines.append(
+                f"{'OK  ' if speedup >= 3 else 'MISS'} {key}: {speedup:.1f}x shorter than baseline-tuned's "
+                f"{theirs} s (target >= 3x)"
+            )
+        lost = mine[key].get("steps_lost")
+        lines.append(f"{'OK  ' if lost is not None and lost <= 1 else 'MISS'} {key}: steps lost {lost} (target <= 1)")
+    ratio = mine.get("goodput", {}).get("goodput_ratio")
+    if ratio is not None:
+        lines.append(f"{'OK  ' if ratio >= 0.97 else 'MISS'} goodput {ratio} (target >= 0.97)")
+    return lines
 
 
 def main() -> None:
@@ -424,6 +536,13 @@ def main() -> None:
         "--scenarios", default="worker_kill,node,goodput", help="comma-separated subset of worker_kill,node,goodput"
     )
     parser.add_argument("--keep", action="store_true", help="keep the run directories and agent logs")
+    parser.add_argument(
+        "--replicas-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for ecpt-replicas only, e.g. launch.ft_heartbeat_timeout_ms=250 (repeatable)",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "elastic.json"))
     args = parser.parse_args()
     args.scenarios = args.scenarios.split(",")
@@ -443,8 +562,9 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(args.l0_base, ignore_errors=True)  # node memory is not kept: it is the scarce resource
-    if "ecpt" in results:
+    if any(s in results for s in OURS):
         print(table(results))
+        print("\n".join(replicas_targets(results)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
     print(f"wrote {args.out}")

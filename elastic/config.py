@@ -288,6 +288,7 @@ class ScheduleConfig:
 
 
 ENGINES = ("ddp", "deepspeed")
+FAULT_TOLERANCE_MODES = ("restart", "replicas")
 
 
 @dataclass
@@ -537,9 +538,55 @@ class LaunchConfig:
     """Worker-group restarts torchrun allows before the job fails."""
     monitor_interval: float = 0.5
     """Seconds between the agent's worker-health checks."""
+    fault_tolerance: str = "restart"
+    """restart: a failure restarts the whole worker group from the newest checkpoint (torchrun's elastic agent).
+    replicas: per-step fault tolerance (elastic/ft/): each replica group is its own job, a quorum is formed every
+    step, survivors discard only the step in flight and go on at once, a returning replica heals from a live peer."""
+    replicas: int = 0
+    """replicas mode, local `ecpt train`: replica groups to start, one worker each; 0 = launch.nproc_per_node x
+    the largest launch.nnodes (one replica per worker the restart mode would start)."""
+    min_replicas: int = 1
+    """replicas mode: fewest replicas a step commits with (the quorum coordinator's --min_replicas too)."""
+    lighthouse: str = ""
+    """replicas mode: the quorum coordinator's address, http://host:port. Empty: `ecpt train` starts one on this
+    machine. Clusters run `ecpt lighthouse` on a host that outlives the training nodes and set this."""
+    ft_heartbeat_timeout_ms: int = 500
+    """replicas mode: a replica whose heartbeats (every 100 ms) stop for this long leaves the quorum. Below
+    torchft's 5000 ms default: it bounds the survivors' pause after a replica dies (measured, README)."""
+    ft_join_timeout_ms: int = 1000
+    """replicas mode: how long the coordinator waits for heartbeating replicas that have not asked to join yet."""
+    ft_timeout_s: float = 10.0
+    """replicas mode: timeout of the cross-replica all-reduce, the commit vote and a heal transfer. A stalled
+    (SIGSTOPped) replica holds the survivors for this long before the step is discarded."""
+    ft_quorum_timeout_s: float = 60.0
+    """replicas mode: how long a replica waits for a quorum (e.g. for min_replicas peers, or the coordinator)."""
+    ft_connect_timeout_s: float = 5.0
+    """replicas mode: timeout for connecting to the coordinator and to peers' managers."""
+    ft_start_timeout_s: float = 30.0
+    """replicas mode: a run at step 0 (fresh, or every replica restarted) waits this long for all replica groups
+    to join before it starts with those present (later ones heal from them)."""
 
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, f"launch.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        _require(
+            self.fault_tolerance in FAULT_TOLERANCE_MODES,
+            f"launch.fault_tolerance must be one of {FAULT_TOLERANCE_MODES}, got {self.fault_tolerance!r}",
+        )
+        _require(self.replicas >= 0, f"launch.replicas must be >= 0 (0 = one per worker), got {self.replicas}")
+        _require(self.min_replicas >= 1, f"launch.min_replicas must be >= 1, got {self.min_replicas}")
+        _require(
+            self.replica_groups >= self.min_replicas or self.fault_tolerance != "replicas",
+            f"launch.min_replicas ({self.min_replicas}) exceeds the replica groups started "
+            f"({self.replica_groups}); lower launch.min_replicas or raise launch.replicas",
+        )
+        _require(
+            not self.lighthouse or self.lighthouse.startswith(("http://", "https://")),
+            f"launch.lighthouse must be an http://host:port address (or empty), got {self.lighthouse!r}",
+        )
+        for name in ("ft_heartbeat_timeout_ms", "ft_join_timeout_ms"):
+            _require(getattr(self, name) >= 1, f"launch.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ft_timeout_s", "ft_quorum_timeout_s", "ft_connect_timeout_s", "ft_start_timeout_s"):
+            _require(getattr(self, name) > 0, f"launch.{name} must be > 0 seconds, got {getattr(self, name)}")
         parts = self.nnodes.split(":")
         _require(
             len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts),
@@ -556,6 +603,11 @@ class LaunchConfig:
     @property
     def min_nodes(self) -> int:
         return int(self.nnodes.split(":")[0])
+
+    @property
+    def replica_groups(self) -> int:
+        """Replica groups a local `ecpt train` starts in replicas mode (launch.replicas, or one per worker)."""
+        return self.replicas or self.nproc_per_node * self.max_nodes
 
 
 @dataclass
@@ -586,7 +638,15 @@ class Config:
                 getattr(self, section.name).validate()
         self.data.validate(self.model)  # after model: the tokenizer's vocabulary must fit model.vocab_size
         self.deepspeed.validate(self.train, self.optim)
+        _require(
+            not (self.launch.fault_tolerance == "replicas" and self.train.engine == "deepspeed"),
+            'launch.fault_tolerance = "replicas" works with train.engine = "ddp" only: DeepSpeed ZeRO partitions '
+            "the optimizer state across ranks, so a replica cannot heal from one peer; use the restart mode "
+            '(launch.fault_tolerance = "restart") with DeepSpeed',
+        )
         max_world = self.launch.max_nodes * self.launch.nproc_per_node
+        if self.launch.fault_tolerance == "replicas":
+            max_world = max(max_world, self.launch.replica_groups)
         _require(
             self.train.global_batch >= max_world,
             f"train.global_batch ({self.train.global_batch}) cannot be covered by up to {max_world} ranks "

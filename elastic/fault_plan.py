@@ -3,7 +3,9 @@
     kill rank 1 at step 30            SIGKILL that worker (torchrun restarts the worker group)
     kill node n1 at step 50           SIGKILL the agent of node n1 (its workers die with it): the job shrinks
     sigterm all at step 70            SIGTERM every node's agent (preemption): workers save and stop
-    stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it
+    stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it. In replicas
+                                      mode the whole process is frozen (SIGSTOP, then SIGCONT): heartbeats stop too
+    kill coordinator at step 40       replicas mode: SIGKILL the quorum coordinator `ecpt train` started
     corrupt newest at step 40         flip bytes in the first chunk of the newest committed checkpoint
     fill disk at step 60              fill the L1 checkpoint file system (only a small one, e.g. a test tmpfs)
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from elastic.errors import ConfigError
 
-KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk")
+KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk", "kill_coordinator")
 _PATTERNS = [
     ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)$")),
     ("kill_node", re.compile(r"^kill node (?P<node>\S+) at step (?P<step>\d+)$")),
@@ -29,6 +31,7 @@ _PATTERNS = [
     ("stall", re.compile(r"^stall rank (?P<rank>\d+) at step (?P<step>\d+) for (?P<seconds>[\d.]+)s$")),
     ("corrupt", re.compile(r"^corrupt newest at step (?P<step>\d+)$")),
     ("fill_disk", re.compile(r"^fill disk at step (?P<step>\d+)$")),
+    ("kill_coordinator", re.compile(r"^kill coordinator at step (?P<step>\d+)$")),
 ]
 
 
@@ -50,6 +53,7 @@ class Fault:
             "stall": f"stall rank {self.rank}",
             "corrupt": "corrupt newest",
             "fill_disk": "fill disk",
+            "kill_coordinator": "kill coordinator",
         }
         return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
 
@@ -77,7 +81,7 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
             raise ConfigError(
                 f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
                 f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
-                f"60s', 'corrupt newest at step 40' or 'fill disk at step 60'"
+                f"60s', 'corrupt newest at step 40', 'fill disk at step 60' or 'kill coordinator at step 40'"
             )
     return faults
 

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from elastic.errors import ConfigError
 from elastic.fault_plan import FIRED_DIR, Fault, fired_marker
 from elastic.process_env import AGENT_PID_ENV
 
+COORDINATOR_FILE = "lighthouse.json"
+"""``<run_dir>/lighthouse.json``: address and pid of the quorum coordinator ``ecpt train`` started (replicas mode)."""
 FILL_DISK_MAX_BYTES = 2 << 30
 """fill_disk refuses file systems with more free space than this: it is for test file systems, not real disks."""
 
@@ -42,7 +45,11 @@ class FaultInjector:
         node_id: str,
         checkpoint_levels: list[tuple[Path, int]],
         log,
+        freeze_stalls: bool = False,
     ):
+        self.freeze_stalls = freeze_stalls
+        """replicas mode: a stall freezes the whole process (SIGSTOP), so its heartbeats to the coordinator stop
+        too; a sleeping Python thread would leave torchft's heartbeat thread running and the replica 'healthy'."""
         self.faults, self.rank, self.local_rank, self.node_id = faults, rank, local_rank, node_id
         self.run_dir = run_dir
         (run_dir / FIRED_DIR).mkdir(parents=True, exist_ok=True)
@@ -56,7 +63,7 @@ class FaultInjector:
             return f.node == self.node_id and self.local_rank == 0
         if f.kind == "sigterm":
             return self.local_rank == 0  # one signal per node's agent
-        return self.rank == 0  # corrupt, fill_disk: done once, by rank 0
+        return self.rank == 0  # corrupt, fill_disk, kill_coordinator: done once, by rank 0
 
     def _claim(self, f: Fault) -> bool:
         """Exclusive create: True for exactly one process over the whole run (per node for node-wide faults)."""
@@ -97,7 +104,21 @@ class FaultInjector:
         os.kill(agent_pid(), signal.SIGTERM)
 
     def _do_stall(self, f: Fault) -> None:
+        if self.freeze_stalls:
+            # a detached helper resumes us: nothing in this process runs while it is stopped
+            subprocess.Popen(["sh", "-c", f"sleep {f.seconds}; kill -CONT {os.getpid()}"], start_new_session=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         time.sleep(f.seconds)  # the simulated hang itself: this rank makes no progress for f.seconds
+
+    def _do_kill_coordinator(self, f: Fault) -> None:
+        path = self.run_dir / COORDINATOR_FILE
+        if not path.exists():
+            raise ConfigError(
+                f"fault {f.describe()!r}: {path} does not exist; only a coordinator that `ecpt train` started "
+                f'(launch.fault_tolerance = "replicas", launch.lighthouse empty) can be killed by plan'
+            )
+        os.kill(json.loads(path.read_text())["pid"], signal.SIGKILL)
 
     def _wait_for_due_checkpoint(self, f: Fault) -> None:
         """Saves persist asynchronously: wait until the newest checkpoint due before this step has committed, so

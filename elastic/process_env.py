@@ -21,3 +21,13 @@ def node_id(env: dict[str, str] | None = None) -> str:
     """Stable identity of this node's memory: ``ECPT_NODE_ID`` if the launcher set it, else the hostname."""
     env = os.environ if env is None else env
     return env.get(NODE_ID_ENV) or os.uname().nodename
+
+
+REPLICA_INDEX_ENV = "ECPT_REPLICA_INDEX"
+"""replicas mode: this replica group's fixed index (0, 1, ...), set per agent by the launcher. It names the replica
+to the quorum coordinator, in logs and in fault plans ('kill rank 1' kills replica 1); the quorum rank may differ."""
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
+"""replicas mode: the quorum coordinator's address (torchft's own variable name), set by the launcher."""
+SHARED_MACHINE_ENV = "ECPT_REPLICAS_SHARE_MACHINE"
+"""replicas mode: set by the local launcher when every replica runs on this one machine, so a replica sizes its
+torch threads to the cores per replica (each one-worker replica would otherwise take every core)."""

@@ -108,6 +108,17 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.is_main = world.rank == 0
+        # replicas mode: every replica is rank 0 of its own job; it is named by its fixed replica index, and the
+        # quorum's rank 0 of each step is the one that writes the run's logs and checkpoints (elastic/ft/)
+        self.replica_mode = cfg.launch.fault_tolerance == "replicas"
+        if self.replica_mode:
+            from elastic.ft.replica import replica_index
+
+            self.identity = replica_index()
+            self.log.rank = self.identity
+            self.is_main = self.identity == 0  # until the first quorum names its rank 0
+        else:
+            self.identity = world.rank
         self.corpus = Corpus(cfg, log=self.log.info)
         if self.is_main:
             for line in self.corpus.describe():
@@ -126,9 +137,13 @@ class Trainer:
         self.state = TrainState()
         if metrics:
             metrics.track_run(self.state.counters)
-        self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
+        self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main or self.replica_mode else None)
+        if self.replica_mode:
+            from elastic.ft.logs import LeaderJsonl
+
+            self.jsonl = LeaderJsonl(self.jsonl, lambda: self.is_main)
         self.samples_log = (
-            open(self.run_dir / "samples" / f"rank-{world.rank}.jsonl", "a", buffering=1)
+            open(self.run_dir / "samples" / f"rank-{self.identity}.jsonl", "a", buffering=1)
             if cfg.train.log_samples
             else None
         )
@@ -139,12 +154,24 @@ class Trainer:
         levels = [(Path(lv.root), lv.interval) for lv in checkpoint_levels(cfg)]
         self.faults = (
             FaultInjector(
-                parse_plan(cfg.faults.plan), self.run_dir, world.rank, world.local_rank, node_id(), levels, self.log
+                parse_plan(cfg.faults.plan),
+                self.run_dir,
+                self.identity,
+                world.local_rank,
+                node_id(),
+                levels,
+                self.log,
+                freeze_stalls=self.replica_mode,
             )
             if cfg.faults.plan
             else None
         )
         self.watchdog = Watchdog(cfg.train.hang_timeout, self.log)
+        self.replicas = None
+        if self.replica_mode:
+            from elastic.ft.replica import ReplicaStepper
+
+            self.replicas = ReplicaStepper(self, registry=metrics.registry if metrics else None)
 
     def _will_resume(self) -> bool:
         """Whether ``TrainerCheckpoints.restore`` will load a checkpoint: the same condition it applies (resume on,
@@ -157,11 +184,22 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------
     # One optimizer step.
 
+    def data_split(self) -> tuple[int, int]:
+        """(this rank's position, how many share the step's global batch): the quorum's in replicas mode."""
+        if self.replicas:
+            return self.replicas.rank, self.replicas.size
+        return self.world.rank, self.world.world_size
+
     def _forward_backward(self, step: int) -> float:
         """Run this rank's micro-batches of ``step``; returns this rank's summed per-sequence loss."""
         g = self.cfg.train.global_batch
         share = rank_batch(step, g, self.cfg.train.micro_batch, self.world.rank, self.world.world_size)
-        if self.samples_log:
+        return self.forward_backward_share(step, share)
+
+    def forward_backward_share(self, step: int, share) -> float:
+        """Run the micro-batches of ``share`` (a RankBatch of ``step``); the summed per-sequence loss."""
+        g = self.cfg.train.global_batch
+        if self.samples_log and not self.replicas:
             self.samples_log.write(
                 json.dumps(
                     {
@@ -178,6 +216,13 @@ class Trainer:
             torch.from_numpy(self.corpus.batch(first, size)[0]).to(self.device) for first, size in share.micro_batches
         )
         return self.engine.forward_backward(batches, len(share.micro_batches), g)
+
+    def log_committed_share(self, step: int, rank: int, size: int, quorum_id: int) -> None:
+        """replicas mode: the samples of a committed step (attempts that were discarded trained nothing)."""
+        if self.samples_log:
+            share = rank_batch(step, self.cfg.train.global_batch, 1, rank, size)
+            row = {"step": step, "start": share.start, "count": share.count, "world_size": size}
+            self.samples_log.write(json.dumps({**row, "quorum_id": quorum_id, "time": time.time()}) + "\n")
 
     def _reduce_loss_and_stop(self, local_sum: float) -> tuple[float, bool]:
         """Global-batch mean loss, and whether any rank was asked to stop, in one all-reduce.
@@ -210,7 +255,9 @@ class Trainer:
     def lr_for(self, step: int) -> float:
         return lr_at(step, self.cfg.schedule, self.plan.starts, self.plan.total_steps)
 
-    def train_step(self, step: int) -> StepResult:
+    def train_step(self, step: int) -> StepResult | None:
+        if self.replicas:  # None: the attempt was discarded; state.step tells which step runs next
+            return self.replicas.train_step(step)
         start = time.perf_counter()
         self.engine.zero_grad()
         local_loss = self._forward_backward(step)
@@ -292,14 +339,10 @@ class Trainer:
 
     def _log_step(self, r: StepResult) -> None:
         tokens_step = self.cfg.train.global_batch * self.cfg.model.seq_len
+        rank, size = self.data_split()
         if self.metrics:
-            local_tokens = (
-                rank_batch(r.step, self.cfg.train.global_batch, 1, self.world.rank, self.world.world_size).count
-                * self.cfg.model.seq_len
-            )
-            self.metrics.on_step(
-                r.step + 1, r.loss, r.lr, local_tokens, tokens_step, r.seconds, r.phase, self.world.world_size
-            )
+            local_tokens = rank_batch(r.step, self.cfg.train.global_batch, 1, rank, size).count * self.cfg.model.seq_len
+            self.metrics.on_step(r.step + 1, r.loss, r.lr, local_tokens, tokens_step, r.seconds, r.phase, size)
         if (r.step + 1) % self.cfg.train.log_interval == 0 or r.step + 1 == self.total_steps:
             self.jsonl.write(
                 "step",
@@ -311,7 +354,7 @@ class Trainer:
                 seconds=round(r.seconds, 4),
                 tokens=self.state.tokens,
                 tokens_per_second=round(tokens_step / r.seconds, 1),
-                world_size=self.world.world_size,
+                world_size=size,
                 cursor=self.state.step * self.cfg.train.global_batch,
             )
 
@@ -329,8 +372,8 @@ class Trainer:
 
     def resume(self, process_started: float) -> None:
         """Restore the newest valid checkpoint, if checkpointing is on and one exists; record the recovery."""
-        if self.checkpoints is None:
-            return
+        if self.checkpoints is None or self.replicas:
+            return  # replicas mode: the first quorum decides between a live peer and the disk (elastic/ft/)
         restored = self.checkpoints.restore()
         if restored is not None and self.metrics:
             self.metrics.on_recovered(time.perf_counter() - process_started, restored.steps_lost)
@@ -364,11 +407,17 @@ class Trainer:
     def _train_steps(self, bar) -> None:
         """The steps from the current one to the end (or a stop signal), then the final checkpoint flush."""
         self.watchdog.start()
-        for step in range(self.state.step, self.total_steps):
+        while self.state.step < self.total_steps:
+            step = self.state.step
             self.log.step = step
             if self.faults:
                 self.faults.at_step(step)
             r = self.train_step(step)
+            if r is None:
+                if self.replicas.finished_elsewhere:
+                    break  # a stale replica whose peers already finished the run: nothing to train or save
+                continue  # replicas mode: discarded attempt or heal; the loop resumes at state.step
+            step = r.step
             self.state.counters.productive_seconds += r.seconds
             self.watchdog.progress()
             if not math.isfinite(r.loss):
@@ -407,7 +456,7 @@ class Trainer:
     def _stop_for_signal(self) -> None:
         """Every rank agreed to stop after this step: make this step durable, then leave the loop."""
         self.stop_signal = self.stop_signal or signal.SIGTERM  # a peer's signal counts as ours
-        if self.checkpoints:
+        if self.checkpoints and (self.is_main or not self.replicas):  # replicas mode: the quorum leader only
             levels = self.checkpoints.emergency_save(self.state.step)
             self.log.info(
                 f"stop requested: emergency checkpoint of step {self.state.step} "
@@ -416,6 +465,8 @@ class Trainer:
         self.jsonl.write("stop", step=self.state.step, signal=int(self.stop_signal))
 
     def close(self) -> None:
+        if self.replicas:
+            self.replicas.close()
         if self.checkpoints:
             self.checkpoints.close()
         self.jsonl.close()

@@ -47,15 +47,17 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_rank_file(run_dir: Path, world, metrics_port: int | None) -> Path:
-    """``<run_dir>/ranks/rank-<r>.json``: pid, host and metrics port of this rank, for tools and fault injection."""
-    path = run_dir / "ranks" / f"rank-{world.rank}.json"
+def write_rank_file(run_dir: Path, world, metrics_port: int | None, rank: int | None = None) -> Path:
+    """``<run_dir>/ranks/rank-<r>.json``: pid, host and metrics port of this rank (in replicas mode, of replica
+    r), for tools and fault injection."""
+    rank = world.rank if rank is None else rank
+    path = run_dir / "ranks" / f"rank-{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(
         json.dumps(
             {
-                "rank": world.rank,
+                "rank": rank,
                 "pid": os.getpid(),
                 "host": os.uname().nodename,
                 "local_rank": world.local_rank,
@@ -85,14 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     world, log = ctx.world, ctx.log
     phases = {"setup": setup, **ctx.phases}  # start-up cost per phase: what a restart costs before training resumes
     run_dir = Path(cfg.train.run_dir)
+    identity = world.rank
+    if cfg.launch.fault_tolerance == "replicas":  # every replica is rank 0 of its own job: name it by its index
+        from elastic.ft.replica import replica_index
+
+        identity = log.rank = replica_index()
     metrics = None
     if cfg.metrics.enabled:
-        metrics = WorkerMetrics(world.rank)
+        metrics = WorkerMetrics(identity)
         port = metrics.serve(cfg.metrics.host, cfg.metrics.port + world.local_rank if cfg.metrics.port else 0)
         metrics.write_target_file(run_dir, cfg.metrics.host, os.uname().nodename)
         metrics.on_start(world.world_size)
         log.info(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
-    write_rank_file(run_dir, world, metrics.port if metrics else None)
+    write_rank_file(run_dir, world, metrics.port if metrics else None, identity)
     t = time.perf_counter()
     trainer = Trainer(cfg, world, ctx.groups, ctx.device, metrics=metrics, log=log)
     phases["init"] = time.perf_counter() - t

@@ -41,6 +41,47 @@ def fault_report(run_dir: Path) -> list[dict]:
     return report
 
 
+def replicas_fault_report(run_dir: Path) -> list[dict]:
+    """replicas mode: nothing restarts; per fault, the survivors' next completed step and the heals after it."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    report = []
+    for fault in fired_faults(run_dir):
+        later = [r for r in rows if r["time"] >= fault["time"]]
+        # rows count completed steps: the step the fault interrupted (index fault["step"]) is logged as step + 1
+        first = next((r for r in later if r["kind"] == "step" and r["step"] > fault["step"]), None)
+        heal = next((r for r in later if r["kind"] == "heal"), None)
+        fallback = next((r for r in later if r["kind"] == "fallback"), None)
+        report.append(
+            {
+                "fault": fault["fault"],
+                "fired_at_step": fault["step"],
+                "survivors_next_step_seconds": round(first["time"] - fault["time"], 2) if first else None,
+                "discarded_attempts": sum(1 for r in later if r["kind"] == "discard" and r["step"] == fault["step"]),
+                "healed": (
+                    f"replica {heal['replica']} from replica {heal['source_replica']} at step {heal['step']} "
+                    f"in {heal['seconds']} s"
+                    if heal
+                    else "-"
+                ),
+                "fallback": f"{fallback['level']} step {fallback['step']}" if fallback else "-",
+            }
+        )
+    return report
+
+
+def format_replicas_report(report: list[dict]) -> str:
+    lines = [
+        "| fault | survivors' next step (s) | discarded attempts | healed | fell back to |",
+        "|---|---|---|---|---|",
+    ]
+    for e in report:
+        lines.append(
+            f"| {e['fault']} | {e['survivors_next_step_seconds']} | {e['discarded_attempts']} | {e['healed']} | "
+            f"{e['fallback']} |"
+        )
+    return "\n".join(lines)
+
+
 def format_report(report: list[dict]) -> str:
     header = "| fault | restart (s) | recovery (s) | resumed from | steps lost | world |"
     lines = [header, "|---|---|---|---|---|---|"]
@@ -60,7 +101,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     plan = list(args.plan)
     if args.random:
         total = cfg.train.max_steps or phase_plan(cfg).total_steps
-        plan += random_plan(args.seed, total, args.random, cfg.launch.nproc_per_node)
+        ranks = cfg.launch.replica_groups if cfg.launch.fault_tolerance == "replicas" else cfg.launch.nproc_per_node
+        plan += random_plan(args.seed, total, args.random, ranks)
     if not plan:
         raise SystemExit("ecpt chaos: give --plan SENTENCE (repeatable) or --random N")
     overrides = list(args.overrides)
@@ -73,7 +115,11 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     print("fault plan:\n  " + "\n  ".join(plan), flush=True)
     train_cfg = with_faults(load_config(args.config, overrides), plan)
     code = train_on_this_machine(train_cfg)
-    print(format_report(fault_report(Path(train_cfg.train.run_dir))), flush=True)
+    run_dir = Path(train_cfg.train.run_dir)
+    if train_cfg.launch.fault_tolerance == "replicas":
+        print(format_replicas_report(replicas_fault_report(run_dir)), flush=True)
+    else:
+        print(format_report(fault_report(run_dir)), flush=True)
     return code
 
 

@@ -15,7 +15,7 @@ from launch.chaos import add_chaos_parser
 from launch.ckpt_commands import add_ckpt_parser
 from launch.cluster_commands import add_launch_parser
 from launch.experiment_commands import add_experiment_parser
-from launch.train_commands import add_rdzv_store_parser, add_train_parser
+from launch.train_commands import add_lighthouse_parser, add_rdzv_store_parser, add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_rdzv_store_parser(sub)
+    add_lighthouse_parser(sub)
     add_ckpt_parser(sub)
     add_chaos_parser(sub)
     add_launch_parser(sub)

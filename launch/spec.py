@@ -136,4 +136,11 @@ def shape_overrides(cfg: Config, shape: JobShape) -> list[str]:
 def load_with_shape(config: str | None, overrides: list[str], shape: JobShape) -> Config:
     """Load the config, apply the user's --set overrides, then the job shape (which wins), and validate."""
     base = load_config(config, overrides)
+    if base.launch.fault_tolerance == "replicas":
+        raise ConfigError(
+            'launch.fault_tolerance = "replicas" is supported by `ecpt train` on one machine only: `ecpt launch` does '
+            "not render one job per replica group yet. Use the restart mode on clusters, or start `ecpt lighthouse` "
+            "and one `ecpt train` per replica group yourself is not supported either (replica indices are assigned "
+            "by the local launcher)"
+        )
     return load_config(config, [*overrides, *shape_overrides(base, shape)])

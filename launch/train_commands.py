@@ -59,13 +59,19 @@ def train_on_this_machine(
         print(f"ecpt train: checkpoint.l2_dir = {cfg.checkpoint.l2_dir!r}: {e}", file=sys.stderr)
         return 2
     config_json = prepare_run(cfg)
+    threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
+    if cfg.launch.fault_tolerance == "replicas":
+        from launch.replicas_local import train_replicas
+
+        threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.replica_groups)
+        code = train_replicas(cfg, config_json, node_id, threads)
+        return _finish(cfg, code)
     endpoint = resolve_endpoint(cfg)
     print(
         f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
         f"workers per node, rendezvous c10d at {endpoint}",
         flush=True,
     )
-    threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
     node_env = {NODE_ID_ENV: node_id} if node_id else {}
     if cfg.metrics.enabled:
         from launch.launcher_metrics import serve_launcher_metrics
@@ -75,6 +81,10 @@ def train_on_this_machine(
         print(f"launcher metrics on http://{cfg.metrics.host}:{port}/metrics", flush=True)
     cmd = torchrun_command(cfg, config_json, endpoint, node_rank=node_rank, external_store=external_store)
     code = run_agent(cmd, extra_env=node_env, threads_per_worker=threads)
+    return _finish(cfg, code)
+
+
+def _finish(cfg: Config, code: int) -> int:
     if code == 0:
         code = _checkpoint_failure_code(Path(cfg.train.run_dir) / "metrics.jsonl")
     print(
@@ -142,6 +152,12 @@ def add_train_parser(sub) -> None:
         help="inject a fault, e.g. 'kill rank 1 at step 30' (repeatable; see elastic/fault_plan.py)",
     )
     train.set_defaults(func=cmd_train)
+
+
+def add_lighthouse_parser(sub) -> None:
+    from launch.lighthouse import add_lighthouse_parser as add
+
+    add(sub)
 
 
 def add_rdzv_store_parser(sub) -> None:

@@ -1,0 +1,130 @@
+"""Replicas mode (launch.fault_tolerance = "replicas") end to end: the real `ecpt train`, a real torchft
+Lighthouse, one real agent per replica, real kill -9 / SIGSTOP, real checkpoints.
+
+What each test proves: survivors keep training at the exact global batch with no half-applied update (state
+digests of the replicas equal at the end), every sample is used once, losses track an uninterrupted run, a
+returning replica heals from a live peer (not from disk), a frozen replica is excluded and then healed, a lost
+coordinator stops the job with a clear error, and losing every replica falls back to checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from support.processes import check_ok, ecpt_train, start_ecpt_train
+from support.replicas import assert_each_sample_once, replica_ends, replicas_config
+from support.trajectory import final_losses, step_rows
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+PER_PHASE = 20  # long enough for the killed replica's restart (a few seconds) before the run ends
+STEPS = 3 * PER_PHASE
+G = 6  # tiny_config_dict's global batch
+RUN_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def clean_losses(text_corpus, tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted replicas-mode run: the loss trajectory faulty runs must track."""
+    from support.configs import tiny_config_dict
+
+    tmp = tmp_path_factory.mktemp("replicas-clean")
+    run = tmp / "run"
+    config = replicas_config(tiny_config_dict(text_corpus, tmp), tmp, steps_per_phase=PER_PHASE)
+    check_ok(ecpt_train(config, run, timeout=RUN_TIMEOUT))
+    assert max(final_losses(run)) == STEPS
+    return final_losses(run)
+
+
+def _assert_replicas_agree(run) -> dict[int, dict]:
+    ends = replica_ends(run)
+    assert sorted(ends) == [0, 1], ends
+    assert {e["step"] for e in ends.values()} == {STEPS}, ends
+    assert ends[0]["digest"] == ends[1]["digest"], "replicas ended with different parameters or optimizer state"
+    return ends
+
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT)
+def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, tmp_path, clean_losses):
+    run = tmp_path / "run"
+    config = replicas_config(tiny_raw, tmp_path, steps_per_phase=PER_PHASE)
+    result = ecpt_train(config, run, "--fault", "kill rank 1 at step 5")
+    check_ok(result)
+    log = result.stdout + result.stderr
+    rows = {r["step"]: r for r in step_rows(run)}
+    # the survivor went on alone: step 5 (in flight when replica 1 died) committed with a quorum of one
+    assert rows[6]["world_size"] == 1, [(s, r["world_size"]) for s, r in sorted(rows.items())]
+    assert rows[STEPS]["world_size"] == 2, "replica 1 never rejoined"
+    assert "healed from live peer replica 0" in log, log[-4000:]
+    assert "[rank 1 step 0] restored step" not in log and "fell back to checkpoints" not in log
+    ends = _assert_replicas_agree(run)
+    assert ends[1]["heals"] and ends[1]["heals"][-1]["source_replica"] == 0
+    assert_each_sample_once(run, STEPS, G)
+    faulty = final_losses(run)
+    for step in range(6, STEPS + 1):
+        assert abs(faulty[step] - clean_losses[step]) <= 0.01 * clean_losses[step], (step, faulty[step])
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT)
+def test_frozen_replica_is_excluded_then_healed_never_stale(tiny_raw, tmp_path):
+    """SIGSTOP for 3 s (heartbeat timeout 0.5 s): the survivor goes on alone; on SIGCONT the frozen replica either
+    heals from the survivor or, if the survivor already finished, refuses its stale state. Either way it never
+    trains or logs a step from its stale state (the run's step rows only ever increase)."""
+    run = tmp_path / "run"
+    result = ecpt_train(
+        replicas_config(tiny_raw, tmp_path, steps_per_phase=8), run, "--fault", "stall rank 1 at step 4 for 3s"
+    )
+    check_ok(result)
+    log = result.stdout + result.stderr
+    rows = step_rows(run)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step was logged twice or out of order: {steps}"
+    assert any(r["world_size"] == 1 for r in rows if r["step"] > 4), "the survivor did not continue alone"
+    ends = replica_ends(run)
+    if "healed from live peer replica 0" in log:
+        assert ends[0]["digest"] == ends[1]["digest"] and ends[0]["step"] == ends[1]["step"] == 24
+    else:
+        assert "refusing stale state: the run finished" in log, log[-4000:]
+        assert sorted(ends) == [0], "the stale replica recorded an end state"
+    assert_each_sample_once(run, 24, G)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_coordinator_killed_stops_the_job_with_a_clear_error(tiny_raw, tmp_path):
+    run = tmp_path / "run"
+    config = replicas_config(tiny_raw, tmp_path, steps_per_phase=200)
+    proc = start_ecpt_train(config, "--run-dir", str(run), log=tmp_path / "train.log")
+    try:
+        wait_for(lambda: len(step_rows(run)) >= 3, 120, "three committed steps", proc=proc)
+        coordinator = json.loads((run / "lighthouse.json").read_text())["pid"]
+        killed = time.monotonic()
+        os.kill(coordinator, signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        stopped = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "train.log").read_text()
+    assert code == 3, text[-3000:]
+    assert "quorum coordinator" in text and "exited" in text and "resume" in text, text[-3000:]
+    assert stopped < 30, f"stopping took {stopped:.1f} s"
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_every_replica_lost_falls_back_to_checkpoints(tiny_raw, tmp_path):
+    run = tmp_path / "run"
+    config = replicas_config(tiny_raw, tmp_path, steps_per_phase=PER_PHASE)
+    result = ecpt_train(config, run, "--fault", "kill rank 0 at step 7", "--fault", "kill rank 1 at step 7")
+    check_ok(result)
+    log = result.stdout + result.stderr
+    assert "no live peer has progress: fell back to checkpoints, restored step" in log, log[-4000:]
+    fallbacks = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    restored = [r["step"] for r in fallbacks if r["kind"] == "fallback"]
+    assert restored and 3 <= restored[0] <= 7, restored
+    _assert_replicas_agree(run)
+    assert_each_sample_once(run, STEPS, G)

@@ -1,0 +1,53 @@
+"""Helpers for replicas-mode tests: a config, what each replica recorded, and the committed sample shares."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from support.configs import recovery_config
+
+
+def replicas_config(raw: dict, tmp_path: Path, steps_per_phase: int = 5, **launch) -> Path:
+    """``raw`` in replicas mode with two single-worker replicas and short torchft timeouts (``launch`` overrides),
+    L0 every step and L1 every 3 steps, sample logs on (``support.configs.recovery_config``)."""
+    raw = copy.deepcopy(raw)
+    raw["launch"] |= {
+        "fault_tolerance": "replicas",
+        "replicas": 2,
+        "ft_heartbeat_timeout_ms": 500,
+        "ft_timeout_s": 3.0,
+        "ft_quorum_timeout_s": 30.0,
+        **launch,
+    }
+    return recovery_config(raw, tmp_path, steps_per_phase)
+
+
+def replica_ends(run: Path) -> dict[int, dict]:
+    """Each replica's record at the end of the run (step, state digest, heals, discarded attempts)."""
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (run / "replicas").glob("replica-*.json")}
+
+
+def committed_shares(run: Path) -> dict[int, list[dict]]:
+    """step -> the committed shares every replica logged for it (replicas log only committed steps)."""
+    by_step: dict[int, list[dict]] = {}
+    for path in (run / "samples").glob("rank-*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line) | {"replica": int(path.stem.split("-")[1])}
+            by_step.setdefault(row["step"], []).append(row)
+    return by_step
+
+
+def assert_each_sample_once(run: Path, steps: int, global_batch: int) -> None:
+    """Every committed step used exactly its global batch of samples, [s*G, (s+1)*G), each once, split by the
+    quorum it committed with (one row per member, members agreeing on the quorum size)."""
+    by_step = committed_shares(run)
+    assert sorted(by_step) == list(range(steps)), f"steps logged: {sorted(by_step)}"
+    for step, rows in by_step.items():
+        latest = sorted(rows, key=lambda r: r["time"])[-rows[-1]["world_size"] :]
+        sizes = {r["world_size"] for r in latest}
+        ids = sorted(i for r in latest for i in range(r["start"], r["start"] + r["count"]))
+        assert len(sizes) == 1 and ids == list(range(step * global_batch, (step + 1) * global_batch)), (
+            f"step {step}: shares {latest}"
+        )

@@ -1,0 +1,83 @@
+"""Replicas mode's pure parts: config validation, the fault grammar, the heal transport's no-pickle load, and the
+progress mark a returning replica is checked against."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+
+import pytest
+import torch
+
+from elastic.config import ConfigError, load_config
+from elastic.fault_plan import parse_plan
+from elastic.ft.replica import ProgressMark
+from elastic.ft.transport import SafeHTTPTransport
+
+
+def test_replicas_mode_is_opt_in_and_sized_from_the_workers():
+    assert load_config(None, []).launch.fault_tolerance == "restart"
+    cfg = load_config(None, ['launch.fault_tolerance="replicas"'])
+    assert cfg.launch.replica_groups == cfg.launch.nproc_per_node * cfg.launch.max_nodes
+    assert load_config(None, ['launch.fault_tolerance="replicas"', "launch.replicas=3"]).launch.replica_groups == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (['launch.fault_tolerance="replicas"', 'train.engine="deepspeed"'], 'works with train.engine = "ddp" only'),
+        (['launch.fault_tolerance="quorum"'], "launch.fault_tolerance must be one of"),
+        (['launch.fault_tolerance="replicas"', "launch.replicas=2", "launch.min_replicas=3"], "launch.min_replicas"),
+        (['launch.lighthouse="10.0.0.1:29510"'], "launch.lighthouse must be an http://"),
+        (["launch.ft_timeout_s=0"], "launch.ft_timeout_s must be > 0"),
+        (['launch.fault_tolerance="replicas"', "launch.replicas=17"], "train.global_batch (16) cannot be covered"),
+    ],
+)
+def test_invalid_replicas_settings_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_kill_coordinator_is_a_fault_sentence():
+    (fault,) = parse_plan(["Kill coordinator at step 40"])
+    assert (fault.kind, fault.step) == ("kill_coordinator", 40)
+    assert parse_plan([fault.describe()])[0] == fault
+
+
+def _round_trip(state: dict) -> dict:
+    timeout = timedelta(seconds=10)
+    sender, receiver = SafeHTTPTransport(timeout, num_chunks=0), SafeHTTPTransport(timeout, num_chunks=0)
+    try:
+        sender.send_checkpoint(dst_ranks=[1], step=7, state_dict=state, timeout=timeout)
+        return receiver.recv_checkpoint(src_rank=0, metadata=sender.metadata(), step=7, timeout=timeout)
+    finally:
+        sender.shutdown(wait=False)
+        receiver.shutdown(wait=False)
+
+
+def test_heal_transport_carries_tensors_and_plain_values():
+    state = {"tensors": {"model/w": torch.arange(6.0).reshape(2, 3)}, "step": 7, "counters": '{"restarts": 1}'}
+    got = _round_trip(state)
+    assert torch.equal(got["tensors"]["model/w"], state["tensors"]["model/w"])
+    assert got["step"] == 7 and got["counters"] == state["counters"]
+
+
+class Payload:
+    """Stands for any object a malicious or buggy peer could pickle (its reduce could run code on load)."""
+
+    def __reduce__(self):
+        return (print, ("this ran on load",))
+
+
+def test_heal_transport_refuses_pickled_objects():
+    """A peer can send tensors, not code: anything the weights-only unpickler does not allow fails the heal."""
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        _round_trip({"step": 7, "payload": Payload()})
+
+
+def test_progress_mark_round_trip(tmp_path):
+    mark = ProgressMark(tmp_path / "replicas" / "progress.json")
+    assert mark.read() == 0
+    mark.write(12)
+    assert mark.read() == 12
