@@ -196,12 +196,14 @@ class CheckpointManager:
             return None
         described = self._describer.describe(tensors)
         extra = _checked_extra(f"save(step={step}): extra", extra)
+        # on_busy="skip": one save in flight at most, so one staging copy of the state; a free second buffer set
+        # is not used for overlapping saves (it would double the memory held whenever the disk falls behind)
+        if self.on_busy == "skip" and not forced and self._pool.in_use():
+            self._metrics.skip([lv.name for lv in levels])
+            self.log.info("checkpoint step %d skipped: the previous save is still persisting", step)
+            return None
         bufset = self._pool.acquire(block=False)
         if bufset is None:
-            if self.on_busy == "skip" and not forced:
-                self._metrics.skip([lv.name for lv in levels])
-                self.log.info("checkpoint step %d skipped: the previous save is still persisting", step)
-                return None
             self.stats.waits += 1
             bufset = self._pool.acquire(block=True)
         # forget saves that committed (failed ones stay until wait_durable reports them): no growth over a long run

@@ -145,6 +145,11 @@ class BufferPool:
                 return None
             return self._free.pop()
 
+    def in_use(self) -> int:
+        """Sets held by saves that are not yet on their first level."""
+        with self._cond:
+            return len(self.sets) - len(self._free)
+
     def release(self, bufset: BufferSet) -> None:
         with self._cond:
             if bufset not in self._free:

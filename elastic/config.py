@@ -465,7 +465,10 @@ class CheckpointConfig:
     l2_keep_last: int = 2
     """Committed L2 checkpoints kept."""
     on_busy: str = "wait"
-    """When a save is due while the previous one still persists: wait (block) or skip (counted)."""
+    """When a save is due while the previous one is still being written to its first level. "wait": stage it into
+    a second host buffer (two saves in flight: two copies of the state in memory), and when both are busy block
+    until one is free (never longer than one persist). "skip": skip it (counted in ecpt_checkpoint_skipped_total),
+    so at most one save is in flight and staging holds one copy of the state."""
     resume: bool = True
     """Resume from the newest valid checkpoint at start if one exists."""
 

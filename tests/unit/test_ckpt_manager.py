@@ -418,3 +418,41 @@ def test_a_slow_level_gets_the_newest_step_instead_of_stalling_saves(tmp_path, m
     assert [handles[s].durable.result() for s in range(1, 7)] == [["L0", "L1"]] + [["L0"]] * 4 + [["L0", "L1"]]
     assert reg.get_sample_value("ecpt_checkpoint_skipped_total", {"level": "L1"}) == 4
     mgr.close()
+
+
+@pytest.mark.parametrize("on_busy", ["skip", "wait"])
+def test_skip_keeps_one_save_in_flight_even_with_a_free_second_buffer(tmp_path, on_busy):
+    """on_busy="skip" means one staging copy of the state at most: a save due while the previous one is still being
+    written is skipped although a second buffer set is free; "wait" stages it into that second set."""
+    import threading
+
+    writing, release = threading.Event(), threading.Event()
+
+    def hang_first_save(step: int, chunks_written: int) -> None:
+        if step == 1:
+            writing.set()
+            release.wait()
+
+    mgr = CheckpointManager(
+        levels(tmp_path, ("L1", 1, 3)), chunk_bytes=256, on_busy=on_busy, staging_buffers=2, after_chunk=hang_first_save
+    )
+    state = make_state(0, "replica", 1)
+    try:
+        assert mgr.save(1, state) is not None
+        mgr.wait_staged()
+        assert writing.wait(60), "the first save never started writing"
+        second = mgr.save(2, state)
+        assert (second is None) == (on_busy == "skip")
+        mgr.wait_staged()  # the second save (if taken) is staged while the first still hangs
+        held = mgr.staging_stats().host_buffers
+    finally:
+        release.set()
+    mgr.wait_staged()
+    assert mgr.wait_durable() == (["L1"] if on_busy == "skip" else ["L1", "L1"])
+    assert mgr.stats.skips == (1 if on_busy == "skip" else 0)
+    if on_busy == "skip":
+        assert held == len(state), "skip held more than one staging copy of the state"
+    assert mgr.save(3, state) is not None  # nothing in flight any more: accepted
+    mgr.wait_staged()
+    mgr.wait_durable()
+    mgr.close()
