@@ -77,7 +77,12 @@ def train_base(job: BaseJob) -> dict:
 
         def stop_after_eval(step: int, evaluated: dict[str, float]) -> bool:
             losses.append(evaluated[job.domain])
-            return flattened(losses, rule.patience, rule.min_improvement)
+            stop = flattened(losses, rule.patience, rule.min_improvement)
+            ctx.log.info(
+                f"{job.domain} validation loss {losses[-1]:.4f} at step {step} (best {min(losses):.4f})"
+                + ("; flattened, stopping" if stop else "")
+            )
+            return stop
 
         trainer.stop_after_eval = stop_after_eval
         trainer.run()
@@ -143,7 +148,7 @@ def _build(path: Path, cfg: Config, spec: BaseSpec, domain: str, say) -> Base:
     cap = phase_plan(run_cfg).total_steps
     say(
         f"[cpt] base: pre-training on {domain} until its validation loss flattens (best of the last "
-        f"{spec.patience} evaluations, every {spec.eval_interval} steps, improves by < {spec.min_improvement:.1%}), "
+        f"{spec.patience} evaluations, every {spec.eval_interval} steps, improves by <= {spec.min_improvement:.1%}), "
         f"at most {cap} steps, {threads} thread(s); building in {build}"
     )
     job = BaseJob(config=run_cfg.to_dict(), rule=asdict(spec), domain=domain)

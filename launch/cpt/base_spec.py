@@ -36,8 +36,9 @@ class BaseSpec:
     patience: int = 5
     """K: the rule compares the best loss of the last K evaluations with the best loss before them."""
     min_improvement: float = 0.01
-    """Stop when the last K evaluations improved the first domain's best validation loss by less than this fraction
-    of it ((best before - best of last K) / best before < min_improvement). The first phase's ``tokens`` cap the run."""
+    """Stop when the last K evaluations improved the first domain's best validation loss by at most this fraction
+    of it ((best before - best of last K) / best before <= min_improvement). The first phase's ``tokens`` cap the
+    run."""
     schedule: dict = field(default_factory=lambda: {"kind": "infinite", "anneal_steps": 0})
     """Overrides of ``[schedule]`` for the base: kind constant, or infinite with anneal_steps = 0."""
     threads: int = 0
@@ -91,11 +92,11 @@ def parse_base(raw: object) -> BaseSpec:
 
 def flattened(losses: list[float], patience: int, min_improvement: float) -> bool:
     """The stopping rule: True when the best of the last ``patience`` losses improves the best loss before them by
-    less than ``min_improvement`` of it. Needs more than ``patience`` evaluations (False before)."""
+    at most ``min_improvement`` of it (0: by nothing). Needs more than ``patience`` evaluations (False before)."""
     if len(losses) <= patience:
         return False
     before, recent = min(losses[:-patience]), min(losses[-patience:])
-    return before - recent < min_improvement * before
+    return before - recent <= min_improvement * before
 
 
 def base_raw(config_raw: dict, spec: BaseSpec) -> dict:
