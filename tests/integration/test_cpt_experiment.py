@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MINI = REPO / "configs" / "cpt-mini.toml"
@@ -24,10 +26,10 @@ TWO_RUNS = pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
 """The tests after the first may run the module's shared first run and then their own: both budgets, plus margin."""
 
 
-def ecpt_cpt(out: Path, corpus: dict[str, Path], *extra: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+def cpt_command(out: Path, corpus: dict[str, Path], *extra: str, cache: Path | None = None) -> list[str]:
     """``python -m launch.cli experiment cpt`` on the miniature config and the session's small text corpus."""
     sources = [f'--set=data.sources.{d}=["{p}/*.txt"]' for d, p in corpus.items()]
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "launch.cli",
@@ -41,8 +43,16 @@ def ecpt_cpt(out: Path, corpus: dict[str, Path], *extra: str, cache: Path | None
         *sources,
         *extra,
     ]
+
+
+def ecpt_cpt(out: Path, corpus: dict[str, Path], *extra: str, cache: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        cpt_command(out, corpus, *extra, cache=cache),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -245,3 +255,45 @@ def test_missing_base_directory_names_the_flag(tmp_path, text_corpus):
     proc = ecpt_cpt(tmp_path / "out", text_corpus, f"--base=hf:{tmp_path / 'nowhere'}")
     assert proc.returncode == 2
     assert "--base:" in proc.stderr and "is not a directory" in proc.stderr
+
+
+@pytest.mark.slow
+@TWO_RUNS
+def test_killed_base_build_is_not_published_and_resumes(tmp_path, text_corpus):
+    """A base build killed after its first checkpoint leaves nothing that looks like a base; the rerun resumes the
+    build from that checkpoint and publishes it."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    # min_improvement 0: the rule stops only on no improvement at all, so the build runs on to its 24-step cap and
+    # is still training when the kill comes (its checkpoints are every 4 steps).
+    slow = ["--arms", "cosine", "--set", "experiment.base.min_improvement=0"]
+    cmd = cpt_command(out, text_corpus, *slow, cache=cache)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        wait_for(
+            lambda: list(cache.glob("cpt-base-*.build/checkpoints/step-00000004/manifest.json")),
+            RUN_TIMEOUT,
+            "the base build's first checkpoint",
+            proc=proc,
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert published_bases(cache) == []  # only the build directory (and the lock): nothing that looks complete
+    assert not (out / "arms" / "cosine" / "result.json").exists()
+
+    again = ecpt_cpt(out, text_corpus, *slow, cache=cache)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    [base] = published_bases(cache)
+    rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["step"] for r in rows if r["kind"] == "resume"]
+    assert len(resumed) == 1 and resumed[0] >= 4  # continued from the killed build's checkpoint, not from scratch
+    info = json.loads((base / "base.json").read_text())
+    assert_starts_from(json.loads((out / "arms" / "cosine" / "result.json").read_text()), info["final_losses"])
