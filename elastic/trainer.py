@@ -15,6 +15,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,10 @@ class Trainer:
             from elastic.ft.replica import ReplicaStepper
 
             self.replicas = ReplicaStepper(self, registry=metrics.registry if metrics else None)
+        self.stop_after_eval: Callable[[int, dict[str, float]], bool] | None = None
+        """Called after every evaluation with (completed steps, losses per domain); True ends the run at that step
+        as if it were the last (the caller makes it durable). The losses are the same on every rank (all-reduced),
+        so a pure function of them stops every rank at the same step."""
 
     def _will_resume(self) -> bool:
         """Whether ``TrainerCheckpoints.restore`` will load a checkpoint: the same condition it applies (resume on,
@@ -434,8 +439,14 @@ class Trainer:
                 self._stop_for_signal()
                 break
             if self._should_eval(step + 1):
-                self._log_eval(step + 1, self.evaluate())
+                losses = self.evaluate()
+                stop_here = self.stop_after_eval is not None and self.stop_after_eval(step + 1, losses)
+                if stop_here:
+                    self.total_steps = step + 1  # logged as the end of the run
+                self._log_eval(step + 1, losses)
                 self.watchdog.progress()
+                if stop_here:
+                    break
         # The watchdog guards step progress; the final flush may legitimately take longer than a step.
         self.watchdog.stop()
         self.flush_checkpoints()

@@ -136,42 +136,51 @@ def run_ckpt(args: argparse.Namespace) -> int:
         return 2
 
 
-def _export(target: Path, args: argparse.Namespace) -> int:
-    """Weights and config.json (checkpointing.export_safetensors), then the tokenizer files of the model.init
-    directory (or --tokenizer-from), so AutoModelForCausalLM and AutoTokenizer both load the result."""
+def export_checkpoint(
+    target: Path, to: Path, dtype: str | None = None, tokenizer_from: str | None = None, prefix: str = "model/"
+) -> tuple[Path, int, list[str], str | None]:
+    """Weights and config.json of one checkpoint directory (checkpointing.export_safetensors), then the tokenizer
+    files of the run's model.init directory (or ``tokenizer_from``), so AutoModelForCausalLM and AutoTokenizer both
+    load ``to``. ``dtype``: a key of EXPORT_DTYPES or None (as stored). Returns (weights file, step, tokenizer files
+    copied, their source directory); a tokenizer directory that does not exist is a CheckpointError."""
     import shutil
 
     import torch
 
-    from checkpointing import export_safetensors
+    from checkpointing import CheckpointError, export_safetensors
     from checkpointing.manifest import read_manifest
     from elastic.hf_checkpoint import HF_PREFIX, TOKENIZER_FILES
 
     manifest = read_manifest(target)
-    source = args.tokenizer_from
+    source = tokenizer_from
     init = manifest.extra.get("hf_init", "")
     if source is None and init:
         source = init[len(HF_PREFIX) :]
     if source is not None and not Path(source).expanduser().is_dir():
-        print(
-            f"ecpt ckpt export: tokenizer directory {source} does not exist"
-            + (f" (the run's model.init was {init})" if init and not args.tokenizer_from else "")
-            + "; pass --tokenizer-from DIR with the tokenizer files",
-            file=sys.stderr,
+        raise CheckpointError(
+            f"tokenizer directory {source} does not exist"
+            + (f" (the run's model.init was {init})" if init and not tokenizer_from else "")
+            + "; pass --tokenizer-from DIR with the tokenizer files"
         )
-        return 2
-    dtype = getattr(torch, EXPORT_DTYPES[args.dtype]) if args.dtype else None
+    torch_dtype = getattr(torch, EXPORT_DTYPES[dtype]) if dtype else None
     rename = manifest.extra.get("hf_file_names") or None  # the init file's own keys, e.g. GPT-NeoX's embed_out
-    out = export_safetensors(target, args.to, prefix=args.prefix, dtype=dtype, rename=rename)
+    out = export_safetensors(target, to, prefix=prefix, dtype=torch_dtype, rename=rename)
     copied = []
     if source is not None:
         for name in TOKENIZER_FILES:
             file = Path(source).expanduser() / name
             if file.is_file():
-                shutil.copyfile(file, Path(args.to) / name)
+                shutil.copyfile(file, Path(to) / name)
                 copied.append(name)
+    return out, manifest.step, copied, source
+
+
+def _export(target: Path, args: argparse.Namespace) -> int:
+    out, step, copied, source = export_checkpoint(
+        target, Path(args.to), args.dtype, args.tokenizer_from, prefix=args.prefix
+    )
     print(
-        f"exported step {manifest.step} from {target} to {out}"
+        f"exported step {step} from {target} to {out}"
         + (f" ({args.dtype})" if args.dtype else "")
         + (f"; copied {', '.join(copied)} from {source}" if copied else "; no tokenizer files copied")
     )

@@ -27,11 +27,12 @@ def _positive(text: str) -> int:
 
 
 def cmd_experiment_cpt(args: argparse.Namespace) -> int:
-    exp = load_experiment(args.config, args.overrides)
+    exp = load_experiment(args.config, args.overrides, base=args.base)
     out = Path(args.out or exp.spec.out)
     argv = ["ecpt", "experiment", "cpt"] + (["--config", str(args.config)] if args.config else [])
     argv += (["--out", str(args.out)] if args.out else []) + (["--arms", ",".join(args.arms)] if args.arms else [])
     argv += ["--parallel", str(args.parallel)] if args.parallel else []
+    argv += ["--base", args.base] if args.base else []
     argv += [f"--set={o}" for o in args.overrides]
     return run_experiment(
         exp,
@@ -50,14 +51,23 @@ def add_experiment_parser(sub) -> None:
     cpt = which.add_parser(
         "cpt",
         help="continual pre-training: LR schedules (repeated cosine, infinite, WSD, constant) x replay",
-        description="Train the same model through the same data phases under every arm of the experiment config, "
-        "then print a Markdown table and write results.md, results.json and curves.png to --out. "
-        "Arms with a result in --out are skipped; an unfinished arm resumes from its newest checkpoint.",
+        description="Pre-train a base on the first data phase until its validation loss flattens (cached in "
+        "data.cache_dir and reused; --base takes a given model instead), continue it through the later phases "
+        "under every arm of the experiment config, then print a Markdown table and write results.md, results.json "
+        "and curves.png to --out. Arms with a result in --out are skipped; an unfinished arm resumes from its "
+        "newest checkpoint.",
     )
     cpt.add_argument(
         "--config", default=None, help=f"experiment TOML file or bundled config name (default: {CPT_CONFIG})"
     )
     cpt.add_argument("--out", default=None, help="output directory (default: experiment.out of the config)")
+    cpt.add_argument(
+        "--base",
+        default=None,
+        metavar="hf:DIR",
+        help="start every arm from this Hugging Face model directory (save_pretrained) instead of pre-training a "
+        "base; the data is tokenized with its tokenizer unless data.tokenizer says otherwise",
+    )
     cpt.add_argument(
         "--arms",
         type=_arm_list,

@@ -61,8 +61,11 @@ def plot_curves(reports: list[ArmReport], path: Path, phase_names: list[str]) ->
 def _mark_phases(ax, ends: list[int], names: list[str]) -> None:
     starts = [0] + ends[:-1]
     for s in ends[:-1]:
-        ax.axvline(s, color="grey", ls="--", lw=0.9)
+        if s > 0:
+            ax.axvline(s, color="grey", ls="--", lw=0.9)
     for s, e, n in zip(starts, ends, names):
+        if e <= s:  # the base's phase ends at step 0: nothing of it is drawn
+            continue
         ax.text(
             (s + e) / 2, 1.0, n, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="grey"
         )

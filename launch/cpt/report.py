@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from elastic.data import phase_plan
+from launch.cpt.base import Base
 from launch.cpt.metrics import StabilityGap
 from launch.cpt.plots import plot_curves
 from launch.cpt.results import ArmReport, arm_report, load_result, schedule_label, write_json_atomic
@@ -110,31 +111,49 @@ def gap_table(reports: list[ArmReport], phase_names: list[str]) -> str:
     return _md_table(header, rows)
 
 
-def markdown_report(exp: Experiment, reports: list[ArmReport], command: str, total_wall: float | None) -> str:
-    base = exp.base
-    plan = phase_plan(base)
-    domains = list(base.data.sources)
+def base_line(exp: Experiment, base: Base) -> str:
+    """Where every arm started, in one sentence."""
+    name = exp.config.data.phases[0].name
+    if exp.given_base:
+        return f"Base: `{base.init}` (given by --base; its first-phase domain {name} is assumed to be its own).  "
+    i = base.info
+    stopped = "its validation loss flattened" if i["stopped"] == "flattened" else "it reached the cap unflattened"
+    return (
+        f"Base: pre-trained on {name} from seed {exp.config.train.seed} for {i['steps']} steps (stopped: "
+        f"{stopped}; cap {i['cap']}), {name} validation loss {i['final_losses'][i['domain']]:.3f}, "
+        f"built in {format_duration(i['wall_seconds'])}; `{base.init}`.  "
+    )
+
+
+def markdown_report(
+    exp: Experiment, reports: list[ArmReport], command: str, total_wall: float | None, base: Base
+) -> str:
+    config = exp.config
+    plan = phase_plan(config)
+    domains = list(config.data.sources)
     names = list(plan.names)
-    steps = [plan.end_of(k) - plan.starts[k] for k in range(len(plan.starts))]
+    steps = [plan.end_of(k) - plan.starts[k] for k in range(1, len(plan.starts))]
     model = (
         f"model {reports[0].result['parameters'] / 1e6:.2f} M parameters"
         if reports
-        else f"model dim {base.model.dim} x {base.model.n_layers} layers"
+        else f"model dim {config.model.dim} x {config.model.n_layers} layers"
     )
     intro = [
         "# Continual pre-training experiment",
         "",
         f"Command: `{command}`  ",
-        f"Config: `{exp.path}`; {model}, phases "
-        + ", ".join(f"{n} ({s} steps)" for n, s in zip(names, steps))
-        + f", global batch {base.train.global_batch} x {base.model.seq_len} tokens, validation every "
-        f"{base.train.eval_interval} steps on {base.train.eval_batches * base.train.micro_batch} fixed windows "
-        f"per domain, seed {base.train.seed}.  ",
+        base_line(exp, base),
+        f"Config: `{exp.path}`; {model}; every arm continues the base through "
+        + ", ".join(f"{n} ({s} steps)" for n, s in zip(names[1:], steps))
+        + f", global batch {config.train.global_batch} x {config.model.seq_len} tokens, validation every "
+        f"{config.train.eval_interval} steps on {config.train.eval_batches * config.train.micro_batch} fixed "
+        f"windows per domain, seed {config.train.seed}. Step 0 is the base.  ",
         f"Arms finished: {len(reports)}/{len(exp.spec.arms)}"
         + (f"; wall time of this invocation {format_duration(total_wall)}" if total_wall is not None else "")
         + ".",
         "",
-        "Losses are validation cross-entropy (nats per byte). F = L(end) - L(end of the domain's own phase); "
+        "Losses are validation cross-entropy (nats per token). F = L(end) - L(end of the domain's own phase; "
+        f"{names[0]}: the base, step 0); "
         "gap = peak rise of the domain just left over its value at the shift, the step of the peak, and the steps "
         'from the shift until the rise falls below 10% of the peak ("not rec." = not within the next phase).',
         "",
@@ -160,7 +179,7 @@ def markdown_report(exp: Experiment, reports: list[ArmReport], command: str, tot
     return "\n".join(intro + sections)
 
 
-def write_report(exp: Experiment, out: Path, command: str, total_wall: float | None, say=print) -> dict:
+def write_report(exp: Experiment, out: Path, command: str, total_wall: float | None, base: Base, say=print) -> dict:
     """Recompute metrics from every finished arm of this config and write results.md, results.json, curves.png."""
     reports = []
     for arm in exp.spec.arms:
@@ -168,17 +187,19 @@ def write_report(exp: Experiment, out: Path, command: str, total_wall: float | N
         result = load_result(out / "arms" / arm.name, config_digest(cfg))
         if result is not None:
             reports.append(arm_report(result))
-    plan = phase_plan(exp.base)
-    md = markdown_report(exp, reports, command, total_wall)
+    plan = phase_plan(exp.config)
+    md = markdown_report(exp, reports, command, total_wall, base)
     (out / "results.md").write_text(md + "\n")
     payload = {
         "command": command,
         "config": str(exp.path),
-        "base_config": exp.base.to_dict(),
-        "domains": list(exp.base.data.sources),
+        "training_config": exp.config.to_dict(),
+        "base": {"init": base.init, "given": exp.given_base, **{k: v for k, v in base.info.items() if k != "curves"}},
+        "base_curves": base.info.get("curves"),
+        "domains": list(exp.config.data.sources),
         "phase_names": list(plan.names),
         "phase_domains": exp.phase_domains,
-        "phase_ends": [plan.end_of(k) for k in range(len(plan.starts))],
+        "phase_ends": [0, *(plan.end_of(k) - plan.starts[1] for k in range(1, len(plan.starts)))],
         "arms": {
             r.name: {
                 "arm": r.arm,

@@ -12,7 +12,7 @@ from elastic.config import ConfigError
 from elastic.metrics import read_jsonl
 from launch.cpt.metrics import CptMetrics, LossCurves, cpt_metrics
 
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 """Bump when result.json's layout changes, so older results are rerun instead of misread."""
 
 

@@ -1,5 +1,6 @@
-"""Running the experiment: every arm that has no result yet trains in its own spawned process, with start/finish
-lines and a step-weighted ETA, and the report is rewritten afterwards over every finished arm."""
+"""Running the experiment: the base first (pre-trained once and cached, or given by ``--base``), then every arm
+that has no result yet in its own spawned process, starting from the base, with start/finish lines and a
+step-weighted ETA; the report is rewritten afterwards over every finished arm."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from elastic.config import config_from_dict
 from elastic.data import build_corpus, phase_plan
+from launch.cpt.base import Base, ensure_base
 from launch.cpt.report import format_duration, write_report
 from launch.cpt.results import RESULT_VERSION, load_result, read_curves, write_json_atomic
 from launch.cpt.spec import ArmSpec, Experiment, arm_config, config_digest, require
@@ -35,6 +37,11 @@ class ArmJob:
     arm: dict
     """The ArmSpec as a dict, stored in result.json."""
     phase_domains: list[str]
+    """Every phase's domain, the base's first."""
+    base_phase: str
+    """Name of the base's phase (the first data phase), which ends at arm step 0."""
+    base: dict
+    """Where the arm started: {"init": "hf:DIR", "steps": base steps or None for a --base model}."""
 
 
 def run_arm(job: ArmJob) -> dict:
@@ -75,10 +82,11 @@ def run_arm(job: ArmJob) -> dict:
         "schedule": asdict(cfg.schedule),
         "parameters": count_parameters(trainer.model),
         "total_steps": trainer.total_steps,
-        "phases": {
-            "names": list(plan.names),
+        "base": job.base,
+        "phases": {  # the base's phase ends at arm step 0: forgetting and gaps of its domain are measured from there
+            "names": [job.base_phase, *plan.names],
             "domains": job.phase_domains,
-            "ends": [plan.end_of(k) for k in range(len(plan.starts))],
+            "ends": [0, *(plan.end_of(k) for k in range(len(plan.starts)))],
         },
         "curves": read_curves(run_dir / "metrics.jsonl"),
     }
@@ -116,7 +124,7 @@ class Progress:
         return format_duration(elapsed * (self.total_steps - done) / done)
 
 
-def _jobs(exp: Experiment, arms: list[ArmSpec], out: Path, threads: int, progress: bool) -> list[ArmJob]:
+def _jobs(exp: Experiment, arms: list[ArmSpec], out: Path, threads: int, progress: bool, base: Base) -> list[ArmJob]:
     jobs = []
     for arm in arms:
         run_dir = out / "arms" / arm.name
@@ -129,6 +137,8 @@ def _jobs(exp: Experiment, arms: list[ArmSpec], out: Path, threads: int, progres
                 digest=config_digest(cfg),
                 arm=asdict(arm),
                 phase_domains=exp.phase_domains,
+                base_phase=exp.config.data.phases[0].name,
+                base={"init": base.init, "steps": base.info.get("steps")},
             )
         )
     return jobs
@@ -200,7 +210,8 @@ def run_experiment(
     command: str = "ecpt experiment cpt",
     say=print,
 ) -> int:
-    """Train the selected arms that have no result yet, then write the report over every finished arm.
+    """Pre-train the base unless it is cached or given (``exp.base_init``), train the selected arms that have no
+    result yet from it, then write the report over every finished arm.
 
     Returns 0 when every selected arm finished, 1 when some failed (the report still covers the others).
     """
@@ -209,9 +220,15 @@ def run_experiment(
     parallel = parallel or exp.spec.parallel
     require(parallel >= 1, f"--parallel must be >= 1, got {parallel}")
     out.mkdir(parents=True, exist_ok=True)
-    threads = exp.base.train.threads_per_worker or max(1, (os.cpu_count() or 1) // parallel)
-    progress_bar = parallel == 1 and exp.base.train.progress and sys.stderr.isatty()
-    jobs = _jobs(exp, arms, out, threads, progress_bar)
+    if exp.given_base:
+        base = Base(init=exp.base_init, info={})
+        say(f"[cpt] base: given by --base, {exp.base_init[len('hf:') :]}; no base is pre-trained")
+    else:
+        base = ensure_base(exp.config_raw, exp.config, exp.spec.base, exp.phase_domains[0], say=say)
+        exp.base_init = base.init
+    threads = exp.config.train.threads_per_worker or max(1, (os.cpu_count() or 1) // parallel)
+    progress_bar = parallel == 1 and exp.config.train.progress and sys.stderr.isatty()
+    jobs = _jobs(exp, arms, out, threads, progress_bar, base)
     todo = []
     for job in jobs:
         if load_result(Path(job.run_dir), job.digest) is not None:
@@ -220,13 +237,14 @@ def run_experiment(
             todo.append(job)
     errors: dict[str, str] = {}
     if todo:
-        build_corpus(exp.base, log=lambda msg: say(f"[cpt] {msg}"))  # once, before the workers memory-map it
+        # once, before the workers memory-map it (with the arms' tokenizer: a --base model brings its own)
+        build_corpus(config_from_dict(todo[0].config), log=lambda msg: say(f"[cpt] {msg}"))
         say(
             f"[cpt] training {len(todo)} arm(s) {[j.name for j in todo]} in {min(parallel, len(todo))} process(es) "
             f"x {threads} thread(s); output {out}"
         )
         _, errors = run_arms(todo, min(parallel, len(todo)), say=say)
-    write_report(exp, out, command, time.perf_counter() - started, say=say)
+    write_report(exp, out, command, time.perf_counter() - started, base, say=say)
     if errors:
         say(f"[cpt] {len(errors)} arm(s) failed: " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
         return 1

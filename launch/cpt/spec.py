@@ -1,5 +1,8 @@
 """The CPT experiment's definition: the ``[experiment]`` table of an experiment file, its arms, and the validated
-training config of every arm (with the digest that tells whether a saved result belongs to it)."""
+training config of every arm (with the digest that tells whether a saved result belongs to it).
+
+The first data phase is the base's (``launch.cpt.base_spec``); every arm starts from the base (``model.init``) and
+trains the later phases, so arm step 0 is the end of the first phase."""
 
 from __future__ import annotations
 
@@ -12,15 +15,10 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from elastic.config import Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict, resolve_config
+from launch.cpt.base_spec import BaseSpec, parse_base, require
 
 CPT_CONFIG = "cpt-experiment"
 """The bundled experiment config used without --config (configs/cpt-experiment.toml)."""
-
-
-def require(cond: bool, message: str) -> None:
-    """Raise ConfigError(message) unless cond: every user-facing check of the experiment reports this way."""
-    if not cond:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -32,8 +30,8 @@ class ArmSpec:
     description: str = ""
     """One line for the table and the plot title."""
     replay: float = 0.0
-    """Fraction of every phase after the first spent on the earlier phases' domains, split evenly among them;
-    0 trains each phase on its own domain only."""
+    """Fraction of every arm phase spent on the earlier phases' domains (the base's included), split evenly among
+    them; 0 trains each phase on its own domain only."""
     schedule: dict = field(default_factory=dict)
     """Overrides of the base ``[schedule]`` table (kind, lr_max, warmup_steps, ...)."""
 
@@ -53,6 +51,8 @@ class ExperimentSpec:
     """The ``[experiment]`` table: arms and how to run them."""
 
     arms: list[ArmSpec]
+    base: BaseSpec = field(default_factory=BaseSpec)
+    """How the base is pre-trained on the first phase and when it stops (``[experiment.base]``)."""
     parallel: int = 2
     """Arms trained at once, each in its own process."""
     out: str = "runs/cpt-experiment"
@@ -100,7 +100,7 @@ def _parse_arm(raw: object, where: str) -> ArmSpec:
 def parse_experiment(raw: object) -> ExperimentSpec:
     """The ``[experiment]`` table -> a validated ExperimentSpec; errors name the TOML field."""
     require(isinstance(raw, dict), "the config needs an [experiment] table with [[experiment.arms]]")
-    allowed = {"arms", "parallel", "out"}
+    allowed = {"arms", "base", "parallel", "out"}
     unknown = sorted(set(raw) - allowed)
     require(not unknown, f"unknown key(s) {['experiment.' + k for k in unknown]}; valid keys: {sorted(allowed)}")
     arms_raw = raw.get("arms", [])
@@ -112,7 +112,10 @@ def parse_experiment(raw: object) -> ExperimentSpec:
     )
     require(isinstance(out, str) and bool(out), f"experiment.out must be a non-empty path, got {out!r}")
     spec = ExperimentSpec(
-        arms=[_parse_arm(a, f"experiment.arms[{i}]") for i, a in enumerate(arms_raw)], parallel=parallel, out=out
+        arms=[_parse_arm(a, f"experiment.arms[{i}]") for i, a in enumerate(arms_raw)],
+        base=parse_base(raw.get("base")),
+        parallel=parallel,
+        out=out,
     )
     spec.validate()
     return spec
@@ -120,15 +123,20 @@ def parse_experiment(raw: object) -> ExperimentSpec:
 
 @dataclass
 class Experiment:
-    """A loaded experiment file: the base training config (raw and validated) and the arms."""
+    """A loaded experiment file: the shared training config (raw and validated) and the arms."""
 
     path: Path | Traversable
     """The experiment file: a path, or a bundled config inside the installed package."""
-    base_raw: dict
-    base: Config
+    config_raw: dict
+    config: Config
+    """The experiment's training config, all phases (the first is the base's)."""
     spec: ExperimentSpec
     phase_domains: list[str]
-    """The domain each phase trains on (its largest mixture weight in the base config)."""
+    """The domain each phase trains on (its largest mixture weight in the config); the first is the base's."""
+    base_init: str = ""
+    """``hf:DIR`` of the base every arm starts from: ``--base``, or the built base once it exists ("" before)."""
+    given_base: bool = False
+    """The base came from ``--base`` (its own tokenizer) instead of being pre-trained here (byte-level)."""
 
 
 def phase_domains(cfg: Config) -> list[str]:
@@ -165,11 +173,18 @@ def replay_mixtures(domains: list[str], replay: float) -> list[dict[str, float]]
 
 
 def arm_raw(exp: Experiment, arm: ArmSpec) -> dict:
-    """The base config's raw TOML dict with the arm's schedule overrides and replay mixtures applied."""
-    raw = copy.deepcopy(exp.base_raw)
+    """The experiment's raw TOML dict for one arm: the phases after the base's, with the arm's replay mixtures and
+    schedule overrides, starting from ``exp.base_init`` (ecpt's byte-level model while the base does not exist yet:
+    enough to validate everything else)."""
+    raw = copy.deepcopy(exp.config_raw)
     raw.setdefault("schedule", {}).update(arm.schedule)
-    for phase, mixture in zip(raw["data"]["phases"], replay_mixtures(exp.phase_domains, arm.replay)):
+    phases = raw["data"]["phases"]
+    for phase, mixture in zip(phases, replay_mixtures(exp.phase_domains, arm.replay)):
         phase["mixture"] = mixture
+    raw["data"]["phases"] = phases[1:]
+    raw.setdefault("model", {})["init"] = exp.base_init
+    if exp.base_init and not exp.given_base and raw["data"].get("tokenizer", "auto") == "auto":
+        raw["data"]["tokenizer"] = "bytes"  # the built base is byte-level; its directory has no tokenizer files
     return raw
 
 
@@ -191,9 +206,12 @@ def arm_config(
         raise ConfigError(f"experiment arm {arm.name!r}: {exc}") from exc
 
 
-def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
-    """Read an experiment file, apply ``--set`` overrides (to the base config or to ``experiment.*``) and validate
-    the base config, the arms and every arm's resulting config before anything trains."""
+def load_experiment(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: str | None = None
+) -> Experiment:
+    """Read an experiment file, apply ``--set`` overrides (to the config or to ``experiment.*``) and validate the
+    config, the base's run config, the arms and every arm's resulting config before anything trains. ``base``
+    ("hf:DIR", from ``--base``): every arm starts from that model and no base is pre-trained."""
     path = resolve_config(path, default=CPT_CONFIG)  # a file, or a bundled config by name; else a ConfigError
     try:
         raw = tomllib.loads(path.read_text())
@@ -201,13 +219,28 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         raise ConfigError(f"experiment config {path} is not valid TOML: {exc}") from exc
     raw = apply_overrides(raw, overrides or [])
     spec = parse_experiment(raw.pop("experiment", None))
-    base = config_from_dict(copy.deepcopy(raw))
+    config = config_from_dict(copy.deepcopy(raw))
     require(
-        base.train.max_steps == 0,
+        config.train.max_steps == 0,
         f"train.max_steps must be 0 in a CPT experiment (every arm runs all its "
-        f"phases, or forgetting cannot be measured), got {base.train.max_steps}",
+        f"phases, or forgetting cannot be measured), got {config.train.max_steps}",
     )
-    exp = Experiment(path=path, base_raw=raw, base=base, spec=spec, phase_domains=phase_domains(base))
+    require(
+        len(config.data.phases) >= 2,
+        f"a CPT experiment needs at least 2 data phases (the first pre-trains the base, the later ones are the "
+        f"domain shifts the arms continue through), got {len(config.data.phases)}",
+    )
+    exp = Experiment(path=path, config_raw=raw, config=config, spec=spec, phase_domains=phase_domains(config))
+    if base is not None:
+        from elastic.hf_checkpoint import init_directory, inspect_directory
+
+        directory = init_directory(base, field="--base").resolve()
+        inspect_directory(directory, field="--base")  # a missing or unsupported model is an error naming --base
+        exp.base_init, exp.given_base = f"hf:{directory}", True
+    else:
+        from launch.cpt.base_spec import base_config
+
+        base_config(raw, spec.base)  # the base run's config is valid before anything trains
     for arm in spec.arms:
         arm_config(exp, arm)
     return exp
