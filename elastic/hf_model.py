@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elastic.hf_checkpoint import HFDirectory, init_directory, inspect_directory
+from elastic.model import per_sequence_losses
 
 
 class EcptLossMixin:
@@ -39,10 +39,7 @@ class EcptLossMixin:
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         logits = super().forward(input_ids=tokens, use_cache=False).logits
-        if targets is None:
-            return logits
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        return losses.view(targets.shape).mean(dim=1)
+        return logits if targets is None else per_sequence_losses(logits, targets)
 
     def sequence_losses(self, batch: torch.Tensor) -> torch.Tensor:
         """Per-sequence mean loss of ``batch`` [B, seq_len + 1] (inputs and shifted targets in one array) -> [B]."""

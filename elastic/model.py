@@ -132,14 +132,17 @@ class LlamaLM(nn.Module):
         """Logits [B, T, V]; with ``targets``, the mean next-token cross-entropy of each sequence [B] instead
         (computed inside forward so that DDP, which wraps forward, sees the whole graph)."""
         logits = self.lm_head(self.model(tokens))
-        if targets is None:
-            return logits
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        return losses.view(targets.shape).mean(dim=1)
+        return logits if targets is None else per_sequence_losses(logits, targets)
 
     def sequence_losses(self, batch: torch.Tensor) -> torch.Tensor:
         """Per-sequence mean loss of ``batch`` [B, seq_len + 1] (inputs and shifted targets in one array) -> [B]."""
         return self(batch[:, :-1], batch[:, 1:])
+
+
+def per_sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy of each sequence [B] (in fp32): ecpt's loss contract, for every model."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return losses.view(targets.shape).mean(dim=1)
 
 
 def build_model(cfg: ModelConfig, resuming: bool = False) -> nn.Module:

@@ -129,15 +129,22 @@ def base_config(config_raw: dict, spec: BaseSpec) -> Config:
     return cfg
 
 
-def base_digest(cfg: Config, spec: BaseSpec, corpus_key: str) -> str:
-    """Hash of everything that decides the base's weights: the base run config (not where it writes, how many
-    threads, or whether it shows a bar), the stopping rule, the corpus' identity and BASE_VERSION."""
+def outcome_config(cfg: Config) -> dict:
+    """The config as far as it can change a run's numbers: not where it writes, how many threads it uses (they only
+    change float summation order), whether it shows a bar, or how it launches, checkpoints and reports."""
     d = cfg.to_dict()
-    for key in ("run_dir", "progress", "threads_per_worker"):  # threads only change float summation order
+    for key in ("run_dir", "progress", "threads_per_worker"):
         d["train"].pop(key)
     d["data"].pop("cache_dir")
     for section in ("metrics", "launch", "checkpoint"):
         d.pop(section)
+    return d
+
+
+def base_digest(cfg: Config, spec: BaseSpec, corpus_key: str) -> str:
+    """Hash of everything that decides the base's weights: the base run config (outcome_config), the stopping
+    rule, the corpus' identity and BASE_VERSION."""
+    d = outcome_config(cfg)
     rule = {k: v for k, v in asdict(spec).items() if k != "threads"}
     stamp = {"version": BASE_VERSION, "config": d, "rule": rule, "corpus": corpus_key}
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]

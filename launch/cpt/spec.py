@@ -15,7 +15,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from elastic.config import Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict, resolve_config
-from launch.cpt.base_spec import BaseSpec, parse_base, require
+from launch.cpt.base_spec import BaseSpec, outcome_config, parse_base, require
 
 CPT_CONFIG = "cpt-experiment"
 """The bundled experiment config used without --config (configs/cpt-experiment.toml)."""
@@ -248,10 +248,4 @@ def load_experiment(
 
 def config_digest(cfg: Config) -> str:
     """Hash of everything that can change an arm's numbers (not where it writes, nor whether it shows a bar)."""
-    d = cfg.to_dict()
-    for key in ("run_dir", "progress", "threads_per_worker"):  # threads only change float summation order
-        d["train"].pop(key)
-    d["data"].pop("cache_dir")
-    for section in ("metrics", "launch", "checkpoint"):
-        d.pop(section)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(outcome_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
