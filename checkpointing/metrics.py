@@ -60,7 +60,7 @@ class Metrics:
         )
         self.skipped = Counter(
             "ecpt_checkpoint_skipped_total",
-            "Checkpoint saves skipped because one was in flight",
+            "Checkpoint saves skipped on a level: busy (on_busy=skip), or a slower level got a newer step instead",
             ["level"],
             registry=registry,
         )
