@@ -109,15 +109,23 @@ class DcpSaver:
             self.kwargs["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS
         self.staging: Future | None = None
         self.upload: Future | None = None
+        self.newest: Path | None = None
 
     def save(self, step: int, state: dict, on_durable) -> bool:
         if self.upload is not None:
             self.upload.result()
-        resp = self.dcp.async_save(
-            state, checkpoint_id=str(self.root / f"step-{step}"), async_stager=self.stager, **self.kwargs
-        )
+        previous, self.newest = self.newest, self.root / f"step-{step}"
+        resp = self.dcp.async_save(state, checkpoint_id=str(self.newest), async_stager=self.stager, **self.kwargs)
         self.staging, self.upload = resp.staging_completion, resp.upload_completion
-        self.upload.add_done_callback(lambda f: on_durable(f.exception()))
+
+        def durable(f: Future) -> None:
+            # keep the newest durable checkpoint only, like ecpt's level (keep_last=1): on /dev/shm every older
+            # one would count in host memory
+            if f.exception() is None and previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+            on_durable(f.exception())
+
+        self.upload.add_done_callback(durable)
         return True
 
     def wait_staged(self) -> None:
