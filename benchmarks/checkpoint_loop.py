@@ -121,9 +121,9 @@ class DcpSaver:
         def durable(f: Future) -> None:
             # keep the newest durable checkpoint only, like ecpt's level (keep_last=1): on /dev/shm every older
             # one would count in host memory
+            on_durable(f.exception())  # first: the time to durable does not include the clean-up
             if f.exception() is None and previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
-            on_durable(f.exception())
 
         self.upload.add_done_callback(durable)
         return True
