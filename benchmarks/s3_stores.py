@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,14 +79,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    server = None
-    if args.endpoint is None:
-        from support.s3 import start_s3_server
+    from support.s3 import endpoint_or_local_server
 
-        server = start_s3_server(Path(tempfile.mkdtemp(prefix="ecpt-s3-bench-")), args.bucket)
-        os.environ.update(server.env())
-        args.endpoint = server.endpoint
-    try:
+    with endpoint_or_local_server(args.endpoint, args.bucket, "ecpt-s3-bench-") as args.endpoint:
         data = np.random.default_rng(0).integers(0, 255, int(args.chunk_mb * (1 << 20)), dtype=np.uint8).tobytes()
         print(
             f"{args.chunks} x {args.chunk_mb:g} MiB, {args.concurrency} at a time, median of {args.repeats}, "
@@ -100,9 +93,6 @@ def main() -> None:
             print(f"  {name:8s} put {results[name]['put']:7.0f} MB/s   get {results[name]['get']:7.0f} MB/s")
         o, f = results["obstore"], results["fsspec"]
         print(f"  obstore / fsspec: put {o['put'] / f['put']:.2f}x, get {o['get'] / f['get']:.2f}x")
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

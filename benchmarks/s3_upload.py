@@ -13,7 +13,6 @@ put manifest and latest). boto3: `upload_file` of one file holding the same byte
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -62,14 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    server = None
-    if args.endpoint is None:
-        from support.s3 import start_s3_server
+    from support.s3 import endpoint_or_local_server
 
-        server = start_s3_server(Path(tempfile.mkdtemp(prefix="ecpt-s3-upload-")), args.bucket)
-        os.environ.update(server.env())
-        args.endpoint = server.endpoint
-    try:
+    with endpoint_or_local_server(args.endpoint, args.bucket, "ecpt-s3-upload-") as args.endpoint:
         work = Path(tempfile.mkdtemp(prefix="ecpt-s3-upload-work-"))
         n = args.size_mb * (1 << 20) // 4
         state = {f"w{i}": torch.randn(n // 4) for i in range(4)}
@@ -93,9 +87,6 @@ def main() -> None:
         print(f"  ecpt promotion L1 -> s3://   {nbytes / e / 1e6:7.1f} MB/s   ({e:.2f} s; runs {_fmt(ours)})")
         print(f"  boto3 upload_file            {nbytes / b / 1e6:7.1f} MB/s   ({b:.2f} s; runs {_fmt(theirs)})")
         print(f"  ratio ecpt/boto3 {ratio:.2f}x (target >= {TARGET}x){'' if ratio >= TARGET else '  MISS'}")
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def _fmt(xs: list[float]) -> str:

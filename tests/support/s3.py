@@ -10,6 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,3 +202,18 @@ def start_s3_server(root: Path, bucket: str = "ckpt", credentials: bool = False)
     server = S3Server(root=root, bucket=bucket, credentials=credentials)
     server.start()
     return server
+
+
+@contextmanager
+def endpoint_or_local_server(endpoint: str | None, bucket: str, prefix: str) -> Iterator[str]:
+    """The given S3 endpoint (its key from the AWS_* variables), or, without one, a SeaweedFS started for the
+    block in a fresh temp dir, with its key put into the environment and stopped at the end (the benchmarks)."""
+    if endpoint is not None:
+        yield endpoint
+        return
+    server = start_s3_server(Path(tempfile.mkdtemp(prefix=prefix)), bucket)
+    try:
+        os.environ.update(server.env())
+        yield server.endpoint
+    finally:
+        server.stop()
