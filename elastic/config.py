@@ -568,6 +568,11 @@ class LaunchConfig:
     ft_start_timeout_s: float = 30.0
     """replicas mode: a run at step 0 (fresh, or every replica restarted) waits this long for all replica groups
     to join before it starts with those present (later ones heal from them)."""
+    ft_reuse_partial_step: bool = True
+    """replicas mode: when a step is discarded because members left mid-step, the survivors retry it computing
+    only the departed members' samples, adding them to the gradients they already computed (kept in the
+    parameters' .grad, which the all-reduce of a flat copy leaves untouched: no extra memory). All members agree
+    with one tiny all-reduce per step. false: every retry recomputes the whole step (bit-identical sums)."""
 
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, f"launch.nproc_per_node must be >= 1, got {self.nproc_per_node}")

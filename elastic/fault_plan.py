@@ -1,6 +1,9 @@
-"""The fault plan's grammar: one sentence per fault, each firing once per run at the start of a step.
+"""The fault plan's grammar: one sentence per fault, each firing once per run at the start of a step (``during``:
+mid-step).
 
     kill rank 1 at step 30            SIGKILL that worker (torchrun restarts the worker group)
+    kill rank 1 during step 30        the same, mid-step: after its forward/backward of step 30 (replicas mode:
+                                      before the gradient all-reduce, so the peers computed their shares too)
     kill node n1 at step 50           SIGKILL the agent of node n1 (its workers die with it): the job shrinks
     sigterm all at step 70            SIGTERM every node's agent (preemption): workers save and stop
     stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it. In replicas
@@ -23,9 +26,10 @@ from pathlib import Path
 
 from elastic.errors import ConfigError
 
-KINDS = ("kill", "kill_node", "sigterm", "stall", "corrupt", "fill_disk", "kill_coordinator")
+KINDS = ("kill", "kill_mid_step", "kill_node", "sigterm", "stall", "corrupt", "fill_disk", "kill_coordinator")
 _PATTERNS = [
     ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)$")),
+    ("kill_mid_step", re.compile(r"^kill rank (?P<rank>\d+) during step (?P<step>\d+)$")),
     ("kill_node", re.compile(r"^kill node (?P<node>\S+) at step (?P<step>\d+)$")),
     ("sigterm", re.compile(r"^sigterm all at step (?P<step>\d+)$")),
     ("stall", re.compile(r"^stall rank (?P<rank>\d+) at step (?P<step>\d+) for (?P<seconds>[\d.]+)s$")),
@@ -48,6 +52,7 @@ class Fault:
         """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
         subject = {
             "kill": f"kill rank {self.rank}",
+            "kill_mid_step": f"kill rank {self.rank}",
             "kill_node": f"kill node {self.node}",
             "sigterm": "sigterm all",
             "stall": f"stall rank {self.rank}",
@@ -55,7 +60,10 @@ class Fault:
             "fill_disk": "fill disk",
             "kill_coordinator": "kill coordinator",
         }
-        return f"{subject[self.kind]} at step {self.step}" + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
+        when = "during" if self.kind == "kill_mid_step" else "at"
+        return f"{subject[self.kind]} {when} step {self.step}" + (
+            f" for {self.seconds:g}s" if self.kind == "stall" else ""
+        )
 
 
 def parse_plan(sentences: list[str]) -> list[Fault]:
@@ -79,7 +87,8 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
                 break
         else:
             raise ConfigError(
-                f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', "
+                f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', 'kill rank 1 "
+                f"during step 30', "
                 f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
                 f"60s', 'corrupt newest at step 40', 'fill disk at step 60' or 'kill coordinator at step 40'"
             )

@@ -34,7 +34,8 @@ def agent_pid() -> int:
 
 
 class FaultInjector:
-    """Runs inside every worker; ``at_step(step)`` fires the faults that target this rank at this step."""
+    """Runs inside every worker; ``at_step(step)`` fires the faults that target this rank at the start of this
+    step, ``mid_step(step)`` those that fire during it ("kill rank R during step S")."""
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class FaultInjector:
         self.roots = [root for root, _interval in checkpoint_levels]
 
     def _targets_me(self, f: Fault) -> bool:
-        if f.kind in ("kill", "stall"):
+        if f.kind in ("kill", "kill_mid_step", "stall"):
             return f.rank == self.rank
         if f.kind == "kill_node":
             return f.node == self.node_id and self.local_rank == 0
@@ -89,13 +90,24 @@ class FaultInjector:
         return True
 
     def at_step(self, step: int) -> None:
+        self._fire(step, mid_step=False)
+
+    def mid_step(self, step: int) -> None:
+        """After this rank's forward/backward of ``step``, before the step's gradient exchange."""
+        self._fire(step, mid_step=True)
+
+    def _fire(self, step: int, mid_step: bool) -> None:
         for f in self.faults:
+            if (f.kind == "kill_mid_step") != mid_step:
+                continue
             if f.step == step and self._targets_me(f) and self._claim(f):
                 self.log.warning(f"fault injected: {f.describe()}")
                 getattr(self, f"_do_{f.kind}")(f)
 
     def _do_kill(self, f: Fault) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
+
+    _do_kill_mid_step = _do_kill
 
     def _do_kill_node(self, f: Fault) -> None:
         os.kill(agent_pid(), signal.SIGKILL)  # its workers follow through PR_SET_PDEATHSIG

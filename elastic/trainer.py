@@ -222,12 +222,13 @@ class Trainer:
         )
         return self.engine.forward_backward(batches, len(share.micro_batches), g)
 
-    def log_committed_share(self, step: int, rank: int, size: int, quorum_id: int) -> None:
-        """replicas mode: the samples of a committed step (attempts that were discarded trained nothing)."""
+    def log_committed_share(self, step: int, ranges, size: int, quorum_id: int) -> None:
+        """replicas mode: the samples a committed step's gradient holds from this replica, as (first, count)
+        pieces (a retry that reused a discarded attempt's part holds several; discarded attempts trained nothing)."""
         if self.samples_log:
-            share = rank_batch(step, self.cfg.train.global_batch, 1, rank, size)
-            row = {"step": step, "start": share.start, "count": share.count, "world_size": size}
-            self.samples_log.write(json.dumps({**row, "quorum_id": quorum_id, "time": time.time()}) + "\n")
+            row = {"step": step, "ranges": [list(r) for r in ranges], "count": sum(c for _, c in ranges)}
+            row |= {"world_size": size, "quorum_id": quorum_id, "time": time.time()}
+            self.samples_log.write(json.dumps(row) + "\n")
 
     def _reduce_loss_and_stop(self, local_sum: float) -> tuple[float, bool]:
         """Global-batch mean loss, and whether any rank was asked to stop, in one all-reduce.
@@ -266,6 +267,8 @@ class Trainer:
         start = time.perf_counter()
         self.engine.zero_grad()
         local_loss = self._forward_backward(step)
+        if self.faults:
+            self.faults.mid_step(step)
         lr = self.lr_for(step)
         # clip, set lr, wait for the previous checkpoint's snapshot (before params change), update
         self.engine.step(lr, self.checkpoints.before_optimizer_step if self.checkpoints else lambda: None)

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from elastic.batch import rank_batch
+from elastic.batch import rank_batch, rank_ranges
 from elastic.ft.metrics import ReplicaMetrics
+from elastic.ft.partial import PartialStep, QuorumRecorder, Retry
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
 from elastic.ft.transport import SafeHTTPTransport
 from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
@@ -139,6 +140,12 @@ class ReplicaStepper:
             checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
             init_sync=False,  # every replica initialises identically from train.seed
         )
+        # the quorum's members by replica id (QuorumResult.replica_ids), which the Manager does not keep: wrap the
+        # client it asks for every quorum (a private attribute of the pinned torchft; there is no hook)
+        self.quorums = QuorumRecorder(self.manager._client)
+        self.manager._client = self.quorums
+        self.members: tuple[str, ...] = ()
+        self.partial = PartialStep() if launch.ft_reuse_partial_step else None
         self.rank, self.size, self.quorum_id = 0, 1, -1
         self.progress = ProgressMark(Path(trainer.run_dir) / "replicas" / "progress.json")
         self.finished_elsewhere = False
@@ -153,6 +160,8 @@ class ReplicaStepper:
     def _load_peer_state(self, state: dict) -> None:
         """torchft's callback on the healing replica, before the step it joins (synchronous quorum)."""
         self.heal = apply_healing_state(self.t, self.tensors, state, self.quorum_started)
+        if self.partial:
+            self.partial.drop()  # kept gradients were computed on the state just replaced
         self.heals.append(self.heal)
 
     # ------------------------------------------------------------------------------------------------ one step
@@ -165,6 +174,7 @@ class ReplicaStepper:
         if rank is None:
             raise RuntimeError("this replica is not a participant of its quorum (torchft spare mode is not used)")
         self.rank, self.size = rank, self.manager.num_participants()
+        self.members = self._members() if self.partial else ()
         previous_quorum, self.quorum_id = self.quorum_id, self.manager._quorum_id  # torchft has no public getter
         if self.heal is None and self.joined and self.quorum_id != previous_quorum:
             self._refuse_if_stale()
@@ -185,6 +195,20 @@ class ReplicaStepper:
                 source_replica=self.heal.source_replica,
                 seconds=round(self.heal.seconds, 3),
             )
+
+    def _members(self) -> tuple[str, ...]:
+        """The quorum's replica ids in quorum-rank order (``replica-0001:<uuid>``: a restarted replica has a new
+        id), checked against this replica's own rank and the quorum size."""
+        result = self.quorums.last
+        members = tuple(result.replica_ids) if result is not None else ()
+        own = members[self.rank] if self.rank < len(members) else ""
+        if len(members) != self.size or not own.startswith(f"replica-{self.index:04d}:"):
+            raise RuntimeError(
+                f"torchft's quorum result does not list this replica at its rank: replica_ids {members}, rank "
+                f"{self.rank} of {self.size}; set launch.ft_reuse_partial_step = false if this torchft differs "
+                f"from the pinned one"
+            )
+        return members
 
     def _refuse_if_stale(self) -> None:
         """A replica that was away (frozen, cut off) and finds no peer ahead of it in its new quorum may still be
@@ -243,6 +267,8 @@ class ReplicaStepper:
             # the run (re)starts from here: a mark an earlier incarnation left must not call this replica stale
             self.progress.write(restored.step if restored else 0)
         if restored is not None:
+            if self.partial:
+                self.partial.drop()
             self.manager.load_state_dict({"step": restored.step, "batches_committed": 0})
             self.log.warning(
                 f"no live peer has progress: fell back to checkpoints, restored step {restored.step} from "
@@ -253,52 +279,125 @@ class ReplicaStepper:
             time.sleep(START_POLL_SECONDS)  # a quorum of the members present forms at once: do not spin
         return True
 
+    def _agreed_retry(self, step: int) -> Retry | None:
+        """Whether this attempt reuses the kept part of a discarded attempt of ``step``, the same answer on every
+        member: each says whether it could (``PartialStep.candidate``) and with which kept attempt's quorum id,
+        one tiny SUM all-reduce of [can, id, id^2] follows, and reuse applies only if every member can and all
+        ids are equal (sum n*id and sum of squares n*id^2 hold only if they are). Run at every step of a quorum
+        of two or more, so members never disagree on whether it runs."""
+        if self.partial is None:
+            return None
+        cfg = self.t.cfg.train
+        mine = self.partial.candidate(
+            step, self.members, self.members[self.rank], self.heal is not None, cfg.global_batch, cfg.micro_batch
+        )
+        if self.size == 1:
+            return mine
+        qid = float(self.partial.attempt.quorum_id) if mine is not None else 0.0
+        votes = torch.tensor([1.0 if mine is not None else 0.0, qid, qid * qid], dtype=torch.float64)
+        self._all_reduce(votes)
+        n = self.size
+        agreed = votes[0] == n and votes[1] == n * qid and votes[2] == n * qid * qid
+        return mine if agreed and not self.manager.errored() else None
+
+    def _flat_grad(self) -> torch.Tensor:
+        """This replica's local gradients as one flat tensor (one all-reduce for all of them)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+
+    def _discard(self, step: int) -> None:
+        """No update applied: the same step runs again with the next quorum (kept parts stay for it)."""
+        self.discarded += 1
+        self.metrics.on_discard()
+        self.t.state.counters.steps_lost += 1
+        reason = self.manager.errored()
+        self.log.warning(
+            f"step {step} discarded, no update applied (quorum {self.quorum_id}, {self.size} replicas): "
+            f"{str(reason).splitlines()[0] if reason else 'too few replicas'}"
+        )
+        self.t.jsonl.write_event(
+            "discard", step=step, replica=self.index, quorum_id=self.quorum_id, quorum_size=self.size
+        )
+
+    def _compute(self, step: int, retry: Retry | None) -> tuple[torch.Tensor, float, int]:
+        """This attempt's local gradient (flat: the all-reduce reduces this copy in place and leaves ``.grad``
+        alone) and loss sum, and how many samples it computed now.
+
+        Whole share: ``rank_batch`` of this quorum, from zeroed gradients. Retry: the orphaned samples only,
+        added onto the gradients the discarded attempt left in ``.grad`` (``elastic.ft.partial``)."""
+        t, g = self.t, self.t.cfg.train.global_batch
+        if retry is None:
+            t.engine.zero_grad()
+            share = rank_batch(step, g, t.cfg.train.micro_batch, self.rank, self.size)
+            local_loss = t.forward_backward_share(step, share)
+            if self.partial and self.size > 1:  # alone, no member can leave: nothing to keep for
+                self.partial.keep_full(step, self.quorum_id, self.members, g, local_loss)
+            elif self.partial:
+                self.partial.drop()
+            return self._flat_grad(), local_loss, share.count
+        orphans = retry.orphans
+        departed = ", ".join(map(str, retry.departed)) or "none (same members)"
+        self.log.info(
+            f"step {step}: reused own share ({retry.kept_samples} samples), computed {orphans.count} orphaned "
+            f"samples of replica {departed}; quorum {self.quorum_id}, rank {self.rank} of {self.size}"
+        )
+        t.jsonl.write_event(
+            "reuse",
+            step=step,
+            replica=self.index,
+            reused_samples=retry.kept_samples,
+            orphaned_samples=orphans.count,
+            departed=list(retry.departed),
+            quorum_id=self.quorum_id,
+        )
+        loss = t.forward_backward_share(step, orphans) if orphans.count else 0.0
+        local_loss = self.partial.add_retry(step, self.quorum_id, self.members, retry, loss)
+        return self._flat_grad(), local_loss, orphans.count
+
     def train_step(self, step: int):
         """Run step ``state.step`` with the current quorum; the StepResult, or None when the attempt was
         discarded (the same step then runs again with the next quorum)."""
         from elastic.trainer import StepResult
 
         t = self.t
+        timing = bool(os.environ.get("ECPT_FT_TIMING"))
         started = time.perf_counter()
         self._quorum()
         if self.finished_elsewhere:
             return None
-        if os.environ.get("ECPT_FT_TIMING"):
-            self.log.info(f"timing: quorum {time.perf_counter() - started:.3f} s")
+        t_quorum = time.perf_counter()
         if self._fresh_start():
             return None
         step = t.state.step  # a heal may have moved it
         if self.manager.current_step() != step:
             raise RuntimeError(f"torchft is at step {self.manager.current_step()} but the trainer at {step}")
         g = t.cfg.train.global_batch
-        t.engine.zero_grad()
-        local_loss = t.forward_backward_share(step, rank_batch(step, g, t.cfg.train.micro_batch, self.rank, self.size))
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
-        flat = torch.cat(grads)  # one all-reduce for all gradients
+        retry = self._agreed_retry(step)
+        t_vote = time.perf_counter()
+        if self.manager.errored():  # a member left between the quorum and the vote: nothing computed yet
+            self._discard(step)
+            return None
+        flat, local_loss, computed = self._compute(step, retry)
+        if t.faults:
+            t.faults.mid_step(step)  # "kill rank R during step S": every member has computed its share
         loss_stop = torch.tensor([local_loss, 1.0 if t.stop_signal is not None else 0.0], dtype=torch.float64)
         t_fb = time.perf_counter()
         self._all_reduce(flat)
         self._all_reduce(loss_stop)
         t_ar = time.perf_counter()
         committed = self.manager.should_commit()
-        if os.environ.get("ECPT_FT_TIMING"):
+        if timing:
             self.log.info(
-                f"timing: quorum+fb {t_fb - started:.3f} s, all-reduce {t_ar - t_fb:.3f} s, "
-                f"commit {time.perf_counter() - t_ar:.3f} s"
+                f"timing: step {step} {'committed' if committed else 'discarded'}: quorum {t_quorum - started:.3f} "
+                f"s, vote {t_vote - t_quorum:.3f} s, forward/backward {t_fb - t_vote:.3f} s ({computed} samples), "
+                f"all-reduce {t_ar - t_fb:.3f} s, commit {time.perf_counter() - t_ar:.3f} s"
             )
         if not committed:
-            self.discarded += 1
-            self.metrics.on_discard()
-            t.state.counters.steps_lost += 1
-            reason = self.manager.errored()
-            self.log.warning(
-                f"step {step} discarded, no update applied (quorum {self.quorum_id}, {self.size} replicas): "
-                f"{str(reason).splitlines()[0] if reason else 'too few replicas'}"
-            )
-            t.jsonl.write_event(
-                "discard", step=step, replica=self.index, quorum_id=self.quorum_id, quorum_size=self.size
-            )
+            self._discard(step)
             return None
+        kept = self.partial.attempt if self.partial else None
+        covered = kept.covered[self.rank] if kept is not None else rank_ranges(step, g, self.size)[self.rank]
+        if self.partial:
+            self.partial.drop()
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -313,7 +412,7 @@ class ReplicaStepper:
             self.progress.write(step + 1)
             if t.checkpoints:
                 t.checkpoints.after_optimizer_step(step + 1)
-        t.log_committed_share(step, self.rank, self.size, self.quorum_id)
+        t.log_committed_share(step, covered, self.size, self.quorum_id)
         return StepResult(
             step=step,
             loss=float(loss_stop[0]) / g,

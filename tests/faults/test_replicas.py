@@ -2,7 +2,8 @@
 Lighthouse, one real agent per replica, real kill -9 / SIGSTOP, real checkpoints.
 
 What each test proves: survivors keep training at the exact global batch with no half-applied update (state
-digests of the replicas equal at the end), every sample is used once, losses track an uninterrupted run, a
+digests of the replicas equal at the end), a survivor of a mid-step kill keeps its own part of the step and
+computes only the departed replica's samples, every sample is used once, losses track an uninterrupted run, a
 returning replica heals from a live peer (not from disk), a frozen replica is excluded and then healed, a lost
 coordinator stops the job with a clear error, and losing every replica falls back to checkpoints.
 """
@@ -53,12 +54,19 @@ def _assert_replicas_agree(run) -> dict[int, dict]:
 def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, tmp_path, clean_losses):
     run = tmp_path / "run"
     config = replicas_config(tiny_raw, tmp_path, steps_per_phase=PER_PHASE)
-    result = ecpt_train(config, run, "--fault", "kill rank 1 at step 5")
+    # killed mid-step: after both replicas computed their shares of step 5, before the gradient all-reduce
+    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 5")
     check_ok(result)
     log = result.stdout + result.stderr
     rows = {r["step"]: r for r in step_rows(run)}
     # the survivor went on alone: step 5 (in flight when replica 1 died) committed with a quorum of one
     assert rows[6]["world_size"] == 1, [(s, r["world_size"]) for s, r in sorted(rows.items())]
+    # ... keeping its own half of step 5 and computing only replica 1's half (G = 6: 3 samples each)
+    assert "step 5 discarded" in log, log[-4000:]
+    assert "step 5: reused own share (3 samples), computed 3 orphaned samples of replica 1" in log, log[-4000:]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    reuse = [e for e in events if e["kind"] == "reuse"]
+    assert [(e["step"], e["replica"], e["orphaned_samples"]) for e in reuse] == [(5, 0, 3)], reuse
     assert rows[STEPS]["world_size"] == 2, "replica 1 never rejoined"
     assert "healed from live peer replica 0" in log, log[-4000:]
     assert "[rank 1 step 0] restored step" not in log and "fell back to checkpoints" not in log

@@ -47,7 +47,7 @@ def assert_each_sample_once(run: Path, steps: int, global_batch: int) -> None:
     for step, rows in by_step.items():
         latest = sorted(rows, key=lambda r: r["time"])[-rows[-1]["world_size"] :]
         sizes = {r["world_size"] for r in latest}
-        ids = sorted(i for r in latest for i in range(r["start"], r["start"] + r["count"]))
+        ids = sorted(i for r in latest for start, count in r["ranges"] for i in range(start, start + count))
         assert len(sizes) == 1 and ids == list(range(step * global_batch, (step + 1) * global_batch)), (
             f"step {step}: shares {latest}"
         )

@@ -19,6 +19,7 @@ def test_plan_sentences_parse():
     plan = parse_plan(
         [
             "kill rank 1 at step 30",
+            "kill rank 1 during step 31",
             "Kill  node n1 at step 50",
             "sigterm all at step 70",
             "stall rank 0 at step 20 for 60s",
@@ -28,6 +29,7 @@ def test_plan_sentences_parse():
     )
     assert [(f.kind, f.step, f.rank, f.node, f.seconds) for f in plan] == [
         ("kill", 30, 1, None, 0),
+        ("kill_mid_step", 31, 1, None, 0),
         ("kill_node", 50, None, "n1", 0),
         ("sigterm", 70, None, None, 0),
         ("stall", 20, 0, None, 60),
@@ -39,6 +41,7 @@ def test_plan_sentences_parse():
 def test_describe_round_trips_through_the_parser():
     sentences = [
         "kill rank 1 at step 30",
+        "kill rank 1 during step 31",
         "kill node n1 at step 50",
         "sigterm all at step 70",
         "stall rank 0 at step 20 for 60s",

@@ -81,3 +81,52 @@ def test_progress_mark_round_trip(tmp_path):
     assert mark.read() == 0
     mark.write(12)
     assert mark.read() == 12
+
+
+A, B, C = "replica-0000:aa", "replica-0001:bb", "replica-0002:cc"
+
+
+@pytest.mark.parametrize(
+    "step,members,own,healed,expected",
+    [
+        # step 4 of G=6 over 3 replicas: 24-25, 26-27, 28-29. Replica 1 left mid-step: its 2 samples go one each
+        # to replicas 0 and 2; alone, replica 2 computes replicas 0's and 1's (adjacent: one piece)
+        (4, (A, C), A, False, ("reuse", ((26, 1),), 2, (1,))),
+        (4, (A, C), C, False, ("reuse", ((27, 1),), 2, (1,))),
+        (4, (C,), C, False, ("reuse", ((24, 4),), 2, (0, 1))),
+        # the same members again (a transient error): nothing to compute, just the all-reduce again
+        (4, (A, B, C), B, False, ("reuse", (), 2, ())),
+        # no reuse: another step, a healed member, a member that was not in the attempt (a restarted replica
+        # has a new id), or nothing kept
+        (5, (A, C), A, False, None),
+        (4, (A, C), A, True, None),
+        (4, (A, "replica-0001:new"), A, False, None),
+    ],
+)
+def test_partial_step_reuses_only_a_discarded_attempt_of_the_same_step(step, members, own, healed, expected):
+    from elastic.ft.partial import PartialStep
+
+    partial = PartialStep()
+    partial.keep_full(4, quorum_id=7, members=(A, B, C), global_batch=6, loss=1.5)
+    retry = partial.candidate(step, members, own, healed, global_batch=6, micro_batch=2)
+    if expected is None:
+        assert retry is None
+        return
+    _, orphans, kept, departed = expected
+    assert (retry.orphans.ranges, retry.kept_samples, retry.departed) == (orphans, kept, departed)
+    assert partial.add_retry(4, 8, members, retry, loss=0.5) == 2.0
+    assert partial.attempt.members == members and partial.attempt.quorum_id == 8
+    # what the retry's members hold together is again the whole step: a further retry stays exact
+    ids = sorted(i for ranges in partial.attempt.covered for s, n in ranges for i in range(s, s + n))
+    assert ids == list(range(24, 30))
+
+
+def test_nothing_is_reused_once_dropped_or_before_anything_was_kept():
+    from elastic.ft.partial import PartialStep, replica_of
+
+    partial = PartialStep()
+    assert partial.candidate(4, (A,), A, False, 6, 2) is None
+    partial.keep_full(4, 7, (A, B), 6, 1.0)
+    partial.drop()
+    assert partial.candidate(4, (A,), A, False, 6, 2) is None
+    assert replica_of("replica-0012:5f3c") == 12

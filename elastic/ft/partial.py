@@ -1,0 +1,118 @@
+"""A survivor keeps the work it already did: this replica's own part of a step whose attempt was discarded.
+
+A replica keeps its local (not yet reduced) gradient and loss sum of the step in flight, with the attempt's
+membership (replica ids in quorum-rank order) and which samples each member's gradient holds. The gradient is the
+parameters' ``.grad`` itself (the all-reduce reduces a flat copy), so keeping it costs no copy and no memory. When the attempt is discarded (a member died mid-step) and the next quorum retries the same step:
+
+* the new members are a subset of the attempt's members (by replica id: a restarted replica has a new id), nobody
+  healed, and every member holds a kept gradient of this step from the same attempt (one tiny all-reduce decides
+  it, so all members agree): each member adds to its kept gradient only the departed members' samples, split over
+  the new members by ``elastic.batch.orphan_shares``; the same members again (a transient error) compute nothing
+  and just redo the all-reduce;
+* otherwise: the whole step is computed again with the new quorum's ``rank_batch`` split (as without reuse).
+
+The global batch stays exact: every sample of the step is in exactly one member's gradient (sums in another
+order than a full recomputation, so equal within float tolerance, not bit for bit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from elastic.batch import Ranges, SampleShare, covered_after, orphan_shares, rank_ranges
+
+
+def replica_of(member: str) -> int:
+    """The fixed replica index in a torchft replica id (``replica-0001:<uuid>`` -> 1)."""
+    return int(member.split(":", 1)[0].rsplit("-", 1)[1])
+
+
+class QuorumRecorder:
+    """torchft's Manager keeps only parts of each quorum's result; this wraps its ManagerClient (``_quorum`` is
+    the call the Manager makes for every quorum) to keep the whole ``QuorumResult``, whose ``replica_ids`` are the
+    members in quorum-rank order. Every other call goes to the client unchanged."""
+
+    def __init__(self, client):
+        self._client = client
+        self.last = None
+
+    def _quorum(self, *args, **kwargs):
+        self.last = None
+        result = self._client._quorum(*args, **kwargs)
+        self.last = result
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+@dataclass
+class Attempt:
+    """The kept attempt of one step: whose, and which samples each member's gradient holds."""
+
+    step: int
+    quorum_id: int
+    members: tuple[str, ...]
+    """The attempt's members (replica ids), in quorum-rank order."""
+    covered: list[Ranges]
+    """Samples each member's gradient holds (rank order): this replica's is covered[members.index(own id)]."""
+    loss_sum: float
+    """This replica's summed per-sequence loss over its covered samples."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """What this replica computes in a retry that reuses its kept part."""
+
+    orphans: SampleShare
+    """The departed members' samples this replica computes."""
+    covered: list[Ranges]
+    """Samples each new member's gradient holds after the retry."""
+    kept_samples: int
+    """Samples this replica's kept gradient already holds."""
+    departed: tuple[int, ...]
+    """Fixed indices of the replicas whose samples are orphaned."""
+
+
+class PartialStep:
+    """The attempt whose local gradient the parameters' ``.grad`` still hold.
+
+    No copy is made: the all-reduce works on a flat concatenation of the gradients (``ReplicaStepper``), so a
+    discarded attempt leaves each ``.grad`` as this replica's local gradient, and a retry accumulates the orphaned
+    samples' gradients onto it (autograd adds into ``.grad``) instead of zeroing it first. The extra memory is
+    nothing beyond the gradients the step holds anyway; a committed step or a heal forgets the attempt."""
+
+    def __init__(self):
+        self.attempt: Attempt | None = None
+
+    def keep_full(self, step: int, quorum_id: int, members: tuple[str, ...], global_batch: int, loss: float) -> None:
+        """A whole-share attempt (the ``rank_batch`` split of this quorum) is in the gradients."""
+        self.attempt = Attempt(step, quorum_id, members, rank_ranges(step, global_batch, len(members)), loss)
+
+    def candidate(
+        self, step: int, members: tuple[str, ...], own_id: str, healed: bool, global_batch: int, micro_batch: int
+    ) -> Retry | None:
+        """This replica's own view: can the retry of ``step`` by ``members`` (this replica is ``own_id``) reuse
+        the kept attempt? All members must agree before acting on it: ``ReplicaStepper`` all-reduces the answer."""
+        kept = self.attempt
+        if healed or kept is None or kept.step != step or not set(members) <= set(kept.members):
+            return None
+        shares = orphan_shares(step, global_batch, micro_batch, kept.members, members, kept.covered)
+        own = kept.covered[kept.members.index(own_id)]
+        return Retry(
+            orphans=shares[members.index(own_id)],
+            covered=covered_after(kept.members, members, kept.covered, shares),
+            kept_samples=sum(count for _, count in own),
+            departed=tuple(replica_of(m) for m in kept.members if m not in members),
+        )
+
+    def add_retry(self, step: int, quorum_id: int, members: tuple[str, ...], retry: Retry, loss: float) -> float:
+        """The orphans' gradients were added: the gradients now hold the retry's coverage (kept for a further
+        retry should this one be discarded too). Returns this replica's loss sum over all of it."""
+        assert self.attempt is not None
+        self.attempt = Attempt(step, quorum_id, members, retry.covered, self.attempt.loss_sum + loss)
+        return self.attempt.loss_sum
+
+    def drop(self) -> None:
+        """The gradients no longer hold the attempt (its step committed, or the state was replaced)."""
+        self.attempt = None
