@@ -572,7 +572,7 @@ class LaunchConfig:
     """replicas mode: when a step is discarded because members left mid-step, the survivors retry it computing
     only the departed members' samples, adding them to the gradients they already computed (kept in the
     parameters' .grad, which the all-reduce of a flat copy leaves untouched: no extra memory). All members agree
-    with one tiny all-reduce per step. false: every retry recomputes the whole step (bit-identical sums)."""
+    with one tiny all-reduce when the quorum changed. false: every retry recomputes the whole step."""
 
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, f"launch.nproc_per_node must be >= 1, got {self.nproc_per_node}")

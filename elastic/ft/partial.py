@@ -6,7 +6,7 @@ parameters' ``.grad`` itself (the all-reduce reduces a flat copy), so keeping it
 
 * the new members are a subset of the attempt's members (by replica id: a restarted replica has a new id), nobody
   healed, and every member holds a kept gradient of this step from the same attempt (one tiny all-reduce decides
-  it, so all members agree): each member adds to its kept gradient only the departed members' samples, split over
+  it, so all members agree; it runs only when the quorum id changed): each member adds to its kept gradient only the departed members' samples, split over
   the new members by ``elastic.batch.orphan_shares``; the same members again (a transient error) compute nothing
   and just redo the all-reduce;
 * otherwise: the whole step is computed again with the new quorum's ``rank_batch`` split (as without reuse).

@@ -10,6 +10,7 @@ coordinator stops the job with a clear error, and losing every replica falls bac
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -75,6 +76,33 @@ def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, 
     assert_each_sample_once(run, STEPS, G)
     faulty = final_losses(run)
     for step in range(6, STEPS + 1):
+        assert abs(faulty[step] - clean_losses[step]) <= 0.01 * clean_losses[step], (step, faulty[step])
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_two_survivors_of_three_vote_to_reuse_and_split_the_orphans(tiny_raw, tmp_path, clean_losses):
+    """3 replicas (G = 6: 2 samples each), replica 1 killed mid-step 3: replicas 0 and 2 agree (the reuse vote),
+    each keeps its own 2 samples and computes one of replica 1's; they end identical, every sample is used once
+    and the losses are the clean 2-replica run's (the global batch is the same whatever the quorum)."""
+    run = tmp_path / "run"
+    raw = copy.deepcopy(tiny_raw)
+    raw["train"]["max_steps"] = 8  # the LR schedule follows the phases, so the clean run's steps 1-8 compare
+    config = replicas_config(raw, tmp_path, steps_per_phase=PER_PHASE, replicas=3)
+    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 3")
+    check_ok(result)
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    reuse = sorted(
+        (e["replica"], e["step"], e["reused_samples"], e["orphaned_samples"], e["departed"])
+        for e in events
+        if e["kind"] == "reuse"
+    )
+    assert reuse == [(0, 3, 2, 1, [1]), (2, 3, 2, 1, [1])], (reuse, (result.stdout + result.stderr)[-4000:])
+    assert {r["step"]: r["world_size"] for r in step_rows(run)}[4] == 2
+    ends = replica_ends(run)
+    assert ends[0]["step"] == ends[2]["step"] == 8 and ends[0]["digest"] == ends[2]["digest"], ends
+    assert_each_sample_once(run, 8, G)
+    faulty = final_losses(run)
+    for step in range(1, 9):
         assert abs(faulty[step] - clean_losses[step]) <= 0.01 * clean_losses[step], (step, faulty[step])
 
 
