@@ -282,8 +282,10 @@ def recovery_after(
 
 def survivor_pause(job: Job, t_kill: float, last_before: int, survivors: int = 1, timeout: float = 180) -> dict:
     """replicas mode: nothing restarts; seconds from the fault to the first step the survivors complete alone,
-    and that minus their step time alone (the pause beyond the step they would have run anyway). The replaced
-    replica may rejoin after a few steps, so the steps alone are those before the quorum grows again."""
+    and that minus their step time alone (the pause beyond the step they would have run anyway; negative when
+    the survivors reuse their part of the step in flight, launch.ft_reuse_partial_step, and compute only the dead
+    replica's samples). The replaced replica may rejoin after a few steps, so the steps alone are those before the
+    quorum grows again."""
 
     def first_alone():
         return next((r for r in steps(job.run) if r["time"] > t_kill and r["world_size"] == survivors), None)

@@ -107,9 +107,10 @@ def orphan_shares(
     attempt: the departed members' parts ("orphans"), split as evenly as possible and in order over the new ranks.
 
     ``old_members``: the discarded attempt's members, by replica id, in quorum-rank order; ``new_members``: the
-    retrying quorum's members, a subset of them, in its rank order. Adjacent orphaned pieces are merged. ``covered[i]``: the samples old rank i's kept
+    retrying quorum's members, a subset of them, in its rank order. ``covered[i]``: the samples old rank i's kept
     gradient holds; default (a first retry) its ``rank_batch`` share. A retry that is itself discarded and retried
-    again passes ``covered_after(...)`` of the previous retry, so chained retries stay exact.
+    again passes ``covered_after(...)`` of the previous retry, so chained retries stay exact. Adjacent orphaned
+    pieces are merged (fewer, fuller micro-batches).
 
     With ``covered`` a partition of the step's samples over ``old_members``, the kept parts of ``new_members``
     and the returned shares are a partition of them too: every sample of the step is used exactly once. A pure
@@ -137,7 +138,7 @@ def orphan_shares(
             n = min(size, left)
             taken.append((start, n))
             start, left, size = start + n, left - n, size - n
-        shares.append(SampleShare(ranges=merge_ranges(taken), micro_batch=micro_batch))  # fewer, fuller micro-batches
+        shares.append(SampleShare(ranges=merge_ranges(taken), micro_batch=micro_batch))
     return shares
 
 

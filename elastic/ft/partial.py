@@ -2,13 +2,14 @@
 
 A replica keeps its local (not yet reduced) gradient and loss sum of the step in flight, with the attempt's
 membership (replica ids in quorum-rank order) and which samples each member's gradient holds. The gradient is the
-parameters' ``.grad`` itself (the all-reduce reduces a flat copy), so keeping it costs no copy and no memory. When the attempt is discarded (a member died mid-step) and the next quorum retries the same step:
+parameters' ``.grad`` itself (the all-reduce reduces a flat copy), so keeping it costs no copy and no memory.
+When the attempt is discarded (a member died mid-step) and the next quorum retries the same step:
 
 * the new members are a subset of the attempt's members (by replica id: a restarted replica has a new id), nobody
   healed, and every member holds a kept gradient of this step from the same attempt (one tiny all-reduce decides
-  it, so all members agree; it runs only when the quorum id changed): each member adds to its kept gradient only the departed members' samples, split over
-  the new members by ``elastic.batch.orphan_shares``; the same members again (a transient error) compute nothing
-  and just redo the all-reduce;
+  it, so all members agree; it runs only when the quorum id changed): each member adds to its kept gradient only
+  the departed members' samples, split over the new members by ``elastic.batch.orphan_shares``; the same members
+  again (a transient error) compute nothing and just redo the all-reduce;
 * otherwise: the whole step is computed again with the new quorum's ``rank_batch`` split (as without reuse).
 
 The global batch stays exact: every sample of the step is in exactly one member's gradient (sums in another
