@@ -42,7 +42,8 @@ def fault_report(run_dir: Path) -> list[dict]:
 
 
 def replicas_fault_report(run_dir: Path) -> list[dict]:
-    """replicas mode: nothing restarts; per fault, the survivors' next completed step and the heals after it."""
+    """replicas mode: nothing restarts; per fault, the survivors' next completed step, whether they reused their
+    part of the step in flight, and the heals after it."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
     report = []
     for fault in fired_faults(run_dir):
@@ -57,6 +58,12 @@ def replicas_fault_report(run_dir: Path) -> list[dict]:
                 "fired_at_step": fault["step"],
                 "survivors_next_step_seconds": round(first["time"] - fault["time"], 2) if first else None,
                 "discarded_attempts": sum(1 for r in later if r["kind"] == "discard" and r["step"] == fault["step"]),
+                "reused": ", ".join(
+                    f"replica {r['replica']} kept {r['reused_samples']} + computed {r['orphaned_samples']}"
+                    for r in later
+                    if r["kind"] == "reuse" and r["step"] == fault["step"]
+                )
+                or "-",
                 "healed": (
                     f"replica {heal['replica']} from replica {heal['source_replica']} at step {heal['step']} "
                     f"in {heal['seconds']} s"
@@ -71,13 +78,13 @@ def replicas_fault_report(run_dir: Path) -> list[dict]:
 
 def format_replicas_report(report: list[dict]) -> str:
     lines = [
-        "| fault | survivors' next step (s) | discarded attempts | healed | fell back to |",
-        "|---|---|---|---|---|",
+        "| fault | survivors' next step (s) | discarded attempts | reused (samples) | healed | fell back to |",
+        "|---|---|---|---|---|---|",
     ]
     for e in report:
         lines.append(
-            f"| {e['fault']} | {e['survivors_next_step_seconds']} | {e['discarded_attempts']} | {e['healed']} | "
-            f"{e['fallback']} |"
+            f"| {e['fault']} | {e['survivors_next_step_seconds']} | {e['discarded_attempts']} | {e['reused']} | "
+            f"{e['healed']} | {e['fallback']} |"
         )
     return "\n".join(lines)
 

@@ -130,3 +130,24 @@ def test_nothing_is_reused_once_dropped_or_before_anything_was_kept():
     partial.drop()
     assert partial.candidate(4, (A,), A, False, 6, 2) is None
     assert replica_of("replica-0012:5f3c") == 12
+
+
+def test_chaos_report_shows_what_the_survivors_reused(tmp_path):
+    import json
+
+    from launch.chaos import format_replicas_report, replicas_fault_report
+
+    (tmp_path / "faults").mkdir()
+    fault = {"fault": "kill rank 1 during step 5", "index": 0, "kind": "kill_mid_step", "step": 5, "time": 100.0}
+    (tmp_path / "faults" / "fired-0").write_text(json.dumps(fault))
+    rows = [
+        {"kind": "step", "time": 99.0, "step": 5, "world_size": 2},
+        {"kind": "discard", "time": 100.1, "step": 5, "replica": 0},
+        {"kind": "reuse", "time": 100.4, "step": 5, "replica": 0, "reused_samples": 3, "orphaned_samples": 3},
+        {"kind": "step", "time": 100.8, "step": 6, "world_size": 1},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (entry,) = replicas_fault_report(tmp_path)
+    assert entry["survivors_next_step_seconds"] == 0.8 and entry["discarded_attempts"] == 1
+    assert entry["reused"] == "replica 0 kept 3 + computed 3"
+    assert "| replica 0 kept 3 + computed 3 |" in format_replicas_report([entry])
