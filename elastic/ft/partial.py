@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from elastic.batch import Ranges, SampleShare, covered_after, orphan_shares, rank_ranges
 
 
@@ -117,3 +119,60 @@ class PartialStep:
     def drop(self) -> None:
         """The gradients no longer hold the attempt (its step committed, or the state was replaced)."""
         self.attempt = None
+
+
+class ReuseSteps:
+    """The reuse half of ``ReplicaStepper`` (mixed into it): the vote and a retry's compute. Uses the stepper's
+    trainer ``t``, ``partial``, quorum (``members``, ``rank``, ``size``, ``quorum_id``, ``quorum_changed``,
+    ``heal``), ``manager``, ``log``, ``index``, ``_all_reduce`` and ``_flat_grad``."""
+
+    def _agreed_retry(self, step: int) -> Retry | None:
+        """Whether this attempt reuses the kept part of a discarded attempt of ``step``, the same answer on every
+        member: each says whether it could (``PartialStep.candidate``) and with which kept attempt's quorum id,
+        one tiny SUM all-reduce of [can, id, id^2] follows, and reuse applies only if every member can and all
+        ids are equal (sum n*id and sum of squares n*id^2 hold only if they are).
+
+        Whether the vote runs must be the same on every member too: it runs in quorums of two or more whose id
+        differs from the previous quorum's. The coordinator keeps the id when the members are the same and none
+        reported a failed commit (torchft's Lighthouse), so all members see the id change or all see it stay; a
+        member holding a discarded attempt of its current step failed its last commit, so it always sees a new
+        id. The steady state (same members, commits succeed) pays no extra collective."""
+        if self.partial is None:
+            return None
+        cfg = self.t.cfg.train
+        mine = self.partial.candidate(
+            step, self.members, self.members[self.rank], self.heal is not None, cfg.global_batch, cfg.micro_batch
+        )
+        if self.size == 1:
+            return mine
+        if not self.quorum_changed:
+            return None
+        qid = float(self.partial.attempt.quorum_id) if mine is not None else 0.0
+        votes = torch.tensor([1.0 if mine is not None else 0.0, qid, qid * qid], dtype=torch.float64)
+        self._all_reduce(votes)
+        n = self.size
+        agreed = votes[0] == n and votes[1] == n * qid and votes[2] == n * qid * qid
+        return mine if agreed and not self.manager.errored() else None
+
+    def _compute_retry(self, step: int, retry: Retry) -> tuple[torch.Tensor, float, int]:
+        """A retry: the orphaned samples only, added onto the gradients the discarded attempt left in ``.grad``
+        (no zeroing); the local gradient (flat), loss sum and samples computed."""
+        t = self.t
+        orphans = retry.orphans
+        departed = ", ".join(map(str, retry.departed)) or "none (same members)"
+        self.log.info(
+            f"step {step}: reused own share ({retry.kept_samples} samples), computed {orphans.count} orphaned "
+            f"samples of replica {departed}; quorum {self.quorum_id}, rank {self.rank} of {self.size}"
+        )
+        t.jsonl.write_event(
+            "reuse",
+            step=step,
+            replica=self.index,
+            reused_samples=retry.kept_samples,
+            orphaned_samples=orphans.count,
+            departed=list(retry.departed),
+            quorum_id=self.quorum_id,
+        )
+        loss = t.forward_backward_share(step, orphans) if orphans.count else 0.0
+        local_loss = self.partial.add_retry(step, self.quorum_id, self.members, retry, loss)
+        return self._flat_grad(), local_loss, orphans.count

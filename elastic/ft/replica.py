@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from elastic.batch import rank_batch, rank_ranges
 from elastic.ft.metrics import ReplicaMetrics
-from elastic.ft.partial import PartialStep, QuorumRecorder, Retry
+from elastic.ft.partial import PartialStep, QuorumRecorder, Retry, ReuseSteps
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
 from elastic.ft.transport import SafeHTTPTransport
 from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
@@ -96,7 +96,7 @@ def _process_group(timeout: timedelta):
     return ProcessGroupNCCL(timeout=timeout) if torch.cuda.is_available() else ProcessGroupGloo(timeout=timeout)
 
 
-class ReplicaStepper:
+class ReplicaStepper(ReuseSteps):
     def __init__(self, trainer, registry=None):
         from torchft.manager import Manager
 
@@ -281,34 +281,6 @@ class ReplicaStepper:
             time.sleep(START_POLL_SECONDS)  # a quorum of the members present forms at once: do not spin
         return True
 
-    def _agreed_retry(self, step: int) -> Retry | None:
-        """Whether this attempt reuses the kept part of a discarded attempt of ``step``, the same answer on every
-        member: each says whether it could (``PartialStep.candidate``) and with which kept attempt's quorum id,
-        one tiny SUM all-reduce of [can, id, id^2] follows, and reuse applies only if every member can and all
-        ids are equal (sum n*id and sum of squares n*id^2 hold only if they are).
-
-        Whether the vote runs must be the same on every member too: it runs in quorums of two or more whose id
-        differs from the previous quorum's. The coordinator keeps the id when the members are the same and none
-        reported a failed commit (torchft's Lighthouse), so all members see the id change or all see it stay; a
-        member holding a discarded attempt of its current step failed its last commit, so it always sees a new
-        id. The steady state (same members, commits succeed) pays no extra collective."""
-        if self.partial is None:
-            return None
-        cfg = self.t.cfg.train
-        mine = self.partial.candidate(
-            step, self.members, self.members[self.rank], self.heal is not None, cfg.global_batch, cfg.micro_batch
-        )
-        if self.size == 1:
-            return mine
-        if not self.quorum_changed:
-            return None
-        qid = float(self.partial.attempt.quorum_id) if mine is not None else 0.0
-        votes = torch.tensor([1.0 if mine is not None else 0.0, qid, qid * qid], dtype=torch.float64)
-        self._all_reduce(votes)
-        n = self.size
-        agreed = votes[0] == n and votes[1] == n * qid and votes[2] == n * qid * qid
-        return mine if agreed and not self.manager.errored() else None
-
     def _flat_grad(self) -> torch.Tensor:
         """This replica's local gradients as one flat tensor (one all-reduce for all of them)."""
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
@@ -336,38 +308,19 @@ class ReplicaStepper:
 
     def _compute(self, step: int, retry: Retry | None) -> tuple[torch.Tensor, float, int]:
         """This attempt's local gradient (flat: the all-reduce reduces this copy in place and leaves ``.grad``
-        alone) and loss sum, and how many samples it computed now.
-
-        Whole share: ``rank_batch`` of this quorum, from zeroed gradients. Retry: the orphaned samples only,
-        added onto the gradients the discarded attempt left in ``.grad`` (``elastic.ft.partial``)."""
+        alone) and loss sum, and how many samples it computed now. Whole share: ``rank_batch`` of this quorum,
+        from zeroed gradients; a retry: ``ReuseSteps._compute_retry``."""
+        if retry is not None:
+            return self._compute_retry(step, retry)
         t, g = self.t, self.t.cfg.train.global_batch
-        if retry is None:
-            t.engine.zero_grad()
-            share = rank_batch(step, g, t.cfg.train.micro_batch, self.rank, self.size)
-            local_loss = t.forward_backward_share(step, share)
-            if self.partial and self.size > 1:  # alone, no member can leave: nothing to keep for
-                self.partial.keep_full(step, self.quorum_id, self.members, g, local_loss)
-            elif self.partial:
-                self.partial.drop()
-            return self._flat_grad(), local_loss, share.count
-        orphans = retry.orphans
-        departed = ", ".join(map(str, retry.departed)) or "none (same members)"
-        self.log.info(
-            f"step {step}: reused own share ({retry.kept_samples} samples), computed {orphans.count} orphaned "
-            f"samples of replica {departed}; quorum {self.quorum_id}, rank {self.rank} of {self.size}"
-        )
-        t.jsonl.write_event(
-            "reuse",
-            step=step,
-            replica=self.index,
-            reused_samples=retry.kept_samples,
-            orphaned_samples=orphans.count,
-            departed=list(retry.departed),
-            quorum_id=self.quorum_id,
-        )
-        loss = t.forward_backward_share(step, orphans) if orphans.count else 0.0
-        local_loss = self.partial.add_retry(step, self.quorum_id, self.members, retry, loss)
-        return self._flat_grad(), local_loss, orphans.count
+        t.engine.zero_grad()
+        share = rank_batch(step, g, t.cfg.train.micro_batch, self.rank, self.size)
+        local_loss = t.forward_backward_share(step, share)
+        if self.partial and self.size > 1:  # alone, no member can leave: nothing to keep for
+            self.partial.keep_full(step, self.quorum_id, self.members, g, local_loss)
+        elif self.partial:
+            self.partial.drop()
+        return self._flat_grad(), local_loss, share.count
 
     def train_step(self, step: int):
         """Run step ``state.step`` with the current quorum; the StepResult, or None when the attempt was
