@@ -18,6 +18,8 @@ order than a full recomputation, so equal within float tolerance, not bit for bi
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -121,10 +123,67 @@ class PartialStep:
         self.attempt = None
 
 
+@dataclass
+class EarlyOrphans:
+    """Orphaned samples computed while the quorum formed (``ReuseSteps._quorum_computing_orphans``)."""
+
+    orphans: SampleShare
+    loss: float
+    """Their summed per-sequence loss."""
+    saved: torch.Tensor
+    """A flat copy of the gradients the discarded attempt left: added back if the retry uses the early orphans,
+    put back in ``.grad`` otherwise."""
+    seconds: float
+    """Their forward/backward time."""
+
+
 class ReuseSteps:
     """The reuse half of ``ReplicaStepper`` (mixed into it): the vote and a retry's compute. Uses the stepper's
     trainer ``t``, ``partial``, quorum (``members``, ``rank``, ``size``, ``quorum_id``, ``quorum_changed``,
-    ``heal``), ``manager``, ``log``, ``index``, ``_all_reduce`` and ``_flat_grad``."""
+    ``heal``), ``manager``, ``log``, ``index``, ``_all_reduce``, ``_flat_grad``, ``_quorum`` and ``heal_lock``."""
+
+    def _quorum_computing_orphans(self, step: int, after_discard: bool) -> EarlyOrphans | None:
+        """Run the quorum while computing the likely orphans, or return None (without a quorum) if that does not
+        apply. After a discarded attempt of two members the likely next quorum is this replica alone (the other
+        died); forming it waits for the dead replica's heartbeats to expire, so the other's samples are computed
+        during that wait instead of after it. The quorum runs on a helper thread (torchft's quorum call releases
+        the GIL); a heal in it waits for ``heal_lock`` so that it never changes parameters under a backward pass.
+        Costs one gradient copy, only here. If the quorum is not this replica alone, the work is dropped."""
+        kept = self.partial.attempt if self.partial else None
+        if not after_discard or kept is None or kept.step != step or step == 0 or len(kept.members) != 2:
+            return None
+        cfg = self.t.cfg.train
+        alone = (self.own_id,)
+        (orphans,) = orphan_shares(step, cfg.global_batch, cfg.micro_batch, kept.members, alone, kept.covered)
+        saved = self._flat_grad()
+        self.t.engine.zero_grad()
+        with ThreadPoolExecutor(1, thread_name_prefix="ecpt-quorum") as pool:
+            with self.heal_lock:
+                quorum = pool.submit(self._quorum)
+                started = time.perf_counter()
+                loss = self.t.forward_backward_share(step, orphans)
+                seconds = time.perf_counter() - started
+            quorum.result()  # re-raises what the quorum raised
+        return EarlyOrphans(orphans, loss, saved, seconds)
+
+    def _settle_early(self, early: EarlyOrphans | None, retry: Retry | None) -> EarlyOrphans | None:
+        """The early orphans if the agreed retry computes exactly them; otherwise the discarded attempt's gradients
+        go back into ``.grad`` (unless a heal replaced the state: then nothing is kept) and None."""
+        if early is None or (retry is not None and retry.orphans.ranges == early.orphans.ranges):
+            return early
+        if self.partial.attempt is not None:
+            self._set_grads(early.saved)
+        return None
+
+    def _set_grads(self, flat: torch.Tensor, add: bool = False) -> None:
+        offset = 0
+        for p in self.params:
+            part = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if add and p.grad is not None:
+                p.grad += part
+            else:
+                p.grad = part.clone()
 
     def _agreed_retry(self, step: int) -> Retry | None:
         """Whether this attempt reuses the kept part of a discarded attempt of ``step``, the same answer on every
@@ -154,15 +213,17 @@ class ReuseSteps:
         agreed = votes[0] == n and votes[1] == n * qid and votes[2] == n * qid * qid
         return mine if agreed and not self.manager.errored() else None
 
-    def _compute_retry(self, step: int, retry: Retry) -> tuple[torch.Tensor, float, int]:
+    def _compute_retry(self, step: int, retry: Retry, early: EarlyOrphans | None) -> tuple[torch.Tensor, float, int]:
         """A retry: the orphaned samples only, added onto the gradients the discarded attempt left in ``.grad``
-        (no zeroing); the local gradient (flat), loss sum and samples computed."""
+        (no zeroing), or those gradients added onto the early orphans'; the local gradient (flat), loss sum and
+        samples computed after the quorum."""
         t = self.t
         orphans = retry.orphans
         departed = ", ".join(map(str, retry.departed)) or "none (same members)"
+        when = f" while the quorum formed ({early.seconds:.2f} s)" if early else ""
         self.log.info(
             f"step {step}: reused own share ({retry.kept_samples} samples), computed {orphans.count} orphaned "
-            f"samples of replica {departed}; quorum {self.quorum_id}, rank {self.rank} of {self.size}"
+            f"samples of replica {departed}{when}; quorum {self.quorum_id}, rank {self.rank} of {self.size}"
         )
         t.jsonl.write_event(
             "reuse",
@@ -170,9 +231,14 @@ class ReuseSteps:
             replica=self.index,
             reused_samples=retry.kept_samples,
             orphaned_samples=orphans.count,
+            early=early is not None,
             departed=list(retry.departed),
             quorum_id=self.quorum_id,
         )
-        loss = t.forward_backward_share(step, orphans) if orphans.count else 0.0
+        if early is not None:
+            self._set_grads(early.saved, add=True)
+            loss, computed = early.loss, 0
+        else:
+            loss, computed = t.forward_backward_share(step, orphans) if orphans.count else 0.0, orphans.count
         local_loss = self.partial.add_retry(step, self.quorum_id, self.members, retry, loss)
-        return self._flat_grad(), local_loss, orphans.count
+        return self._flat_grad(), local_loss, computed

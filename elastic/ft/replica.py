@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from elastic.batch import rank_batch, rank_ranges
 from elastic.ft.metrics import ReplicaMetrics
-from elastic.ft.partial import PartialStep, QuorumRecorder, Retry, ReuseSteps
+from elastic.ft.partial import EarlyOrphans, PartialStep, QuorumRecorder, Retry, ReuseSteps
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
 from elastic.ft.transport import SafeHTTPTransport
 from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
@@ -145,6 +146,9 @@ class ReplicaStepper(ReuseSteps):
         self.quorums = QuorumRecorder(self.manager._client)
         self.manager._client = self.quorums
         self.members: tuple[str, ...] = ()
+        self.own_id = ""
+        self.just_discarded = False
+        self.heal_lock = threading.Lock()  # a heal waits for orphans computed while the quorum forms
         self.partial = PartialStep() if launch.ft_reuse_partial_step else None
         self.rank, self.size, self.quorum_id = 0, 1, -1
         self.quorum_changed = False
@@ -160,9 +164,10 @@ class ReplicaStepper(ReuseSteps):
 
     def _load_peer_state(self, state: dict) -> None:
         """torchft's callback on the healing replica, before the step it joins (synchronous quorum)."""
-        self.heal = apply_healing_state(self.t, self.tensors, state, self.quorum_started)
-        if self.partial:
-            self.partial.drop()  # kept gradients were computed on the state just replaced
+        with self.heal_lock:
+            self.heal = apply_healing_state(self.t, self.tensors, state, self.quorum_started)
+            if self.partial:
+                self.partial.drop()  # kept gradients were computed on the state just replaced
         self.heals.append(self.heal)
 
     # ------------------------------------------------------------------------------------------------ one step
@@ -176,6 +181,7 @@ class ReplicaStepper(ReuseSteps):
             raise RuntimeError("this replica is not a participant of its quorum (torchft spare mode is not used)")
         self.rank, self.size = rank, self.manager.num_participants()
         self.members = self._members() if self.partial else ()
+        self.own_id = self.members[self.rank] if self.members else ""
         previous_quorum, self.quorum_id = self.quorum_id, self.manager._quorum_id  # torchft has no public getter
         self.quorum_changed = self.quorum_id != previous_quorum
         if self.heal is None and self.joined and self.quorum_id != previous_quorum:
@@ -288,6 +294,7 @@ class ReplicaStepper(ReuseSteps):
     def _discard(self, step: int) -> None:
         """No update applied: the same step runs again with the next quorum (kept parts stay for it)."""
         self.discarded += 1
+        self.just_discarded = True
         self.metrics.on_discard()
         self.t.state.counters.steps_lost += 1
         reason = self.manager.errored()
@@ -306,12 +313,12 @@ class ReplicaStepper(ReuseSteps):
             # quorum always rebuilds it: the failed commit makes the coordinator issue a new quorum id.
             self.manager._pg.abort()
 
-    def _compute(self, step: int, retry: Retry | None) -> tuple[torch.Tensor, float, int]:
+    def _compute(self, step: int, retry: Retry | None, early: EarlyOrphans | None) -> tuple[torch.Tensor, float, int]:
         """This attempt's local gradient (flat: the all-reduce reduces this copy in place and leaves ``.grad``
         alone) and loss sum, and how many samples it computed now. Whole share: ``rank_batch`` of this quorum,
         from zeroed gradients; a retry: ``ReuseSteps._compute_retry``."""
         if retry is not None:
-            return self._compute_retry(step, retry)
+            return self._compute_retry(step, retry, early)
         t, g = self.t, self.t.cfg.train.global_batch
         t.engine.zero_grad()
         share = rank_batch(step, g, t.cfg.train.micro_batch, self.rank, self.size)
@@ -330,7 +337,10 @@ class ReplicaStepper(ReuseSteps):
         t = self.t
         timing = bool(os.environ.get("ECPT_FT_TIMING"))
         started = time.perf_counter()
-        self._quorum()
+        after_discard, self.just_discarded = self.just_discarded, False
+        early = self._quorum_computing_orphans(step, after_discard)  # None: it ran no quorum
+        if early is None:
+            self._quorum()
         if self.finished_elsewhere:
             return None
         t_quorum = time.perf_counter()
@@ -341,12 +351,13 @@ class ReplicaStepper(ReuseSteps):
             raise RuntimeError(f"torchft is at step {self.manager.current_step()} but the trainer at {step}")
         g = t.cfg.train.global_batch
         retry = self._agreed_retry(step)
+        early = self._settle_early(early, retry)
         t_vote = time.perf_counter()
         if self.manager.errored():  # a member left between the quorum and the vote: nothing computed yet
             self.manager.should_commit()  # false; counts the failed commit, so the next quorum gets a new id
             self._discard(step)
             return None
-        flat, local_loss, computed = self._compute(step, retry)
+        flat, local_loss, computed = self._compute(step, retry, early)
         if t.faults:
             t.faults.mid_step(step)  # "kill rank R during step S": every member has computed its share
         loss_stop = torch.tensor([local_loss, 1.0 if t.stop_signal is not None else 0.0], dtype=torch.float64)
@@ -368,11 +379,7 @@ class ReplicaStepper(ReuseSteps):
         covered = kept.covered[self.rank] if kept is not None else rank_ranges(step, g, self.size)[self.rank]
         if self.partial:
             self.partial.drop()
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        self._set_grads(flat)  # the reduced gradients
         lr = t.lr_for(step)
         t.engine.step(lr, t.checkpoints.before_optimizer_step if t.checkpoints else lambda: None)
         t.state.step = step + 1

@@ -65,9 +65,11 @@ def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, 
     # ... keeping its own half of step 5 and computing only replica 1's half (G = 6: 3 samples each)
     assert "step 5 discarded" in log, log[-4000:]
     assert "step 5: reused own share (3 samples), computed 3 orphaned samples of replica 1" in log, log[-4000:]
+    # ... during the wait for the quorum (replica 1's heartbeats to expire), not after it
+    assert "orphaned samples of replica 1 while the quorum formed" in log, log[-4000:]
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     reuse = [e for e in events if e["kind"] == "reuse"]
-    assert [(e["step"], e["replica"], e["orphaned_samples"]) for e in reuse] == [(5, 0, 3)], reuse
+    assert [(e["step"], e["replica"], e["orphaned_samples"], e["early"]) for e in reuse] == [(5, 0, 3, True)], reuse
     assert rows[STEPS]["world_size"] == 2, "replica 1 never rejoined"
     assert "healed from live peer replica 0" in log, log[-4000:]
     assert "[rank 1 step 0] restored step" not in log and "fell back to checkpoints" not in log
@@ -94,12 +96,15 @@ def test_two_survivors_of_three_vote_to_reuse_and_split_the_orphans(tiny_raw, tm
     result = ecpt_train(config, run, "--fault", "kill rank 1 during step 3")
     check_ok(result)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    reuse = sorted(
-        (e["replica"], e["step"], e["reused_samples"], e["orphaned_samples"], e["departed"])
+    reuse = sorted(  # not early: with 3 members nobody can tell who left before the quorum says
+        (e["replica"], e["step"], e["reused_samples"], e["orphaned_samples"], e["departed"], e["early"])
         for e in events
         if e["kind"] == "reuse"
     )
-    assert reuse == [(0, 3, 2, 1, [1]), (2, 3, 2, 1, [1])], (reuse, (result.stdout + result.stderr)[-4000:])
+    assert reuse == [(0, 3, 2, 1, [1], False), (2, 3, 2, 1, [1], False)], (
+        reuse,
+        (result.stdout + result.stderr)[-4000:],
+    )
     assert {r["step"]: r["world_size"] for r in step_rows(run)}[4] == 2
     ends = replica_ends(run)
     assert ends[0]["step"] == ends[2]["step"] == 8 and ends[0]["digest"] == ends[2]["digest"], ends
