@@ -9,7 +9,9 @@ survivor completes alone, split with the survivor's own records (metrics.jsonl e
     quorum      the survivor's wait for the next quorum (the dead replica's heartbeats must be older than the
                 heartbeat timeout: the coordinator's split-brain rule needs more than half of the heartbeating
                 replicas, so one survivor of two cannot form a quorum before that)
-    compute     the retried step's forward/backward (with launch.ft_reuse_partial_step: only the orphaned samples)
+    compute     the retried step's forward/backward after the quorum (launch.ft_reuse_partial_step: only the
+                orphaned samples; 0 when a survivor of two computed them while the quorum formed, then the quorum
+                wait holds them)
     rest        vote, all-reduce, commit, optimizer step, logging
 
 `--fault-free-steps N` also runs N steps without faults per timeout and counts steps a quorum did not hold both

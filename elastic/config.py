@@ -553,11 +553,11 @@ class LaunchConfig:
     lighthouse: str = ""
     """replicas mode: the quorum coordinator's address, http://host:port. Empty: `ecpt train` starts one on this
     machine. Clusters run `ecpt lighthouse` on a host that outlives the training nodes and set this."""
-    ft_heartbeat_timeout_ms: int = 300
-    """replicas mode: a replica whose heartbeats (every 100 ms) stop for this long leaves the quorum. It bounds the
-    survivors' pause after a replica dies (one survivor of two cannot form a quorum before). Measured here (README):
-    kill -> next survivor step 0.70-0.74 s at 300 against 0.89-0.97 s at 500, and no live replica dropped at 200 or
-    300 in fault-free runs, also with two jobs overloading the 2 cores. torchft's default is 5000."""
+    ft_heartbeat_timeout_ms: int = 500
+    """replicas mode: a replica whose heartbeats (every 100 ms) stop for this long leaves the quorum; one survivor of
+    two cannot form a quorum before. Survivors overlap that wait with recomputing the dead replica's samples, so
+    300 ms measured no shorter pause than 500 ms here (README), and 500 keeps more margin against dropping a live
+    replica whose heartbeats are late (none was at 200 or 300 ms in the fault-free runs). torchft's default: 5000."""
     ft_join_timeout_ms: int = 1000
     """replicas mode: how long the coordinator waits for heartbeating replicas that have not asked to join yet."""
     ft_timeout_s: float = 10.0

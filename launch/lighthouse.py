@@ -69,13 +69,7 @@ def add_lighthouse_parser(sub) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     p.add_argument("--port", type=int, default=29510)
     p.add_argument("--min-replicas", type=int, default=1, help="fewest replicas a quorum may have")
-    p.add_argument(
-        "--heartbeat-timeout-ms",
-        type=int,
-        default=500,
-        help="a replica silent this long is dropped (500: margin for a network between hosts; a local `ecpt train` "
-        "passes launch.ft_heartbeat_timeout_ms, 300)",
-    )
+    p.add_argument("--heartbeat-timeout-ms", type=int, default=500, help="a replica silent this long is dropped")
     p.add_argument("--join-timeout-ms", type=int, default=1000, help="wait this long for heartbeating stragglers")
     p.add_argument("--quorum-tick-ms", type=int, default=50, help="how often a pending quorum is re-evaluated")
     p.add_argument("--address-file", help="write {address, pid} as JSON here once listening")
