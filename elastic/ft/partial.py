@@ -166,10 +166,16 @@ class ReuseSteps:
             quorum.result()  # re-raises what the quorum raised
         return EarlyOrphans(orphans, loss, saved, seconds)
 
-    def _settle_early(self, early: EarlyOrphans | None, retry: Retry | None) -> EarlyOrphans | None:
-        """The early orphans if the agreed retry computes exactly them; otherwise the discarded attempt's gradients
-        go back into ``.grad`` (unless a heal replaced the state: then nothing is kept) and None."""
-        if early is None or (retry is not None and retry.orphans.ranges == early.orphans.ranges):
+    def _settle_early(self, step: int, early: EarlyOrphans | None, retry: Retry | None) -> EarlyOrphans | None:
+        """Right after the vote, so that ``.grad`` and the kept attempt agree whatever happens next: if the agreed
+        retry computes exactly the early orphans, the saved gradients are added to theirs and the attempt now holds
+        both (returns ``early``); otherwise the saved gradients go back into ``.grad`` (unless a heal replaced the
+        state: then nothing is kept) and None."""
+        if early is None:
+            return None
+        if retry is not None and retry.orphans.ranges == early.orphans.ranges:
+            self._set_grads(early.saved, add=True)
+            self.partial.add_retry(step, self.quorum_id, self.members, retry, early.loss)
             return early
         if self.partial.attempt is not None:
             self._set_grads(early.saved)
@@ -235,10 +241,8 @@ class ReuseSteps:
             departed=list(retry.departed),
             quorum_id=self.quorum_id,
         )
-        if early is not None:
-            self._set_grads(early.saved, add=True)
-            loss, computed = early.loss, 0
-        else:
-            loss, computed = t.forward_backward_share(step, orphans) if orphans.count else 0.0, orphans.count
+        if early is not None:  # already in .grad and in the kept attempt (_settle_early)
+            return self._flat_grad(), self.partial.attempt.loss_sum, 0
+        loss = t.forward_backward_share(step, orphans) if orphans.count else 0.0
         local_loss = self.partial.add_retry(step, self.quorum_id, self.members, retry, loss)
-        return self._flat_grad(), local_loss, computed
+        return self._flat_grad(), local_loss, orphans.count

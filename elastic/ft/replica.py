@@ -351,7 +351,7 @@ class ReplicaStepper(ReuseSteps):
             raise RuntimeError(f"torchft is at step {self.manager.current_step()} but the trainer at {step}")
         g = t.cfg.train.global_batch
         retry = self._agreed_retry(step)
-        early = self._settle_early(early, retry)
+        early = self._settle_early(step, early, retry)
         t_vote = time.perf_counter()
         if self.manager.errored():  # a member left between the quorum and the vote: nothing computed yet
             self.manager.should_commit()  # false; counts the failed commit, so the next quorum gets a new id
