@@ -138,9 +138,10 @@ class EarlyOrphans:
 
 
 class ReuseSteps:
-    """The reuse half of ``ReplicaStepper`` (mixed into it): the vote and a retry's compute. Uses the stepper's
-    trainer ``t``, ``partial``, quorum (``members``, ``rank``, ``size``, ``quorum_id``, ``quorum_changed``,
-    ``heal``), ``manager``, ``log``, ``index``, ``_all_reduce``, ``_flat_grad``, ``_quorum`` and ``heal_lock``."""
+    """The reuse half of ``ReplicaStepper`` (mixed into it): orphans computed while the quorum forms, the vote and a
+    retry's compute. Uses the stepper's trainer ``t``, ``partial``, ``params``, quorum (``members``, ``own_id``,
+    ``rank``, ``size``, ``quorum_id``, ``quorum_changed``, ``heal``), ``manager``, ``log``, ``index``,
+    ``_all_reduce``, ``_flat_grad``, ``_quorum`` and ``heal_lock``."""
 
     def _quorum_computing_orphans(self, step: int, after_discard: bool) -> EarlyOrphans | None:
         """Run the quorum while computing the likely orphans, or return None (without a quorum) if that does not
@@ -182,6 +183,7 @@ class ReuseSteps:
         return None
 
     def _set_grads(self, flat: torch.Tensor, add: bool = False) -> None:
+        """Each parameter's ``.grad`` from its slice of ``flat`` (a copy), or plus it with ``add``."""
         offset = 0
         for p in self.params:
             part = flat[offset : offset + p.numel()].view_as(p)
