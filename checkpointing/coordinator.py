@@ -38,7 +38,7 @@ from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_
 from checkpointing.plan import PlanCache
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
-from checkpointing.slots import SlotPool
+from checkpointing.slots import SlotPool, StagePlan
 from checkpointing.staging import BufferPool
 from checkpointing.tiers import LevelSpec, step_dir_name
 
@@ -76,6 +76,7 @@ class Coordinator:
         self._promoter = Promoter(states, log, metrics)
         self.staged_jobs: dict[int, WriteJob] = {}
         """BufferSet index -> the save it staged last (the stager fills it; emergency saves read it)."""
+        self._slot_lock = threading.Lock()  # slot_pool and stage_plan are called from the caller's thread too
         self.layouts = Layouts(world, local, node_id, chunk_bytes, plans, static_extra)
         self.queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._persist_loop, name="ckpt-persister", daemon=True)
@@ -236,6 +237,49 @@ class Coordinator:
         )
         for pool in self._slots.values():
             pool.refresh()
+        self._prewarm(job)
+
+    # ------------------------------------------------------------------------------------------- staging slots
+
+    def slot_pool(self, level: LevelSpec, agreed: AgreedLayout) -> SlotPool:
+        """The zero-copy staging slots of `level` on this rank, created on first use (by the caller's thread in
+        save() or by this thread in _prewarm). Files on the level itself when it is node memory every writer of
+        the level can link from, else host memory the persister writes out."""
+        with self._slot_lock:
+            pool = self._slots.get(level.name)
+            if pool is None:
+                files = level.is_memory and (level.node_local or len(set(agreed.nodes)) == 1)
+                slots = level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING if files else self._pool.size + 1
+                pool = self._slots[level.name] = SlotPool(
+                    Path(level.root) if files else None, f"{self.node_id}-r{self.world.rank}", slots
+                )
+            return pool
+
+    def stage_plan(self, level: LevelSpec, agreed: AgreedLayout) -> StagePlan:
+        """What this rank stages zero-copy for `level` under the agreed layout (cached per layout)."""
+        with self._slot_lock:
+            return self._plans.stage_plan(
+                agreed.digest, agreed.layouts, self.world.rank, agreed.nodes if level.node_local else None
+            )
+
+    def _prewarm(self, job: WriteJob) -> None:
+        """After a save: prepare the slot the next save of the same tensors will stage into, here rather than on
+        the training loop's path (see SlotPool.prewarm). It matters twice: after the first save of a layout,
+        which staged into host buffers because the chunk plan is only agreed in its gather (those buffers are
+        freed first, so one copy of the state is held, not two), and on memory levels, where the slot of the save
+        just committed stays linked into that checkpoint and the next save needs another."""
+        agreed = self.agreed
+        if agreed is None or not job.described.all_cpu:
+            return
+        if agreed.tensors_digests[self.world.rank] != job.described.tensors_digest:
+            return
+        level = job.levels[0]
+        pool = self.slot_pool(level, agreed)
+        self._pool.drop_free_buffers()
+        try:
+            pool.prewarm(self.stage_plan(level, agreed))
+        except OSError as e:
+            self.log.warning("checkpoint level %s: preparing the next save's staging slot failed: %s", level.name, e)
 
     def _superseded(self, replaced: Promotion, newer: Promotion) -> None:
         """A queued promotion gave way to a newer step's (Promoter.replace_queued): its save resolves with the levels

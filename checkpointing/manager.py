@@ -34,7 +34,6 @@ import secrets
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,6 @@ from checkpointing.loader import Loader
 from checkpointing.metrics import CheckpointStats, Metrics
 from checkpointing.persist import ChunkHook
 from checkpointing.plan import PlanCache
-from checkpointing.promote import Promoter
 from checkpointing.results import CheckpointInfo, LoadResult, SaveHandle
 from checkpointing.slots import SlotPool, StagingStats
 from checkpointing.staging import BufferPool, Shard, stage_into
@@ -227,20 +225,11 @@ class CheckpointManager:
             return
         if agreed.tensors_digests[self.rank] != job.described.tensors_digest:
             return  # this rank's tensors changed: plan with everyone first
-        files = level.is_memory and (level.node_local or len(set(agreed.nodes)) == 1)  # else nothing to link into
-        pool = self._slots.get(level.name)
-        if pool is None:
-            slots = level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING if files else self._pool.size + 1
-            pool = self._slots[level.name] = SlotPool(
-                Path(level.root) if files else None, f"{self.node_id}-r{self.rank}", slots
-            )
-        slot = pool.acquire()
+        slot = self._coordinator.slot_pool(level, agreed).acquire()
         if slot is None:
             return
         job.slot = slot
-        job.stage_plan = self._plans.stage_plan(
-            agreed.digest, agreed.layouts, self.rank, agreed.nodes if level.node_local else None
-        )
+        job.stage_plan = self._coordinator.stage_plan(level, agreed)
         job.slot_layout = agreed.digest
 
     def wait_staged(self) -> float:

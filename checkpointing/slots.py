@@ -114,8 +114,12 @@ class Slot:
     def files(self) -> bool:
         return self.dir is not None
 
-    def prepare(self, plan: StagePlan) -> None:
-        """Make the files match `plan` (same plan as last time: nothing to do, the pages are reused)."""
+    def prepare(self, plan: StagePlan, touch: bool = False) -> None:
+        """Make the files match `plan` (same plan as last time: nothing to do, the pages are reused).
+
+        touch=True (SlotPool.prewarm, on the persist thread): also write every page once now. A new slot's memory
+        is otherwise faulted in by the first save that stages into it, on the training loop's path: 4 GiB staged
+        in 4.8 s into a new slot against 0.2-0.3 s into a used one, measured here."""
         if self.key == plan.key and not self.files:
             return
         if self.key == plan.key:
@@ -150,6 +154,10 @@ class Slot:
         self.crcs = [None] * len(plan.chunks)
         self.sendbufs = [np.empty(hi - lo, dtype=np.uint8) for _, lo, hi in plan.sends]
         self.key, self.plan = plan.key, plan
+        if touch:
+            for array in [*self.views, *self.assembly.values(), *self.sendbufs]:
+                if array is not None:
+                    array.fill(0)  # zero padding must stay zero; filling faults every page in
 
     def stage(self, tensors: dict, plan: StagePlan, step: int) -> int:
         """Copy this save's owned bytes into the files (and pieces into host buffers); return bytes copied.
@@ -277,19 +285,52 @@ class SlotPool:
         self._slots: list[Slot] = []
         self._free: list[Slot] = []
         self._linked: list[Slot] = []
-        self._lock = threading.Lock()
+        self._preparing = 0
+        self._lock = threading.Condition()
         self._lock_fd: int | None = None
 
     def acquire(self) -> Slot | None:
-        """A free slot (creating one while under max_slots), or None: then the save stages into host buffers."""
+        """A free slot (creating one while under max_slots), or None: then the save stages into host buffers.
+
+        While prewarm() prepares a slot and none is free, waits for that one rather than creating another: a
+        second slot would stay allocated for the rest of the run."""
         with self._lock:
+            self._lock.wait_for(lambda: self._free or not self._preparing)
             if self._free:
                 return self._free.pop()
-            if len(self._slots) < self.max_slots:
-                slot = Slot(len(self._slots), None if self.dir is None else self.dir / f"s{len(self._slots)}")
-                self._slots.append(slot)
-                return slot
+            return self._new_slot()
+
+    def _new_slot(self) -> Slot | None:
+        if len(self._slots) >= self.max_slots:
             return None
+        slot = Slot(len(self._slots), None if self.dir is None else self.dir / f"s{len(self._slots)}")
+        self._slots.append(slot)
+        return slot
+
+    def prewarm(self, plan: StagePlan) -> bool:
+        """Make sure the next save finds a slot prepared for `plan`, its memory already faulted in (persist thread,
+        after a save: see Slot.prepare). Prepares a free slot of another plan, or a new one if none is free and
+        the pool may grow; True if it prepared one. Raises OSError (a full memory level): the slot stays free and
+        unprepared, and the next save reports the error as it would have without the prewarm."""
+        with self._lock:
+            if any(s.key == plan.key for s in self._free):
+                return False
+            slot = self._free.pop() if self._free else self._new_slot()
+            if slot is None:
+                return False
+            self._preparing += 1
+        try:
+            self.open()
+            slot.prepare(plan, touch=True)
+        except OSError:
+            slot.close()
+            raise
+        finally:
+            with self._lock:
+                self._preparing -= 1
+                self._free.append(slot)
+                self._lock.notify_all()
+        return True
 
     def release(self, slot: Slot, maybe_linked: bool) -> None:
         """A save is done with the slot; if its files may be linked into a checkpoint, it is free only later."""
@@ -313,7 +354,12 @@ class SlotPool:
                 self._free.append(s)
 
     def open(self) -> None:
-        """Create and lock this process's staging directory; remove those of processes that are gone."""
+        """Create and lock this process's staging directory; remove those of processes that are gone. Called by the
+        stager before each save and by prewarm (the persist thread): the first call does the work, under the lock."""
+        with self._lock:
+            self._open()
+
+    def _open(self) -> None:
         if self._lock_fd is not None or self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,14 @@ class BufferPool:
         with self._cond:
             return len(self.sets) - len(self._free)
 
+    def drop_free_buffers(self) -> None:
+        """Free the buffers of every set no save holds: once saves stage zero-copy into slots they are not used
+        again (a set then only counts a save in flight), and holding them would keep a second copy of the state."""
+        with self._cond:
+            for bufset in self._free:
+                if bufset.buffers:
+                    bufset.drop_buffers()
+
     def release(self, bufset: BufferSet) -> None:
         with self._cond:
             if bufset not in self._free:

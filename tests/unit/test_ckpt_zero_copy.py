@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import uuid
 from pathlib import Path
@@ -283,3 +284,31 @@ def test_disk_levels_stage_checksummed_chunks_in_reused_host_buffers(tmp_path):
     target = make_state(0, "replica", 0, zero=True)
     assert mgr.load(target).step == 6 and matches(target, 6) == []
     mgr.close()
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_the_next_saves_slot_is_prepared_off_the_training_loop(tmp_path, shm, memory):
+    """The first save of a layout stages into host buffers (the chunk plan is agreed in its gather). The persist
+    thread then prepares the slot the next save stages into, pages faulted in, and frees the host buffers: the
+    second save's staging faults in (almost) no memory on the caller's path, and one copy of the state is held.
+    On a memory level the same holds for the slot after that (the first stays linked into its checkpoint)."""
+    root = (shm if memory else tmp_path) / "L"
+    state = {f"t{i}": torch.randn(1 << 18) for i in range(8)}  # 8 MiB in 1 MiB chunks: arrays too small for THP
+    pages = sum(t.numel() * t.element_size() for t in state.values()) // os.sysconf("SC_PAGE_SIZE")
+    mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, True, memory=memory)], chunk_bytes=1 << 20)
+    try:
+        faults = []
+        for step in (1, 2, 3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            mgr.save(step, state)
+            mgr.wait_staged()
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            mgr.wait_durable()
+            stats = mgr.staging_stats()
+            assert stats.host_buffers == 0, f"host buffers kept beside the slots after step {step}: {stats}"
+            assert stats.levels["L"].slots == (min(step, 2) if memory else 1), stats  # memory: two alternate
+        assert max(faults[1:]) < pages // 10, f"saves 2 and 3 faulted in staging memory: {faults} (pages {pages})"
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        assert mgr.load(target).step == 3 and all(torch.equal(target[k], state[k]) for k in state)
+    finally:
+        mgr.close()
