@@ -241,6 +241,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------------- staging slots
 
+    def zero_copy_layout(self, job: WriteJob) -> AgreedLayout | None:
+        """The agreed layout a save of these tensors can stage zero-copy against, or None: nothing agreed yet,
+        tensors off the CPU, or this rank's tensors changed since (then it plans with everyone first)."""
+        agreed = self.agreed
+        if agreed is None or not job.described.all_cpu:
+            return None
+        return agreed if agreed.tensors_digests[self.world.rank] == job.described.tensors_digest else None
+
     def slot_pool(self, level: LevelSpec, agreed: AgreedLayout) -> SlotPool:
         """The zero-copy staging slots of `level` on this rank, created on first use (by the caller's thread in
         save() or by this thread in _prewarm). Files on the level itself when it is node memory every writer of
@@ -268,10 +276,8 @@ class Coordinator:
         which staged into host buffers because the chunk plan is only agreed in its gather (those buffers are
         freed first, so one copy of the state is held, not two), and on memory levels, where the slot of the save
         just committed stays linked into that checkpoint and the next save needs another."""
-        agreed = self.agreed
-        if agreed is None or not job.described.all_cpu:
-            return
-        if agreed.tensors_digests[self.world.rank] != job.described.tensors_digest:
+        agreed = self.zero_copy_layout(job)
+        if agreed is None:
             return
         level = job.levels[0]
         pool = self.slot_pool(level, agreed)

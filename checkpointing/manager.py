@@ -220,11 +220,9 @@ class CheckpointManager:
     def _zero_copy(self, job: WriteJob) -> None:
         """Stage this save straight into its first level's files if that level is node memory, the tensors are on
         the CPU and the layout is the one every rank agreed on last time (so the chunk plan is known)."""
-        level, agreed = job.levels[0], self._coordinator.agreed
-        if agreed is None or not job.described.all_cpu:
+        level, agreed = job.levels[0], self._coordinator.zero_copy_layout(job)
+        if agreed is None:
             return
-        if agreed.tensors_digests[self.rank] != job.described.tensors_digest:
-            return  # this rank's tensors changed: plan with everyone first
         slot = self._coordinator.slot_pool(level, agreed).acquire()
         if slot is None:
             return
