@@ -45,7 +45,10 @@ def assert_each_sample_once(run: Path, steps: int, global_batch: int) -> None:
     by_step = committed_shares(run)
     assert sorted(by_step) == list(range(steps)), f"steps logged: {sorted(by_step)}"
     for step, rows in by_step.items():
-        latest = sorted(rows, key=lambda r: r["time"])[-rows[-1]["world_size"] :]
+        # A step is logged again when the job fell back to an older checkpoint: the newest commit counts. Its size
+        # comes from the newest row by time, not from file order (the order `glob` lists the rank files in).
+        by_time = sorted(rows, key=lambda r: r["time"])
+        latest = by_time[-by_time[-1]["world_size"] :]
         sizes = {r["world_size"] for r in latest}
         ids = sorted(i for r in latest for start, count in r["ranges"] for i in range(start, start + count))
         assert len(sizes) == 1 and ids == list(range(step * global_batch, (step + 1) * global_batch)), (
