@@ -546,8 +546,10 @@ class LaunchConfig:
     replicas: per-step fault tolerance (elastic/ft/): each replica group is its own job, a quorum is formed every
     step, survivors discard only the step in flight and go on at once, a returning replica heals from a live peer."""
     replicas: int = 0
-    """replicas mode, local `ecpt train`: replica groups to start, one worker each; 0 = launch.nproc_per_node x
-    the largest launch.nnodes (one replica per worker the restart mode would start)."""
+    """replicas mode: replica groups in the whole job, one worker each; 0 = launch.nproc_per_node x the largest
+    launch.nnodes (one replica per worker the restart mode would start). A plain `ecpt train` starts them all on
+    this machine; with --node-rank N (a cluster node, or a node joining a running job) it starts this node's share,
+    launch.replicas / nnodes MAX of them, numbered from N x that share."""
     min_replicas: int = 1
     """replicas mode: fewest replicas a step commits with (the quorum coordinator's --min_replicas too)."""
     lighthouse: str = ""
@@ -590,6 +592,11 @@ class LaunchConfig:
             f"({self.replica_groups}); lower launch.min_replicas or raise launch.replicas",
         )
         _require(
+            self.fault_tolerance != "replicas" or self.replica_groups % self.max_nodes == 0,
+            f"launch.replicas ({self.replicas}) must be a multiple of launch.nnodes MAX ({self.max_nodes}): every "
+            f"node starts the same number of replica groups",
+        )
+        _require(
             not self.lighthouse or self.lighthouse.startswith(("http://", "https://")),
             f"launch.lighthouse must be an http://host:port address (or empty), got {self.lighthouse!r}",
         )
@@ -618,6 +625,11 @@ class LaunchConfig:
     def replica_groups(self) -> int:
         """Replica groups a local `ecpt train` starts in replicas mode (launch.replicas, or one per worker)."""
         return self.replicas or self.nproc_per_node * self.max_nodes
+
+    @property
+    def replica_groups_per_node(self) -> int:
+        """Replica groups each node of a cluster job starts (``ecpt train --node-rank``) in replicas mode."""
+        return max(1, self.replica_groups // self.max_nodes)
 
 
 @dataclass

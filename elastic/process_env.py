@@ -7,6 +7,7 @@ Kept apart from ``elastic.world`` (which imports torch) because the launcher rea
 from __future__ import annotations
 
 import os
+import socket
 
 NODE_ID_ENV = "ECPT_NODE_ID"
 """This node's identity, set per agent by ``ecpt train --node-id`` (several simulated nodes on one machine);
@@ -29,5 +30,16 @@ to the quorum coordinator, in logs and in fault plans ('kill rank 1' kills repli
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 """replicas mode: the quorum coordinator's address (torchft's own variable name), set by the launcher."""
 SHARED_MACHINE_ENV = "ECPT_REPLICAS_SHARE_MACHINE"
-"""replicas mode: set by the local launcher when every replica runs on this one machine, so a replica sizes its
-torch threads to the cores per replica (each one-worker replica would otherwise take every core)."""
+"""replicas mode: how many replica groups the launcher started on this machine (unset when train.threads_per_worker
+is set), so a replica sizes its torch threads to the cores per replica (each one-worker replica would otherwise
+take every core)."""
+ADVERTISE_HOST_ENV = "ECPT_ADVERTISE_HOST"
+"""replicas mode: the host name or address other replica groups reach this one at (its store for the cross-replica
+process group, its quorum manager and its heal server). The local launcher sets 127.0.0.1; on a cluster it is the
+node's hostname unless set (on Kubernetes, the pod IP: a pod's own hostname does not resolve in other pods)."""
+
+
+def advertise_host(env: dict[str, str] | None = None) -> str:
+    """Where peers reach this replica group: ``ECPT_ADVERTISE_HOST`` if the launcher set it, else the hostname."""
+    env = os.environ if env is None else env
+    return env.get(ADVERTISE_HOST_ENV) or socket.gethostname()

@@ -60,7 +60,7 @@ def slurm_spec(args: argparse.Namespace) -> tuple[LaunchSpec, SlurmOptions]:
         run_dir=args.run_dir or "",
         metrics_host="0.0.0.0" if args.nodes > 1 else "",
     )
-    cfg = load_with_shape(args.config, args.overrides, shape)
+    cfg = load_with_shape(args.config, args.overrides, shape, "slurm")
     cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())
     spec = LaunchSpec(
         cfg=cfg,
@@ -116,7 +116,7 @@ def cmd_mpi(args: argparse.Namespace) -> int:
         run_dir=args.run_dir or "",
         metrics_host="0.0.0.0" if args.hostfile else "",
     )
-    cfg = load_with_shape(args.config, args.overrides, shape)
+    cfg = load_with_shape(args.config, args.overrides, shape, "mpi")
     mpiexec = find_mpiexec(opts.mpiexec)
     flavour = mpi_flavour(mpiexec)
     config_json = prepare_run(cfg)
@@ -166,7 +166,7 @@ def k8s_spec(args: argparse.Namespace) -> tuple[LaunchSpec, K8sOptions]:
         metrics_host="0.0.0.0",
         metrics_port=args.metrics_port,
     )
-    cfg = load_with_shape(args.config, args.overrides, shape)
+    cfg = load_with_shape(args.config, args.overrides, shape, "k8s")
     spec = LaunchSpec(
         cfg=cfg, config_json="/etc/ecpt/config.json", job_name=_job_name(args), gpus_per_node=args.gpus_per_node
     )

@@ -1,7 +1,7 @@
 """``ecpt lighthouse``: torchft's quorum coordinator (the Lighthouse, Rust, shipped in the torchft wheel).
 
 Replicas-mode jobs ask it for a quorum at every step. ``ecpt train`` starts one for a local run
-(``launch.replicas_local``); on a cluster run it on a host that outlives the training nodes and point
+(``launch.replicas_node``); on a cluster run it on a host that outlives the training nodes and point
 ``launch.lighthouse`` (or TORCHFT_LIGHTHOUSE) at it. Losing it stops the job with a clear error (README,
 "Replicas mode"); the replicas' checkpoints are unaffected and a restart resumes from them.
 """

@@ -9,6 +9,12 @@ The script is what an experienced Slurm user would write by hand:
   requeues the job (``--requeue``); the rerun sees SLURM_RESTART_COUNT and resumes from the newest checkpoint.
 - The torchrun agents ignore USR1 (``trap '' USR1`` before ``exec``): Slurm signals every process of the step,
   and an agent killed by USR1's default action would take its workers down before they could checkpoint.
+
+In replicas mode (``launch.fault_tolerance = "replicas"``) the batch shell also starts the quorum coordinator
+(``ecpt lighthouse``) on the first node, and srun runs ``python -m launch.replicas_node`` on every node instead of one
+agent: each node starts its share of the replica groups (one torchrun agent per replica group, node rank from
+SLURM_NODEID). A node that fails leaves the quorum and the others go on at the next step; the coordinator lives as
+long as the batch shell, like the c10d rendezvous of the restart mode lives on the first node.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +32,14 @@ from launch.spec import LaunchSpec
 
 RDZV_PLACEHOLDER = "@ECPT_RDZV_ENDPOINT@"
 RUN_ID_PLACEHOLDER = "@ECPT_RUN_ID@"
-_SHELL_VALUES = {RDZV_PLACEHOLDER: "${rdzv_host}:${rdzv_port}", RUN_ID_PLACEHOLDER: "${SLURM_JOB_ID}"}
+LIGHTHOUSE_PLACEHOLDER = "@ECPT_LIGHTHOUSE@"
+_SHELL_VALUES = {
+    RDZV_PLACEHOLDER: "${rdzv_host}:${rdzv_port}",
+    RUN_ID_PLACEHOLDER: "${SLURM_JOB_ID}",
+    LIGHTHOUSE_PLACEHOLDER: "http://${rdzv_host}:${lighthouse_port}",
+}
+LIGHTHOUSE_PORT_BASE = 29510
+"""The coordinator listens on LIGHTHOUSE_PORT_BASE + job id % 1000, so jobs sharing a node do not collide."""
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -99,8 +113,42 @@ def _command_lines(cmd: list[str]) -> list[str]:
 
 
 def agent_command(spec: LaunchSpec) -> list[str]:
-    """The same torchrun command line as ``ecpt train``, with the rendezvous and run id left to the shell."""
+    """What srun runs on every node: the same torchrun command line as ``ecpt train``, with the rendezvous and run
+    id left to the shell; in replicas mode, the node's replica groups against the job's coordinator."""
+    if spec.replicas:
+        return [
+            sys.executable,
+            "-m",
+            "launch.replicas_node",
+            f"--config={spec.config_json}",
+            f"--lighthouse={LIGHTHOUSE_PLACEHOLDER}",
+        ]
     return torchrun_command(spec.cfg, Path(spec.config_json), RDZV_PLACEHOLDER, run_id=RUN_ID_PLACEHOLDER)
+
+
+def _lighthouse_lines(spec: LaunchSpec) -> str:
+    """Replicas mode: the coordinator in the background of the batch shell (first node), up before srun starts."""
+    if not spec.replicas:
+        return ""
+    launch = spec.cfg.launch
+    address_file = spec.run_dir / "lighthouse-${SLURM_JOB_ID}.json"
+    return f"""
+# replicas mode: the quorum coordinator on this (the first) node, for as long as the job runs.
+lighthouse_port=$(({LIGHTHOUSE_PORT_BASE} + SLURM_JOB_ID % 1000))
+lighthouse_file="{address_file}"
+rm -f "$lighthouse_file"
+RUST_LOG=${{RUST_LOG:-warn}} {shlex.quote(sys.executable)} -m launch.lighthouse lighthouse --host=0.0.0.0 \\
+    --port="$lighthouse_port" --min-replicas={launch.min_replicas} \\
+    --heartbeat-timeout-ms={launch.ft_heartbeat_timeout_ms} --join-timeout-ms={launch.ft_join_timeout_ms} \\
+    --address-file="$lighthouse_file" &
+lighthouse=$!
+for _ in $(seq 600); do [ -s "$lighthouse_file" ] || ! kill -0 "$lighthouse" 2>/dev/null && break; sleep 0.1; done
+if [ ! -s "$lighthouse_file" ]; then
+    echo "ecpt: the quorum coordinator did not start (port $lighthouse_port); see the lines above" >&2
+    exit 1
+fi
+trap 'kill "$lighthouse" 2>/dev/null' EXIT
+"""
 
 
 def _directives(spec: LaunchSpec, opts: SlurmOptions) -> list[str]:
@@ -119,8 +167,8 @@ def _directives(spec: LaunchSpec, opts: SlurmOptions) -> list[str]:
         f"--signal=B:USR1@{opts.signal_seconds}",
         "--requeue",
     ]
-    if spec.elastic:
-        lines.append("--no-kill")  # a failed node must not end the allocation: the agents continue with MIN nodes
+    if spec.elastic or spec.replicas:
+        lines.append("--no-kill")  # a failed node must not end the allocation: the others continue without it
     return [f"#SBATCH {line}" for line in lines + list(opts.extra_sbatch)]
 
 
@@ -133,7 +181,7 @@ def _srun_line(spec: LaunchSpec) -> str:
     ]
     if spec.gpus_per_node:
         flags.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.elastic:
+    if spec.elastic or spec.replicas:
         flags.append("--no-kill")
     agent = " \\\n        ".join(_command_lines(agent_command(spec)))
     return f'srun {" ".join(flags)} \\\n    bash -c \'trap "" USR1; exec "$@"\' ecpt-agent \\\n        {agent} &'
@@ -152,8 +200,13 @@ def render_sbatch(spec: LaunchSpec, opts: SlurmOptions) -> str:
     n = spec.nproc_per_node
     devices = f"{spec.gpus_per_node} GPU(s) per node" if spec.gpus_per_node else "CPU nodes"
     backend = f"{devices}, {spec.backend}"
+    if spec.replicas:
+        per_node = spec.cfg.launch.replica_groups_per_node
+        shape = f"{spec.max_nodes} nodes, {per_node} replica groups of one worker per node (replicas mode)"
+    else:
+        shape = f"{spec.nnodes} nodes (torchrun --nnodes), {n} workers per node"
     body = f"""#!/bin/bash
-# ecpt training job rendered by `ecpt launch slurm`: {spec.nnodes} nodes (torchrun --nnodes), {n} workers per node,
+# ecpt training job rendered by `ecpt launch slurm`: {shape},
 # {backend}. Resolved config: {spec.config_json}
 {chr(10).join(_directives(spec, opts))}
 
@@ -167,7 +220,7 @@ rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
 cpus=${{SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}}
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( cpus / {n} > 0 ? cpus / {n} : 1 ))}}
-
+{_lighthouse_lines(spec)}
 # USR1 arrives {opts.signal_seconds} s before the time limit (or on preemption): pass it to every process of the step;
 # the workers checkpoint and stop at the next step boundary, then the job is requeued and resumes.
 stop_requested=0

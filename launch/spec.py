@@ -18,6 +18,8 @@ DEFAULT_RDZV_PORT = 29400
 """torchrun's default c10d port; used when launch.rdzv_endpoint leaves the port at 0."""
 DEFAULT_METRICS_PORT = 9400
 """Base port of the workers' metrics endpoints where a fixed port is needed (scrape annotations, static targets)."""
+REPLICAS_BACKENDS = ("slurm", "k8s")
+"""The cluster launches that can run launch.fault_tolerance = "replicas" (one replica-group launcher per node)."""
 JOB_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
 
 
@@ -84,6 +86,11 @@ class LaunchSpec:
         return self.min_nodes < self.max_nodes
 
     @property
+    def replicas(self) -> bool:
+        """launch.fault_tolerance = "replicas": every node runs its replica groups against one coordinator."""
+        return self.cfg.launch.fault_tolerance == "replicas"
+
+    @property
     def nproc_per_node(self) -> int:
         return self.cfg.launch.nproc_per_node
 
@@ -133,14 +140,13 @@ def shape_overrides(cfg: Config, shape: JobShape) -> list[str]:
     return out
 
 
-def load_with_shape(config: str | None, overrides: list[str], shape: JobShape) -> Config:
+def load_with_shape(config: str | None, overrides: list[str], shape: JobShape, backend: str) -> Config:
     """Load the config, apply the user's --set overrides, then the job shape (which wins), and validate."""
     base = load_config(config, overrides)
-    if base.launch.fault_tolerance == "replicas":
+    if base.launch.fault_tolerance == "replicas" and backend not in REPLICAS_BACKENDS:
         raise ConfigError(
-            'launch.fault_tolerance = "replicas" is supported by `ecpt train` on one machine only: `ecpt launch` does '
-            "not render one job per replica group yet. Use the restart mode on clusters, or start `ecpt lighthouse` "
-            "and one `ecpt train` per replica group yourself is not supported either (replica indices are assigned "
-            "by the local launcher)"
+            f'launch.fault_tolerance = "replicas" is not supported by `ecpt launch {backend}`: mpirun starts every '
+            f"worker as one job, so one failure ends them all. Use `ecpt launch slurm` or `ecpt launch k8s`, or the "
+            f'restart mode (launch.fault_tolerance = "restart") with {backend}'
         )
     return load_config(config, [*overrides, *shape_overrides(base, shape)])

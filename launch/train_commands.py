@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from elastic.config import Config, load_config, save_config
+from elastic.config import Config, ConfigError, load_config, save_config
 from elastic.data import build_corpus
 from elastic.metrics import read_jsonl
 from elastic.process_env import NODE_ID_ENV
@@ -58,13 +58,22 @@ def train_on_this_machine(
     except CheckpointError as e:
         print(f"ecpt train: checkpoint.l2_dir = {cfg.checkpoint.l2_dir!r}: {e}", file=sys.stderr)
         return 2
+    sharing = 0
+    if cfg.launch.fault_tolerance == "replicas":
+        from launch.replicas_node import replica_indices
+
+        try:  # before the corpus is built: a wrong node rank or a missing coordinator is a config error
+            sharing = len(replica_indices(cfg, node_rank))  # the replica groups on this machine
+        except ConfigError as e:
+            print(f"ecpt train: {e}", file=sys.stderr)
+            return 2
     config_json = prepare_run(cfg)
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
     if cfg.launch.fault_tolerance == "replicas":
-        from launch.replicas_local import train_replicas
+        from launch.replicas_node import train_replicas
 
-        threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.replica_groups)
-        code = train_replicas(cfg, config_json, node_id, threads)
+        threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // sharing)
+        code = train_replicas(cfg, config_json, node_id, threads, node_rank)
         return _finish(cfg, code)
     endpoint = resolve_endpoint(cfg)
     print(

@@ -38,7 +38,7 @@ from elastic.ft.metrics import ReplicaMetrics
 from elastic.ft.partial import EarlyOrphans, PartialStep, QuorumRecorder, Retry, ReuseSteps
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
 from elastic.ft.transport import SafeHTTPTransport
-from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
+from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV, advertise_host
 
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)
 START_POLL_SECONDS = 0.1
@@ -111,8 +111,10 @@ class ReplicaStepper(ReuseSteps):
         # warned at every reconfiguration on CPU, where there is no NCCL flight recorder to reset
         logging.getLogger("torchft.manager").addFilter(lambda r: "flight recorder" not in r.getMessage())
         timeout = timedelta(seconds=launch.ft_timeout_s)
-        # the replica group's own store (a group of one worker: torchrun's store is not shared with workers)
-        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        # the replica group's own store (a group of one worker: torchrun's store is not shared with workers); the
+        # cross-replica process group meets on the quorum leader's, so peers on other nodes reach it at `host`
+        host = advertise_host()
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
         self.tensors = trainer.checkpoints.tensors if trainer.checkpoints else trainer.engine.checkpoint_tensors()
         self.params = [p for p in trainer.model.parameters()]
         self.metrics = ReplicaMetrics(registry, self.index)
@@ -133,12 +135,13 @@ class ReplicaStepper(ReuseSteps):
             connect_timeout=timedelta(seconds=launch.ft_connect_timeout_s),
             rank=0,
             world_size=1,
-            store_addr="127.0.0.1",
+            store_addr=host,
             store_port=self.store.port,
+            hostname=host,
             lighthouse_addr=lighthouse_address(trainer.cfg),
             replica_id=f"replica-{self.index:04d}",  # the quorum orders replicas by id: fixed-width sorts by index
             heartbeat_interval=HEARTBEAT_INTERVAL,
-            checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
+            checkpoint_transport=SafeHTTPTransport(host, timeout=timeout, num_chunks=0),
             init_sync=False,  # every replica initialises identically from train.seed
         )
         # the quorum's members by replica id (QuorumResult.replica_ids), which the Manager does not keep: wrap the
@@ -154,11 +157,12 @@ class ReplicaStepper(ReuseSteps):
         self.quorum_changed = False
         self.progress = ProgressMark(Path(trainer.run_dir) / "replicas" / "progress.json")
         self.finished_elsewhere = False
-        if os.environ.get(SHARED_MACHINE_ENV) == "1":
-            # all replicas on this machine: the cores divided among them, once (each one-worker replica would
-            # otherwise take all cores: 2 replicas on 2 cores ran 3-9 s steps instead of ~1 s here). Not resized
-            # when the quorum shrinks: a survivor switched to 2 threads mid-run measured 6 s steps, unexplained.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.replica_groups))
+        sharing = int(os.environ.get(SHARED_MACHINE_ENV) or 0)
+        if sharing:
+            # replicas on one machine: its cores divided among them, once (each one-worker replica would otherwise
+            # take all cores: 2 replicas on 2 cores ran 3-9 s steps instead of ~1 s here). Not resized when the
+            # quorum shrinks: a survivor switched to 2 threads mid-run measured 6 s steps, unexplained.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
 
     # ------------------------------------------------------------------------------------------------ healing
 
@@ -175,7 +179,15 @@ class ReplicaStepper(ReuseSteps):
     def _quorum(self) -> None:
         self.quorum_started = time.perf_counter()
         self.heal = None
-        self.manager.start_quorum()  # raises when no quorum forms in launch.ft_quorum_timeout_s
+        try:
+            self.manager.start_quorum()  # raises when no quorum forms in launch.ft_quorum_timeout_s
+        except (RuntimeError, TimeoutError) as e:
+            launch = self.t.cfg.launch
+            raise RuntimeError(
+                f"replica {self.index}: no quorum from the coordinator at {lighthouse_address(self.t.cfg)} within "
+                f"launch.ft_quorum_timeout_s ({launch.ft_quorum_timeout_s:g} s; launch.min_replicas "
+                f"{launch.min_replicas}): is `ecpt lighthouse` running there and reachable from this node? ({e})"
+            ) from e
         rank = self.manager.participating_rank()
         if rank is None:
             raise RuntimeError("this replica is not a participant of its quorum (torchft spare mode is not used)")

@@ -19,7 +19,16 @@ log = logging.getLogger("ecpt")
 
 
 class SafeHTTPTransport(HTTPTransport):
-    """``HTTPTransport`` whose receiver refuses anything but tensors and plain containers."""
+    """``HTTPTransport`` whose receiver refuses anything but tensors and plain containers, and whose address names
+    ``host`` (torchft's names ``socket.gethostname()``, which other pods of a Kubernetes job cannot resolve)."""
+
+    def __init__(self, host: str, **kwargs) -> None:
+        self.host = host  # before the base class starts its server and logs address()
+        super().__init__(**kwargs)
+
+    def address(self) -> str:
+        port = self._server.socket.getsockname()[1]
+        return f"http://{self.host}:{port}/checkpoint/"
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:

@@ -5,7 +5,8 @@ What each test proves: survivors keep training at the exact global batch with no
 digests of the replicas equal at the end), a survivor of a mid-step kill keeps its own part of the step and
 computes only the departed replica's samples, every sample is used once, losses track an uninterrupted run, a
 returning replica heals from a live peer (not from disk), a frozen replica is excluded and then healed, a lost
-coordinator stops the job with a clear error, and losing every replica falls back to checkpoints.
+coordinator stops the job with a clear error, losing every replica falls back to checkpoints, and a node started
+while the job runs (a cluster node, against a standalone coordinator) joins at a step boundary and heals from a peer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import pytest
 
 from support.processes import check_ok, ecpt_train, start_ecpt_train
-from support.replicas import assert_each_sample_once, replica_ends, replicas_config
+from support.replicas import assert_each_sample_once, replica_ends, replicas_config, start_lighthouse
 from support.trajectory import final_losses, step_rows
 from support.waiting import wait_for
 
@@ -43,10 +44,10 @@ def clean_losses(text_corpus, tmp_path_factory) -> dict[int, float]:
     return final_losses(run)
 
 
-def _assert_replicas_agree(run) -> dict[int, dict]:
+def _assert_replicas_agree(run, steps: int = STEPS) -> dict[int, dict]:
     ends = replica_ends(run)
     assert sorted(ends) == [0, 1], ends
-    assert {e["step"] for e in ends.values()} == {STEPS}, ends
+    assert {e["step"] for e in ends.values()} == {steps}, ends
     assert ends[0]["digest"] == ends[1]["digest"], "replicas ended with different parameters or optimizer state"
     return ends
 
@@ -172,3 +173,79 @@ def test_every_replica_lost_falls_back_to_checkpoints(tiny_raw, tmp_path):
     assert restored and 3 <= restored[0] <= 7, restored
     _assert_replicas_agree(run)
     assert_each_sample_once(run, STEPS, G)
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT)
+def test_a_node_started_later_joins_the_running_job_and_heals_from_a_peer(tiny_raw, tmp_path):
+    """Two cluster nodes of one replica group each (launch.nnodes 1:2) against a standalone `ecpt lighthouse`, as
+    `ecpt launch slurm` or k8s run them: node 0 trains alone; node 1, started once node 0 has committed steps,
+    joins at a step boundary, heals from replica 0 (reading nothing from disk), and both finish identical with
+    every sample used once. 180 steps: node 0 alone would take ~25 s, longer than node 1's start-up (~15 s)."""
+    per_phase = 60
+    lighthouse, address = start_lighthouse(tmp_path)
+    run = tmp_path / "run"
+    raw = copy.deepcopy(tiny_raw)
+    raw["train"]["threads_per_worker"] = 1  # two "nodes" on this machine's 2 cores
+    config = replicas_config(
+        raw, tmp_path, steps_per_phase=per_phase, replicas=2, nnodes="1:2", lighthouse=address, ft_start_timeout_s=1.0
+    )
+    loopback = {"ECPT_ADVERTISE_HOST": "127.0.0.1"}  # a cluster node advertises its hostname; here: loopback only
+    nodes = []
+    try:
+        nodes.append(
+            start_ecpt_train(
+                config,
+                "--run-dir",
+                str(run),
+                "--node-rank",
+                "0",
+                "--node-id",
+                "a",
+                log=tmp_path / "node0.log",
+                env=loopback,
+            )
+        )
+        wait_for(lambda: len(step_rows(run)) >= 2, 120, "node 0 training alone", proc=nodes[0])
+        assert {r["world_size"] for r in step_rows(run)} == {1}
+        nodes.append(
+            start_ecpt_train(
+                config,
+                "--run-dir",
+                str(run),
+                "--node-rank",
+                "1",
+                "--node-id",
+                "b",
+                log=tmp_path / "node1.log",
+                env=loopback,
+            )
+        )
+        codes = [p.wait(timeout=RUN_TIMEOUT) for p in nodes]
+    finally:
+        for p in [*nodes, lighthouse]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "replica groups 1..1 of one worker on node rank 1" in logs[1], logs[1][-3000:]
+    assert "healed from live peer replica 0" in logs[1] and "read nothing from disk" in logs[1], logs[1][-3000:]
+    rows = step_rows(run)
+    joined = min(r["step"] for r in rows if r["world_size"] == 2)
+    assert joined > 2 and {r["world_size"] for r in rows if r["step"] >= joined} == {2}, rows
+    ends = _assert_replicas_agree(run, 3 * per_phase)
+    assert ends[1]["heals"][0]["source_replica"] == 0, ends[1]
+    assert_each_sample_once(run, 3 * per_phase, G)
+
+
+def test_a_node_rank_needs_the_jobs_coordinator(tiny_raw, tmp_path):
+    """A node rank joins an existing job: without launch.lighthouse, or beyond nnodes MAX, it is a config error
+    before any process starts."""
+    from support.processes import run_ecpt
+
+    config = replicas_config(tiny_raw, tmp_path, replicas=2, nnodes="1:2")
+    result = run_ecpt(["train", "--config", str(config), "--run-dir", str(tmp_path / "r"), "--node-rank", "1"])
+    assert result.returncode == 2 and "set launch.lighthouse" in result.stderr, result.stderr
+    config = replicas_config(tiny_raw, tmp_path, replicas=2, nnodes="1:2", lighthouse="http://127.0.0.1:9")
+    result = run_ecpt(["train", "--config", str(config), "--run-dir", str(tmp_path / "r"), "--node-rank", "2"])
+    assert result.returncode == 2 and "outside launch.nnodes '1:2'" in result.stderr, result.stderr
+    assert not (tmp_path / "r" / "config.json").exists(), "the run started before the error"

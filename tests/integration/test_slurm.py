@@ -189,3 +189,48 @@ def test_submitted_job_trains_checkpoints_on_usr1_requeues_and_resumes(slurm_clu
         f"slurm: stopped at step {stopped_at}, checkpoint {saved}, rerun started {requeued_after:.1f} s after "
         f"USR1, whole test {time.monotonic() - started:.1f} s"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER + 120 + 240 + 2 * CLIENT_TIMEOUT + MARGIN)
+def test_replicas_mode_job_survives_a_killed_replica_and_heals_it(slurm_cluster, tiny_raw, tmp_path):
+    """`ecpt launch slurm --submit` in replicas mode on the one-node cluster: the batch shell starts the quorum
+    coordinator, srun starts the node's two replica groups (`launch.replicas_node`, node rank from SLURM_NODEID);
+    replica 1 is killed mid-step, replica 0 goes on alone, replica 1's agent restarts it and it heals from replica 0;
+    the job completes with both replicas identical and every sample used once."""
+    from support.replicas import assert_each_sample_once, replica_ends, replicas_config
+
+    steps = 3 * 20
+    config = replicas_config(tiny_raw, tmp_path, steps_per_phase=20)
+    run_dir = tmp_path / "run"
+    submit = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "launch", "slurm", "--config", str(config), "--run-dir", str(run_dir)]
+        + ["--nodes", "1", "--gpus-per-node", "0", "--time", "10", "--job-name", "ecpt-slurm-replicas", "--submit"]
+        + ["--set", 'faults.plan=["kill rank 1 during step 5"]'],
+        cwd=REPO,
+        env={**slurm_cluster.env, "ECPT_ADVERTISE_HOST": "127.0.0.1"},  # replicas meet on the loopback here
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"submitted batch job (\d+)", submit.stdout).group(1)
+    out_file = run_dir / f"slurm-{job_id}.out"
+
+    def output() -> str:
+        return out_file.read_text() if out_file.exists() else ""
+
+    wait_for(
+        lambda: slurm_cluster.job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+        240,
+        f"the replicas-mode job to end:\n{output()}",
+        interval=SLURM_POLL,
+    )
+    final = slurm_cluster.job(job_id)
+    text = output()
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", (final, text[-4000:])
+    assert "replica groups 0..1 of one worker on node rank 0" in text, text[-4000:]
+    assert "step 5 discarded" in text and "healed from live peer replica 0" in text, text[-4000:]
+    ends = replica_ends(run_dir)
+    assert ends[0]["step"] == ends[1]["step"] == steps and ends[0]["digest"] == ends[1]["digest"], ends
+    assert_each_sample_once(run_dir, steps, 6)

@@ -102,12 +102,15 @@ def ecpt_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "launch.cli", *args]
 
 
-def start_ecpt_train(config: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+def start_ecpt_train(
+    config: Path, *extra: str, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`ecpt train --config config extra...` in the background, in a session of its own (so a test can kill the
-    launcher, agent and workers as one group); output goes to ``log``, or nowhere."""
+    launcher, agent and workers as one group); output goes to ``log``, or nowhere; ``env`` adds variables."""
     return subprocess.Popen(
         ecpt_command(["train", "--config", str(config), *extra]),
         cwd=REPO,
+        env={**os.environ, **(env or {})},
         stdout=open(log, "w") if log else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         start_new_session=True,

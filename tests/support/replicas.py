@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 from support.configs import recovery_config
+from support.processes import REPO, ecpt_command
+from support.waiting import wait_for
 
 
 def replicas_config(raw: dict, tmp_path: Path, steps_per_phase: int = 5, **launch) -> Path:
@@ -54,3 +57,23 @@ def assert_each_sample_once(run: Path, steps: int, global_batch: int) -> None:
         assert len(sizes) == 1 and ids == list(range(step * global_batch, (step + 1) * global_batch)), (
             f"step {step}: shares {latest}"
         )
+
+
+def start_lighthouse(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """A standalone `ecpt lighthouse` on 127.0.0.1 (as a cluster runs it), heartbeat timeout 500 ms; (process,
+    address) once it listens. The caller stops it."""
+    from elastic.world import free_port
+
+    address_file = tmp_path / "lighthouse.json"
+    proc = subprocess.Popen(
+        ecpt_command(
+            ["lighthouse", "--host=127.0.0.1", f"--port={free_port()}", f"--address-file={address_file}"]
+            + ["--heartbeat-timeout-ms=500"]
+        ),
+        cwd=REPO,
+        stdout=open(tmp_path / "lighthouse.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for(address_file.exists, 60, "the lighthouse to listen", proc=proc)
+    return proc, json.loads(address_file.read_text())["address"]

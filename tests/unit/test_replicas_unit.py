@@ -47,8 +47,11 @@ def test_kill_coordinator_is_a_fault_sentence():
 
 def _round_trip(state: dict) -> dict:
     timeout = timedelta(seconds=10)
-    sender, receiver = SafeHTTPTransport(timeout, num_chunks=0), SafeHTTPTransport(timeout, num_chunks=0)
+    sender = SafeHTTPTransport("127.0.0.1", timeout=timeout, num_chunks=0)
+    receiver = SafeHTTPTransport("127.0.0.1", timeout=timeout, num_chunks=0)
     try:
+        # the address names the host the launcher told it (ECPT_ADVERTISE_HOST), not this machine's hostname
+        assert sender.metadata().startswith("http://127.0.0.1:"), sender.metadata()
         sender.send_checkpoint(dst_ranks=[1], step=7, state_dict=state, timeout=timeout)
         return receiver.recv_checkpoint(src_rank=0, metadata=sender.metadata(), step=7, timeout=timeout)
     finally:

@@ -1,17 +1,28 @@
-"""``ecpt train`` in replicas mode on this machine: the quorum coordinator plus one agent per replica group.
+"""Replicas mode on one machine or one cluster node: its replica groups' agents, plus the quorum coordinator when
+the run has none.
 
 Each replica group (here: one worker) is its own torchrun job with its own agent and rendezvous, so a failure
 restarts only that replica (its agent's ``--max-restarts``) while the others keep training; the restarted worker
 heals from a live peer (``elastic.ft.replica``). Every agent gets the replica's fixed index, the coordinator's
 address and its own node id, so each replica has its own L0 memory directory.
 
-The coordinator (``launch.lighthouse``, a child process) is watched: if it dies, no replica can form a quorum,
-so the job stops at once with an error that says so (the replicas would otherwise wait up to
-``launch.ft_quorum_timeout_s``). Checkpoints already written are untouched and a rerun resumes from them.
+Two ways in:
+* ``ecpt train`` (no node rank): every replica group of the job on this machine, indices 0..launch.replicas-1,
+  and a coordinator (``launch.lighthouse``, a watched child) unless launch.lighthouse names one. If the child dies
+  no replica can form a quorum, so the job stops at once with an error that says so (the replicas would otherwise
+  wait up to ``launch.ft_quorum_timeout_s``). Checkpoints already written are untouched and a rerun resumes.
+* a node rank N (``ecpt train --node-rank N``, or ``python -m launch.replicas_node`` in the Slurm and Kubernetes
+  jobs, which read N from SLURM_NODEID or JOB_COMPLETION_INDEX): this node's share of the replica groups,
+  ``launch.replica_groups_per_node`` of them numbered from N x that share, against the coordinator
+  launch.lighthouse names. A node started while the job runs (a replacement, or one more up to nnodes MAX) joins
+  at a step boundary and heals from a live peer. Its replicas advertise the node's hostname to their peers
+  (ECPT_ADVERTISE_HOST overrides it: the pod IP on Kubernetes). Losing the coordinator then shows as replicas
+  failing to form a quorum within ``launch.ft_quorum_timeout_s``, with an error that names its address.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -21,9 +32,15 @@ import sys
 import time
 from pathlib import Path
 
-from elastic.config import Config
+from elastic.config import Config, ConfigError, load_config
 from elastic.faults import COORDINATOR_FILE
-from elastic.process_env import LIGHTHOUSE_ENV, NODE_ID_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV
+from elastic.process_env import (
+    ADVERTISE_HOST_ENV,
+    LIGHTHOUSE_ENV,
+    NODE_ID_ENV,
+    REPLICA_INDEX_ENV,
+    SHARED_MACHINE_ENV,
+)
 from elastic.world import free_port
 from launch.local import AGENT_ENV, _terminate_with_parent, torchrun_command
 
@@ -31,6 +48,9 @@ COORDINATOR_LOST_EXIT = 3
 LIGHTHOUSE_FILE = COORDINATOR_FILE
 """``<run_dir>/lighthouse.json``: the coordinator's address and pid (for fault plans, ``ecpt chaos`` and tests)."""
 STOP_GRACE_SECONDS = 10.0
+NODE_RANK_ENVS = ("SLURM_NODEID", "JOB_COMPLETION_INDEX")
+"""Where a cluster node finds its rank when none is given: Slurm's node index in the allocation, and the index of a
+Kubernetes Indexed Job's pod."""
 
 
 def start_lighthouse(cfg: Config, run_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -86,18 +106,46 @@ def _stop(procs: list[subprocess.Popen], grace: float = STOP_GRACE_SECONDS) -> N
             p.wait()
 
 
-def train_replicas(cfg: Config, config_json: Path, node_id: str | None, threads: int) -> int:
-    """Run the coordinator (unless launch.lighthouse names one) and every replica's agent; the exit code."""
+def replica_indices(cfg: Config, node_rank: int | None) -> range:
+    """The replica groups this launcher starts: all of them, or node ``node_rank``'s share."""
+    launch = cfg.launch
+    if node_rank is None:
+        return range(launch.replica_groups)
+    if not launch.lighthouse:
+        raise ConfigError(
+            f"node rank {node_rank} in replicas mode joins a job's coordinator: set launch.lighthouse to the "
+            f"http://host:port of its `ecpt lighthouse` (only a run without a node rank starts its own)"
+        )
+    if not 0 <= node_rank < launch.max_nodes:
+        raise ConfigError(
+            f"node rank {node_rank} is outside launch.nnodes {launch.nnodes!r} (ranks 0..{launch.max_nodes - 1}): "
+            f"raise nnodes MAX so the global batch is validated for every replica group that can join"
+        )
+    per_node = launch.replica_groups_per_node
+    return range(node_rank * per_node, (node_rank + 1) * per_node)
+
+
+def train_replicas(
+    cfg: Config, config_json: Path, node_id: str | None, threads: int, node_rank: int | None = None
+) -> int:
+    """Run this machine's replica groups (and the coordinator unless launch.lighthouse names one); the exit code."""
     run_dir = Path(cfg.train.run_dir)
+    indices = replica_indices(cfg, node_rank)
     lighthouse, address = None, cfg.launch.lighthouse
     if not address:
         lighthouse, address = start_lighthouse(cfg, run_dir)
-    count = cfg.launch.replica_groups
-    print(f"replicas mode: {count} replica groups of one worker, quorum coordinator at {address}", flush=True)
+    where = "this machine" if node_rank is None else f"node rank {node_rank}"
+    print(
+        f"replicas mode: replica groups {indices.start}..{indices.stop - 1} of one worker on {where}, quorum "
+        f"coordinator at {address}",
+        flush=True,
+    )
     node = node_id or os.uname().nodename
     env = {"OMP_NUM_THREADS": str(threads), "RUST_LOG": "warn", **os.environ, **AGENT_ENV, LIGHTHOUSE_ENV: address}
+    if node_rank is None:
+        env[ADVERTISE_HOST_ENV] = "127.0.0.1"  # every replica is on this machine: peers meet on the loopback
     if not cfg.train.threads_per_worker:
-        env[SHARED_MACHINE_ENV] = "1"  # every replica is on this machine: they share its cores
+        env[SHARED_MACHINE_ENV] = str(len(indices))  # the replicas on this machine share its cores
     env.setdefault("PYTHONUNBUFFERED", "1")
     agents = [
         subprocess.Popen(
@@ -106,7 +154,7 @@ def train_replicas(cfg: Config, config_json: Path, node_id: str | None, threads:
             start_new_session=True,
             preexec_fn=_terminate_with_parent,
         )
-        for i in range(count)
+        for i in indices
     ]
     stop_signal: list[int] = []
 
@@ -143,3 +191,34 @@ def train_replicas(cfg: Config, config_json: Path, node_id: str | None, threads:
         failed = {i: c for i, c in enumerate(codes) if c != 0}
         print(f"replicas {finished} finished the run; replicas that failed for good (exit codes): {failed}")
     return 0 if finished else next(c for c in codes if c != 0)
+
+
+def node_rank_from_env(env: dict[str, str] | None = None) -> int:
+    """A cluster node's rank: SLURM_NODEID or JOB_COMPLETION_INDEX, whichever the scheduler set."""
+    env = os.environ if env is None else env
+    for name in NODE_RANK_ENVS:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    raise ConfigError(f"no node rank: pass --node-rank, or run under a scheduler that sets one of {NODE_RANK_ENVS}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One cluster node of a replicas-mode job (the command the Slurm and Kubernetes jobs run on every node)."""
+    ap = argparse.ArgumentParser(prog="python -m launch.replicas_node", description=main.__doc__)
+    ap.add_argument("--config", required=True, help="the resolved config (config.json written by `ecpt launch`)")
+    ap.add_argument("--node-rank", type=int, default=None, help=f"default: from {' or '.join(NODE_RANK_ENVS)}")
+    ap.add_argument("--lighthouse", default="", help="the coordinator's http://host:port (default: the config's)")
+    args = ap.parse_args(argv)
+    overrides = [f'launch.lighthouse="{args.lighthouse}"'] if args.lighthouse else []
+    try:
+        cfg = load_config(args.config, overrides)
+        node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
+        threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.replica_groups_per_node)
+        return train_replicas(cfg, Path(args.config), os.environ.get(NODE_ID_ENV), threads, node_rank)
+    except ConfigError as e:
+        print(f"ecpt replicas node: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
