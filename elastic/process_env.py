@@ -27,6 +27,9 @@ def node_id(env: dict[str, str] | None = None) -> str:
 REPLICA_INDEX_ENV = "ECPT_REPLICA_INDEX"
 """replicas mode: this replica group's fixed index (0, 1, ...), set per agent by the launcher. It names the replica
 to the quorum coordinator, in logs and in fault plans ('kill rank 1' kills replica 1); the quorum rank may differ."""
+REPLICA_SLOT_ENV = "ECPT_REPLICA_SLOT"
+"""replicas mode: the replica group's position among those the launcher started on this machine (0, 1, ...), its
+offset from a fixed metrics.port, as the local rank is in the restart mode (every replica is local rank 0)."""
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 """replicas mode: the quorum coordinator's address (torchft's own variable name), set by the launcher."""
 SHARED_MACHINE_ENV = "ECPT_REPLICAS_SHARE_MACHINE"

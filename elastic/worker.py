@@ -22,7 +22,7 @@ from elastic.checkpoints import release_memory_level
 from elastic.config import config_from_json
 from elastic.metrics import WorkerMetrics
 from elastic.trainer import Trainer
-from elastic.process_env import PROCESS_STARTED_ENV
+from elastic.process_env import PROCESS_STARTED_ENV, REPLICA_SLOT_ENV
 from elastic.world import detect_world, shutdown_distributed
 
 PR_SET_PDEATHSIG = 1
@@ -87,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     world, log = ctx.world, ctx.log
     phases = {"setup": setup, **ctx.phases}  # start-up cost per phase: what a restart costs before training resumes
     run_dir = Path(cfg.train.run_dir)
-    identity = world.rank
+    identity, port_offset = world.rank, world.local_rank
     if cfg.launch.fault_tolerance == "replicas":  # every replica is rank 0 of its own job: name it by its index
         from elastic.ft.replica import replica_index
 
         identity = log.rank = replica_index()
+        port_offset = int(os.environ.get(REPLICA_SLOT_ENV) or 0)
     metrics = None
     if cfg.metrics.enabled:
         metrics = WorkerMetrics(identity)
-        port = metrics.serve(cfg.metrics.host, cfg.metrics.port + world.local_rank if cfg.metrics.port else 0)
+        port = metrics.serve(cfg.metrics.host, cfg.metrics.port + port_offset if cfg.metrics.port else 0)
         metrics.write_target_file(run_dir, cfg.metrics.host, os.uname().nodename)
         metrics.on_start(world.world_size)
         log.info(f"metrics on http://{cfg.metrics.host}:{port}/metrics")

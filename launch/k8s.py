@@ -1,4 +1,5 @@
-"""Render a Kubeflow PyTorchJob (kubeflow.org/v1) with an elasticPolicy, plus its ConfigMap and shared volume.
+"""Render a Kubeflow PyTorchJob (kubeflow.org/v1) with an elasticPolicy, plus its ConfigMap and shared volume (in
+replicas mode an Indexed Job and the quorum coordinator instead of the PyTorchJob: ``launch.k8s_replicas``).
 
 The training operator sets torchrun's defaults through PET_* variables (PET_NNODES from min/maxReplicas,
 PET_RDZV_ENDPOINT = <job>-worker-0:<port>, PET_RDZV_BACKEND, PET_MAX_RESTARTS, PET_NPROC_PER_NODE from
@@ -70,6 +71,10 @@ def container_config(spec: LaunchSpec, opts: K8sOptions) -> dict:
     raw["data"]["cache_dir"] = f"{SHARED_MOUNT}/cache"
     raw["metrics"].update(host="0.0.0.0", port=opts.metrics_port, enabled=True)
     raw["train"]["progress"] = False  # pod logs are not a terminal: no progress bar redraws
+    if spec.replicas:
+        from launch.k8s_replicas import lighthouse_address
+
+        raw["launch"]["lighthouse"] = lighthouse_address(spec)
     return raw
 
 
@@ -130,6 +135,15 @@ def _metadata(name: str, spec: LaunchSpec, opts: K8sOptions) -> dict:
     return meta
 
 
+def _pod_volumes(spec: LaunchSpec, opts: K8sOptions) -> list[dict]:
+    """The resolved config, the shared run directory and a memory-backed /dev/shm (L0), for every training pod."""
+    return [
+        {"name": "config", "configMap": {"name": f"{spec.job_name}-config"}},
+        {"name": "shared", "persistentVolumeClaim": {"claimName": _claim_name(spec, opts)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
+    ]
+
+
 def pytorchjob(spec: LaunchSpec, opts: K8sOptions) -> dict:
     rdzv_conf = [{"key": k, "value": v} for k, v in (item.split("=") for item in RDZV_CONF.split(","))]
     pod = {
@@ -141,14 +155,7 @@ def pytorchjob(spec: LaunchSpec, opts: K8sOptions) -> dict:
                 "prometheus.io/path": "/metrics",
             },
         },
-        "spec": {
-            "containers": [_container(spec, opts)],
-            "volumes": [
-                {"name": "config", "configMap": {"name": f"{spec.job_name}-config"}},
-                {"name": "shared", "persistentVolumeClaim": {"claimName": _claim_name(spec, opts)}},
-                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
-            ],
-        },
+        "spec": {"containers": [_container(spec, opts)], "volumes": _pod_volumes(spec, opts)},
     }
     return {
         "apiVersion": "kubeflow.org/v1",
@@ -195,11 +202,17 @@ def shared_claim(spec: LaunchSpec, opts: K8sOptions) -> dict:
 
 
 def manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict]:
-    """ConfigMap, shared PersistentVolumeClaim (unless an existing one is named) and the PyTorchJob."""
+    """ConfigMap, shared PersistentVolumeClaim (unless an existing one is named) and the PyTorchJob; in replicas
+    mode the coordinator's Deployment and Service and an Indexed Job instead of the PyTorchJob
+    (``launch.k8s_replicas``)."""
     opts.validate()
     docs = [configmap(spec, opts)]
     if not opts.existing_claim:
         docs.append(shared_claim(spec, opts))
+    if spec.replicas:
+        from launch.k8s_replicas import replicas_manifests
+
+        return docs + replicas_manifests(spec, opts)
     return docs + [pytorchjob(spec, opts)]
 
 

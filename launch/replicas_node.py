@@ -39,6 +39,7 @@ from elastic.process_env import (
     LIGHTHOUSE_ENV,
     NODE_ID_ENV,
     REPLICA_INDEX_ENV,
+    REPLICA_SLOT_ENV,
     SHARED_MACHINE_ENV,
 )
 from elastic.world import free_port
@@ -150,11 +151,11 @@ def train_replicas(
     agents = [
         subprocess.Popen(
             replica_agent_command(cfg, config_json, i),
-            env={**env, REPLICA_INDEX_ENV: str(i), NODE_ID_ENV: f"{node}-replica-{i}"},
+            env={**env, REPLICA_INDEX_ENV: str(i), REPLICA_SLOT_ENV: str(slot), NODE_ID_ENV: f"{node}-replica-{i}"},
             start_new_session=True,
             preexec_fn=_terminate_with_parent,
         )
-        for i in indices
+        for slot, i in enumerate(indices)
     ]
     stop_signal: list[int] = []
 

@@ -182,3 +182,37 @@ def test_example_manifests_in_deploy_carry_the_required_fields(path, nproc, gpus
     container = check_pytorchjob(job, policy["minReplicas"], policy["maxReplicas"], nproc)
     assert container["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
     json.loads(docs["ConfigMap"]["data"]["config.json"])
+
+
+def test_replicas_mode_renders_the_coordinator_and_an_indexed_job_of_nodes(config_file, capsys):
+    """launch.fault_tolerance = "replicas": no PyTorchJob (its agent restarts every worker on a failure); the quorum
+    coordinator as a Deployment behind a Service the config points at, and one pod per node in an Indexed Job whose
+    failed pods are replaced one index at a time, advertising their pod IP to peers."""
+    docs = render(capsys, config_file, "--set", 'launch.fault_tolerance="replicas"')
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "Job"], kinds
+    deployment, service, job = docs[2:]
+    cfg = json.loads(docs[0]["data"]["config.json"])
+    port = service["spec"]["ports"][0]["port"]
+    assert cfg["launch"]["lighthouse"] == f"http://{service['metadata']['name']}:{port}"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items(), "the Service must select the coordinator"
+    (coordinator,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert coordinator["command"][:4] == ["python", "-m", "launch.lighthouse", "lighthouse"]
+    assert f"--port={port}" in coordinator["command"] and "--min-replicas=1" in coordinator["command"]
+
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    assert spec["maxFailedIndexes"] == 2  # MAX 4 - MIN 2 nodes may be lost for good
+    assert spec["backoffLimitPerIndex"] == cfg["launch"]["max_restarts"]
+    pod = spec["template"]
+    assert pod["spec"]["restartPolicy"] == "Never"  # what backoffLimitPerIndex requires
+    assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), "nodes are not the Service"
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "launch.replicas_node", "--config", "/etc/ecpt/config.json"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ECPT_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    volumes = {v["name"] for v in pod["spec"]["volumes"]}
+    assert {"config", "shared", "dshm"} <= volumes
+    # two replica groups per pod (one per worker): two metrics ports, offset by the replica's slot on the node
+    assert [p["containerPort"] for p in container["ports"]] == [9400, 9401]

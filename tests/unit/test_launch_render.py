@@ -235,3 +235,43 @@ def test_mpi_hostfile_must_exist(config_file, tmp_path, capsys):
         ["mpi", "--config", str(config_file), "-n", "2", "--hostfile", str(tmp_path / "nope")], capsys
     )
     assert code == 2 and "--hostfile" in err
+
+
+def test_replicas_mode_script_starts_the_coordinator_then_each_nodes_replica_groups(config_file, tmp_path, capsys):
+    """Replicas mode: the batch shell starts `ecpt lighthouse` on the first node and waits until it listens; srun
+    runs launch.replicas_node on every node (node rank from SLURM_NODEID) pointed at it; a lost node never ends the
+    allocation (--no-kill), whatever the node range."""
+    script, run_dir = slurm(
+        config_file,
+        tmp_path,
+        capsys,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--set",
+        'launch.fault_tolerance="replicas"',
+    )
+    assert "2 replica groups of one worker per node (replicas mode)" in script.splitlines()[1]
+    assert re.search(r"-m launch.lighthouse lighthouse --host=0.0.0.0 \\\n\s+--port=\"\$lighthouse_port\"", script)
+    assert 'if [ ! -s "$lighthouse_file" ]; then' in script  # srun starts only once the coordinator listens
+    assert script.index("lighthouse=$!") < script.index("\nsrun ")
+    words = agent_words(script)
+    assert words[1:] == [
+        "-m",
+        "launch.replicas_node",
+        f"--config={run_dir / 'config.json'}",
+        "--lighthouse=http://${rdzv_host}:${lighthouse_port}",
+    ]
+    assert "--no-kill" in directives(script) and re.search(r"^srun .*--no-kill", script, re.M)
+    cfg = config_from_json(run_dir / "config.json")
+    assert cfg.launch.fault_tolerance == "replicas" and cfg.launch.replica_groups_per_node == 2
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_mpi_refuses_replicas_mode_with_the_reason(config_file, tmp_path, capsys):
+    code, _, err = launch(
+        ["mpi", "--config", str(config_file), "-n", "2", "--print", "--set", 'launch.fault_tolerance="replicas"'],
+        capsys,
+    )
+    assert code == 2 and "not supported by `ecpt launch mpi`" in err and "ecpt launch slurm" in err, err
