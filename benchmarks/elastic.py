@@ -81,6 +81,8 @@ class Job:
     endpoint: str
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     store: subprocess.Popen | None = None
+    lighthouse: str = ""
+    """ecpt-replicas on several simulated nodes: the standalone coordinator's address (as a cluster runs it)."""
     extra_sets: list[str] = field(default_factory=list)
     """--set overrides for ecpt-replicas (e.g. torchft timeouts being tuned)."""
 
@@ -105,11 +107,16 @@ class Job:
                 "--node-id",
                 node,
             ]
-            if nnodes != "1":
-                cmd += ["--rdzv-store", "external"]
             if self.system == "ecpt-replicas":
-                for override in ['launch.fault_tolerance="replicas"', *self.extra_sets]:
+                overrides = ['launch.fault_tolerance="replicas"', *self.extra_sets]
+                if nnodes != "1":  # one cluster node: its replica groups against the job's coordinator
+                    cmd += ["--node-rank", node.removeprefix("n")]
+                    overrides += [f'launch.lighthouse="{self.lighthouse}"', "train.threads_per_worker=1"]
+                    env["ECPT_ADVERTISE_HOST"] = "127.0.0.1"
+                for override in overrides:
                     cmd += ["--set", override]
+            elif nnodes != "1":
+                cmd += ["--rdzv-store", "external"]
             return cmd, env
         # The peers: torchrun + torch.save with its default rendezvous settings ("baseline"), and with the
         # localhost fixes ecpt applies ("baseline-tuned": the localhost settings in docs/architecture.md, so only the restart path differs).
@@ -153,6 +160,19 @@ class Job:
         )
         self.store.stdout.readline()
 
+    def start_lighthouse(self) -> None:
+        """The standalone quorum coordinator (``ecpt lighthouse``), kept in ``self.store`` to be stopped with it."""
+        address_file = self.run.parent / "lighthouse.json"
+        self.store = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "lighthouse", "--host=127.0.0.1", f"--port={free_port()}"]
+            + [f"--address-file={address_file}", "--heartbeat-timeout-ms=500"],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(address_file.exists, 60, "the lighthouse to listen")
+        self.lighthouse = json.loads(address_file.read_text())["address"]
+
     def kill_node(self, node: str) -> None:
         """A node loss: SIGKILL the node's launcher, agent and workers at once."""
         proc = self.nodes.pop(node)
@@ -165,16 +185,6 @@ class Job:
 
     def worker_pid(self, rank: int) -> int:
         return json.loads((self.run / "ranks" / f"rank-{rank}.json").read_text())["pid"]
-
-    def kill_replica_group(self, rank: int) -> None:
-        """replicas mode's node loss on localhost: SIGKILL replica ``rank``'s agent and everything below it."""
-        environ = Path(f"/proc/{self.worker_pid(rank)}/environ").read_bytes().split(b"\0")
-        agent = int(next(v for v in environ if v.startswith(b"ECPT_AGENT_PID=")).split(b"=", 1)[1])
-        for pid in [agent, *_descendants(agent)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
 
     def stop(self) -> None:
         for proc in [*self.nodes.values(), self.store]:
@@ -335,18 +345,44 @@ def scenario_worker_kill(job: Job) -> dict:
     return recovery_after(job, t_kill, last)
 
 
-def scenario_replica_group_loss(job: Job) -> tuple[dict, dict]:
-    """replicas mode's node loss: one replica group (agent and worker) killed; no join (a replica group cannot
-    be added to a running local job yet)."""
-    job.start_node("n0", "1", 2)
-    wait_until(lambda: len(steps(job.run)) >= 25, 300, "25 steps")
-    t_kill, last = _last_step_then_fault(job, lambda: job.kill_replica_group(1))
-    return survivor_pause(job, t_kill, last), {"error": "not measured: no replica group join on localhost yet"}
+def join_after(job: Job, t_join: float, world_size: int, timeout: float = 180) -> dict:
+    """replicas mode: seconds from starting a node to the first step the grown quorum completes (the running
+    replicas never stop: no step is lost or replayed)."""
+    first = wait_until(
+        lambda: next((r for r in steps(job.run) if r["time"] > t_join and r["world_size"] == world_size), None),
+        timeout,
+        f"{job.system} to grow to {world_size} replicas",
+    )
+    return {
+        "recovery_seconds": round(first["time"] - t_join, 2),
+        "steps_lost": 0,
+        "regain_seconds": round(first["time"] - t_join, 2),
+        "resumed_at": first["step"] - 1,
+        "world_size": first["world_size"],
+    }
+
+
+def scenario_replicas_node_loss_and_join(job: Job) -> tuple[dict, dict]:
+    """replicas mode on two simulated cluster nodes (one replica group each) and a standalone coordinator: node n1
+    (its launcher, agent and worker) is killed mid-step, the survivor's pause is measured; then n1 is started again
+    and joins the running job (heals from n0)."""
+    job.start_lighthouse()
+    job.start_node("n0", "1:2", 1)
+    job.start_node("n1", "1:2", 1)
+    wait_until(
+        lambda: [r for r in steps(job.run) if r["world_size"] == 2 and r["step"] >= 25], 300, "25 steps on 2 nodes"
+    )
+    t_kill, last = _last_step_then_fault(job, lambda: job.kill_node("n1"))
+    loss = survivor_pause(job, t_kill, last)
+    wait_until(lambda: steps(job.run)[-1]["step"] >= loss["resumed_at"] + 10, 300, "10 steps on 1 node")
+    t_join = time.time()
+    job.start_node("n1", "1:2", 1)
+    return loss, join_after(job, t_join, world_size=2)
 
 
 def scenario_node_loss_and_join(job: Job) -> tuple[dict, dict]:
     if job.system == "ecpt-replicas":
-        return scenario_replica_group_loss(job)
+        return scenario_replicas_node_loss_and_join(job)
     if job.system == "ecpt":
         job.start_store()
     job.start_node("n0", "1:2", 1)

@@ -20,10 +20,8 @@ from pathlib import Path
 from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
 from elastic.errors import ConfigError
 from elastic.fault_plan import FIRED_DIR, Fault, fired_marker
-from elastic.process_env import AGENT_PID_ENV
+from elastic.process_env import AGENT_PID_ENV, COORDINATOR_FILE
 
-COORDINATOR_FILE = "lighthouse.json"
-"""``<run_dir>/lighthouse.json``: address and pid of the quorum coordinator ``ecpt train`` started (replicas mode)."""
 FILL_DISK_MAX_BYTES = 2 << 30
 """fill_disk refuses file systems with more free space than this: it is for test file systems, not real disks."""
 

@@ -1,4 +1,5 @@
-"""The environment variables ecpt itself sets for its processes, each named once here, and this node's identity.
+"""The environment variables ecpt itself sets for its processes, each named once here, this node's identity, and
+the run-directory files launchers and workers both name.
 
 Kept apart from ``elastic.world`` (which imports torch) because the launcher reads these names too, and every
 ``ecpt`` start, ``ecpt --help`` included, must not pay for importing torch. Workers read them.
@@ -46,3 +47,8 @@ def advertise_host(env: dict[str, str] | None = None) -> str:
     """Where peers reach this replica group: ``ECPT_ADVERTISE_HOST`` if the launcher set it, else the hostname."""
     env = os.environ if env is None else env
     return env.get(ADVERTISE_HOST_ENV) or socket.gethostname()
+
+
+COORDINATOR_FILE = "lighthouse.json"
+"""``<run_dir>/lighthouse.json``: a local replicas-mode run's coordinator address and pid (fault plans, ``ecpt chaos``
+and tests read it)."""

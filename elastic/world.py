@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing.comm import Comm
+from elastic.ports import free_port  # noqa: F401 (re-exported: launchers and tests import it from here)
 from elastic.process_env import node_id
 
 # (rank, world size, local rank, local world size) variable names per launcher, most specific first.
@@ -113,12 +114,6 @@ def detect_world(env: dict[str, str] | None = None) -> WorldInfo:
                 restart_count=restarts,
             )
     return WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------------------

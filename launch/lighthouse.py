@@ -26,6 +26,9 @@ def serve_lighthouse(
     address_file: str | None = None,
 ) -> None:
     """Run the Lighthouse until SIGINT/SIGTERM; print its address (and write it to ``address_file``)."""
+    # torchft's Rust side logs every quorum request at INFO (several lines per replica per step): warnings only,
+    # unless the user set RUST_LOG. Read when the extension is imported, so set before.
+    os.environ.setdefault("RUST_LOG", "warn")
     from torchft._torchft import LighthouseServer  # imports the Rust extension only when serving
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # sigwait receives them below

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from elastic.config import Config
-from elastic.world import free_port
+from elastic.ports import free_port
 
 # Localhost elastic settings measured on 2-core machines (docs/architecture.md, Elasticity): without them a
 # rejoining agent waits for MASTER_ADDR (pytorch issue 135712), and keep_alive_max_attempt=2 led to split brain.

@@ -33,16 +33,16 @@ import time
 from pathlib import Path
 
 from elastic.config import Config, ConfigError, load_config
-from elastic.faults import COORDINATOR_FILE
 from elastic.process_env import (
     ADVERTISE_HOST_ENV,
+    COORDINATOR_FILE,
     LIGHTHOUSE_ENV,
     NODE_ID_ENV,
     REPLICA_INDEX_ENV,
     REPLICA_SLOT_ENV,
     SHARED_MACHINE_ENV,
 )
-from elastic.world import free_port
+from elastic.ports import free_port
 from launch.local import AGENT_ENV, _terminate_with_parent, torchrun_command
 
 COORDINATOR_LOST_EXIT = 3

@@ -49,15 +49,17 @@ def train_on_this_machine(
     cfg: Config, node_id: str | None = None, node_rank: int | None = None, external_store: bool = False
 ) -> int:
     """Prepare the run, start the elastic agent and wait for it; the exit code of ``ecpt train``."""
-    from launch.local import resolve_endpoint, run_agent, torchrun_command  # imports torch: not on every ecpt start
-    from checkpointing import CheckpointError
-    from elastic.checkpoints import check_object_levels
+    from launch.local import resolve_endpoint, run_agent, torchrun_command
 
-    try:  # a missing bucket or a refused key: say so now, not after the workers failed and restarted
-        check_object_levels(cfg)
-    except CheckpointError as e:
-        print(f"ecpt train: checkpoint.l2_dir = {cfg.checkpoint.l2_dir!r}: {e}", file=sys.stderr)
-        return 2
+    if cfg.checkpoint.l2_dir:  # imports torch (checkpointing): only then, so a node joining a job starts sooner
+        from checkpointing import CheckpointError
+        from elastic.checkpoints import check_object_levels
+
+        try:  # a missing bucket or a refused key: say so now, not after the workers failed and restarted
+            check_object_levels(cfg)
+        except CheckpointError as e:
+            print(f"ecpt train: checkpoint.l2_dir = {cfg.checkpoint.l2_dir!r}: {e}", file=sys.stderr)
+            return 2
     sharing = 0
     if cfg.launch.fault_tolerance == "replicas":
         from launch.replicas_node import replica_indices

@@ -91,10 +91,22 @@ def lighthouse_address(cfg) -> str:
     return address
 
 
-def _process_group(timeout: timedelta):
+def _process_group(timeout: timedelta, host: str):
+    """torchft's reconfigurable group (nccl on GPUs, gloo on CPU) whose reconfigure handle names ``host``.
+
+    Peers rebuild the group on the store named in each member's handle, and torchft writes the process's
+    ``socket.gethostname()`` there, which other pods of a Kubernetes job cannot resolve."""
     from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
-    return ProcessGroupNCCL(timeout=timeout) if torch.cuda.is_available() else ProcessGroupGloo(timeout=timeout)
+    base = ProcessGroupNCCL if torch.cuda.is_available() else ProcessGroupGloo
+
+    class AdvertisedProcessGroup(base):
+        def get_reconfigure_handle(self) -> str:
+            handle = json.loads(super().get_reconfigure_handle())
+            handle["store"] = f"{host}:{handle['store'].rpartition(':')[2]}"
+            return json.dumps(handle)
+
+    return AdvertisedProcessGroup(timeout=timeout)
 
 
 class ReplicaStepper(ReuseSteps):
@@ -125,7 +137,7 @@ class ReplicaStepper(ReuseSteps):
         self.start_deadline = time.monotonic() + launch.ft_start_timeout_s
         self.quorum_started = 0.0
         self.manager = Manager(
-            pg=_process_group(timeout),
+            pg=_process_group(timeout, host),
             load_state_dict=self._load_peer_state,
             state_dict=lambda: healing_state(self.t, self.tensors, self.index),
             min_replica_size=launch.min_replicas,

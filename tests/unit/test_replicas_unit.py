@@ -3,6 +3,7 @@ progress mark a returning replica is checked against."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from datetime import timedelta
 
@@ -154,3 +155,13 @@ def test_chaos_report_shows_what_the_survivors_reused(tmp_path):
     assert entry["survivors_next_step_seconds"] == 0.8 and entry["discarded_attempts"] == 1
     assert entry["reused"] == "replica 0 kept 3 + computed 3"
     assert "| replica 0 kept 3 + computed 3 |" in format_replicas_report([entry])
+
+
+def test_process_group_handle_names_the_advertised_host():
+    """Peers rebuild the cross-replica group on the store in each member's reconfigure handle: it must name the
+    host the launcher advertises (a pod IP on Kubernetes), not this process's hostname (torchft's default)."""
+    from elastic.ft.replica import _process_group
+
+    handle = json.loads(_process_group(timedelta(seconds=5), "10.1.2.3").get_reconfigure_handle())
+    host, _, port = handle["store"].rpartition(":")
+    assert host == "10.1.2.3" and int(port) > 0, handle
