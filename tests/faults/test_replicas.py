@@ -86,6 +86,29 @@ def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, 
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
+def test_without_reuse_the_survivor_recomputes_the_whole_step(tiny_raw, tmp_path, clean_losses):
+    """launch.ft_reuse_partial_step = false: the survivor of a mid-step kill discards its part too and runs the whole
+    step alone; same samples, same result as the clean run, no reuse row."""
+    run = tmp_path / "run"
+    raw = copy.deepcopy(tiny_raw)
+    raw["train"]["max_steps"] = 10
+    config = replicas_config(raw, tmp_path, steps_per_phase=PER_PHASE, ft_reuse_partial_step=False)
+    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 5")
+    check_ok(result)
+    log = result.stdout + result.stderr
+    assert "step 5 discarded" in log and "reused own share" not in log, log[-4000:]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["kind"] == "reuse"]
+    rows = {r["step"]: r for r in step_rows(run)}
+    assert rows[6]["world_size"] == 1, [(s, r["world_size"]) for s, r in sorted(rows.items())]
+    faulty = final_losses(run)
+    assert faulty[6] == pytest.approx(clean_losses[6], rel=1e-6), (faulty[6], clean_losses[6])
+    ends = replica_ends(run)
+    assert ends[0]["step"] == 10 and (1 not in ends or ends[1]["digest"] == ends[0]["digest"]), ends
+    assert_each_sample_once(run, 10, G)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
 def test_two_survivors_of_three_vote_to_reuse_and_split_the_orphans(tiny_raw, tmp_path, clean_losses):
     """3 replicas (G = 6: 2 samples each), replica 1 killed mid-step 3: replicas 0 and 2 agree (the reuse vote),
     each keeps its own 2 samples and computes one of replica 1's; they end identical, every sample is used once
