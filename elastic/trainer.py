@@ -113,7 +113,7 @@ class Trainer:
         # quorum's rank 0 of each step is the one that writes the run's logs and checkpoints (elastic/ft/)
         self.replica_mode = cfg.launch.fault_tolerance == "replicas"
         if self.replica_mode:
-            from elastic.ft.replica import replica_index
+            from elastic.ft.peers import replica_index
 
             self.identity = replica_index()
             self.log.rank = self.identity

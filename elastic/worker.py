@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.train.run_dir)
     identity, port_offset = world.rank, world.local_rank
     if cfg.launch.fault_tolerance == "replicas":  # every replica is rank 0 of its own job: name it by its index
-        from elastic.ft.replica import replica_index
+        from elastic.ft.peers import replica_index
 
         identity = log.rank = replica_index()
         port_offset = int(os.environ.get(REPLICA_SLOT_ENV) or 0)

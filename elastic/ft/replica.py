@@ -36,9 +36,10 @@ import torch.distributed as dist
 from elastic.batch import rank_batch, rank_ranges
 from elastic.ft.metrics import ReplicaMetrics
 from elastic.ft.partial import EarlyOrphans, PartialStep, QuorumRecorder, Retry, ReuseSteps
+from elastic.ft.peers import ProgressMark, advertised_process_group, lighthouse_address, replica_index
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
 from elastic.ft.transport import SafeHTTPTransport
-from elastic.process_env import LIGHTHOUSE_ENV, REPLICA_INDEX_ENV, SHARED_MACHINE_ENV, advertise_host
+from elastic.process_env import SHARED_MACHINE_ENV, advertise_host
 
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)
 START_POLL_SECONDS = 0.1
@@ -47,66 +48,6 @@ START_POLL_SECONDS = 0.1
 
 class StaleReplicaError(RuntimeError):
     """This replica's state is behind the run and no live peer can heal it."""
-
-
-class ProgressMark:
-    """``<run_dir>/replicas/progress.json``: the newest step a quorum leader committed (one small atomic write per
-    step), so a replica returning from a freeze can tell that the run went on without it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, step: int) -> None:
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step}))
-        os.replace(tmp, self.path)
-
-    def read(self) -> int:
-        try:
-            return int(json.loads(self.path.read_text())["step"])
-        except FileNotFoundError:
-            return 0
-
-
-def replica_index(env: dict[str, str] | None = None) -> int:
-    """This replica group's fixed index, set by the launcher (``ECPT_REPLICA_INDEX``)."""
-    env = os.environ if env is None else env
-    value = env.get(REPLICA_INDEX_ENV)
-    if value is None or not value.isdigit():
-        raise RuntimeError(
-            f'launch.fault_tolerance = "replicas" but {REPLICA_INDEX_ENV} is {value!r}: start replicas with '
-            f"`ecpt train` (or set {REPLICA_INDEX_ENV}=<0, 1, ...> per replica group and {LIGHTHOUSE_ENV})"
-        )
-    return int(value)
-
-
-def lighthouse_address(cfg) -> str:
-    address = cfg.launch.lighthouse or os.environ.get(LIGHTHOUSE_ENV, "")
-    if not address:
-        raise RuntimeError(
-            f'launch.fault_tolerance = "replicas" needs the quorum coordinator: set launch.lighthouse or '
-            f"{LIGHTHOUSE_ENV} to http://host:port of an `ecpt lighthouse`"
-        )
-    return address
-
-
-def _process_group(timeout: timedelta, host: str):
-    """torchft's reconfigurable group (nccl on GPUs, gloo on CPU) whose reconfigure handle names ``host``.
-
-    Peers rebuild the group on the store named in each member's handle, and torchft writes the process's
-    ``socket.gethostname()`` there, which other pods of a Kubernetes job cannot resolve."""
-    from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
-
-    base = ProcessGroupNCCL if torch.cuda.is_available() else ProcessGroupGloo
-
-    class AdvertisedProcessGroup(base):
-        def get_reconfigure_handle(self) -> str:
-            handle = json.loads(super().get_reconfigure_handle())
-            handle["store"] = f"{host}:{handle['store'].rpartition(':')[2]}"
-            return json.dumps(handle)
-
-    return AdvertisedProcessGroup(timeout=timeout)
 
 
 class ReplicaStepper(ReuseSteps):
@@ -137,7 +78,7 @@ class ReplicaStepper(ReuseSteps):
         self.start_deadline = time.monotonic() + launch.ft_start_timeout_s
         self.quorum_started = 0.0
         self.manager = Manager(
-            pg=_process_group(timeout, host),
+            pg=advertised_process_group(timeout, host),
             load_state_dict=self._load_peer_state,
             state_dict=lambda: healing_state(self.t, self.tensors, self.index),
             min_replica_size=launch.min_replicas,

@@ -12,7 +12,7 @@ import torch
 
 from elastic.config import ConfigError, load_config
 from elastic.fault_plan import parse_plan
-from elastic.ft.replica import ProgressMark
+from elastic.ft.peers import ProgressMark
 from elastic.ft.transport import SafeHTTPTransport
 
 
@@ -160,8 +160,8 @@ def test_chaos_report_shows_what_the_survivors_reused(tmp_path):
 def test_process_group_handle_names_the_advertised_host():
     """Peers rebuild the cross-replica group on the store in each member's reconfigure handle: it must name the
     host the launcher advertises (a pod IP on Kubernetes), not this process's hostname (torchft's default)."""
-    from elastic.ft.replica import _process_group
+    from elastic.ft.peers import advertised_process_group
 
-    handle = json.loads(_process_group(timedelta(seconds=5), "10.1.2.3").get_reconfigure_handle())
+    handle = json.loads(advertised_process_group(timedelta(seconds=5), "10.1.2.3").get_reconfigure_handle())
     host, _, port = handle["store"].rpartition(":")
     assert host == "10.1.2.3" and int(port) > 0, handle
