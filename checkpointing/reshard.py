@@ -92,12 +92,8 @@ def verify_record(path: Path, record: ChunkRecord, crc: int, size: int, bad_bloc
     if size != record.nbytes:
         raise CheckpointCorruptError(f"chunk {path}: {size} bytes on disk, manifest says {record.nbytes} (truncated)")
     if crc != record.crc32c:
-        where = (
-            ""
-            if not bad_blocks
-            else f" in block{'s' if len(bad_blocks) > 1 else ''} "
-            + ", ".join(_block_span(record, i) for i in bad_blocks[:4])
-        )
+        named = ", ".join(_block_span(record, i) for i in (bad_blocks or [])[:4])
+        where = f" in block{'s' if len(bad_blocks) > 1 else ''} {named}" if named else ""
         raise CheckpointCorruptError(
             f"chunk {path}: crc32c {crc:#010x} does not match the manifest's {record.crc32c:#010x} (corrupt bytes"
             f"{where})"

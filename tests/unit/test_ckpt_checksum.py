@@ -211,7 +211,7 @@ def test_damage_in_a_block_no_part_of_this_range_needs_does_not_fail_this_load(s
     flip_byte(chunk1, 10)  # block 0 of chunk 1 (tensor block 4): before the middle third starts (block 5)
     assert load_part(mgr, full, THIRD, 2 * THIRD).bytes_read == 1536 * KIB
     problems = verify(ckpt)
-    assert len(problems) == 1 and str(chunk1) in problems[0], problems
+    assert len(problems) == 1 and str(chunk1) in problems[0] and "block [0]" in problems[0], problems
     with pytest.raises(CheckpointError, match=str(chunk1)):
         load_part(mgr, full, 0, THIRD)
 
@@ -262,3 +262,14 @@ def test_promotion_and_zero_copy_levels_record_the_same_block_crcs(tmp_path, lev
     part = Shard(torch.zeros(10), (ROWS, COLS), (THIRD, THIRD + 10))
     assert mgr.load({"w": part}, step=2).bytes_read == BLOCK
     mgr.close()
+
+
+@pytest.mark.parametrize("blocks", ["zz" * 16, "0" * 8 * 3, "0" * 8 * 4 + " "])
+def test_a_manifest_with_malformed_block_crcs_is_refused_naming_the_chunk(saved, blocks):
+    """Not hex, one crc short, trailing junk: the manifest is malformed (never trusted, never copied on)."""
+    mgr, ckpt, full = saved
+    doc = json.loads((ckpt / "manifest.json").read_text())
+    doc["tensors"]["w"]["chunks"]["1"]["block_crc32c"] = blocks
+    (ckpt / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"malformed manifest field .*chunk w/c/1/0: block_crc32c"):
+        load_part(mgr, full, 0, 10)
