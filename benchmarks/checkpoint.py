@@ -12,7 +12,8 @@ same bytes. Also: reshard load 2 -> 1 processes, and the throughput cost of an L
 (alternating blocks of plain and checkpointed steps in one process, on_busy='wait' like the trainer; one process
 writes every chunk, so this is the worst case per byte: in a DDP job each rank copies only the chunks it writes).
 Periodic checkpoints in a training loop against DCP async_save with async staging: see checkpoint_loop.py
-(``--only loop`` runs just that part, ``--every`` sets the checkpoint interval in steps).
+(``--only loop`` runs just that part, ``--every`` sets the checkpoint interval in steps; ``--only reshard`` runs
+just the reshard loads, against raw cold reads of the same bytes measured in the same run).
 Results: tables on stdout, kept with the JSON in benchmarks/results/ (committed: the figures behind the README).
 """
 
@@ -458,7 +459,12 @@ def main() -> None:
         help="JSON results (default benchmarks/results/checkpoint[-loop]-<size>mb[-every<N>].json; the printed "
         "tables go next to it as .txt)",
     )
-    ap.add_argument("--only", choices=["all", "loop"], default="all", help="loop: only the periodic-loop comparison")
+    ap.add_argument(
+        "--only",
+        choices=["all", "loop", "reshard"],
+        default="all",
+        help="loop: only the periodic-loop comparison; reshard: only the reshard loads (and raw reads)",
+    )
     ap.add_argument("--every", type=int, default=8, help="periodic loop: steps between checkpoints (default 8)")
     ap.add_argument("--checkpoints", type=int, default=5, help="periodic loop: checkpoints per method (default 5)")
     ap.add_argument("--loop-step-s", type=float, default=0.75, help="periodic loop: compute step seconds (0.75)")
@@ -521,11 +527,10 @@ def drive(args) -> None:
     from elastic.world import free_port  # here, not at the top: only after __main__ put REPO first on sys.path
 
     if args.out is None:
-        name = (
-            f"checkpoint-loop-{args.size_mb}mb-every{args.every}"
-            if args.only == "loop"
-            else f"checkpoint-{args.size_mb}mb"
-        )
+        name = {
+            "loop": f"checkpoint-loop-{args.size_mb}mb-every{args.every}",
+            "reshard": f"checkpoint-reshard-{args.size_mb}mb",
+        }.get(args.only, f"checkpoint-{args.size_mb}mb")
         args.out = str(REPO / "benchmarks" / "results" / f"{name}.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout = Tee(sys.stdout, Path(args.out).with_suffix(".txt"))
@@ -536,6 +541,9 @@ def drive(args) -> None:
     work = Path(args.dir or REPO / "runs" / "bench-checkpoint")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if args.only == "reshard":
+        drive_reshard(args, work)
+        return
     loop, loop_targets = run_loop(args, work, run_child, free_port)
     if args.only == "loop":
         out = Path(args.out)
@@ -594,25 +602,13 @@ def report(args, results: dict, raw: dict, rs: dict, l0: dict, loop: dict) -> No
         ("durable <= 1.3 x raw write+fsync (same child)", ours["durable_s"] / ours["raw_write_fsync_s"], 1.3),
         ("L0 every step costs <= 5% throughput", l0["cost"], 0.05),
     ]
-    for key, load in rs.items():
-        # the state's bytes over the slowest rank's time: a rank whose part ends inside a chunk reads that whole
-        # chunk (its crc32c covers the chunk), so the bytes read can exceed the state; shown as amplification
-        read_bw = gb / load["load_s"]
-        targets.append((f"reshard load {key} >= 70% of raw read bw", read_bw / raw_read_bw, None))
-        print(
-            f"\nreshard load W={key}: {load['load_s']:.2f} s (slowest rank), {read_bw:.2f} GB/s of state, "
-            f"{load['bytes'] / 1e9 / gb:.2f}x bytes read, bit-exact {load['bit_exact']}"
-        )
+    targets += reshard_targets(rs, gb, raw_read_bw)
     print(
         f"L0 (/dev/shm) every step: {l0['plain_step_s'] * 1e3:.0f} -> {l0['l0_step_s'] * 1e3:.0f} ms/step "
         f"(medians over alternating blocks; per block {', '.join(f'{c:+.1%}' for c in l0['block_costs'])}), "
         f"{l0['saved_steps']}/{l0['steps']} steps checkpointed, {l0['waits']} waited for a staging buffer\n"
     )
-    met = {}
-    for name, value, limit in targets:
-        ok = value >= 0.7 if limit is None else value <= limit
-        met[name] = {"value": value, "met": ok}
-        print(f"{'MET ' if ok else 'MISS'} {name:<42} measured {value:.3f}")
+    met = print_targets(targets)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -626,6 +622,61 @@ def report(args, results: dict, raw: dict, rs: dict, l0: dict, loop: dict) -> No
                 "targets": met,
                 "torch": torch.__version__,
                 **loop,
+            },
+            indent=1,
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+def reshard_targets(rs: dict, gb: float, raw_read_bw: float) -> list[tuple]:
+    """Print one line per reshard load; return its target rows (name, value, None: 'at least 0.7')."""
+    targets = []
+    for key, load in rs.items():
+        # the state's bytes over the slowest rank's time: a rank whose part ends inside a chunk reads the 256 KiB
+        # blocks covering it (each block has its own crc32c), so the bytes read can exceed the state a little; shown
+        # as amplification (all ranks' bytes over the state's)
+        read_bw = gb / load["load_s"]
+        targets.append((f"reshard load {key} >= 70% of raw read bw", read_bw / raw_read_bw, None))
+        print(
+            f"\nreshard load W={key}: {load['load_s']:.2f} s (slowest rank), {read_bw:.2f} GB/s of state, "
+            f"{load['bytes'] / 1e9 / gb:.2f}x bytes read, bit-exact {load['bit_exact']}"
+        )
+    return targets
+
+
+def print_targets(targets: list[tuple]) -> dict:
+    """One MET/MISS line per target (limit None: the value must be at least 0.7, else at most the limit)."""
+    met = {}
+    for name, value, limit in targets:
+        ok = value >= 0.7 if limit is None else value <= limit
+        met[name] = {"value": value, "met": ok}
+        print(f"{'MET ' if ok else 'MISS'} {name:<42} measured {value:.3f}")
+    return met
+
+
+def drive_reshard(args, work: Path) -> None:
+    """--only reshard: save at W=2, load cold at W=1 and W=3, against raw cold reads of the same bytes (median of
+    three, measured here just before: the full run takes the median over its method children instead)."""
+    torch.manual_seed(0)
+    state = build_state(args.size_mb)
+    gb = sum(t.numel() * t.element_size() for t in state.values()) / 1e9
+    raw_read_s = statistics.median(raw_write_read(state, work / "raw")["read_s"] for _ in range(3))
+    del state
+    print("... reshard", file=sys.stderr, flush=True)
+    rs = reshard(args, work)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\nstate {gb:.2f} GB, raw cold read {raw_read_s:.2f} s ({gb / raw_read_s:.2f} GB/s, median of 3)")
+    met = print_targets(reshard_targets(rs, gb, gb / raw_read_s))
+    out = Path(args.out)
+    out.write_text(
+        json.dumps(
+            {
+                "size_mb": args.size_mb,
+                "raw_read_s": raw_read_s,
+                "reshard": rs,
+                "targets": met,
+                "torch": torch.__version__,
             },
             indent=1,
         )

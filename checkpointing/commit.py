@@ -46,6 +46,7 @@ from typing import Protocol
 
 import crc32c
 
+from checkpointing.checksums import CRC_BLOCK_BYTES, ChunkCrcs
 from checkpointing.context import SaveContext
 from checkpointing.manifest import ChunkRecord, Manifest, ManifestEncoder
 from checkpointing.plan import TensorLayout
@@ -93,8 +94,11 @@ class LevelStorage(Protocol):
     def prepare(self, target: Target, docs: list[tuple[str, bytes]]) -> list[str]:
         """Step 2: create the target location and write `docs` (relative name, bytes); returns what it wrote."""
 
-    def write_chunk(self, target: Target, rel: str, parts: list[memoryview], crc: int | None = None) -> int:
-        """Step 3: write one chunk file from `parts`, checksumming while writing; returns its crc32c."""
+    def write_chunk(
+        self, target: Target, rel: str, parts: list[memoryview], crcs: ChunkCrcs | None = None
+    ) -> ChunkCrcs:
+        """Step 3: write one chunk file from `parts`, checksumming while writing (`crcs`: the caller already
+        checksummed exactly these bytes); returns its checksums."""
 
     def link_chunk(self, target: Target, rel: str, src: str) -> None:
         """Step 3, zero-copy: make the file `src` (already checksummed) the chunk `rel` (filesystem levels)."""
@@ -135,6 +139,10 @@ class LevelStorage(Protocol):
 
     def read_chunk(self, path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
         """Fill `views` with the chunk at `path` (location / record.file), verified against `record`."""
+
+    def read_span(self, path: Path, start: int, views: list[memoryview]) -> int:
+        """Fill `views` with the chunk's bytes from offset `start` on, unverified (reshard.read_blocks checks each
+        block); returns the chunk's size. CheckpointCorruptError if it is missing or unreadable."""
 
     def display(self, location: Path) -> str:
         """`location` as people and logs name it (a path, or s3://bucket/key)."""
@@ -288,6 +296,7 @@ def encode_manifest(state: LevelState, ctx: SaveContext, records: list[list], ta
         world_size=ctx.world.size,
         chunk_bytes=ctx.chunk_bytes,
         records=records,
+        crc_block_bytes=CRC_BLOCK_BYTES,
         extra=extra,
         rank_extra={r: e for r, e in enumerate(ctx.extras) if r and e != extra},
         files=target.meta_files,

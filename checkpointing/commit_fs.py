@@ -13,10 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
+from checkpointing.checksums import ChunkCrcs
 from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext
 from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest, read_manifest
-from checkpointing.reshard import read_chunk_checked
+from checkpointing.reshard import FILE_READER, read_chunk_checked
 from checkpointing.tiers import (
     Janitor,
     LevelSpec,
@@ -57,13 +58,15 @@ class FileStorage:
                 os.close(fd)
         return [rel for rel, _ in docs]
 
-    def write_chunk(self, target: Target, rel: str, parts: list[memoryview], crc: int | None = None) -> int:
+    def write_chunk(
+        self, target: Target, rel: str, parts: list[memoryview], crcs: ChunkCrcs | None = None
+    ) -> ChunkCrcs:
         path = target.location / rel
         try:
-            return write_file(path, parts, fsync=False, crc=crc)
+            return write_file(path, parts, fsync=False, crcs=crcs)
         except FileNotFoundError:
             os.makedirs(path.parent, exist_ok=True)
-            return write_file(path, parts, fsync=False, crc=crc)
+            return write_file(path, parts, fsync=False, crcs=crcs)
 
     def link_chunk(self, target: Target, rel: str, src: str) -> None:
         dst = f"{target.location}/{rel}"
@@ -152,6 +155,9 @@ class FileStorage:
 
     def read_chunk(self, path: Path, record: ChunkRecord, views: list[memoryview]) -> None:
         read_chunk_checked(path, record, views)
+
+    def read_span(self, path: Path, start: int, views: list[memoryview]) -> int:
+        return FILE_READER.read_span(path, start, views)
 
     def display(self, location: Path) -> str:
         return str(location)

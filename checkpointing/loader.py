@@ -1,10 +1,10 @@
 """Loading: the committed copies this rank can see, and restoring the newest one every rank can serve.
 
 load() is collective: the ranks all-gather the steps each can serve (every chunk it needs present, shapes and
-dtypes matching its tensors), take the newest common one, read it (chunks verified against their crc32c, read on
-`read_threads` threads, any layout: replica or ZeRO shard, another world size), and all-gather the outcome; if any
-rank failed (a missing or corrupt chunk) they exclude that copy and try the next newest.
-"""
+dtypes matching its tensors), take the newest common one, read it (any layout: replica or ZeRO shard, another world
+size; on `read_threads` threads; whole chunks verified against their crc32c, and of a chunk needed only in part just
+the covering blocks, each verified against its own crc32c: reshard.py), and all-gather the outcome; if any rank
+failed (a missing or corrupt chunk) they exclude that copy and try the next newest."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ class Loader:
         self, level: LevelSpec, path: Path, manifest: Manifest, targets: list[LoadTarget]
     ) -> tuple[str | None, int]:
         nread = 0
-        reader = self._storages[level.name].read_chunk
+        reader = self._storages[level.name]  # reads whole chunks and spans of blocks (reshard.ChunkReader)
         try:
             with ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:
                 for t in targets:

@@ -2,8 +2,12 @@
 
 A checkpoint directory is visible to readers only once `manifest.json` is committed in it (temp name, fsync,
 rename, fsync dir) and the directory carries its final name `step-XXXXXXXX`. The manifest lists every chunk file
-with its size and crc32c, so readers detect missing chunks (which zarr would silently read as fill values) and
-corrupt bytes, and it carries the non-tensor state (`extra`) as JSON: nothing is ever unpickled.
+with its size, its crc32c and the crc32c of each of its blocks of `crc_block_bytes` (checksums.py), so readers
+detect missing chunks (which zarr would silently read as fill values) and corrupt bytes, also when they read only
+part of a chunk, and it carries the non-tensor state (`extra`) as JSON: nothing is ever unpickled.
+
+Manifests written before block checksums existed have no `crc_block_bytes` and no `block_crc32c`: they load, every
+chunk then read and verified whole. Older readers ignore both fields (the version stays 1).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpointing.checksums import n_blocks
 from checkpointing.errors import CheckpointCorruptError
 from checkpointing.zarr_store import Grid, torch_dtype
 
@@ -28,6 +33,11 @@ class ChunkRecord:
     file: str
     nbytes: int
     crc32c: int
+    blocks: str = ""
+    """crc32c of each block of `block_bytes`, 8 hex digits each (checksums.ChunkCrcs.blocks); "" for zarr
+    metadata files and in manifests written before block checksums existed."""
+    block_bytes: int = 0
+    """The manifest's crc_block_bytes when `blocks` is set, else 0 (kept here so a record reads on its own)."""
 
 
 @dataclass
@@ -69,6 +79,8 @@ class Manifest:
     rank_extra: dict[int, dict] = field(default_factory=dict)  # per-rank extras that differ from rank 0's
     files: dict[str, ChunkRecord] = field(default_factory=dict)  # zarr.json metadata files
     created_unix: float = field(default_factory=time.time)
+    crc_block_bytes: int = 0
+    """Bytes per block of the chunk records' block crcs; 0: none recorded (a manifest from before them)."""
 
     @property
     def complete(self) -> bool:
@@ -80,7 +92,8 @@ class Manifest:
 
     def to_json(self) -> dict:
         def rec(r: ChunkRecord) -> dict:
-            return {"file": r.file, "nbytes": r.nbytes, "crc32c": r.crc32c}
+            out = {"file": r.file, "nbytes": r.nbytes, "crc32c": r.crc32c}
+            return {**out, "block_crc32c": r.blocks} if r.blocks else out
 
         return {
             "format": FORMAT,
@@ -92,6 +105,7 @@ class Manifest:
             "node_local": self.node_local,
             "world_size": self.world_size,
             "chunk_bytes": self.chunk_bytes,
+            **({"crc_block_bytes": self.crc_block_bytes} if self.crc_block_bytes else {}),
             "tensors": {
                 n: {
                     "shape": t.shape,
@@ -118,6 +132,9 @@ class Manifest:
                 f"version={doc.get('version')!r})"
             )
         try:
+            block_bytes = int(doc.get("crc_block_bytes", 0))
+            if block_bytes < 0:
+                raise ValueError(f"crc_block_bytes {block_bytes} < 0")
             tensors = {
                 name: TensorEntry(
                     shape=[int(s) for s in t["shape"]],
@@ -125,10 +142,7 @@ class Manifest:
                     layout=str(t["layout"]),
                     chunk_rows=int(t["chunk_rows"]),
                     n_chunks=int(t["n_chunks"]),
-                    chunks={
-                        int(c): ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]))
-                        for c, r in t["chunks"].items()
-                    },
+                    chunks={int(c): _chunk_record(r, block_bytes) for c, r in t["chunks"].items()},
                 )
                 for name, t in doc["tensors"].items()
             }
@@ -147,9 +161,29 @@ class Manifest:
                     for p, r in doc.get("files", {}).items()
                 },
                 created_unix=float(doc["created_unix"]),
+                crc_block_bytes=block_bytes,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointCorruptError(f"{where}: malformed manifest field ({type(e).__name__}: {e})") from e
+
+
+def _chunk_record(r: dict, block_bytes: int) -> ChunkRecord:
+    """One chunk's record; its block list, if any, must be hex digits, 8 per block (ValueError otherwise)."""
+    blocks = str(r.get("block_crc32c", ""))
+    record = ChunkRecord(str(r["file"]), int(r["nbytes"]), int(r["crc32c"]), blocks, block_bytes if blocks else 0)
+    if not blocks:
+        return record
+    n = n_blocks(record.nbytes, block_bytes) if block_bytes else 0
+    try:
+        valid = n and len(blocks) == 8 * n and len(bytes.fromhex(blocks)) == 4 * n
+    except ValueError:  # not hex digits
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"chunk {record.file}: block_crc32c {blocks[:24]!r}... is not 8 hex digits for each of the "
+            f"{n} blocks of {block_bytes} bytes in {record.nbytes}"
+        )
+    return record
 
 
 def read_manifest(ckpt_dir: Path) -> Manifest:
@@ -202,10 +236,17 @@ class ManifestEncoder:
         extra: dict,
         rank_extra: dict[int, dict],
         files: dict[str, ChunkRecord],
+        crc_block_bytes: int,
     ) -> bytes:
+        """records: [name, chunk, file, nbytes, crc32c, block crcs (hex, checksums.ChunkCrcs.blocks)] per chunk. The
+        block crcs go between quotes unescaped: they are hex digits by construction (computed by checksums.py, or
+        copied from a record _chunk_record validated)."""
         chunks: dict[str, list[str]] = {name: [] for name in self.heads}
-        for name, chunk, rel, nbytes, crc in records:
-            chunks[name].append(f'"{int(chunk)}":{{"file":"{rel}","nbytes":{int(nbytes)},"crc32c":{int(crc)}}}')
+        for name, chunk, rel, nbytes, crc, blocks in records:
+            chunks[name].append(
+                f'"{int(chunk)}":{{"file":"{rel}","nbytes":{int(nbytes)},"crc32c":{int(crc)}'
+                + (f',"block_crc32c":"{blocks}"}}' if blocks else "}")
+            )
         complete = all(len(chunks[n]) == k for n, k in self.n_chunks.items())
         body = ",".join(head + ",".join(chunks[name]) + "}}" for name, head in self.heads.items())
         files_json = ",".join(
@@ -215,7 +256,8 @@ class ManifestEncoder:
             f'{{"format":"{FORMAT}","version":{VERSION},"complete":{"true" if complete else "false"},'
             f'"step":{int(step)},"level":{json.dumps(level)},"node_id":{json.dumps(node_id)},'
             f'"node_local":{"true" if node_local else "false"},"world_size":{int(world_size)},'
-            f'"chunk_bytes":{int(chunk_bytes)},"tensors":{{{body}}},"extra":{json.dumps(extra)},'
+            f'"chunk_bytes":{int(chunk_bytes)},"crc_block_bytes":{int(crc_block_bytes)},'
+            f'"tensors":{{{body}}},"extra":{json.dumps(extra)},'
             f'"rank_extra":{json.dumps({str(r): e for r, e in rank_extra.items()})},"files":{{{files_json}}},'
             f'"created_unix":{time.time()!r}}}'
         )

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import crc32c
 
+from checkpointing.checksums import BlockChecksummer, ChunkCrcs
 from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import MANIFEST_NAME, ChunkRecord, Manifest
-from checkpointing.reshard import verify_record
+from checkpointing.reshard import corrupt_blocks, verify_record
 from checkpointing.tiers import LevelSpec, step_dir_name
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
@@ -131,6 +132,21 @@ class ObjectClient:
 
         buf = self._run(key, self.store.get(key, default_buffer_prototype()))
         return None if buf is None else buf.as_buffer_like()
+
+    def get_range(self, key: str, start: int, end: int) -> tuple[memoryview, int] | None:
+        """Bytes [start, end) of the object (fewer if it is shorter) and the object's size; None if it does not
+        exist. Through the ObjectStore's obstore instance: zarr's byte-range get does not return the size."""
+        import obstore
+        import obstore.exceptions
+
+        async def fetch():
+            try:
+                result = await obstore.get_async(self.store.store, key, options={"range": (start, end)})
+            except obstore.exceptions.NotFoundError:
+                return None
+            return memoryview(await result.bytes_async()), int(result.meta["size"])
+
+        return self._run(key, fetch())
 
     def exists(self, key: str) -> bool:
         return self._run(key, self.store.exists(key))
@@ -269,30 +285,43 @@ class ObjectStorage:
             self._written[key] = len(data)
         return [rel for rel, _ in docs]
 
-    def write_chunk(self, target: Target, rel: str, parts: list[memoryview], crc: int | None = None) -> int:
+    def write_chunk(
+        self, target: Target, rel: str, parts: list[memoryview], crcs: ChunkCrcs | None = None
+    ) -> ChunkCrcs:
         """Copy the bytes (the caller reuses its buffers) and upload them in the background, at most
-        max_concurrency at a time; the crc32c is taken from the copy. An earlier upload's failure raises here."""
-        while len(self._inflight) >= self.max_concurrency:
-            self._finish(self._inflight.pop(0))
-        size = sum(len(p) for p in parts)
-        buf = self._buffer(size)
-        view, pos, known = memoryview(buf), 0, crc is not None
-        crc = crc or 0
+        max_concurrency at a time; the checksums (whole and per block) are taken from the copy unless `crcs` gives
+        them. An earlier upload's failure raises here."""
+        acc = BlockChecksummer() if crcs is None else None
+        buf, view = self._reserve(sum(len(p) for p in parts))
+        pos = 0
         for part in parts:
             view[pos : pos + len(part)] = part
-            if not known:
-                crc = crc32c.crc32c(view[pos : pos + len(part)], crc)
+            if acc is not None:
+                acc.update(view[pos : pos + len(part)])
             pos += len(part)
-        key = self.key(target.location, rel)
-        self._written[key] = size
-        self._inflight.append((key, self._uploads.submit(self._upload, key, buf, view[:size])))
-        return crc
+        self._enqueue(target, rel, buf, view)
+        return crcs if acc is None else acc.result()
 
     def link_chunk(self, target: Target, rel: str, src: str) -> None:
         """A staged file (zero-copy slot) becomes an object: its bytes are uploaded (already checksummed)."""
-        with open(src, "rb") as f:
-            data = f.read()
-        self.write_chunk(target, rel, [memoryview(data)], 0)
+        with open(src, "rb", buffering=0) as f:
+            buf, view = self._reserve(os.fstat(f.fileno()).st_size)
+            got = f.readinto(view)
+        if got != len(view):
+            raise OSError(f"staging file {src}: read {got} of {len(view)} bytes")
+        self._enqueue(target, rel, buf, view)
+
+    def _reserve(self, size: int) -> tuple[bytearray, memoryview]:
+        """An upload buffer of `size` bytes, once fewer than max_concurrency uploads are in flight."""
+        while len(self._inflight) >= self.max_concurrency:
+            self._finish(self._inflight.pop(0))
+        buf = self._buffer(size)
+        return buf, memoryview(buf)[:size]
+
+    def _enqueue(self, target: Target, rel: str, buf: bytearray, view: memoryview) -> None:
+        key = self.key(target.location, rel)
+        self._written[key] = len(view)
+        self._inflight.append((key, self._uploads.submit(self._upload, key, buf, view)))
 
     def make_durable(self, target: Target, rels: list[str]) -> None:
         """Every upload finished, and every listed object is in the store with its size (one listing)."""
@@ -379,11 +408,33 @@ class ObjectStorage:
         if data is None:
             raise CheckpointCorruptError(f"chunk {where}: missing (listed in the manifest)")
         data = memoryview(data).cast("B")
-        verify_record(Path(where), record, crc32c.crc32c(data), len(data))
+        crc = crc32c.crc32c(data)
+        bad = corrupt_blocks(record, data) if crc != record.crc32c else None
+        verify_record(Path(where), record, crc, len(data), bad)
         pos = 0
         for view in views:
             view[:] = data[pos : pos + len(view)]
             pos += len(view)
+
+    def read_span(self, path: Path, start: int, views: list[memoryview]) -> int:
+        """One ranged GET for the bytes the views hold from offset `start` on (reshard.read_blocks verifies each
+        block); returns the object's size."""
+        where = f"s3://{self.client.bucket}/{path}"
+        want = sum(len(v) for v in views)
+        try:
+            got = self.client.get_range(str(path), start, start + want)
+        except ObjectStoreError as e:
+            raise CheckpointCorruptError(f"chunk {where}: unreadable ({e})") from e
+        if got is None:
+            raise CheckpointCorruptError(f"chunk {where}: missing (listed in the manifest)")
+        data, size = got
+        data = memoryview(data).cast("B")
+        pos = 0
+        for view in views:
+            piece = data[pos : pos + len(view)]
+            view[: len(piece)] = piece
+            pos += len(view)
+        return size
 
     def display(self, location: Path) -> str:
         return self.url(location)

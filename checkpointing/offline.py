@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
+from checkpointing.checksums import CRC_BLOCK_BYTES, BlockChecksummer, ChunkCrcs
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manager import CheckpointInfo
-from checkpointing.manifest import read_manifest
-from checkpointing.reshard import LoadTarget, Scratch, read_range
+from checkpointing.manifest import ChunkRecord, read_manifest
+from checkpointing.reshard import LoadTarget, Scratch, corrupt_blocks, read_range
 from checkpointing.tiers import committed_steps
-from checkpointing.zarr_store import read_into, torch_dtype
+from checkpointing.zarr_store import torch_dtype
 
 
 def is_url(root: str | Path) -> bool:
@@ -66,15 +67,24 @@ def verify_object(url: str, endpoint: str = "") -> list[str]:
     scratch, problems = Scratch(), []
     records = [r for t in manifest.tensors.values() for r in t.chunks.values()] + list(manifest.files.values())
     for record in records:
+        data = scratch.view(record.nbytes)
         try:
-            storage.read_chunk(location / record.file, record, [scratch.view(record.nbytes)])
+            storage.read_chunk(location / record.file, record, [data])
         except CheckpointCorruptError as e:
             problems.append(str(e))
+            continue
+        bad = corrupt_blocks(record, data)
+        if bad:
+            problems.append(
+                f"{storage.url(location)}/{record.file}: {_bad_blocks(record, bad)}, though the whole object's "
+                f"crc32c matches"
+            )
     return problems
 
 
 def verify(path: str | Path) -> list[str]:
-    """Every problem found in one checkpoint directory (empty list: every listed file has its size and crc32c)."""
+    """Every problem found in one checkpoint directory (empty list: every listed file has its size, its crc32c and,
+    where the manifest lists them, its block crc32cs: partial loads check those)."""
     if is_url(path):
         return verify_object(str(path))
     path = Path(path)
@@ -87,15 +97,36 @@ def verify(path: str | Path) -> list[str]:
     for record in records:
         file = path / record.file
         try:
-            crc, size = read_into(file, [])
+            found, size = _checksum_file(file, record.block_bytes or CRC_BLOCK_BYTES)
         except FileNotFoundError:
             problems.append(f"{file}: missing (listed in the manifest)")
             continue
+        listed = record.blocks.lower()
+        bad = [i for i in range(len(listed) // 8) if found.blocks[8 * i : 8 * i + 8] != listed[8 * i : 8 * i + 8]]
         if size != record.nbytes:
             problems.append(f"{file}: {size} bytes on disk, manifest says {record.nbytes} (truncated)")
-        elif crc != record.crc32c:
-            problems.append(f"{file}: crc32c {crc:#010x} does not match the manifest's {record.crc32c:#010x}")
+        elif found.crc32c != record.crc32c:
+            problems.append(
+                f"{file}: crc32c {found.crc32c:#010x} does not match the manifest's {record.crc32c:#010x}"
+                + (f"; {_bad_blocks(record, bad)}" if bad else "")
+            )
+        elif bad:
+            problems.append(f"{file}: {_bad_blocks(record, bad)}, though the whole file's crc32c matches")
     return problems
+
+
+def _checksum_file(file: Path, block_bytes: int) -> tuple[ChunkCrcs, int]:
+    """The file's checksums (whole and per block) and size, in one pass."""
+    acc, size = BlockChecksummer(block_bytes), 0
+    with open(file, "rb", buffering=0) as f:
+        while piece := f.read(1 << 20):
+            acc.update(memoryview(piece))
+            size += len(piece)
+    return acc.result(), size
+
+
+def _bad_blocks(record: ChunkRecord, bad: list[int]) -> str:
+    return f"crc32c of block{'s' if len(bad) > 1 else ''} {bad[:8]} (of {record.block_bytes} bytes) does not match"
 
 
 def inspect(path: str | Path) -> dict:

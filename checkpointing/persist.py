@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from checkpointing import commit
+from checkpointing.checksums import CRC_BLOCK_BYTES
 from checkpointing.commit import LevelState, LevelStorage, Target
 from checkpointing.context import SaveContext, level_comm
 from checkpointing.errors import CheckpointError
@@ -35,7 +36,7 @@ fault tests (pause or damage a save mid-write); CheckpointManager(after_chunk=..
 class RankOutcome:
     """One rank's result on one level: chunk records, errors (each naming rank and file), bytes written."""
 
-    records: list[list] = field(default_factory=list)  # [name, chunk, file, nbytes, crc32c]
+    records: list[list] = field(default_factory=list)  # [name, chunk, file, nbytes, crc32c, block crcs (hex)]
     errors: list[str] = field(default_factory=list)
     nbytes: int = 0
 
@@ -47,21 +48,22 @@ def write_chunks(
     who: str,
     after_chunk: Callable[[int], None] | None = None,
 ) -> RankOutcome:
-    """The write loop (commit.py step 3): link or write each chunk into the target, checksummed while writing.
-    Stops at the first error, which names this rank (`who`: "rank 3 (node-b) L1") and the file."""
+    """The write loop (commit.py step 3): link or write each chunk into the target, checksummed (whole and per
+    block, checksums.py) while writing unless its source already knows the checksums. Stops at the first error,
+    which names this rank (`who`: "rank 3 (node-b) L1") and the file."""
     outcome = RankOutcome()
     try:
         for n, c in enumerate(chunks, 1):
             try:
-                payload, crc = c.load()
+                payload, crcs = c.load()
                 if isinstance(payload, str):
                     storage.link_chunk(target, c.rel, payload)
                 else:
-                    crc = storage.write_chunk(target, c.rel, payload, crc)
+                    crcs = storage.write_chunk(target, c.rel, payload, crcs)
             except (OSError, CheckpointError) as e:
                 outcome.errors.append(f"{who}: {target.location}/{c.rel}: {e}")
                 break
-            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, crc])
+            outcome.records.append([c.name, c.chunk, c.rel, c.nbytes, crcs.crc32c, crcs.blocks])
             outcome.nbytes += c.nbytes
             if after_chunk is not None:
                 after_chunk(n)
@@ -76,8 +78,10 @@ def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> M
         name: TensorEntry(list(t.shape), t.dtype, t.layout, t.grid.chunk_rows, t.grid.n_chunks)
         for name, t in ctx.layouts.items()
     }
-    for name, chunk, rel, nbytes, crc in records:
-        tensors[name].chunks[int(chunk)] = ChunkRecord(rel, int(nbytes), int(crc))
+    for name, chunk, rel, nbytes, crc, blocks in records:
+        tensors[name].chunks[int(chunk)] = ChunkRecord(
+            rel, int(nbytes), int(crc), blocks, CRC_BLOCK_BYTES if blocks else 0
+        )
     extra = ctx.extras[0]
     rank_extra = {r: e for r, e in enumerate(ctx.extras) if r and e != extra}
     return Manifest(
@@ -90,6 +94,7 @@ def build_manifest(level: LevelSpec, ctx: SaveContext, records: list[list]) -> M
         tensors=tensors,
         extra=extra,
         rank_extra=rank_extra,
+        crc_block_bytes=CRC_BLOCK_BYTES,
     )
 
 

@@ -22,21 +22,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
 import numpy as np
 import torch
 
+from checkpointing.checksums import BlockChecksummer, ChunkCrcs
 from checkpointing.staging import Shard, local_view
 
 
-_BLOCK = 1 << 20  # pwrite + crc32c granularity: the block is still in cache when it is checksummed
+_BLOCK = 1 << 20  # pwrite + checksum granularity: the piece is still in cache when it is checksummed
 _MMAP_MIN = 64 << 10  # chunk files at least this big are written through a shared mapping (a plain memcpy, about
 # twice as fast as pwrite into tmpfs); smaller ones with one pwrite (no mapping per file)
 
 
-def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -> int | None:
-    """Write `view` at `offset` in blocks; with `crc` (a running crc32c) checksum each block right after writing it
-    and return the result, else return None."""
+def pwrite_all(fd: int, view: memoryview, offset: int, acc: BlockChecksummer | None = None) -> None:
+    """Write `view` at `offset` in pieces; with `acc`, checksum each piece right after writing it."""
     pos = 0
     n = len(view)
     while pos < n:
@@ -44,17 +43,17 @@ def pwrite_all(fd: int, view: memoryview, offset: int, crc: int | None = None) -
         done = 0
         while done < len(block):
             done += os.pwrite(fd, block[done:], offset + pos + done)
-        if crc is not None:
-            crc = crc32c.crc32c(block, crc)
+        if acc is not None:
+            acc.update(block)
         pos += len(block)
-    return crc
 
 
-def crc32c_blocks(view: memoryview, crc: int = 0) -> int:
-    """crc32c of `view` in blocks (each call releases the GIL, the blocks stay in cache)."""
+def checksum_pieces(view: memoryview) -> ChunkCrcs:
+    """The checksums of `view`, in pieces (each crc32c call releases the GIL, the pieces stay in cache)."""
+    acc = BlockChecksummer()
     for pos in range(0, len(view), _BLOCK):
-        crc = crc32c.crc32c(view[pos : pos + _BLOCK], crc)
-    return crc
+        acc.update(view[pos : pos + _BLOCK])
+    return acc.result()
 
 
 def flat_bytes(value: "torch.Tensor | Shard") -> torch.Tensor:
@@ -105,7 +104,7 @@ class Slot:
         self.names: list[str] = []  # str(paths): hard-linked every save
         self.maps: list[mmap.mmap | None] = []
         self.views: list[np.ndarray | None] = []
-        self.crcs: list[int | None] = []
+        self.crcs: list[ChunkCrcs | None] = []
         self.assembly: dict[int, np.ndarray] = {}
         self.sendbufs: list[np.ndarray] = []
         self.step: int | None = None
@@ -195,21 +194,23 @@ class Slot:
         self.step = step
         return copied
 
-    def checksum(self, i: int) -> int:
-        """crc32c of owned chunk i as staged (padding included), computed once per save by the persist thread: the
-        record covers exactly the bytes that are linked (the same file) or written (see write_file) afterwards."""
-        crc = self.crcs[i]
-        if crc is None:
-            crc = self.crcs[i] = crc32c_blocks(self.read(i))
-        return crc
+    def checksum(self, i: int) -> ChunkCrcs:
+        """Checksums of owned chunk i as staged (padding included), computed once per save by the persist thread:
+        the record covers exactly the bytes that are linked (the same file) or written (see write_file) afterwards."""
+        crcs = self.crcs[i]
+        if crcs is None:
+            crcs = self.crcs[i] = checksum_pieces(self.read(i))
+        return crcs
 
     def finish_assembled(self) -> None:
         """Persist time, after the pieces were received: write the assembled chunks into their files."""
         for i, buf in self.assembly.items():
             if self.files:
-                self.crcs[i] = pwrite_all(self.fds[i], memoryview(buf), 0, crc=0)
+                acc = BlockChecksummer()
+                pwrite_all(self.fds[i], memoryview(buf), 0, acc)
+                self.crcs[i] = acc.result()
             else:
-                self.crcs[i] = crc32c.crc32c(buf)
+                self.crcs[i] = checksum_pieces(memoryview(buf))
                 self.views[i] = buf
 
     def read(self, i: int) -> memoryview:

@@ -2,14 +2,16 @@
 
 A `ChunkSource` first exchanges boundary pieces with the other ranks (`exchange`, on every rank of the job, even
 one that will fail afterwards: point-to-point partners wait for each other), then yields, for each chunk this rank
-owns on the level, a `Chunk` whose `load()` gives its bytes (to write, checksummed while writing) or a staged file
-(to hard-link, already checksummed). persist.write_chunks is the one loop that consumes them.
+owns on the level, a `Chunk` whose `load()` gives its bytes (to write, checksummed while writing unless their
+checksums are known) or a staged file (to hard-link, already checksummed). persist.write_chunks is the one loop that
+consumes them. Checksums are checksums.ChunkCrcs: the whole chunk's crc32c and one per block.
 
   HostBuffers    the save was staged into host buffers (BufferSet): slices of them, boundary chunks assembled from
                  pieces received from their neighbours
   StagedSlot     the save was staged zero-copy for this level (Slot): its files are linked (memory level) or its
                  buffers written (disk level); with `fallback`, a slot staged for a faster level that failed
-  CommittedCopy  promotion: the chunks of a committed copy on a faster level, read and verified
+  CommittedCopy  promotion: the chunks of a committed copy on a faster level, read and verified (their records'
+                 checksums are reused when the source has block crcs of this version's block size)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from checkpointing.checksums import CRC_BLOCK_BYTES, ChunkCrcs
 from checkpointing.context import SaveContext
 from checkpointing.errors import CheckpointError
 from checkpointing.manifest import read_manifest
@@ -35,14 +38,14 @@ class SourceError(Exception):
 
 @dataclass
 class Chunk:
-    """One chunk file this rank writes. load() -> (bytes as views, their crc32c if known) or (a staged file to
-    link, its crc32c); it runs inside the write loop, so a read error is reported with the chunk's path."""
+    """One chunk file this rank writes. load() -> (bytes as views, their checksums if known) or (a staged file to
+    link, its checksums); it runs inside the write loop, so a read error is reported with the chunk's path."""
 
     name: str
     chunk: int
     rel: str
     nbytes: int
-    load: Callable[[], tuple[list[memoryview] | str, int | None]]
+    load: Callable[[], tuple[list[memoryview] | str, ChunkCrcs | None]]
 
 
 class ChunkSource(Protocol):
@@ -177,7 +180,7 @@ class StagedSlot:
             c = slot.plan.chunks[i]
             yield Chunk(c.name, c.chunk, c.rel, c.nbytes, lambda i=i: ([slot.read(i)], None))
 
-    def _staged(self, i: int) -> tuple[list[memoryview] | str, int | None]:
+    def _staged(self, i: int) -> tuple[list[memoryview] | str, ChunkCrcs | None]:
         if self.slot.files:  # the file is linked: the checksum covers its bytes
             return self.slot.names[i], self.slot.checksum(i)
         return [self.slot.read(i)], self.slot.crcs[i]  # None for whole chunks: checksummed while written
@@ -203,9 +206,12 @@ class CommittedCopy:
             if record is None:
                 raise SourceError(f"chunk {task.chunk} of {task.name} is not in the source copy {self.src_dir}")
 
-            def load(record=record) -> tuple[list[memoryview], None]:
+            def load(record=record) -> tuple[list[memoryview], ChunkCrcs | None]:
                 buf = self._scratch.view(record.nbytes)
                 read_chunk_checked(self.src_dir / record.file, record, [buf])
-                return [buf], None
+                # the bytes match the record's whole crc32c: its block crcs are theirs too, unless the source
+                # predates block checksums or used another block size (then they are checksummed while written)
+                known = record.blocks and record.block_bytes == CRC_BLOCK_BYTES
+                return [buf], ChunkCrcs(record.crc32c, record.blocks) if known else None
 
             yield Chunk(task.name, task.chunk, record.file, record.nbytes, load)

@@ -22,6 +22,7 @@ from pathlib import Path
 import crc32c
 import torch
 
+from checkpointing.checksums import BlockChecksummer, ChunkCrcs
 from checkpointing.errors import CheckpointError
 
 # torch dtype name -> zarr data_type. bfloat16 has no zarr/numpy dtype: stored as uint16 plus `torch_dtype`.
@@ -167,7 +168,7 @@ _MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}  # statfs f_type magic n
 _memory_cache: dict[str, bool] = {}
 _fsync_pool: ThreadPoolExecutor | None = None
 _fsync_lock = threading.Lock()
-_CRC_BLOCK = 1 << 20  # write_file checksums and writes this much at a time
+_WRITE_PIECE = 1 << 20  # write_file checksums and writes this much at a time
 
 
 def is_memory_fs(path: str | Path) -> bool:
@@ -231,18 +232,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, parts: list[memoryview], fsync: bool, crc: int | None = None) -> int:
-    """Write the byte views to `path` (created/truncated), return crc32c of everything written (`crc`: the caller
-    already checksummed exactly these bytes). Checksummed block by block right before each block is written, so
-    the block is in cache for the write and the checksum covers the bytes as they were written."""
+def write_file(path: Path, parts: list[memoryview], fsync: bool, crcs: ChunkCrcs | None = None) -> ChunkCrcs:
+    """Write the byte views to `path` (created/truncated), return the checksums of everything written, whole and
+    per block (`crcs`: the caller already checksummed exactly these bytes). Checksummed piece by piece right before
+    each piece is written, so it is in cache for the write and the checksum covers the bytes as they were written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    known, crc = crc, 0 if crc is None else crc
+    acc = BlockChecksummer() if crcs is None else None
     try:
         for part in parts:
-            for pos in range(0, len(part), _CRC_BLOCK):
-                view = part[pos : pos + _CRC_BLOCK]
-                if known is None:
-                    crc = crc32c.crc32c(view, crc)
+            for pos in range(0, len(part), _WRITE_PIECE):
+                view = part[pos : pos + _WRITE_PIECE]
+                if acc is not None:
+                    acc.update(view)
                 while len(view):
                     written = os.write(fd, view)
                     view = view[written:]
@@ -250,7 +251,7 @@ def write_file(path: Path, parts: list[memoryview], fsync: bool, crc: int | None
             os.fsync(fd)
     finally:
         os.close(fd)
-    return crc
+    return crcs if acc is None else acc.result()
 
 
 def write_json_atomic(path: Path, obj: dict, fsync: bool = True) -> int:
@@ -261,7 +262,7 @@ def write_json_atomic(path: Path, obj: dict, fsync: bool = True) -> int:
 def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> int:
     """Write bytes to a temp name, fsync, rename over `path`, fsync the directory; return their crc32c."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    crc = write_file(tmp, [memoryview(data)], fsync)
+    crc = write_file(tmp, [memoryview(data)], fsync).crc32c
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
@@ -288,3 +289,34 @@ def read_into(path: Path, views: list[memoryview]) -> tuple[int, int]:
             crc = crc32c.crc32c(tail, crc)
             total += len(tail)
     return crc, total
+
+
+def pread_span(path: Path, start: int, views: list[memoryview]) -> int:
+    """Fill the views in order with the file's bytes from offset `start` on (one preadv); return the file's size.
+    Views past the end of a shorter file are left partly unfilled: the caller compares the size to what it expects.
+    Nothing is checksummed here (reshard.read_blocks verifies each block it asked for)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        want = sum(len(v) for v in views)
+        got = 0
+        while got < want and start + got < size:
+            n = os.preadv(fd, _skip(views, got), start + got)
+            if not n:
+                break
+            got += n
+    finally:
+        os.close(fd)
+    return size
+
+
+def _skip(views: list[memoryview], nbytes: int) -> list[memoryview]:
+    """The views without their first `nbytes` bytes (to continue a short read)."""
+    out = []
+    for view in views:
+        if nbytes >= len(view):
+            nbytes -= len(view)
+            continue
+        out.append(view[nbytes:])
+        nbytes = 0
+    return out

@@ -230,6 +230,7 @@ def test_manifest_encoder_matches_the_manifest_object():
     from checkpointing.manifest import ChunkRecord, Manifest
     from checkpointing.commit import MetadataCache
     from checkpointing.context import SaveContext
+    from checkpointing.checksums import CRC_BLOCK_BYTES
     from checkpointing.persist import build_manifest
     from checkpointing.plan import global_layouts
 
@@ -240,7 +241,7 @@ def test_manifest_encoder_matches_the_manifest_object():
     extras = [{"step": 3, "cfg": {"a": [1, 2]}}, {"step": 3, "rank": 1}]
     ctx = SaveContext(3, "abc", layouts, extras, ["n0", "n0"], Comm(None, 0, 2), Comm(None, 0, 2), "n0", 256, "sig")
     records = [
-        [name, c, f"{name}/{t.grid.chunk_key(c)}", t.grid.chunk_nbytes, 1000 + c]
+        [name, c, f"{name}/{t.grid.chunk_key(c)}", t.grid.chunk_nbytes, 1000 + c, f"{c:08x}"]
         for name, t in layouts.items()
         for c in range(t.grid.n_chunks)
         if c != 1
@@ -257,6 +258,7 @@ def test_manifest_encoder_matches_the_manifest_object():
             node_local=True,
             world_size=2,
             chunk_bytes=256,
+            crc_block_bytes=CRC_BLOCK_BYTES,
             records=records,
             extra=extras[0],
             rank_extra={1: extras[1]},
