@@ -8,6 +8,8 @@ failed (a missing or corrupt chunk) they exclude that copy and try the next newe
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ from checkpointing.comm import Comm
 from checkpointing.commit import LevelStorage
 from checkpointing.errors import CheckpointCorruptError, CheckpointError
 from checkpointing.manifest import Manifest, read_manifest
-from checkpointing.reshard import LoadTarget, Scratch, mismatch, missing_chunks, read_range
+from checkpointing.reshard import LoadTarget, Scratch, mismatch, missing_chunks, read_ranges
 from checkpointing.results import CheckpointInfo, LoadResult
 from checkpointing.staging import Shard
 from checkpointing.tiers import LevelSpec
@@ -172,10 +174,24 @@ class Loader:
         nread = 0
         reader = self._storages[level.name]  # reads whole chunks and spans of blocks (reshard.ChunkReader)
         try:
-            with ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:
-                for t in targets:
-                    if t.name in manifest.tensors:
-                        nread += read_range(path, manifest, t, self._scratch, pool, reader)
+            with _gc_paused(), ThreadPoolExecutor(self._read_threads, thread_name_prefix="ckpt-read") as pool:
+                present = [t for t in targets if t.name in manifest.tensors]
+                nread = read_ranges(path, manifest, present, self._scratch, pool, reader)
         except (CheckpointCorruptError, OSError) as e:
             return str(e), nread
         return None, nread
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while chunks are read. The reads allocate many short-lived objects (futures,
+    views) and that triggered one full collection per load, which walks every object of a process that imported
+    torch: 0.25 s of a 3-way resharded load of 0.65 GB measured here (1.08 -> 0.84 s), with the reads stalled
+    behind the main thread. Nothing the reads allocate forms cycles; collection resumes after the load."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

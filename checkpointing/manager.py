@@ -75,13 +75,15 @@ class CheckpointManager:
         logger: logging.Logger | None = None,
         *,
         staging_buffers: int = 2,
-        read_threads: int = 2,
+        read_threads: int = 4,
         after_chunk: ChunkHook | None = None,
         static_extra: dict | None = None,
     ) -> None:
         """`static_extra`: the part of every save's `extra` that does not change over the run (the config, the
         HF model config); sent to the other ranks once per tensor layout instead of with every save, and merged
-        under each save's extra in the manifest. `after_chunk`: for fault tests, see persist.ChunkHook."""
+        under each save's extra in the manifest. `after_chunk`: for fault tests, see persist.ChunkHook.
+        `read_threads`: chunk reads a load keeps in flight (a read releases the GIL; a 3-way resharded load of
+        0.65 GB read in 0.61-0.63 s on 4 threads against 0.64-1.34 s on 1-2 here)."""
         if not levels:
             raise ValueError("CheckpointManager needs at least one LevelSpec")
         if len({lv.name for lv in levels}) != len(levels):
