@@ -508,8 +508,9 @@ def table(results: dict) -> str:
     blank = " |" * (len(pairs) + 1)
     for key in ("worker_kill", "node_loss", "node_join"):
         name = key.replace("_", " ")
+        how = "node start -> first step with it" if key == "node_join" else "replicas: survivors' kill -> next step"
         lines.append(
-            f"| recovery after {name} (s; replicas: survivors' kill -> next completed step) | "
+            f"| recovery after {name} (s; {how}) | "
             + " | ".join(cell(s, key, "recovery_seconds") for s in systems)
             + " | "
             + " | ".join(ratio(p, o, key) for p, o in pairs)
