@@ -214,35 +214,17 @@ def test_a_node_started_later_joins_the_running_job_and_heals_from_a_peer(tiny_r
     )
     loopback = {"ECPT_ADVERTISE_HOST": "127.0.0.1"}  # a cluster node advertises its hostname; here: loopback only
     nodes = []
+
+    def start_node(rank: int):
+        log = tmp_path / f"node{rank}.log"
+        args = ("--run-dir", str(run), "--node-rank", str(rank), "--node-id", f"node{rank}")
+        return start_ecpt_train(config, *args, log=log, env=loopback)
+
     try:
-        nodes.append(
-            start_ecpt_train(
-                config,
-                "--run-dir",
-                str(run),
-                "--node-rank",
-                "0",
-                "--node-id",
-                "a",
-                log=tmp_path / "node0.log",
-                env=loopback,
-            )
-        )
+        nodes.append(start_node(0))
         wait_for(lambda: len(step_rows(run)) >= 2, 120, "node 0 training alone", proc=nodes[0])
         assert {r["world_size"] for r in step_rows(run)} == {1}
-        nodes.append(
-            start_ecpt_train(
-                config,
-                "--run-dir",
-                str(run),
-                "--node-rank",
-                "1",
-                "--node-id",
-                "b",
-                log=tmp_path / "node1.log",
-                env=loopback,
-            )
-        )
+        nodes.append(start_node(1))
         codes = [p.wait(timeout=RUN_TIMEOUT) for p in nodes]
     finally:
         for p in [*nodes, lighthouse]:
