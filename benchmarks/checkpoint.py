@@ -514,6 +514,11 @@ def main() -> None:
     ap.add_argument("--loop-step-s", type=float, default=0.75, help="periodic loop: compute step seconds (0.75)")
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--loop-method", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--loop-methods",
+        default="",
+        help="periodic loop: comma-separated subset of its methods (default all; the DCP peer is always included)",
+    )
     ap.add_argument("--reshard", help=argparse.SUPPRESS)
     ap.add_argument("--l0", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

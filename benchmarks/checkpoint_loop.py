@@ -314,6 +314,12 @@ def loop_child(args, build_state, rss_mb) -> dict:
         "durable_s": statistics.median(s.get("durable_s", float("nan")) for s in steady) if steady else None,
         "first": saves[0] if saves else None,
         "saves": [{k: s.get(k) for k in ("step", "blocked_s", "durable_s")} for s in saves],
+        # compute lost to contention in each interval that starts with a save (the first one pays the one-off
+        # allocations): where the slowdown comes from
+        "lost_s_per_interval": [
+            round(sum(1 - n / base_work for n in done_work[i : i + args.every]) * args.loop_step_s, 2)
+            for i in range(args.every, len(done_work), args.every)
+        ],
         "slowdown_per_ckpt_s": (lost_s + blocked_s) / max(1, len(saves)),
         "slowdown_per_due_s": (lost_s + blocked_s) / max(1, steps // args.every),
         "peak_rss_over_state_mb": peak_rss,
@@ -417,7 +423,11 @@ def report_loop(results: dict) -> dict:
 def run_loop(args, work: Path, run_child, free_port) -> tuple[dict, dict]:
     """Every loop method in its own process; a failing method is reported, not raised."""
     results = {}
-    for method in LOOP_METHODS:
+    chosen = set(args.loop_methods.split(",")) if args.loop_methods else set(LOOP_METHODS)
+    unknown = chosen - set(LOOP_METHODS)
+    if unknown:
+        raise SystemExit(f"--loop-methods: unknown {sorted(unknown)}; choose from {LOOP_METHODS}")
+    for method in [m for m in LOOP_METHODS if m in chosen or m == "dcp_async_stager"]:
         print(f"... loop {method}", file=sys.stderr, flush=True)
         cmd = [
             "--loop-method",
