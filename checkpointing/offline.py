@@ -22,7 +22,8 @@ def is_url(root: str | Path) -> bool:
 
 def _object_storage(url: str, endpoint: str = ""):
     """An s3:// level root or one step under it: (storage of the root, the step's location or None)."""
-    from checkpointing.objstore import ObjectStorage, parse_url
+    from checkpointing.objclient import parse_url
+    from checkpointing.objstore import ObjectStorage
     from checkpointing.tiers import LevelSpec
 
     bucket, prefix = parse_url(url)
