@@ -71,9 +71,7 @@ def start_lighthouse(cfg: Config, run_dir: Path) -> tuple[subprocess.Popen, str]
         f"--join-timeout-ms={launch.ft_join_timeout_ms}",
         f"--address-file={address_file}",
     ]
-    # torchft's Rust side logs every quorum at INFO; RUST_LOG (unless the user set it) keeps warnings only
-    env = {"RUST_LOG": "warn", **os.environ}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_terminate_with_parent)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_terminate_with_parent)
     deadline = time.monotonic() + 30
     while not address_file.exists():
         if proc.poll() is not None:
@@ -126,12 +124,11 @@ def replica_indices(cfg: Config, node_rank: int | None) -> range:
     return range(node_rank * per_node, (node_rank + 1) * per_node)
 
 
-def train_replicas(
-    cfg: Config, config_json: Path, node_id: str | None, threads: int, node_rank: int | None = None
-) -> int:
+def train_replicas(cfg: Config, config_json: Path, node_id: str | None, node_rank: int | None = None) -> int:
     """Run this machine's replica groups (and the coordinator unless launch.lighthouse names one); the exit code."""
     run_dir = Path(cfg.train.run_dir)
     indices = replica_indices(cfg, node_rank)
+    threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // len(indices))  # they share the cores
     lighthouse, address = None, cfg.launch.lighthouse
     if not address:
         lighthouse, address = start_lighthouse(cfg, run_dir)
@@ -214,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
-        threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.replica_groups_per_node)
-        return train_replicas(cfg, Path(args.config), os.environ.get(NODE_ID_ENV), threads, node_rank)
+        return train_replicas(cfg, Path(args.config), os.environ.get(NODE_ID_ENV), node_rank)
     except ConfigError as e:
         print(f"ecpt replicas node: {e}", file=sys.stderr)
         return 2

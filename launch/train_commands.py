@@ -60,23 +60,17 @@ def train_on_this_machine(
         except CheckpointError as e:
             print(f"ecpt train: checkpoint.l2_dir = {cfg.checkpoint.l2_dir!r}: {e}", file=sys.stderr)
             return 2
-    sharing = 0
     if cfg.launch.fault_tolerance == "replicas":
-        from launch.replicas_node import replica_indices
+        from launch.replicas_node import replica_indices, train_replicas
 
         try:  # before the corpus is built: a wrong node rank or a missing coordinator is a config error
-            sharing = len(replica_indices(cfg, node_rank))  # the replica groups on this machine
+            replica_indices(cfg, node_rank)
         except ConfigError as e:
             print(f"ecpt train: {e}", file=sys.stderr)
             return 2
+        return _finish(cfg, train_replicas(cfg, prepare_run(cfg), node_id, node_rank))
     config_json = prepare_run(cfg)
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
-    if cfg.launch.fault_tolerance == "replicas":
-        from launch.replicas_node import train_replicas
-
-        threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // sharing)
-        code = train_replicas(cfg, config_json, node_id, threads, node_rank)
-        return _finish(cfg, code)
     endpoint = resolve_endpoint(cfg)
     print(
         f"run dir {cfg.train.run_dir}; torchrun: nnodes {cfg.launch.nnodes}, {cfg.launch.nproc_per_node} "
