@@ -6,14 +6,15 @@ the difference left is ecpt's restart path: workers forked from a preloaded serv
 
 For each system: recovery time (kill -> first completed training step after the restart), steps lost, and the
 time until training is back past the step it had reached (recovery plus replaying the lost steps) for a worker
-kill, a node loss (its agent and workers killed) and a node join; then goodput (steps done / steps a
-fault-free run does in the same wall time) with a fault every --fault-every seconds over --duration seconds.
+kill, a node loss (its agent and workers killed) and a node join; then goodput (steps done with a fault every
+--fault-every seconds over --duration seconds / steps fault-free runs of the same system reach in the same wall time,
+half of it just before the faulted run and half just after).
 
-    python benchmarks/elastic.py                       # full: 10 min goodput per system (about 25 min in all)
+    python benchmarks/elastic.py                       # full: 2 x 10 min goodput per system (about an hour in all)
     python benchmarks/elastic.py --duration 120 --fault-every 40   # quick look
 
 Prints a table and writes benchmarks/results/elastic.json. Targets: recovery <= 10 s for worker kill and node
-loss and >= 3x faster than the baseline; goodput >= 90%.
+loss and >= 3x faster than the baseline; goodput >= 0.97 (issue 15).
 """
 
 from __future__ import annotations
@@ -410,42 +411,64 @@ def scenario_node_loss_and_join(job: Job) -> tuple[dict, dict]:
     return loss, join
 
 
-def goodput(job: Job, duration: float, fault_every: float, rate_fault_free: float) -> dict:
+def steps_within(job: Job, seconds: float, t0: float) -> int:
+    """The newest step the run had reached ``seconds`` after its first step (``t0``): replayed steps count once."""
+    return max((r["step"] for r in steps(job.run) if r["time"] <= t0 + seconds), default=0)
+
+
+def run_window(job: Job, seconds: float, fault_every: float | None = None) -> dict:
+    """Run the job for ``seconds`` from its first completed step, killing a worker every ``fault_every`` seconds
+    (alternating the two), and count the steps reached. Start-up is outside the window for every run alike."""
     job.start_node("n0", "1", 2)
     wait_until(lambda: steps(job.run), 300, "the first step")
     t0 = steps(job.run)[0]["time"]
     faults = 0
-    while time.time() - t0 < duration:
-        next_fault = t0 + (faults + 1) * fault_every
-        time.sleep(max(0.0, min(next_fault, t0 + duration) - time.time()))
-        if time.time() - t0 >= duration:
+    while time.time() - t0 < seconds:
+        next_event = t0 + (faults + 1) * fault_every if fault_every else t0 + seconds
+        time.sleep(max(0.0, min(next_event, t0 + seconds) - time.time()))
+        if time.time() - t0 >= seconds or not fault_every:
             break
         try:
             os.kill(job.worker_pid(faults % 2), signal.SIGKILL)
             faults += 1
         except (ProcessLookupError, FileNotFoundError):
             continue  # the group is restarting right now; the next fault comes on schedule
-    window = [r for r in steps(job.run) if r["time"] <= t0 + duration]
-    done = max((r["step"] for r in window), default=0)  # the trajectory kept: replayed steps count once
-    # Against the same run's own median step time too: fault-free runs measured minutes apart on a shared
-    # machine differ by 10% and more, which would swamp a few seconds lost per fault.
-    own_step = statistics.median(r["seconds"] for r in window) if window else float("nan")
+    window = [r for r in steps(job.run) if r["time"] <= t0 + seconds]
     return {
         "faults": faults,
-        "duration_seconds": duration,
-        "steps": done,
-        "goodput_ratio": round(done / (rate_fault_free * duration), 3),
-        "goodput_vs_own_step_time": round(done * own_step / duration, 3),
+        "seconds": seconds,
+        "steps": steps_within(job, seconds, t0),
+        "median_step_seconds": round(statistics.median(r["seconds"] for r in window), 4) if window else None,
     }
 
 
-def fault_free_rate(job: Job, seconds: float = 60) -> float:
-    job.start_node("n0", "1", 2)
-    wait_until(lambda: len(steps(job.run)) >= 5, 300, "5 steps")
-    time.sleep(seconds)
-    rows = steps(job.run)
-    window = [r for r in rows if r["time"] >= rows[4]["time"]]
-    return (window[-1]["step"] - window[0]["step"]) / (window[-1]["time"] - window[0]["time"])
+def goodput(system: str, root: Path, args) -> dict:
+    """Steps reached with a fault every ``--fault-every`` s over ``--duration`` s, over the steps the same system
+    reaches fault-free in the same wall time. The fault-free reference is two runs of half that length, one just
+    before the faulted run and one just after, so the reference spans the same stretch of a noisy machine (a 45 s
+    reference taken separately read 10-17% faster than 10-minute runs here) and counts validation, checkpoints and
+    logging exactly as the faulted run does."""
+
+    def window(name: str, seconds: float, fault_every: float | None) -> dict:
+        job = make_job(system, root / name, 100_000, args.l0_base / system / name, args.replicas_set)
+        try:
+            return run_window(job, seconds, fault_every)
+        finally:
+            job.stop()
+
+    before = window("fault-free-before", args.duration / 2, None)
+    faulted = window("faulted", args.duration, args.fault_every)
+    after = window("fault-free-after", args.duration / 2, None)
+    reference = before["steps"] + after["steps"]
+    return {
+        "faults": faulted["faults"],
+        "duration_seconds": args.duration,
+        "steps": faulted["steps"],
+        "fault_free_steps": reference,
+        "fault_free_steps_before_after": [before["steps"], after["steps"]],
+        "goodput_ratio": round(faulted["steps"] / reference, 3) if reference else None,
+        "median_step_seconds_faulted_fault_free": [faulted["median_step_seconds"], before["median_step_seconds"]],
+    }
 
 
 def run_system(system: str, root: Path, args) -> dict:
@@ -464,22 +487,12 @@ def run_system(system: str, root: Path, args) -> dict:
         else:
             out[name] = result
         print(f"  {system:8s} {name:12s} {out.get(name, out.get('node_loss'))}", flush=True)
-    if "goodput" not in args.scenarios:
-        return out
-    job = make_job(system, root / "rate", 100_000, args.l0_base / system / "rate", args.replicas_set)
-    try:
-        rate = fault_free_rate(job, args.rate_seconds)
-    finally:
-        job.stop()
-    job = make_job(system, root / "goodput", 100_000, args.l0_base / system / "goodput", args.replicas_set)
-    try:
-        out["goodput"] = goodput(job, args.duration, args.fault_every, rate)
-    except TimeoutError as exc:
-        out["goodput"] = {"error": str(exc)}
-    finally:
-        job.stop()
-    out["fault_free_steps_per_second"] = round(rate, 3)
-    print(f"  {system:8s} goodput      {out['goodput']}", flush=True)
+    if "goodput" in args.scenarios:
+        try:
+            out["goodput"] = goodput(system, root / "goodput", args)
+        except TimeoutError as exc:
+            out["goodput"] = {"error": str(exc)}
+        print(f"  {system:8s} goodput      {out['goodput']}", flush=True)
     return out
 
 
@@ -529,10 +542,12 @@ def table(results: dict) -> str:
             + " | ".join(ratio(p, o, key, "regain_seconds") for p, o in pairs)
             + " |"
         )
-    for field_ in ("goodput_ratio", "goodput_vs_own_step_time"):
-        lines.append(
-            f"| {field_.replace('_', ' ')} | " + " | ".join(cell(s, "goodput", field_) for s in systems) + blank
-        )
+    for field_, label in (
+        ("goodput_ratio", "goodput: steps with faults / own fault-free steps, same wall time"),
+        ("steps", "steps with faults"),
+        ("fault_free_steps", "fault-free steps (half before, half after)"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(cell(s, "goodput", field_) for s in systems) + blank)
     return "\n".join(lines)
 
 
@@ -562,6 +577,14 @@ def replicas_targets(results: dict) -> list[str]:
     ratio = mine.get("goodput", {}).get("goodput_ratio")
     if ratio is not None:
         lines.append(f"{'OK  ' if ratio >= 0.97 else 'MISS'} goodput {ratio} (target >= 0.97)")
+    theirs = peer.get("goodput", {})
+    if ratio is not None and theirs.get("fault_free_steps"):
+        # the strongest peer's fault-free progress: what replicas mode's per-step quorum costs shows here
+        across = mine["goodput"]["steps"] / theirs["fault_free_steps"]
+        lines.append(
+            f"info goodput against baseline-tuned's fault-free steps: {across:.3f} (baseline-tuned's own "
+            f"goodput {theirs.get('goodput_ratio')})"
+        )
     return lines
 
 
@@ -569,7 +592,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=600, help="goodput window per system, seconds")
     parser.add_argument("--fault-every", type=float, default=120, help="seconds between faults in the window")
-    parser.add_argument("--rate-seconds", type=float, default=45, help="fault-free measuring window, seconds")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument(
         "--scenarios", default="worker_kill,node,goodput", help="comma-separated subset of worker_kill,node,goodput"

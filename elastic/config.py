@@ -572,6 +572,12 @@ class LaunchConfig:
     ft_start_timeout_s: float = 30.0
     """replicas mode: a run at step 0 (fresh, or every replica restarted) waits this long for all replica groups
     to join before it starts with those present (later ones heal from them)."""
+    ft_bucket_mb: float = 25.0
+    """replicas mode: the cross-replica gradient all-reduce starts in buckets of up to this many MiB while the
+    backward pass still runs (DDP's bucket_cap_mb and its default; elastic/ft/overlap.py). 0: one all-reduce of
+    all gradients after the backward. On 2 CPU cores overlap gains nothing (the reduction competes with the
+    backward for the same cores: 4 MiB buckets measured the same step time as 0, README); it pays where the
+    reduction runs on its own engine (nccl on GPUs, other hosts' NICs)."""
     ft_reuse_partial_step: bool = True
     """replicas mode: when a step is discarded because members left mid-step, the survivors retry it computing
     only the departed members' samples, adding them to the gradients they already computed (kept in the
@@ -600,6 +606,7 @@ class LaunchConfig:
             not self.lighthouse or self.lighthouse.startswith(("http://", "https://")),
             f"launch.lighthouse must be an http://host:port address (or empty), got {self.lighthouse!r}",
         )
+        _require(self.ft_bucket_mb >= 0, f"launch.ft_bucket_mb must be >= 0 (0 = no overlap), got {self.ft_bucket_mb}")
         for name in ("ft_heartbeat_timeout_ms", "ft_join_timeout_ms"):
             _require(getattr(self, name) >= 1, f"launch.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ft_timeout_s", "ft_quorum_timeout_s", "ft_connect_timeout_s", "ft_start_timeout_s"):

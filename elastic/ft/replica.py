@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from elastic.batch import rank_batch, rank_ranges
 from elastic.ft.metrics import ReplicaMetrics
+from elastic.ft.overlap import OverlappedReduce
 from elastic.ft.partial import EarlyOrphans, PartialStep, QuorumRecorder, Retry, ReuseSteps
 from elastic.ft.peers import ProgressMark, advertised_process_group, lighthouse_address, replica_index
 from elastic.ft.state import HealRecord, apply_healing_state, healing_state
@@ -70,6 +71,8 @@ class ReplicaStepper(ReuseSteps):
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
         self.tensors = trainer.checkpoints.tensors if trainer.checkpoints else trainer.engine.checkpoint_tensors()
         self.params = [p for p in trainer.model.parameters()]
+        bucket_bytes = int(launch.ft_bucket_mb * 2**20)
+        self.overlap = OverlappedReduce(self.params, self._start_all_reduce, bucket_bytes) if bucket_bytes else None
         self.metrics = ReplicaMetrics(registry, self.index)
         self.heal: HealRecord | None = None
         self.heals: list[HealRecord] = []
@@ -204,9 +207,14 @@ class ReplicaStepper(ReuseSteps):
             f"heals from a live peer or restores the newest checkpoint"
         )
 
+    def _start_all_reduce(self, tensor: torch.Tensor):
+        """Start a SUM over the quorum in place; its work. A failure is recorded by the manager and fails the
+        commit vote, and every later all-reduce of the attempt is a no-op."""
+        return self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM)
+
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        """SUM over the quorum in place (a failure is recorded by the manager and fails the commit vote)."""
-        self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM).wait()
+        """SUM over the quorum in place, waiting for it."""
+        self._start_all_reduce(tensor).wait()
 
     def _fresh_start(self) -> bool:
         """At step 0 (after the quorum): skip this attempt because the job may have (re)started?
@@ -287,12 +295,22 @@ class ReplicaStepper(ReuseSteps):
         t, g = self.t, self.t.cfg.train.global_batch
         t.engine.zero_grad()
         share = rank_batch(step, g, t.cfg.train.micro_batch, self.rank, self.size)
+        if self.overlap and share.micro_batches:
+            self.overlap.arm(len(share.micro_batches))  # buckets start reducing during the last backward
         local_loss = t.forward_backward_share(step, share)
         if self.partial and self.size > 1:  # alone, no member can leave: nothing to keep for
             self.partial.keep_full(step, self.quorum_id, self.members, g, local_loss)
         elif self.partial:
             self.partial.drop()
-        return self._flat_grad(), local_loss, share.count
+        flat = self.overlap.flat if self.overlap and self.overlap.in_flight else self._flat_grad()
+        return flat, local_loss, share.count
+
+    def _reduce_gradients(self, flat: torch.Tensor) -> None:
+        """SUM ``flat`` over the quorum: complete the buckets the backward started, or all-reduce it whole."""
+        if self.overlap and self.overlap.in_flight:
+            self.overlap.complete()
+        else:
+            self._all_reduce(flat)
 
     def train_step(self, step: int):
         """Run step ``state.step`` with the current quorum; the StepResult, or None when the attempt was
@@ -327,16 +345,11 @@ class ReplicaStepper(ReuseSteps):
             t.faults.mid_step(step)  # "kill rank R during step S": every member has computed its share
         loss_stop = torch.tensor([local_loss, 1.0 if t.stop_signal is not None else 0.0], dtype=torch.float64)
         t_fb = time.perf_counter()
-        self._all_reduce(flat)
+        self._reduce_gradients(flat)
         self._all_reduce(loss_stop)
         t_ar = time.perf_counter()
         committed = self.manager.should_commit()
-        if timing:
-            self.log.info(
-                f"timing: step {step} {'committed' if committed else 'discarded'}: quorum {t_quorum - started:.3f} "
-                f"s, vote {t_vote - t_quorum:.3f} s, forward/backward {t_fb - t_vote:.3f} s ({computed} samples), "
-                f"all-reduce {t_ar - t_fb:.3f} s, commit {time.perf_counter() - t_ar:.3f} s"
-            )
+        t_commit = time.perf_counter()
         if not committed:
             self._discard(step)
             return None
@@ -347,6 +360,7 @@ class ReplicaStepper(ReuseSteps):
         self._set_grads(flat)  # the reduced gradients
         lr = t.lr_for(step)
         t.engine.step(lr, t.checkpoints.before_optimizer_step if t.checkpoints else lambda: None)
+        t_update = time.perf_counter()
         t.state.step = step + 1
         t.state.tokens += g * t.cfg.model.seq_len
         self.metrics.on_commit()
@@ -355,6 +369,13 @@ class ReplicaStepper(ReuseSteps):
             if t.checkpoints:
                 t.checkpoints.after_optimizer_step(step + 1)
         t.log_committed_share(step, covered, self.size, self.quorum_id)
+        if timing:
+            self.log.info(
+                f"timing: step {step}: quorum {t_quorum - started:.3f} s, vote {t_vote - t_quorum:.3f} s, "
+                f"forward/backward {t_fb - t_vote:.3f} s ({computed} samples), all-reduce {t_ar - t_fb:.3f} s, "
+                f"commit {t_commit - t_ar:.3f} s, update {t_update - t_commit:.3f} s, "
+                f"record {time.perf_counter() - t_update:.3f} s"
+            )
         return StepResult(
             step=step,
             loss=float(loss_stop[0]) / g,

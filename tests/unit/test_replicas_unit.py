@@ -12,6 +12,7 @@ import torch
 
 from elastic.config import ConfigError, load_config
 from elastic.fault_plan import parse_plan
+from elastic.ft.overlap import OverlappedReduce
 from elastic.ft.peers import ProgressMark
 from elastic.ft.transport import SafeHTTPTransport
 
@@ -31,6 +32,7 @@ def test_replicas_mode_is_opt_in_and_sized_from_the_workers():
         (['launch.fault_tolerance="replicas"', "launch.replicas=2", "launch.min_replicas=3"], "launch.min_replicas"),
         (['launch.lighthouse="10.0.0.1:29510"'], "launch.lighthouse must be an http://"),
         (["launch.ft_timeout_s=0"], "launch.ft_timeout_s must be > 0"),
+        (["launch.ft_bucket_mb=-1"], "launch.ft_bucket_mb must be >= 0"),
         (['launch.fault_tolerance="replicas"', "launch.replicas=17"], "train.global_batch (16) cannot be covered"),
     ],
 )
@@ -165,3 +167,62 @@ def test_process_group_handle_names_the_advertised_host():
     handle = json.loads(advertised_process_group(timedelta(seconds=5), "10.1.2.3").get_reconfigure_handle())
     host, _, port = handle["store"].rpartition(":")
     assert host == "10.1.2.3" and int(port) > 0, handle
+
+
+class _TwinSum:
+    """A stand-in for the SUM over a quorum of two identical replicas: doubles the slice in place, and records
+    which parameters still had to produce their gradient when each bucket started."""
+
+    def __init__(self):
+        self.started: list[tuple[int, int]] = []
+        self.pending_at_start: list[int] = []
+        self.backward_pending = 0
+
+    def __call__(self, part: torch.Tensor):
+        self.started.append((part.storage_offset(), part.numel()))
+        self.pending_at_start.append(self.backward_pending)
+        part.mul_(2)
+        return type("Done", (), {"wait": lambda self: None})()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4), torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64)]
+    return torch.nn.Sequential(*layers, torch.nn.Tanh(), torch.nn.Linear(64, 4))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_overlapped_reduce_sums_every_gradient_in_bucket_order_during_the_backward(micro_batches):
+    model = _mlp()
+    unused = model[0]  # never in the graph: its bucket (the last) starts in complete() and reduces zeros
+    params = list(model.parameters())
+    twin = _TwinSum()
+    reduce = OverlappedReduce(params, twin, bucket_bytes=64 * 65 * 4)  # the middle layer fills a bucket alone
+    for p in params:  # counts the parameters whose gradient backward has not produced yet, as each bucket starts
+        p.register_post_accumulate_grad_hook(lambda _p: setattr(twin, "backward_pending", twin.backward_pending - 1))
+    for attempt in range(2):  # the same buffer serves every step
+        model.zero_grad(set_to_none=True)
+        twin.started.clear(), twin.pending_at_start.clear()
+        reduce.arm(micro_batches)
+        assert reduce.in_flight
+        for _ in range(micro_batches):
+            twin.backward_pending = sum(p is not unused.weight and p is not unused.bias for p in params)
+            model[1:](torch.randn(16, 8)).square().sum().backward()
+        flat = reduce.complete()
+        assert not reduce.in_flight
+        local = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        assert torch.equal(flat, 2 * local)  # every gradient reduced once; .grad itself left local
+        assert unused.weight.grad is None and flat[: unused.weight.numel() + 4].abs().sum() == 0
+        offsets = [offset for offset, _ in twin.started]
+        assert offsets == sorted(offsets, reverse=True)  # buckets start last layer first, in order
+        assert sum(n for _, n in twin.started) == flat.numel()
+        assert len(twin.started) >= 3 and twin.pending_at_start[0] > 0  # the first bucket started mid-backward
+
+
+def test_overlapped_reduce_ignores_backward_passes_it_was_not_armed_for():
+    model = _mlp()
+    params = list(model.parameters())
+    twin = _TwinSum()
+    reduce = OverlappedReduce(params, twin, bucket_bytes=1024)
+    model[1:](torch.randn(4, 8)).sum().backward()  # e.g. a retry's orphaned samples, outside arm()/complete()
+    assert twin.started == [] and not reduce.in_flight
