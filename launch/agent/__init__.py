@@ -65,6 +65,30 @@ class ForkedWorkersAgent(LocalElasticAgent):
         super()._shutdown(death_sig, timeout)
 
 
+class PreformattedTraceback(logging.Filter):
+    """Renders a record's traceback as plain text before torch's log formatter sees it.
+
+    torch's formatter (``torch._logging._internal.TorchLogsFormatter``) imports ``torch._dynamo`` to format any
+    record that carries ``exc_info``, and the agent's first such record is the "failed (exitcode: -9)" of a dead
+    worker: measured here, 1.4 s of imports (sympy, inductor) between noticing the failure and restarting the
+    worker, on the recovery path of every first fault. The text of the log line is unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
+def install_traceback_filter() -> None:
+    """On every handler of torch's loggers, once: torch gives several their own handler (``torch``,
+    ``torch.distributed``, where torchrun's agent logs, ...)."""
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict) if name.startswith("torch")]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        if not any(isinstance(f, PreformattedTraceback) for f in handler.filters):
+            handler.addFilter(PreformattedTraceback())
+
+
 def preload_modules(worker_args: list[str]) -> list[str]:
     """What the fork server imports once: the worker, and what the config makes a worker import at start-up."""
     modules = [WORKER_MODULE, __name__]  # each worker unpickles run_worker from this module
@@ -89,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             f"launch.agent starts only `-m {WORKER_MODULE}`, got {args.training_script!r}; "
             f"run other scripts with torchrun"
         )
+    install_traceback_filter()
     config, _cmd, _cmd_args = config_from_args(args)
     config.start_method = "forkserver"
     multiprocessing.set_forkserver_preload(preload_modules(args.training_script_args))
