@@ -225,7 +225,16 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def make_job(system: str, root: Path, steps_total: int, l0_dir: Path, extra_sets: list[str] | None = None) -> Job:
+def make_job(
+    system: str,
+    root: Path,
+    steps_total: int,
+    l0_dir: Path,
+    extra_sets: list[str] | None = None,
+    validation: bool = True,
+) -> Job:
+    """``extra_sets``: config overrides for ecpt-replicas only; ``validation=False``: no validation passes (the
+    torchrun peers' worker runs none)."""
     run = root / system / "run"
     run.mkdir(parents=True)
     overrides = [
@@ -236,6 +245,8 @@ def make_job(system: str, root: Path, steps_total: int, l0_dir: Path, extra_sets
         "metrics.enabled=false",
         "launch.max_restarts=100",
     ]  # the peers' --max-restarts: the goodput window has a fault every 2 min
+    if not validation:
+        overrides.append("train.eval_interval=0")  # phase ends only, and the phases below outlast the benchmark
     cfg = load_config(None, overrides)
     for phase in cfg.data.phases:  # long phases: the benchmark, not the schedule, ends the run
         phase.tokens *= 100
@@ -446,11 +457,11 @@ def goodput(system: str, root: Path, args) -> dict:
     """Steps reached with a fault every ``--fault-every`` s over ``--duration`` s, over the steps the same system
     reaches fault-free in the same wall time. The fault-free reference is two runs of half that length, one just
     before the faulted run and one just after, so the reference spans the same stretch of a noisy machine (a 45 s
-    reference taken separately read 10-17% faster than 10-minute runs here) and counts validation, checkpoints and
-    logging exactly as the faulted run does."""
+    reference taken separately read 10-17% faster than 10-minute runs here) and counts checkpoints and logging
+    exactly as the faulted run does. Validation is off for every system: the torchrun peers' worker runs none."""
 
     def window(name: str, seconds: float, fault_every: float | None) -> dict:
-        job = make_job(system, root / name, 100_000, args.l0_base / system / name, args.replicas_set)
+        job = make_job(system, root / name, 100_000, args.l0_base / system / name, args.replicas_set, False)
         try:
             return run_window(job, seconds, fault_every)
         finally:
