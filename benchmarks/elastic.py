@@ -571,7 +571,9 @@ def replicas_targets(results: dict) -> list[str]:
     peer = results.get("baseline-tuned", {})
     lines = []
     for key in ("worker_kill", "node_loss"):
-        pause = mine.get(key, {}).get("recovery_seconds")
+        if key not in mine:
+            continue  # a scenario this run did not ask for
+        pause = mine[key].get("recovery_seconds")
         if pause is None:
             lines.append(f"MISS {key}: not measured ({mine.get(key)})")
             continue
