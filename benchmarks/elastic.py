@@ -509,15 +509,17 @@ def table(results: dict) -> str:
     pairs = [(p, o) for o in ours for p in peers]
 
     def cell(system, key, field_):
-        entry = results[system].get(key, {})
+        if key not in results[system]:
+            return "not run"  # a scenario this run did not ask for
+        entry = results[system][key]
         value = entry.get(field_)
         if value is None:
             return "error" if "error" in entry or not entry else "-"  # "-": not a measure of this system
         return f"{value}"
 
     def ratio(peer, mine, key, field_="recovery_seconds"):
-        e, b = cell(mine, key, field_), cell(peer, key, field_)
-        return f"{float(b) / float(e):.1f}x" if "error" not in (e, b) else "-"
+        values = [results[s].get(key, {}).get(field_) for s in (mine, peer)]
+        return f"{values[1] / values[0]:.1f}x" if None not in values else "-"
 
     systems = list(results)
     lines = [
