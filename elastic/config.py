@@ -673,6 +673,7 @@ class Config:
             "the optimizer state across ranks, so a replica cannot heal from one peer; use the restart mode "
             '(launch.fault_tolerance = "restart") with DeepSpeed',
         )
+        self.validate_faults()
         max_world = self.launch.max_nodes * self.launch.nproc_per_node
         if self.launch.fault_tolerance == "replicas":
             max_world = max(max_world, self.launch.replica_groups)
@@ -683,6 +684,16 @@ class Config:
             f"every rank needs at least one sequence; raise train.global_batch or lower the world size",
         )
         return self
+
+    def validate_faults(self) -> None:
+        """The fault plan, and what it needs of the launch mode (also run when ``--fault`` extends the plan)."""
+        for fault in parse_plan(self.faults.plan):
+            _require(
+                fault.until is None or self.launch.fault_tolerance == "replicas",
+                f"faults.plan[{fault.index}] {fault.describe()!r}: 'until step' needs launch.fault_tolerance = "
+                '"replicas"; in the restart mode every worker restarts with the killed one, so holding its '
+                f"replacement back would stall the whole job. Drop 'until step {fault.until}' or use replicas mode",
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,6 +4,12 @@ mid-step).
     kill rank 1 at step 30            SIGKILL that worker (torchrun restarts the worker group)
     kill rank 1 during step 30        the same, mid-step: after its forward/backward of step 30 (replicas mode:
                                       before the gradient all-reduce, so the peers computed their shares too)
+    kill rank 1 during step 30 until step 40
+                                      replicas mode: the killed replica's replacement waits to rejoin until a
+                                      survivor starts step 40 (a slow replacement, e.g. a node swap). Without
+                                      'until' the replacement rejoins as soon as it is up, which can be before the
+                                      survivors have formed a quorum without it; a test that must see them go on
+                                      alone says when the replacement may come back
     kill node n1 at step 50           SIGKILL the agent of node n1 (its workers die with it): the job shrinks
     sigterm all at step 70            SIGTERM every node's agent (preemption): workers save and stop
     stall rank 0 at step 20 for 60s   the rank stops making progress (a hang); the watchdog must catch it. In replicas
@@ -28,8 +34,11 @@ from elastic.errors import ConfigError
 
 KINDS = ("kill", "kill_mid_step", "kill_node", "sigterm", "stall", "corrupt", "fill_disk", "kill_coordinator")
 _PATTERNS = [
-    ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)$")),
-    ("kill_mid_step", re.compile(r"^kill rank (?P<rank>\d+) during step (?P<step>\d+)$")),
+    ("kill", re.compile(r"^kill rank (?P<rank>\d+) at step (?P<step>\d+)(?: until step (?P<until>\d+))?$")),
+    (
+        "kill_mid_step",
+        re.compile(r"^kill rank (?P<rank>\d+) during step (?P<step>\d+)(?: until step (?P<until>\d+))?$"),
+    ),
     ("kill_node", re.compile(r"^kill node (?P<node>\S+) at step (?P<step>\d+)$")),
     ("sigterm", re.compile(r"^sigterm all at step (?P<step>\d+)$")),
     ("stall", re.compile(r"^stall rank (?P<rank>\d+) at step (?P<step>\d+) for (?P<seconds>[\d.]+)s$")),
@@ -47,6 +56,8 @@ class Fault:
     rank: int | None = None
     node: str | None = None
     seconds: float = 0.0
+    until: int | None = None
+    """kill: the step a survivor must start before the killed rank's replacement may rejoin (replicas mode)."""
 
     def describe(self) -> str:
         """The fault as a plan sentence (parse_plan(describe()) gives the fault back)."""
@@ -61,8 +72,10 @@ class Fault:
             "kill_coordinator": "kill coordinator",
         }
         when = "during" if self.kind == "kill_mid_step" else "at"
-        return f"{subject[self.kind]} {when} step {self.step}" + (
-            f" for {self.seconds:g}s" if self.kind == "stall" else ""
+        return (
+            f"{subject[self.kind]} {when} step {self.step}"
+            + (f" for {self.seconds:g}s" if self.kind == "stall" else "")
+            + (f" until step {self.until}" if self.until is not None else "")
         )
 
 
@@ -82,13 +95,19 @@ def parse_plan(sentences: list[str]) -> list[Fault]:
                         rank=int(g["rank"]) if g.get("rank") else None,
                         node=g.get("node"),
                         seconds=float(g.get("seconds") or 0),
+                        until=int(g["until"]) if g.get("until") else None,
                     )
                 )
+                if faults[-1].until is not None and faults[-1].until <= faults[-1].step:
+                    raise ConfigError(
+                        f"faults.plan[{i}] {text!r}: the replacement would rejoin (step {faults[-1].until}) before "
+                        f"the kill (step {faults[-1].step}); write an 'until step' after the kill's step"
+                    )
                 break
         else:
             raise ConfigError(
                 f"faults.plan[{i}] {text!r} is not a fault; write e.g. 'kill rank 1 at step 30', 'kill rank 1 "
-                f"during step 30', "
+                f"during step 30', 'kill rank 1 during step 30 until step 40', "
                 f"'kill node n1 at step 50', 'sigterm all at step 70', 'stall rank 0 at step 20 for "
                 f"60s', 'corrupt newest at step 40', 'fill disk at step 60' or 'kill coordinator at step 40'"
             )
@@ -117,6 +136,11 @@ def fired_marker(run_dir: Path, fault: Fault, node_id: str) -> Path:
     """The marker file whose exclusive creation claims ``fault`` (a SIGTERM fires once on every node)."""
     suffix = f"-{node_id}" if fault.kind == "sigterm" else ""
     return run_dir / FIRED_DIR / f"fired-{fault.index}{suffix}"
+
+
+def released_marker(run_dir: Path, fault: Fault) -> Path:
+    """Created by the first survivor to start step ``fault.until``: the killed rank's replacement may rejoin."""
+    return run_dir / FIRED_DIR / f"released-{fault.index}"
 
 
 def fired_faults(run_dir: Path) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from checkpointing import MANIFEST_NAME, chunk_files, newest_committed, step_dir_name
 from elastic.errors import ConfigError
-from elastic.fault_plan import FIRED_DIR, Fault, fired_marker
+from elastic.fault_plan import FIRED_DIR, Fault, fired_marker, released_marker
 from elastic.process_env import AGENT_PID_ENV, COORDINATOR_FILE
 
 FILL_DISK_MAX_BYTES = 2 << 30
@@ -54,6 +54,8 @@ class FaultInjector:
         (run_dir / FIRED_DIR).mkdir(parents=True, exist_ok=True)
         self.levels, self.log = checkpoint_levels, log
         self.roots = [root for root, _interval in checkpoint_levels]
+        self.released: set[int] = set()
+        """Indexes of the 'until' faults whose replacement this process has released."""
 
     def _targets_me(self, f: Fault) -> bool:
         if f.kind in ("kill", "kill_mid_step", "stall"):
@@ -88,7 +90,31 @@ class FaultInjector:
         return True
 
     def at_step(self, step: int) -> None:
+        self._release_replacements(step)
         self._fire(step, mid_step=False)
+
+    def hold_if_replacement(self) -> None:
+        """Before this worker joins the job: if it replaces a rank killed by a 'kill ... until step T' fault, wait
+        until a survivor has started step T (``released_marker``), or raise after HOLD_TIMEOUT_SECONDS."""
+        for f in self.faults:
+            if f.until is None or not self._targets_me(f) or not fired_marker(self.run_dir, f, self.node_id).exists():
+                continue
+            released = released_marker(self.run_dir, f)
+            if not released.exists():
+                self.log.warning(f"fault plan: this replacement waits for the survivors to start step {f.until}")
+                wait_for_file(released, HOLD_TIMEOUT_SECONDS, f"a survivor to start step {f.until} ({f.describe()!r})")
+
+    def finish(self) -> None:
+        """The run ended here: release every held replacement, even one whose 'until' step lies past the end."""
+        self._release_replacements(step=None)
+
+    def _release_replacements(self, step: int | None) -> None:
+        for f in self.faults:
+            if f.until is None or f.index in self.released or self._targets_me(f):
+                continue
+            if (step is None or step >= f.until) and fired_marker(self.run_dir, f, self.node_id).exists():
+                released_marker(self.run_dir, f).touch()
+                self.released.add(f.index)
 
     def mid_step(self, step: int) -> None:
         """After this rank's forward/backward of ``step``, before the step's gradient exchange."""
@@ -149,6 +175,17 @@ class FaultInjector:
 
 
 CORRUPT_WAIT_SECONDS = 120.0
+HOLD_TIMEOUT_SECONDS = 600.0
+"""How long a held replacement waits for the survivors to reach its fault's 'until' step."""
+
+
+def wait_for_file(path: Path, timeout: float, what: str) -> None:
+    """Block until ``path`` exists, or raise TimeoutError naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g} s for {what}: {path} never appeared")
+        time.sleep(0.05)
 
 
 def wait_for_commit(roots: list[Path], step: int, timeout: float) -> Path:

@@ -172,6 +172,9 @@ class Trainer:
         if self.replica_mode:
             from elastic.ft.replica import ReplicaStepper
 
+            if self.faults:
+                self.faults.hold_if_replacement()  # before the replica heartbeats to the coordinator
+
             self.replicas = ReplicaStepper(self, registry=metrics.registry if metrics else None)
         self.stop_after_eval: Callable[[int, dict[str, float]], bool] | None = None
         """Called after every evaluation with (completed steps, losses per domain); True ends the run at that step
@@ -450,6 +453,8 @@ class Trainer:
                 self.watchdog.progress()
                 if stop_here:
                     break
+        if self.faults:
+            self.faults.finish()
         # The watchdog guards step progress; the final flush may legitimately take longer than a step.
         self.watchdog.stop()
         self.flush_checkpoints()

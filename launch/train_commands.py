@@ -26,7 +26,7 @@ def with_faults(cfg: Config, faults: list[str]) -> Config:
     """--fault sentences are appended to faults.plan and validated like the rest of the config."""
     if faults:
         cfg.faults.plan = [*cfg.faults.plan, *faults]
-        cfg.faults.validate()
+        cfg.validate_faults()
     return cfg
 
 

@@ -56,8 +56,10 @@ def _assert_replicas_agree(run, steps: int = STEPS) -> dict[int, dict]:
 def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, tmp_path, clean_losses):
     run = tmp_path / "run"
     config = replicas_config(tiny_raw, tmp_path, steps_per_phase=PER_PHASE)
-    # killed mid-step: after both replicas computed their shares of step 5, before the gradient all-reduce
-    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 5")
+    # killed mid-step: after both replicas computed their shares of step 5, before the gradient all-reduce; its
+    # replacement rejoins once the survivor starts step 8 (it is up within a second, which can beat the survivor's
+    # quorum of one: that race is not what this test is about)
+    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 5 until step 8")
     check_ok(result)
     log = result.stdout + result.stderr
     rows = {r["step"]: r for r in step_rows(run)}
@@ -71,6 +73,8 @@ def test_killed_replica_survivor_continues_and_it_heals_from_the_peer(tiny_raw, 
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     reuse = [e for e in events if e["kind"] == "reuse"]
     assert [(e["step"], e["replica"], e["orphaned_samples"], e["early"]) for e in reuse] == [(5, 0, 3, True)], reuse
+    heals = [e["step"] for e in events if e["kind"] == "heal"]
+    assert heals and heals[0] >= 8, heals  # held back until the survivor started step 8
     assert rows[STEPS]["world_size"] == 2, "replica 1 never rejoined"
     assert "healed from live peer replica 0" in log, log[-4000:]
     assert "[rank 1 step 0] restored step" not in log and "fell back to checkpoints" not in log
@@ -93,7 +97,7 @@ def test_without_reuse_the_survivor_recomputes_the_whole_step(tiny_raw, tmp_path
     raw = copy.deepcopy(tiny_raw)
     raw["train"]["max_steps"] = 10
     config = replicas_config(raw, tmp_path, steps_per_phase=PER_PHASE, ft_reuse_partial_step=False)
-    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 5")
+    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 5 until step 8")
     check_ok(result)
     log = result.stdout + result.stderr
     assert "step 5 discarded" in log and "reused own share" not in log, log[-4000:]
@@ -117,7 +121,7 @@ def test_two_survivors_of_three_vote_to_reuse_and_split_the_orphans(tiny_raw, tm
     raw = copy.deepcopy(tiny_raw)
     raw["train"]["max_steps"] = 8  # the LR schedule follows the phases, so the clean run's steps 1-8 compare
     config = replicas_config(raw, tmp_path, steps_per_phase=PER_PHASE, replicas=3)
-    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 3")
+    result = ecpt_train(config, run, "--fault", "kill rank 1 during step 3 until step 6")
     check_ok(result)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     reuse = sorted(  # not early: with 3 members nobody can tell who left before the quorum says

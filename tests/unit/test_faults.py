@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from elastic.config import ConfigError
-from elastic.fault_plan import fired_faults, parse_plan, random_plan
+from elastic.fault_plan import fired_faults, parse_plan, random_plan, released_marker
 from elastic.faults import FILL_DISK_MAX_BYTES, FaultInjector, corrupt_newest_checkpoint, fill_file_system
 from elastic.watchdog import Watchdog
 
@@ -42,6 +42,8 @@ def test_describe_round_trips_through_the_parser():
     sentences = [
         "kill rank 1 at step 30",
         "kill rank 1 during step 31",
+        "kill rank 1 during step 31 until step 40",
+        "kill rank 0 at step 3 until step 4",
         "kill node n1 at step 50",
         "sigterm all at step 70",
         "stall rank 0 at step 20 for 60s",
@@ -49,6 +51,58 @@ def test_describe_round_trips_through_the_parser():
         "fill disk at step 60",
     ]
     assert [f.describe() for f in parse_plan(sentences)] == sentences
+    assert [f.until for f in parse_plan(sentences)[:4]] == [None, None, 40, 4]
+
+
+def test_a_replacement_that_would_rejoin_before_the_kill_is_refused():
+    with pytest.raises(ConfigError, match=r"faults.plan\[0\] 'kill rank 1 during step 5 until step 5'.*after"):
+        parse_plan(["kill rank 1 during step 5 until step 5"])
+
+
+def test_until_needs_replicas_mode():
+    from elastic.config import Config
+
+    cfg = Config()
+    cfg.faults.plan = ["kill rank 1 at step 5 until step 9"]
+    with pytest.raises(ConfigError, match=r"faults.plan\[0\].*launch.fault_tolerance = \"replicas\""):
+        cfg.validate_faults()
+    cfg.launch.fault_tolerance = "replicas"
+    cfg.validate_faults()
+
+
+def test_a_held_replacement_waits_for_a_survivor_to_start_the_until_step(tmp_path, monkeypatch):
+    """Rank 1 killed during step 5 until step 8: its replacement blocks until a survivor starts step 8; the killed
+    rank's own replacements never release themselves, and a plan whose kill has not fired holds nobody."""
+    log = logging.getLogger("test")
+    plan = parse_plan(["kill rank 1 during step 5 until step 8"])
+    monkeypatch.setattr("elastic.faults.HOLD_TIMEOUT_SECONDS", 0.3)
+
+    def injector(rank):
+        return FaultInjector(plan, tmp_path, rank=rank, local_rank=0, node_id="n0", checkpoint_levels=[], log=log)
+
+    survivor, replacement = injector(0), injector(1)
+    replacement.hold_if_replacement()  # not killed yet: a first start is never held
+    assert replacement._claim(plan[0])  # what the kill does before SIGKILL
+    survivor.at_step(7)
+    replacement.at_step(8)  # the killed rank itself does not release its replacement
+    with pytest.raises(TimeoutError, match=r"a survivor to start step 8 .*released-0 never appeared"):
+        injector(1).hold_if_replacement()
+    survivor.at_step(8)
+    assert released_marker(tmp_path, plan[0]).exists()
+    injector(1).hold_if_replacement()  # returns at once
+
+
+def test_the_end_of_the_run_releases_a_replacement_held_past_it(tmp_path):
+    plan = parse_plan(["kill rank 1 at step 2 until step 500"])
+    log = logging.getLogger("test")
+    survivor = FaultInjector(plan, tmp_path, rank=0, local_rank=0, node_id="n0", checkpoint_levels=[], log=log)
+    survivor.finish()
+    assert not released_marker(tmp_path, plan[0]).exists(), "released a fault that never fired"
+    assert FaultInjector(plan, tmp_path, rank=1, local_rank=0, node_id="n0", checkpoint_levels=[], log=log)._claim(
+        plan[0]
+    )
+    survivor.finish()
+    assert released_marker(tmp_path, plan[0]).exists()
 
 
 def test_unknown_sentence_names_the_plan_entry():
