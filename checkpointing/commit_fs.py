@@ -9,10 +9,12 @@ memory levels (a few unlinks, and the memory and staging slots come back before 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
+from checkpointing import direct_io
 from checkpointing.checksums import ChunkCrcs
 from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext
@@ -30,6 +32,8 @@ from checkpointing.tiers import (
 )
 from checkpointing.zarr_store import fsync_many, write_bytes_atomic, write_file
 
+log = logging.getLogger("checkpointing")
+
 
 class FileStorage:
     """A level whose root is a directory (see the module docstring). Used by one thread at a time: the persist
@@ -39,6 +43,8 @@ class FileStorage:
         self.level = level
         self.root = Path(level.root)
         self.janitor = None if level.is_memory else janitor
+        self.direct: bool | None = False if level.is_memory else None
+        """O_DIRECT chunk writes (direct_io.py); None until the level's first write resolves it."""
 
     def begin(self, ctx: SaveContext, state: LevelState) -> Target:
         if state.spare is not None and state.spare_layout == ctx.layout_digest:
@@ -62,11 +68,20 @@ class FileStorage:
         self, target: Target, rel: str, parts: list[memoryview], crcs: ChunkCrcs | None = None
     ) -> ChunkCrcs:
         path = target.location / rel
+        if self.direct is None:
+            self.direct, why = direct_io.resolve(self.root, self.level.direct_io, self.level.name)
+            log.info(
+                "checkpoint level %s (%s): O_DIRECT chunk writes %s: %s",
+                self.level.name,
+                self.root,
+                "on" if self.direct else "off",
+                why,
+            )
         try:
-            return write_file(path, parts, fsync=False, crcs=crcs)
+            return write_file(path, parts, fsync=False, crcs=crcs, direct=self.direct)
         except FileNotFoundError:
             os.makedirs(path.parent, exist_ok=True)
-            return write_file(path, parts, fsync=False, crcs=crcs)
+            return write_file(path, parts, fsync=False, crcs=crcs, direct=self.direct)
 
     def link_chunk(self, target: Target, rel: str, src: str) -> None:
         dst = f"{target.location}/{rel}"

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from checkpointing.checksums import block_crc
+from checkpointing.direct_io import aligned_empty
 from checkpointing.errors import CheckpointCorruptError
 from checkpointing.manifest import ChunkRecord, Manifest, TensorEntry
 from checkpointing.staging import Shard
@@ -66,7 +67,7 @@ class Scratch:
 
     def view(self, nbytes: int) -> memoryview:
         if self._buf.nbytes < nbytes:
-            self._buf = np.empty(nbytes, dtype=np.uint8)
+            self._buf = aligned_empty(nbytes)  # promotion writes from it, with O_DIRECT on disk levels
         return memoryview(self._buf)[:nbytes]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from checkpointing.checksums import BlockChecksummer, ChunkCrcs
+from checkpointing.direct_io import aligned_zeros
 from checkpointing.staging import Shard, local_view
 
 
@@ -130,8 +131,9 @@ class Slot:
             return
         self.close()
         if not self.files:
-            self.views = [np.zeros(c.nbytes, dtype=np.uint8) if c.whole else None for c in plan.chunks]
-            self.assembly = {i: np.zeros(c.nbytes, dtype=np.uint8) for i, c in enumerate(plan.chunks) if not c.whole}
+            # aligned: a disk level writes them with O_DIRECT (direct_io.py)
+            self.views = [aligned_zeros(c.nbytes) if c.whole else None for c in plan.chunks]
+            self.assembly = {i: aligned_zeros(c.nbytes) for i, c in enumerate(plan.chunks) if not c.whole}
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
         for i, c in enumerate(plan.chunks if self.files else ()):

@@ -24,6 +24,7 @@ import torch
 
 from checkpointing.checksums import CRC_BLOCK_BYTES, ChunkCrcs
 from checkpointing.context import SaveContext
+from checkpointing.direct_io import aligned_zeros
 from checkpointing.errors import CheckpointError
 from checkpointing.manifest import read_manifest
 from checkpointing.reshard import Scratch, read_chunk_checked
@@ -62,18 +63,19 @@ class Buffers:
 
     def __init__(self) -> None:
         self._assembly: dict[tuple[str, int], torch.Tensor] = {}
-        self._zeros = bytes(0)
+        self._zeros = aligned_zeros(0)
         self.scratch = Scratch()
 
     def pad(self, n: int) -> memoryview:
         if len(self._zeros) < n:
-            self._zeros = bytes(n)
+            self._zeros = aligned_zeros(n)
         return memoryview(self._zeros)[:n]
 
     def assembly(self, name: str, chunk: int, nbytes: int) -> torch.Tensor:
         buf = self._assembly.get((name, chunk))
         if buf is None or buf.numel() != nbytes:
-            buf = torch.zeros(nbytes, dtype=torch.uint8)  # zero padding stays zero: pieces only fill real bytes
+            # zero padding stays zero: pieces only fill real bytes; aligned for O_DIRECT writes (direct_io.py)
+            buf = torch.from_numpy(aligned_zeros(nbytes))
             self._assembly[(name, chunk)] = buf
         return buf
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from checkpointing.direct_io import aligned_empty
+
 if TYPE_CHECKING:
     from checkpointing.slots import Slot
 
@@ -72,7 +74,11 @@ class BufferSet:
         """The buffer for `name`, allocated only the first time (or when its size/dtype changed)."""
         buf = self.buffers.get(name)
         if buf is None or buf.numel() != numel or buf.dtype != dtype:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
+            if pin:  # page-locked memory is page-aligned already
+                buf = torch.empty(numel, dtype=dtype, pin_memory=True)
+            else:  # aligned, so a disk level writes its chunks with O_DIRECT (direct_io.py)
+                itemsize = torch.empty(0, dtype=dtype).element_size()
+                buf = torch.from_numpy(aligned_empty(numel * itemsize)).view(dtype)
             self.buffers[name] = buf
             self.allocations += 1
         return buf

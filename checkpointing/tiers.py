@@ -46,6 +46,10 @@ class LevelSpec:
     """Whether the root is node memory. None: detected (tmpfs/ramfs, e.g. /dev/shm). A memory level skips fsync,
     logs its commits at DEBUG, and (node-local, CPU tensors) is staged zero-copy: the staging copy of a save is
     written straight into the files that become the checkpoint."""
+    direct_io: bool | None = None
+    """Disk levels: write chunk files with O_DIRECT, bypassing the page cache (checkpointing/direct_io.py: far less
+    CPU taken from training). None: used where the file system accepts it (detected at the level's first write);
+    True: required, a save fails naming the root if the file system refuses it; False: never."""
     endpoint: str = ""
     """Object levels (root `s3://bucket/prefix`): the S3-compatible endpoint; empty: AWS_ENDPOINT_URL or AWS S3.
     Credentials and region come from the usual AWS variables and files (see checkpointing/objstore.py)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import crc32c
 import torch
 
+from checkpointing import direct_io
 from checkpointing.checksums import BlockChecksummer, ChunkCrcs
 from checkpointing.errors import CheckpointError
 
@@ -232,21 +233,22 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, parts: list[memoryview], fsync: bool, crcs: ChunkCrcs | None = None) -> ChunkCrcs:
+def write_file(
+    path: Path, parts: list[memoryview], fsync: bool, crcs: ChunkCrcs | None = None, direct: bool = False
+) -> ChunkCrcs:
     """Write the byte views to `path` (created/truncated), return the checksums of everything written, whole and
     per block (`crcs`: the caller already checksummed exactly these bytes). Checksummed piece by piece right before
-    each piece is written, so it is in cache for the write and the checksum covers the bytes as they were written."""
+    each piece is written, so it is in cache for the write and the checksum covers the bytes as they were written.
+    direct=True: aligned runs bypass the page cache (direct_io.py; the level's file system accepted O_DIRECT)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     acc = BlockChecksummer() if crcs is None else None
     try:
-        for part in parts:
-            for pos in range(0, len(part), _WRITE_PIECE):
-                view = part[pos : pos + _WRITE_PIECE]
-                if acc is not None:
-                    acc.update(view)
-                while len(view):
-                    written = os.write(fd, view)
-                    view = view[written:]
+        direct_fd = os.open(path, os.O_WRONLY | direct_io.O_DIRECT) if direct else -1
+        try:
+            direct_io.write_parts(fd, direct_fd, parts, _WRITE_PIECE, None if acc is None else acc.update)
+        finally:
+            if direct_fd >= 0:
+                os.close(direct_fd)
         if fsync:
             os.fsync(fd)
     finally:
