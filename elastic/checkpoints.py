@@ -61,7 +61,14 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
         if c.l1_node_local:
             root = root / node_id()
         levels.append(
-            LevelSpec(name="L1", root=str(root), interval=c.interval, keep_last=c.keep_last, node_local=c.l1_node_local)
+            LevelSpec(
+                name="L1",
+                root=str(root),
+                interval=c.interval,
+                keep_last=c.keep_last,
+                node_local=c.l1_node_local,
+                direct_io=c.direct_io_setting,
+            )
         )
     if c.l2_interval:
         is_url = "://" in c.l2_dir  # validated: s3://bucket/prefix (a Path would fold "s3://" into "s3:/")
@@ -74,6 +81,7 @@ def checkpoint_levels(cfg: Config) -> list[LevelSpec]:
                 keep_last=c.l2_keep_last,
                 node_local=False,
                 endpoint=c.s3_endpoint,
+                direct_io=c.direct_io_setting,
             )
         )
     return levels

@@ -42,6 +42,7 @@ def test_set_override_parses_toml_values():
         (lambda r: r["data"]["phases"][0].update(mixture={"klingon": 1.0}), "data.phases[0].mixture"),
         (lambda r: r["data"]["phases"][1].update(tokens=0), "data.phases[1].tokens"),
         (lambda r: r["checkpoint"].update(keep_last=0), "checkpoint.keep_last"),
+        (lambda r: r["checkpoint"].update(direct_io="yes"), "checkpoint.direct_io"),
         (lambda r: r["launch"].update(nnodes="3:1"), "launch.nnodes"),
     ],
 )
@@ -169,3 +170,13 @@ def test_l2_run_name_names_the_run_under_l2_dir_the_same_on_every_machine(tiny_r
     raw["checkpoint"].update(l2_dir=str(tmp_path / "l2"), l2_interval=5, l2_run_name="a/b")
     with pytest.raises(ConfigError, match="checkpoint.l2_run_name"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", None), ("on", True), ("off", False)])
+def test_direct_io_reaches_the_disk_levels(tiny_raw, tmp_path, setting, expected):
+    from elastic.checkpoints import checkpoint_levels
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["checkpoint"].update(interval=5, l0_interval=1, l2_dir=str(tmp_path / "l2"), l2_interval=10, direct_io=setting)
+    levels = {lv.name: lv.direct_io for lv in checkpoint_levels(config_from_dict(raw))}
+    assert levels == {"L0": None, "L1": expected, "L2": expected}  # L0 is memory: never written with O_DIRECT
