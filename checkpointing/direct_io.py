@@ -11,9 +11,10 @@ size. `ALIGN` (4096) covers every common device. The staging buffers are allocat
 chunk sizes are usually multiples of it. Any bytes that are not aligned (a chunk's odd tail, a zero padding view)
 go through the same file's ordinary descriptor, and fsync makes them durable as before.
 
-Call order: `DirectIO.resolve(level root)` once per level (it probes the file system); then `write_parts` per chunk
-file. The level's `direct_io` setting decides: None probes and uses O_DIRECT where the file system accepts it (not on
-tmpfs, which has no page cache to skip), True requires it (an error names the root), False never uses it.
+Call order: `resolve(root, setting, level name)` once per level, at its first write (it probes the file system);
+then `write_parts` per chunk file (through `zarr_store.write_file`). The level's `direct_io` setting decides: None
+uses O_DIRECT where the file system accepts it, True requires it (an error names the level and root), False never
+uses it. Memory levels never use it (`commit_fs.FileStorage`): their files are the page cache.
 """
 
 from __future__ import annotations
