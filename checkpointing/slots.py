@@ -258,6 +258,9 @@ class LevelStaging:
     False: host-memory slots the persister writes out (a disk level)."""
     chunk_files: int
     """Chunk files the slots hold open and rewrite in place every save (0 for host-memory slots)."""
+    ready: int = 0
+    """Free slots already prepared for a plan, pages faulted in: the next save of that layout stages into one
+    without faulting memory in. 0 right after a save while the persist thread still prepares the next one."""
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,10 @@ class SlotPool:
     def stats(self) -> LevelStaging:
         with self._lock:
             return LevelStaging(
-                slots=len(self._slots), in_files=self.dir is not None, chunk_files=sum(len(s.fds) for s in self._slots)
+                slots=len(self._slots),
+                in_files=self.dir is not None,
+                chunk_files=sum(len(s.fds) for s in self._slots),
+                ready=sum(1 for s in self._free if s.key is not None),
             )
 
     def refresh(self) -> None:

@@ -24,6 +24,7 @@ import zarr
 from checkpointing import CheckpointManager, LevelSpec, verify
 from checkpointing.zarr_store import is_memory_fs
 from support.ckpt_state import SPECS, full_tensor, make_state, matches
+from support.waiting import wait_for
 
 
 @pytest.fixture
@@ -301,6 +302,9 @@ def test_the_next_saves_slot_is_prepared_off_the_training_loop(tmp_path, shm, me
     try:
         faults = []
         for step in (1, 2, 3):
+            if step > 1:  # a training step's compute comes between saves: the persist thread prepares the slot then
+                # (counted process-wide, its page faults would otherwise land in this save's window)
+                wait_for(lambda: mgr.staging_stats().levels["L"].ready >= 1, 30, "the next save's slot to be ready")
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             mgr.save(step, state)
             mgr.wait_staged()
