@@ -179,25 +179,30 @@ HOLD_TIMEOUT_SECONDS = 600.0
 """How long a held replacement waits for the survivors to reach its fault's 'until' step."""
 
 
+def _poll(condition, timeout: float):
+    """``condition()`` every 50 ms until it returns something truthy (returned), or None after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    return None
+
+
 def wait_for_file(path: Path, timeout: float, what: str) -> None:
     """Block until ``path`` exists, or raise TimeoutError naming ``what`` was awaited."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:g} s for {what}: {path} never appeared")
-        time.sleep(0.05)
+    if not _poll(path.exists, timeout):
+        raise TimeoutError(f"waited {timeout:g} s for {what}: {path} never appeared")
 
 
 def wait_for_commit(roots: list[Path], step: int, timeout: float) -> Path:
     """Block until the checkpoint of ``step`` is committed (its manifest exists) under one of ``roots``, or raise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for root in roots:
-            path = root / step_dir_name(step)
-            if (path / MANIFEST_NAME).exists():
-                return path
-        time.sleep(0.05)
-    raise TimeoutError(f"checkpoint of step {step} did not commit under {[str(r) for r in roots]} in {timeout} s")
+    candidates = [root / step_dir_name(step) for root in roots]
+    path = _poll(lambda: next((p for p in candidates if (p / MANIFEST_NAME).exists()), None), timeout)
+    if path is None:
+        raise TimeoutError(f"checkpoint of step {step} did not commit under {[str(r) for r in roots]} in {timeout} s")
+    return path
 
 
 def newest_chunk_files(roots: list[Path]) -> list[Path]:
