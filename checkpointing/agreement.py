@@ -52,8 +52,9 @@ class Layouts:
         if mine.get("tensors_digest") is not None:
             self._sent_digest = mine["tensors_digest"]
 
-    def context(self, step: int, infos: list[dict]) -> SaveContext:
-        """The agreed save context; layouts come from the cache when every rank's tensors are unchanged."""
+    def agree(self, infos: list[dict]) -> AgreedLayout:
+        """The layout of the tensors every rank announced in this gather (a save's, or CheckpointManager.prepare's);
+        computed once per layout digest, then taken from `agreed`. ValueError when a rank's descriptions are unknown."""
         digests = [i["tensors_digest"] for i in infos]
         nodes = [i["node"] for i in infos]
         layout_digest = hashlib.blake2b(
@@ -68,16 +69,21 @@ class Layouts:
             layouts = global_layouts([{"tensors": d} for d in describes], self.chunk_bytes)
             agreed = AgreedLayout(layout_digest, layouts, nodes, digests)
             self.agreed = agreed
+        return agreed
+
+    def context(self, step: int, infos: list[dict]) -> SaveContext:
+        """The agreed save context; layouts come from the cache when every rank's tensors are unchanged."""
+        agreed = self.agree(infos)
         return SaveContext(
             step=step,
             nonce=infos[0]["nonce"],
             layouts=agreed.layouts,
             extras=[{**self._peer_static.get(r, {}), **i["extra"]} for r, i in enumerate(infos)],
-            nodes=nodes,
+            nodes=agreed.nodes,
             world=self.world,
             local=self.local,
             node_id=self.node_id,
             chunk_bytes=self.chunk_bytes,
-            layout_digest=layout_digest,
+            layout_digest=agreed.digest,
             plans=self._plans,
         )

@@ -1,6 +1,6 @@
 """The cross-rank coordinator: the persist thread, which agrees with every rank on the next job and runs it.
 
-Every rank's persist thread takes its next job (a save, or a control call: flush, emergency, stop), and all
+Every rank's persist thread takes its next job (a save, or a control call: flush, emergency, prepare, stop), and all
 gather their job's key (jobs.JobKey) with what the job needs to be agreed on: this rank's node and tensors digest,
 its tensor descriptions and static extra when they changed, the save's extra, chunks pre-linked into a spare
 skeleton, and its promotion progress. The largest key wins: a rank holding a smaller one is behind (it staged a
@@ -12,6 +12,8 @@ a disagreement never deadlocks a collective. Then every rank runs the same job w
             the promoter thread (promote.Promoter), which reports its progress in the next gathers
   flush     drain the promotions, then resolve (wait_durable)
   emergency write the newest staged snapshot to the most durable level (emergency_save)
+  prepare   agree on the layout of the tensors every rank announced, then prepare this rank's first staging
+            slot (CheckpointManager.prepare; slot_planner.py)
   stop      drain, stop the promoter (close)
 
 This thread is the only one that talks on the checkpoint process group, so collectives line up on every rank.
@@ -38,7 +40,8 @@ from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_
 from checkpointing.plan import PlanCache
 from checkpointing.promote import Promoter, Promotion
 from checkpointing.sources import Buffers, ChunkSource, CommittedCopy, HostBuffers, StagedSlot
-from checkpointing.slots import SlotPool, StagePlan
+from checkpointing.slot_planner import SlotPlanner
+from checkpointing.slots import SlotPool
 from checkpointing.staging import BufferPool
 from checkpointing.tiers import LevelSpec, step_dir_name
 
@@ -76,8 +79,9 @@ class Coordinator:
         self._promoter = Promoter(states, log, metrics)
         self.staged_jobs: dict[int, WriteJob] = {}
         """BufferSet index -> the save it staged last (the stager fills it; emergency saves read it)."""
-        self._slot_lock = threading.Lock()  # slot_pool and stage_plan are called from the caller's thread too
         self.layouts = Layouts(world, local, node_id, chunk_bytes, plans, static_extra)
+        self.slots = SlotPlanner(world.rank, node_id, pool, slots, plans, lambda: self.layouts.agreed, log)
+        """Zero-copy staging decisions; the caller's thread asks it too (save)."""
         self.queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._persist_loop, name="ckpt-persister", daemon=True)
         self._thread.start()
@@ -121,6 +125,8 @@ class Coordinator:
                 elif job.kind == "emergency":
                     self._drain_promotions()
                     job.done.set_result(self._run_emergency(infos))
+                elif job.kind == "prepare":
+                    job.done.set_result(self._run_prepare(job, infos))
                 else:
                     self._drain_promotions()
                     job.done.set_result(None)
@@ -145,11 +151,13 @@ class Coordinator:
     def _job_info(self, job) -> dict:
         if isinstance(job, ControlJob):
             newest = self._pool.newest() if job.kind == "emergency" else None
+            d = job.described
             return {
                 "key": job.key,
                 "kind": job.kind,
                 "node": self.node_id,
                 "newest": None if newest is None else newest.step,
+                **({} if d is None else self.layouts.announce(d.tensors_digest, d.describes, always=False)),
             }
         d = job.described
         return {
@@ -237,55 +245,18 @@ class Coordinator:
         )
         for pool in self._slots.values():
             pool.refresh()
-        self._prewarm(job)
+        self.slots.prewarm(job.levels[0], job.described)
 
-    # ------------------------------------------------------------------------------------------- staging slots
-
-    def zero_copy_layout(self, job: WriteJob) -> AgreedLayout | None:
-        """The agreed layout a save of these tensors can stage zero-copy against, or None: nothing agreed yet,
-        tensors off the CPU, or this rank's tensors changed since (then it plans with everyone first)."""
-        agreed = self.agreed
-        if agreed is None or not job.described.all_cpu:
-            return None
-        return agreed if agreed.tensors_digests[self.world.rank] == job.described.tensors_digest else None
-
-    def slot_pool(self, level: LevelSpec, agreed: AgreedLayout) -> SlotPool:
-        """The zero-copy staging slots of `level` on this rank, created on first use (by the caller's thread in
-        save() or by this thread in _prewarm). Files on the level itself when it is node memory every writer of
-        the level can link from, else host memory the persister writes out."""
-        with self._slot_lock:
-            pool = self._slots.get(level.name)
-            if pool is None:
-                files = level.is_memory and (level.node_local or len(set(agreed.nodes)) == 1)
-                slots = level.keep_last + self._pool.size + 1 + Promoter.MAX_PENDING if files else self._pool.size + 1
-                pool = self._slots[level.name] = SlotPool(
-                    Path(level.root) if files else None, f"{self.node_id}-r{self.world.rank}", slots
-                )
-            return pool
-
-    def stage_plan(self, level: LevelSpec, agreed: AgreedLayout) -> StagePlan:
-        """What this rank stages zero-copy for `level` under the agreed layout (cached per layout)."""
-        with self._slot_lock:
-            return self._plans.stage_plan(
-                agreed.digest, agreed.layouts, self.world.rank, agreed.nodes if level.node_local else None
+    def _run_prepare(self, job: ControlJob, infos: list[dict]) -> bool:
+        """CheckpointManager.prepare: every rank announced its tensors in this gather, so the layout is agreed now,
+        before the first save; then this rank's first slot is prepared (SlotPlanner.prepare)."""
+        kinds = sorted({i["kind"] for i in infos})
+        if kinds != ["prepare"]:
+            raise ValueError(
+                f"prepare() on rank {self.world.rank} met {kinds} on other ranks: call prepare on every rank of "
+                f"the checkpoint group, in the same order as wait_durable/emergency_save/close"
             )
-
-    def _prewarm(self, job: WriteJob) -> None:
-        """After a save: prepare the slot the next save of the same tensors will stage into, here rather than on
-        the training loop's path (see SlotPool.prewarm). It matters twice: after the first save of a layout,
-        which staged into host buffers because the chunk plan is only agreed in its gather (those buffers are
-        freed first, so one copy of the state is held, not two), and on memory levels, where the slot of the save
-        just committed stays linked into that checkpoint and the next save needs another."""
-        agreed = self.zero_copy_layout(job)
-        if agreed is None:
-            return
-        level = job.levels[0]
-        pool = self.slot_pool(level, agreed)
-        self._pool.drop_free_buffers()
-        try:
-            pool.prewarm(self.stage_plan(level, agreed))
-        except OSError as e:
-            self.log.warning("checkpoint level %s: preparing the next save's staging slot failed: %s", level.name, e)
+        return self.slots.prepare(job.level, job.described, self.layouts.agree(infos))
 
     def _superseded(self, replaced: Promotion, newer: Promotion) -> None:
         """A queued promotion gave way to a newer step's (Promoter.replace_queued): its save resolves with the levels

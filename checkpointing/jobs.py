@@ -84,11 +84,15 @@ class WriteJob:
 
 @dataclass
 class ControlJob:
-    """wait_durable's flush, emergency_save or close, run by the persist thread in order with the saves."""
+    """wait_durable's flush, emergency_save, prepare or close, run by the persist thread in order with the saves."""
 
-    kind: str  # "flush" | "emergency" | "stop"
+    kind: str  # "flush" | "emergency" | "prepare" | "stop"
     seq: int
     done: Future = field(default_factory=Future)
+    described: Described | None = None
+    """prepare: the tensors whose layout every rank agrees on now, before their first save."""
+    level: LevelSpec | None = None
+    """prepare: the level whose staging slot is prepared (the first level of the saves to come)."""
 
     @property
     def key(self) -> JobKey:

@@ -270,7 +270,8 @@ class StagingStats:
     A snapshot: taken while a save is staging it may show that save half done."""
 
     levels: dict[str, LevelStaging]
-    """Per level that staged at least one save zero-copy (the first save of a layout always uses host buffers)."""
+    """Per level that staged at least one save zero-copy or was prepared (CheckpointManager.prepare); without
+    prepare, the first save of a layout stages into host buffers."""
     host_buffer_sets: int
     """Host buffer sets (``staging_buffers``): how many saves can be in flight before save() waits or skips."""
     host_buffers: int

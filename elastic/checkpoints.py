@@ -206,7 +206,14 @@ class TrainerCheckpoints:
     # ------------------------------------------------------------------------------------------------- resume
 
     def restore(self) -> Restored | None:
-        """Load the newest valid checkpoint into the live tensors (resharded to this world size), or None."""
+        """Load the newest valid checkpoint into the live tensors (resharded to this world size), or None; then
+        prepare the first save's staging on the persist thread while training starts (CheckpointManager.prepare:
+        without it the first save faults a new copy of the state in while the loop waits). Collective."""
+        restored = self._load_newest()
+        self.manager.prepare(self.tensors)
+        return restored
+
+    def _load_newest(self) -> Restored | None:
         t = self.trainer
         if not t.cfg.checkpoint.resume or not t.any_rank(self.manager.latest() is not None):
             return None  # a fresh run: no rank sees any committed checkpoint

@@ -181,3 +181,22 @@ def test_promotions_overlap_fast_saves_without_losing_anything(shm, tmp_path):
         out, 2, lambda r: {"levels": levels, "chunk_bytes": 128, "ops": [{"op": "load", "layout": "replica"}]}
     )
     assert_loaded(res, 24, "L1")
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_prepare_agrees_on_shards_before_the_first_save(shm, tmp_path, memory):
+    """Two ranks with uneven Shards call prepare(): the plan (with the boundary pieces each rank sends) is agreed
+    in prepare's gather, so every save, the first included, stages into slots and no rank allocates host buffers."""
+    levels = [level(shm if memory else tmp_path, "L", keep=2, node_local=False, memory=memory)]
+    ops = [
+        {"op": "prepare", "layout": UNEVEN2},
+        {"op": "save", "steps": [1, 2, 3], "layout": UNEVEN2},
+        {"op": "staging_stats"},
+        {"op": "load", "layout": "replica"},
+    ]
+    res = run_workers(tmp_path, 2, lambda r: {"levels": levels, "chunk_bytes": 100, "ops": ops})
+    for rank, (prepared, saved, stats, loaded) in enumerate(res):
+        assert prepared == {"ready": True}, f"rank {rank}: {prepared}"
+        assert saved == {"committed": ["L"] * 3, "error": None}, f"rank {rank}: {saved}"
+        assert stats["host_buffer_allocations"] == 0, f"rank {rank} staged into host buffers: {stats}"
+        assert loaded["error"] is None and loaded["step"] == 3 and loaded["mismatched"] == [], f"rank {rank}: {loaded}"

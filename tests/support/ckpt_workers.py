@@ -129,6 +129,14 @@ def _run_op(mgr, cfg: dict, op: dict) -> dict:
             "mismatched": matches(state, res.step),
             "error": None,
         }
+    if op["op"] == "prepare":
+        return {"ready": mgr.prepare(make_state(rank, op["layout"], 0), level=op.get("level")).result()}
+    if op["op"] == "staging_stats":
+        stats = mgr.staging_stats()
+        return {
+            "host_buffer_allocations": stats.host_buffer_allocations,
+            "slots": {name: level.slots for name, level in stats.levels.items()},
+        }
     if op["op"] == "emergency":
         return {"written": mgr.emergency_save()}
     if op["op"] == "wait_sigterm":  # what a trainer does on preemption: note the signal, then save

@@ -21,7 +21,7 @@ import pytest
 import torch
 import zarr
 
-from checkpointing import CheckpointManager, LevelSpec, verify
+from checkpointing import CheckpointError, CheckpointManager, LevelSpec, verify
 from checkpointing.zarr_store import is_memory_fs
 from support.ckpt_state import SPECS, full_tensor, make_state, matches
 from support.waiting import wait_for
@@ -318,3 +318,40 @@ def test_the_next_saves_slot_is_prepared_off_the_training_loop(tmp_path, shm, me
         assert mgr.load(target).step == 3 and all(torch.equal(target[k], state[k]) for k in state)
     finally:
         mgr.close()
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_prepare_lets_the_first_save_stage_into_a_ready_slot(tmp_path, shm, memory):
+    """prepare() agrees on the plan before any save and faults the slot in on the persist thread: the first save
+    stages zero-copy like a steady-state one (no host buffers, almost no page faults on the caller's path)."""
+    root = (shm if memory else tmp_path) / "L"
+    state = {f"t{i}": torch.randn(1 << 18) for i in range(8)}  # 8 MiB in 1 MiB chunks
+    pages = sum(t.numel() * t.element_size() for t in state.values()) // os.sysconf("SC_PAGE_SIZE")
+    mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, True, memory=memory)], chunk_bytes=1 << 20)
+    try:
+        assert mgr.prepare(state).result(timeout=60) is True
+        assert mgr.staging_stats().levels["L"].ready == 1
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        mgr.save(1, state, {"step": 1})
+        mgr.wait_staged()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert mgr.wait_durable() == ["L"]
+        stats = mgr.staging_stats()
+        assert stats.host_buffer_allocations == 0, f"the first save staged into host buffers: {stats}"
+        assert stats.levels["L"].slots == (2 if memory else 1), stats  # memory: the next save's slot, prepared
+        assert faults < pages // 10, f"the first save faulted in staging memory: {faults} (pages {pages})"
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        assert mgr.load(target).step == 1 and all(torch.equal(target[k], state[k]) for k in state)
+    finally:
+        mgr.close()
+
+
+def test_prepare_names_a_level_it_does_not_have(tmp_path):
+    mgr = CheckpointManager([LevelSpec("L1", str(tmp_path / "L1"), 1, 1, True)])
+    try:
+        with pytest.raises(CheckpointError, match=r"prepare\(level='L9'\): this manager has levels \['L1'\]"):
+            mgr.prepare({"w": torch.zeros(4)}, level="L9")
+    finally:
+        mgr.close()
+    with pytest.raises(CheckpointError, match=r"prepare\(\) after close\(\)"):
+        mgr.prepare({"w": torch.zeros(4)})
