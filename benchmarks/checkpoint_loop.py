@@ -13,6 +13,11 @@ accelerator), one stager reused across saves, FileSystemWriter (fsyncs by defaul
 for the previous upload before starting the next async_save (one save in flight); that wait counts as blocked. The
 same with ``async_checkpointer_type=PROCESS`` is tried too and reported as failed if it fails.
 
+Both sides warm their staging memory as the loop starts, off the loop's thread: ecpt with
+``CheckpointManager.prepare(state)`` (what the trainer does after loading), DCP by staging once through its stager
+(DefaultStager reuses the host copies it made), so neither first save has to fault a new copy of the state in. That
+work runs during the first steps and counts as compute lost.
+
 Per method: blocked seconds per checkpoint (save call + waits before the next update), seconds to durable, peak RSS
 growth over the state (VmHWM reset after the state is built), peak growth of host memory (anonymous RSS + the
 machine's tmpfs, see MemoryWatch), peak growth of the machine's page cache (Cached in /proc/meminfo: the whole
@@ -128,6 +133,12 @@ class DcpSaver:
         self.upload.add_done_callback(durable)
         return True
 
+    def start(self, state: dict) -> None:
+        """Warm the stager as ecpt's prepare() warms its slot, so the peer is at its strongest: DefaultStager keeps
+        the host copy of each storage it staged (StateDictStager's cache) and copies into it in later saves, so
+        one staging now, on its own executor thread while the loop runs, spares the first save that allocation."""
+        self.stager.stage(state)
+
     def wait_staged(self) -> None:
         if self.staging is not None:
             self.staging.result()
@@ -146,6 +157,12 @@ class EcptSaver:
 
         self.mgr = CheckpointManager([LevelSpec("L", str(root), 1, 1, node_local=True)], on_busy=on_busy)
         self.skipped = 0
+
+    def start(self, state: dict) -> None:
+        """What the trainer does after loading: agree on the plan and prepare the first save's staging slot on the
+        persist thread (CheckpointManager.prepare), while the loop runs its first steps (that work counts as
+        compute lost)."""
+        self.mgr.prepare(state)
 
     def save(self, step: int, state: dict, on_durable) -> bool:
         """False when the manager skipped the save (on_busy="skip" and the previous one still persists)."""
@@ -252,6 +269,7 @@ def loop_child(args, build_state, rss_mb) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: peak RSS from here on
     base_rss = rss_mb()
     memory = MemoryWatch()
+    saver.start(state)
     saves: list[dict] = []
 
     def durable_cb(rec: dict):
