@@ -33,7 +33,7 @@ from checkpointing.commit import LevelState, Target
 from checkpointing.context import SaveContext, who
 from checkpointing.errors import CheckpointError
 from checkpointing.agreement import Layouts
-from checkpointing.jobs import AgreedLayout, ControlJob, JobKey, WriteJob
+from checkpointing.jobs import ControlJob, JobKey, WriteJob
 from checkpointing.manifest import MANIFEST_NAME
 from checkpointing.metrics import Metrics
 from checkpointing.persist import ChunkHook, outcome_dict, persist_level, write_chunks
@@ -49,11 +49,6 @@ from checkpointing.tiers import LevelSpec, step_dir_name
 class Coordinator:
     """The persist thread and the state only it changes (see the module docstring). The manager's caller and
     stager threads hand it jobs through `queue`, in order, and read `agreed` (replaced, never mutated)."""
-
-    @property
-    def agreed(self) -> AgreedLayout | None:
-        """The layout every rank agreed on last: what zero-copy staging (the caller's thread) plans against."""
-        return self.layouts.agreed
 
     def __init__(
         self,

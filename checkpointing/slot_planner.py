@@ -72,15 +72,7 @@ class SlotPlanner:
         """CheckpointManager.prepare, on the persist thread once `agreed` is: fault in the slot the first save of
         these tensors stages into on `level`. True if a slot is ready; False when they cannot stage zero-copy
         (not on the CPU) or preparing failed (a full memory level: the first save reports it, as without prepare)."""
-        if not described.all_cpu:
-            return False
-        pool = self.slot_pool(level, agreed)
-        try:
-            pool.prewarm(self.stage_plan(level, agreed))
-        except OSError as e:
-            self.log.warning("checkpoint level %s: preparing the first save's staging slot failed: %s", level.name, e)
-            return False
-        return pool.stats().ready > 0
+        return described.all_cpu and self._prewarm(level, agreed, "the first save's")
 
     def prewarm(self, level: LevelSpec, described: Described) -> None:
         """After a save whose first level is `level`, on the persist thread: prepare the slot the next save of the
@@ -89,11 +81,17 @@ class SlotPlanner:
         buffers are freed first, so one copy of the state is held, not two), and on memory levels, where the slot
         of the save just committed stays linked into that checkpoint and the next save needs another."""
         agreed = self.zero_copy_layout(described)
-        if agreed is None:
-            return
+        if agreed is not None:
+            self._pool.drop_free_buffers()
+            self._prewarm(level, agreed, "the next save's")
+
+    def _prewarm(self, level: LevelSpec, agreed: AgreedLayout, whose: str) -> bool:
+        """SlotPool.prewarm for `level` under `agreed`; True if a prepared slot is ready. A full memory level
+        (OSError) is logged, not raised: the save that needs the slot reports it, as it would without the prewarm."""
         pool = self.slot_pool(level, agreed)
-        self._pool.drop_free_buffers()
         try:
             pool.prewarm(self.stage_plan(level, agreed))
         except OSError as e:
-            self.log.warning("checkpoint level %s: preparing the next save's staging slot failed: %s", level.name, e)
+            self.log.warning("checkpoint level %s: preparing %s staging slot failed: %s", level.name, whose, e)
+            return False
+        return pool.stats().ready > 0
