@@ -71,12 +71,7 @@ class BlockChecksummer:
 
     def result(self) -> ChunkCrcs:
         crcs = self._crcs + ([self._partial] if self._fill else [])
-        whole, shift_full = 0, _shifter(self.block_bytes)
-        for crc in crcs[:-1] if self._fill else crcs:
-            whole = shift_full(whole) ^ crc
-        if self._fill:
-            whole = _shift(whole, self._fill) ^ crcs[-1]
-        return ChunkCrcs(whole, struct.pack(f">{len(crcs)}I", *crcs).hex())
+        return fold_blocks(crcs, self._fill, self.block_bytes)
 
 
 def checksum(parts: list[memoryview], block_bytes: int = CRC_BLOCK_BYTES) -> ChunkCrcs:
@@ -85,6 +80,25 @@ def checksum(parts: list[memoryview], block_bytes: int = CRC_BLOCK_BYTES) -> Chu
     for part in parts:
         acc.update(part)
     return acc.result()
+
+
+def checksum_buffer(view: memoryview, block_bytes: int = CRC_BLOCK_BYTES) -> ChunkCrcs:
+    """The checksums of one contiguous buffer: one crc32c call per block (each releases the GIL), no piece loop.
+    The persist thread checksums every staged chunk of every save with this, so its Python cost is per block."""
+    n = len(view)
+    crcs = [crc32c.crc32c(view[pos : pos + block_bytes]) for pos in range(0, n, block_bytes)]
+    return fold_blocks(crcs, n % block_bytes, block_bytes)
+
+
+def fold_blocks(crcs: list[int], fill: int, block_bytes: int) -> ChunkCrcs:
+    """A chunk's checksums from its block crcs; `fill`: bytes in the last block when it is partial, else 0."""
+    whole, shift_full = 0, _shifter(block_bytes)
+    for crc in crcs[:-1] if fill else crcs:
+        whole = shift_full(whole) ^ crc
+    if fill:
+        # shifting 0 gives 0: a chunk of one block (most small tensors) needs no multiply
+        whole = (_shift_partial(whole, fill) if whole else 0) ^ crcs[-1]
+    return ChunkCrcs(whole, struct.pack(f">{len(crcs)}I", *crcs).hex())
 
 
 # -------------------------------------------------------------------- crc32c algebra (after zlib's crc32.c)
@@ -131,7 +145,21 @@ def _shift(crc: int, nbytes: int) -> int:
     return _multmodp(_x8nmodp(nbytes), crc)
 
 
-@lru_cache(maxsize=8)
+_partial_sizes_seen: set[int] = set()
+
+
+def _shift_partial(crc: int, nbytes: int) -> int:
+    """_shift for a chunk's partial last block. The first chunk with a partial block of this size pays the
+    pure-Python multiply (a few microseconds); from the second on, the tables of _shifter (built once, a few
+    milliseconds) make it four look-ups: a training run checksums the same chunk sizes every save, while a one-off
+    save of many shapes never builds tables it will not reuse."""
+    if nbytes in _partial_sizes_seen:
+        return _shifter(nbytes)(crc)
+    _partial_sizes_seen.add(nbytes)
+    return _shift(crc, nbytes)
+
+
+@lru_cache(maxsize=64)  # 4 x 256 ints per size, about 36 KB
 def _shifter(nbytes: int):
     """_shift(., nbytes) as four byte-indexed tables: a fold per block costs four look-ups, not 32 Python steps."""
     x = _x8nmodp(nbytes)

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from checkpointing import CheckpointError, CheckpointManager, LevelSpec, Shard, verify
-from checkpointing.checksums import CRC_BLOCK_BYTES, block_crc, checksum
+from checkpointing.checksums import CRC_BLOCK_BYTES, block_crc, checksum, checksum_buffer
 from checkpointing.zarr_store import CHUNK_DIR, is_memory_fs
 
 
@@ -141,6 +141,16 @@ def test_block_crcs_and_whole_crc_come_from_one_pass_over_pieces_of_any_size(nby
     assert got.crc32c == crc32c.crc32c(data), "the whole-chunk crc must stay the one recorded before blocks"
     want = [crc32c.crc32c(data[pos : pos + BLOCK]) for pos in range(0, nbytes, BLOCK)]
     assert [block_crc(got.blocks, i) for i in range(len(want))] == want and len(got.blocks) == 8 * len(want)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 1000, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 777, 3 * BLOCK + 12345])
+def test_one_buffer_checksums_like_the_piecewise_pass_first_and_every_later_time(nbytes):
+    """checksum_buffer (the persist thread's per-chunk checksum) folds a partial last block with the slow multiply
+    the first time a size is seen and with tables after: both must give the piecewise result."""
+    data = memoryview(np.random.default_rng(nbytes + 1).integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    want = checksum([data[pos : pos + 1000] for pos in range(0, nbytes, 1000)])
+    assert want.crc32c == crc32c.crc32c(data)
+    assert [checksum_buffer(data) for _ in range(3)] == [want] * 3
 
 
 @pytest.fixture
