@@ -50,8 +50,8 @@ from checkpointing.loader import Loader
 from checkpointing.metrics import CheckpointStats, Metrics
 from checkpointing.persist import ChunkHook
 from checkpointing.plan import PlanCache
-from checkpointing.results import CheckpointInfo, LoadResult, SaveHandle
-from checkpointing.slots import SlotPool, StagingStats
+from checkpointing.results import CheckpointInfo, LoadResult, SaveHandle, StagingStats
+from checkpointing.slots import SlotPool
 from checkpointing.staging import BufferPool, Shard, stage_into
 from checkpointing.tiers import Janitor, LevelSpec
 

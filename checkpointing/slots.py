@@ -27,6 +27,7 @@ import torch
 
 from checkpointing.checksums import BlockChecksummer, ChunkCrcs, checksum_buffer
 from checkpointing.direct_io import aligned_zeros
+from checkpointing.results import LevelStaging
 from checkpointing.staging import Shard, local_view
 
 
@@ -280,40 +281,6 @@ class Slot:
                 pass
         self.fds, self.paths, self.names, self.crcs, self.assembly, self.sendbufs = [], [], [], [], {}, []
         self.key = self.plan = None
-
-
-@dataclass(frozen=True)
-class LevelStaging:
-    """The zero-copy staging slots of one level on this rank (see Slot)."""
-
-    slots: int
-    """Slots created so far; bounded by keep_last + saves in flight + 1, reused once their checkpoints retire."""
-    in_files: bool
-    """True: the slots are files on the level's file system, hard-linked into each checkpoint (a memory level).
-    False: host-memory slots the persister writes out (a disk level)."""
-    chunk_files: int
-    """Chunk files the slots hold open and rewrite in place every save (0 for host-memory slots)."""
-    ready: int = 0
-    """Free slots already prepared for a plan, pages faulted in: the next save of that layout stages into one
-    without faulting memory in. 0 right after a save while the persist thread still prepares the next one."""
-
-
-@dataclass(frozen=True)
-class StagingStats:
-    """What staging holds on this rank (CheckpointManager.staging_stats()): steady-state saves must neither add
-    slots nor allocate host buffers, so these figures stay flat over a long run; watch or export them as gauges.
-    A snapshot: taken while a save is staging it may show that save half done."""
-
-    levels: dict[str, LevelStaging]
-    """Per level that staged at least one save zero-copy or was prepared (CheckpointManager.prepare); without
-    prepare, the first save of a layout stages into host buffers."""
-    host_buffer_sets: int
-    """Host buffer sets (``staging_buffers``): how many saves can be in flight before save() waits or skips."""
-    host_buffers: int
-    """Tensors held in host buffers now; 0 while saves stage zero-copy."""
-    host_buffer_bytes: int
-    host_buffer_allocations: int
-    """Host buffers allocated since the manager started: grows only when names, sizes or dtypes change."""
 
 
 class SlotPool:
