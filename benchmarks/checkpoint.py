@@ -217,8 +217,6 @@ def reshard_worker(args) -> None:
         return
     if args.rank == 0:
         evict_tree(Path(args.dir))
-    if group is not None:
-        dist.barrier(group)  # every rank reads cold
     targets, expected = {}, {}
     for name, full in state.items():
         n = full.numel()
@@ -228,6 +226,10 @@ def reshard_worker(args) -> None:
             targets[name] = torch.zeros_like(full)
         else:
             targets[name] = Shard(torch.zeros(stop - start, dtype=full.dtype), tuple(full.shape), (start, stop))
+    if group is not None:
+        # every rank reads cold, and the load starts together: load() is collective, so a rank still building its
+        # targets (3 processes on 2 cores here) would make the others wait inside the timed load
+        dist.barrier(group)
     res = mgr.load(targets)
     ok = all(torch.equal((t if args.world == 1 else t.local).flatten(), expected[k]) for k, t in targets.items())
     mgr.close()
