@@ -48,7 +48,8 @@ from checkpointing.tiers import LevelSpec, step_dir_name
 
 class Coordinator:
     """The persist thread and the state only it changes (see the module docstring). The manager's caller and
-    stager threads hand it jobs through `queue`, in order, and read `agreed` (replaced, never mutated)."""
+    stager threads hand it jobs through `queue`, in order, and the slot planner reads `layouts.agreed` for them
+    (replaced, never mutated)."""
 
     def __init__(
         self,
